@@ -1,0 +1,149 @@
+"""Benchmark of the secure-aggregation core, every ratio measured in this one run.
+
+1. Client masking (stage 3) for m coordinates with k neighbours, against its floor:
+   the AES-256-CTR keystream for the same bytes (k pairwise + 1 self mask) plus the
+   vector additions, done with the same preallocated buffers.
+2. Server unmasking (stage 4) for n clients with 10 % dropped after sharing keys,
+   against its floor: the keystreams it must regenerate plus the additions.
+3. Whole in-process rounds (all clients + server) for growing n at m = 10,000 with
+   5 % dropout, and how time grows with n.
+4. Upload bytes per client (keys, encrypted shares, masked vector and unmask shares, as
+   encoded on the wire) over the float32 bytes of the same update.
+
+Usage: python scripts/bench_secagg.py [--quick]. The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from sgs_flower.secagg.client import SecAggClient
+from sgs_flower.secagg.server import RoundParams, SecAggServer
+from sgs_flower.secagg.simulate import simulate_round
+from sgs_flower.secagg.wire import Stage, encode
+
+
+def keystream_floor(n_streams: int, m: int, repeats: int = 3) -> float:
+    """Seconds for n_streams AES-256-CTR keystreams of m uint32 words added into a vector."""
+    zeros = bytes(4 * m)
+    scratch = bytearray(4 * m + 16)
+    view = np.frombuffer(scratch, dtype=np.uint32, count=m)
+    acc = np.zeros(m, dtype=np.uint32)
+    keys = [bytes([i % 256]) * 32 for i in range(n_streams)]
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for k in keys:
+            Cipher(algorithms.AES(k), modes.CTR(bytes(16))).encryptor().update_into(zeros, scratch)
+            np.add(acc, view, out=acc)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def drive(n: int, m: int, degree: int | None, drop_stage3: set[int], seed: int = 0):
+    """Run one round stage by stage; return per-client stage-3 seconds, server stage-4
+    seconds, the keystream count of the unmasking, and per-client upload bytes."""
+    ids = list(range(1, n + 1))
+    params = RoundParams(run_id=1, round_id=1, cohort=tuple(ids), vector_length=m, degree=degree)
+    server = SecAggServer(params)
+    clients = {u: SecAggClient(u) for u in ids}
+    rng = np.random.default_rng(seed)
+    inputs = {u: rng.integers(0, 1 << 32, m, dtype=np.uint64).astype(np.uint32) for u in ids}
+    upload = dict.fromkeys(ids, 0)
+
+    def send(u, reply):
+        upload[u] += len(encode(reply))
+        return reply
+
+    adv = {u: send(u, clients[u].handle(msg)) for u, msg in server.setup_messages().items()}
+    rosters = server.collect_keys(adv)
+    shares = {u: send(u, clients[u].handle(r)) for u, r in rosters.items()}
+    bundles = server.collect_shares(shares)
+    masked, client_secs = {}, []
+    for u, b in bundles.items():
+        if u in drop_stage3:
+            continue
+        t = time.perf_counter()
+        masked[u] = clients[u].handle(b, vector=inputs[u])
+        client_secs.append(time.perf_counter() - t)
+        send(u, masked[u])
+    requests = server.collect_masked(masked)
+    responses = {u: send(u, clients[u].handle(r)) for u, r in requests.items()}
+    t = time.perf_counter()
+    outcome = server.collect_unmask(responses)
+    server_secs = time.perf_counter() - t
+    expect = np.zeros(m, dtype=np.uint32)
+    for u in outcome.survivors:
+        expect += inputs[u]
+    assert np.array_equal(outcome.total, expect), "secure sum differs from the plaintext sum"
+    g = server.graph
+    streams = len(server.u3) + sum(len(g[v] & server.u3) for v in server.u2 - server.u3)
+    return client_secs, server_secs, streams, upload, outcome
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes; finishes within 60 s")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    out: dict = {"quick": quick}
+
+    # 1. client masking, m coordinates, k = 10 neighbours (complete graph of 11)
+    m = 1_000_000
+    client_secs, _, _, upload, outcome = drive(11, m, None, set())
+    client = statistics.median(client_secs)
+    floor = keystream_floor(11, m)
+    out["client_mask_seconds"] = client
+    out["client_mask_floor_seconds"] = floor
+    out["client_mask_ratio_to_floor"] = client / floor
+    print(f"[1] client masking m={m:,} k=10: {client * 1e3:.1f} ms, floor {floor * 1e3:.1f} ms, "
+          f"ratio {client / floor:.2f}x", file=sys.stderr)
+
+    # 4. upload per client over float32 bytes of the same update (m = 1e6, k = 10, 32-bit)
+    up = statistics.mean(upload[u] for u in outcome.survivors)
+    out["upload_bytes_per_client"] = up
+    out["upload_ratio_to_float32"] = up / (4 * m)
+    print(f"[4] upload per client {up:,.0f} B vs float32 {4 * m:,} B: {up / (4 * m):.4f}x", file=sys.stderr)
+
+    # 2. server unmasking, n = 100, 10 % dropped after sharing keys
+    n2, m2 = 100, (200_000 if quick else 1_000_000)
+    drop = set(range(1, n2 + 1, 10))
+    _, server_secs, streams, _, _ = drive(n2, m2, None, drop)
+    sfloor = keystream_floor(streams, m2, repeats=1)
+    out.update(server_unmask_seconds=server_secs, server_unmask_floor_seconds=sfloor,
+               server_unmask_ratio_to_floor=server_secs / sfloor, server_unmask_m=m2, server_unmask_keystreams=streams)
+    print(f"[2] server unmask n={n2} m={m2:,} 10% dropped: {server_secs:.2f} s, floor ({streams} keystreams) "
+          f"{sfloor:.2f} s, ratio {server_secs / sfloor:.2f}x", file=sys.stderr)
+
+    # 3. whole rounds at m = 10,000 with 5 % dropout
+    sizes = [100, 250] if quick else [100, 250, 500, 1000]
+    rounds = {}
+    rng = np.random.default_rng(1)
+    for n in sizes:
+        xs = [rng.uniform(-1, 1, 10_000) for _ in range(n)]
+        dropped = rng.choice(n, n // 20, replace=False).tolist()
+        t = time.perf_counter()
+        res = simulate_round(xs, dropouts={Stage.MASKED_INPUT: dropped}, seed=0)
+        rounds[n] = time.perf_counter() - t
+        ref = np.mean([xs[i] for i in res.survivors], axis=0)
+        assert np.max(np.abs(res.aggregate - ref)) <= res.config.error_bound
+        print(f"[3] round n={n} m=10,000 5% dropout: {rounds[n]:.2f} s", file=sys.stderr)
+    out["round_seconds"] = {str(k): v for k, v in rounds.items()}
+    out["round_seconds_n1000"] = rounds.get(1000)
+    if len(sizes) > 1:
+        a, b = sizes[0], sizes[-1]
+        out["round_growth_exponent"] = float(np.log(rounds[b] / rounds[a]) / np.log(b / a))
+        print(f"[3] time grows as n^{out['round_growth_exponent']:.2f}", file=sys.stderr)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""The digits task: data, model and the plain training loop the app federates.
+
+Everything here is ordinary PyTorch with no Flower and no privacy code: it is the
+"user's training code" that the secure-aggregation mod and the DP mixins must leave
+unchanged. The data is scikit-learn's bundled ``load_digits`` (1,797 real 8x8
+images), so nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (1, 8, 8)
+
+
+@dataclass(frozen=True)
+class Split:
+    """A set of images (N, 1, 8, 8) in [0, 1] and their labels (N,)."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@lru_cache(maxsize=1)
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits as float32 images in [0, 1] with int64 labels (dataset order)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 16.0).reshape(-1, *IMAGE_SHAPE)
+    y = digits.target.astype(np.int64)
+    return x, y
+
+
+@lru_cache(maxsize=4)
+def train_test_split(test_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split]:
+    """A fixed, stratified held-out test split; the rest is what the clients share."""
+    x, y = load_digits_arrays()
+    rng = np.random.default_rng(seed)
+    test_idx: list[int] = []
+    for label in range(NUM_CLASSES):
+        idx = np.flatnonzero(y == label)
+        rng.shuffle(idx)
+        test_idx.extend(idx[: round(len(idx) * test_fraction)].tolist())
+    mask = np.zeros(len(y), dtype=bool)
+    mask[test_idx] = True
+    return Split(x[~mask], y[~mask]), Split(x[mask], y[mask])
+
+
+def partition_iid(n_examples: int, num_partitions: int, seed: int = 0) -> list[np.ndarray]:
+    """Shuffle the indices and cut them into ``num_partitions`` near-equal parts."""
+    if not 1 <= num_partitions <= n_examples:
+        raise ValueError(
+            f"num_partitions={num_partitions} must be between 1 and the {n_examples} examples"
+        )
+    perm = np.random.default_rng(seed).permutation(n_examples)
+    return [np.sort(p) for p in np.array_split(perm, num_partitions)]
+
+
+def partition_dirichlet(
+    labels: np.ndarray, num_partitions: int, alpha: float, seed: int = 0, min_size: int = 2
+) -> list[np.ndarray]:
+    """Label-skewed partitions: each class is spread over clients by Dirichlet(alpha).
+
+    Smaller ``alpha`` gives more skew. Draws are repeated until every partition holds at
+    least ``min_size`` examples, so no client is empty.
+    """
+    if alpha <= 0:
+        raise ValueError(f"dirichlet alpha must be > 0, got {alpha}")
+    if num_partitions * min_size > len(labels):
+        raise ValueError(
+            f"{num_partitions} partitions of at least {min_size} examples need more than "
+            f"the {len(labels)} examples available"
+        )
+    rng = np.random.default_rng(seed)
+    for _ in range(1000):
+        parts: list[list[int]] = [[] for _ in range(num_partitions)]
+        for label in np.unique(labels):
+            idx = np.flatnonzero(labels == label)
+            rng.shuffle(idx)
+            props = rng.dirichlet(np.full(num_partitions, alpha))
+            cuts = (np.cumsum(props) * len(idx)).astype(int)[:-1]
+            for part, chunk in zip(parts, np.split(idx, cuts), strict=True):
+                part.extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
+    raise RuntimeError(f"could not draw Dirichlet(alpha={alpha}) partitions with >= {min_size} each")
+
+
+def load_partition(
+    partition_id: int,
+    num_partitions: int,
+    partitioning: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+) -> Split:
+    """The training data of one client (one SuperNode), from the shared training split."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition_id={partition_id} is outside 0..{num_partitions - 1}")
+    train, _ = train_test_split()
+    if partitioning == "iid":
+        parts = partition_iid(len(train), num_partitions, seed)
+    elif partitioning == "dirichlet":
+        parts = partition_dirichlet(train.y, num_partitions, alpha, seed)
+    else:
+        raise ValueError(f"partitioning must be 'iid' or 'dirichlet', got {partitioning!r}")
+    idx = parts[partition_id]
+    return Split(train.x[idx], train.y[idx])
+
+
+class Net(nn.Module):
+    """A small CNN for 8x8 digits (about 38k parameters, no batch norm so Opacus accepts it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv1(x))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+def get_weights(net: nn.Module) -> list[np.ndarray]:
+    """The model's parameters as float32 numpy arrays, in ``state_dict`` order."""
+    return [v.detach().cpu().numpy().astype(np.float32, copy=True) for v in net.state_dict().values()]
+
+
+def set_weights(net: nn.Module, weights: Sequence[np.ndarray]) -> None:
+    """Load arrays produced by :func:`get_weights` (same order and shapes) into ``net``."""
+    keys = list(net.state_dict().keys())
+    if len(keys) != len(weights):
+        raise ValueError(f"model has {len(keys)} tensors, got {len(weights)} arrays")
+    state = {k: torch.as_tensor(np.asarray(w)) for k, w in zip(keys, weights, strict=True)}
+    net.load_state_dict(state, strict=True)
+
+
+def make_loader(split: Split, batch_size: int, shuffle: bool, seed: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader over a split (a seeded generator makes client runs repeatable)."""
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(split.x), torch.from_numpy(split.y))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def train(
+    net: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    epochs: int,
+    lr: float,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """Plain SGD training; returns the mean training loss of the last epoch."""
+    net.train()
+    opt = optimizer or torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    last = 0.0
+    for _ in range(max(1, epochs)):
+        total, count = 0.0, 0
+        for xb, yb in loader:
+            if len(yb) == 0:
+                continue
+            opt.zero_grad()
+            loss = loss_fn(net(xb), yb)
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(yb)
+            count += len(yb)
+        last = total / max(count, 1)
+    return last
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, split: Split, batch_size: int = 512) -> tuple[float, float]:
+    """(mean cross-entropy loss, accuracy) of ``net`` on ``split``."""
+    net.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    x = torch.from_numpy(split.x)
+    y = torch.from_numpy(split.y)
+    loss, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        logits = net(x[i : i + batch_size])
+        loss += float(loss_fn(logits, y[i : i + batch_size]))
+        correct += int((logits.argmax(1) == y[i : i + batch_size]).sum())
+    return loss / len(y), correct / len(y)

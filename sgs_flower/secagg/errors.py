@@ -1,0 +1,63 @@
+"""Typed errors of the secure-aggregation protocol.
+
+Every rejection names what was wrong and what to do, so that a Flower operator
+reading a log line can tell a dropped client from a replay from a bad configuration.
+The hierarchy lets the server catch :class:`ProtocolError` per client (that client is
+excluded, the round goes on) while :class:`ThresholdError` ends the round cleanly.
+"""
+
+from __future__ import annotations
+
+
+class SecAggError(Exception):
+    """Base class of every error raised by :mod:`sgs_flower.secagg`."""
+
+
+class ConfigurationError(SecAggError, ValueError):
+    """A protocol or quantization parameter is impossible or unsafe."""
+
+
+class OverflowRiskError(ConfigurationError):
+    """The modulus 2^b cannot hold the cohort's sum without wrap-around."""
+
+
+class EncodingError(SecAggError, ValueError):
+    """An update cannot be encoded (non-finite values, wrong shape, bad weight)."""
+
+
+class ProtocolError(SecAggError):
+    """A message is invalid for the receiver's current state; the sender is excluded."""
+
+
+class StaleMessageError(ProtocolError):
+    """Wrong protocol version, run, round or stage: a replayed or late message."""
+
+
+class UnknownSenderError(ProtocolError):
+    """The sender is not in the cohort, not a neighbour, or not who it claims to be."""
+
+
+class MalformedMessageError(ProtocolError):
+    """Undecodable bytes, a missing field, or a vector of the wrong length or dtype."""
+
+
+class ShareDecryptionError(ProtocolError):
+    """An encrypted share failed authentication: it was tampered with or mis-routed."""
+
+
+class InconsistentRequestError(ProtocolError):
+    """The server's unmask request contradicts what the client saw (a possible attack)."""
+
+
+class ThresholdError(SecAggError):
+    """Too few clients survive to reconstruct masks, or the cohort is too small; the
+    round is aborted with no aggregate and the global model stays as it was."""
+
+
+class ReconstructionError(SecAggError):
+    """Shares did not reconstruct the committed secret (a client sent a bad share)."""
+
+
+class InconsistentAggregateError(SecAggError):
+    """The unmasked sum fails its integrity check: clients did not all mask under the
+    same context (for example the server sent them different global models)."""

@@ -1,0 +1,370 @@
+"""The server side of SecAgg+: routes keys and shares, sums masked inputs, unmasks.
+
+The server is driven stage by stage with the replies it collected; each ``collect_*``
+call validates every reply, excludes (and records in :attr:`SecAggServer.rejected`)
+any client whose message is stale, replayed, mis-addressed, malformed or from outside
+the cohort, treats missing replies as dropouts, and returns the messages for the next
+stage. Nothing a client sends can crash it: a bad message only removes its sender.
+
+The server never holds an individual input in the clear: masked inputs are added into
+one accumulator as they arrive, and unmasking removes only masks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sgs_flower.secagg import keys, shamir
+from sgs_flower.secagg.client import share_x
+from sgs_flower.secagg.errors import (
+    ConfigurationError,
+    InconsistentAggregateError,
+    MalformedMessageError,
+    ProtocolError,
+    ReconstructionError,
+    SecAggError,
+    StaleMessageError,
+    ThresholdError,
+    UnknownSenderError,
+)
+from sgs_flower.secagg.graph import default_degree, default_threshold, neighbours, validate
+from sgs_flower.secagg.prg import dtype_for_bits, get_expander, reduce_mod
+from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, decode
+from sgs_flower.secagg.wire import (
+    PROTOCOL_VERSION,
+    AdvertiseKeys,
+    KeyRoster,
+    MaskedInput,
+    Message,
+    NeighbourKeys,
+    Setup,
+    ShareBundle,
+    ShareKeys,
+    Stage,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from sgs_flower.secagg.wire import decode as decode_message
+
+_CIPHERTEXT_BYTES = keys.NONCE_BYTES + 16 + 16 + 2 * shamir.SHARE_BYTES
+
+
+@dataclass(frozen=True)
+class RoundParams:
+    """A round's public protocol parameters, validated on construction."""
+
+    run_id: int
+    round_id: int
+    cohort: tuple[int, ...]
+    vector_length: int
+    field_bits: int = 32
+    degree: int | None = None
+    threshold: int | None = None
+    min_clients: int | None = None
+    graph_seed: bytes = field(default_factory=lambda: os.urandom(32))
+
+    def __post_init__(self) -> None:
+        cohort = tuple(sorted(set(self.cohort)))
+        if len(cohort) != len(self.cohort):
+            raise ConfigurationError("cohort contains duplicate node ids")
+        object.__setattr__(self, "cohort", cohort)
+        n = len(cohort)
+        if n < 2:
+            raise ConfigurationError(f"a cohort needs at least 2 clients, got {n}")
+        if self.vector_length < 1:
+            raise ConfigurationError(f"vector_length must be >= 1, got {self.vector_length}")
+        dtype_for_bits(self.field_bits)
+        if self.degree is None:
+            object.__setattr__(self, "degree", default_degree(n))
+        assert self.degree is not None
+        if self.threshold is None:
+            object.__setattr__(self, "threshold", default_threshold(self.degree))
+        assert self.threshold is not None
+        validate(n, self.degree, self.threshold)
+        if self.min_clients is None:
+            object.__setattr__(self, "min_clients", max(3, self.threshold))
+        assert self.min_clients is not None
+        if self.min_clients < 2:
+            raise ConfigurationError("min_clients must be >= 2: the 'sum' of one client is its input")
+        if self.min_clients > n:
+            raise ConfigurationError(
+                f"cohort of {n} is below min_clients={self.min_clients}: a sum over so few clients "
+                "reveals too much; sample more clients or lower min_clients"
+            )
+
+
+@dataclass
+class RoundOutcome:
+    """What the server learned: the field sum of the survivors' inputs, and who took part."""
+
+    total: np.ndarray
+    survivors: tuple[int, ...]
+    dropped: dict[int, Stage]
+    rejected: dict[int, ProtocolError]
+
+
+class SecAggServer:
+    """Runs one round. Call ``setup_messages`` then ``collect_keys``, ``collect_shares``,
+    ``collect_masked`` and ``collect_unmask`` in order, each with the replies received
+    (a mapping from the transport's authenticated sender id to the message or its bytes).
+    """
+
+    def __init__(self, params: RoundParams, bound_digest: bytes = b"") -> None:
+        self.params = params
+        p = params
+        assert p.degree is not None and p.threshold is not None
+        self.graph = neighbours(p.cohort, p.degree, p.graph_seed)
+        self.context = keys.round_context(
+            PROTOCOL_VERSION, p.run_id, p.round_id, p.cohort, p.degree, p.threshold,
+            p.field_bits, p.vector_length, p.graph_seed, bound_digest,
+        )  # the server's own view: masks of a client that saw another model will not match
+        self.dtype = dtype_for_bits(p.field_bits)
+        self.stage: Stage = Stage.ADVERTISE_KEYS
+        self.rejected: dict[int, ProtocolError] = {}
+        self.dropped: dict[int, Stage] = {}
+        self.advertised: dict[int, AdvertiseKeys] = {}
+        self.shared: dict[int, ShareKeys] = {}
+        self.u2: set[int] = set()
+        self.u3: set[int] = set()
+        self._acc: np.ndarray | None = None
+
+    # ------------------------------------------------------------ helpers
+    def _expect(self, stage: Stage) -> None:
+        if self.stage != stage:
+            raise StaleMessageError(f"server is at stage {self.stage.name}, not {stage.name}")
+
+    def _accept(
+        self, replies: Mapping[int, Message | bytes], expected: set[int], kind: type[Message]
+    ) -> dict[int, Message]:
+        """Validate replies; excluded senders are recorded, never raised."""
+        ok: dict[int, Message] = {}
+        for node, raw in replies.items():
+            try:
+                ok[node] = self._validate(node, raw, expected, kind)
+            except ProtocolError as exc:
+                self.rejected[node] = exc
+        for node in expected - set(ok):
+            self.dropped.setdefault(node, self.stage)
+        return ok
+
+    def _validate(self, node: int, raw: Message | bytes, expected: set[int], kind: type[Message]) -> Message:
+        if node not in self.params.cohort:
+            raise UnknownSenderError(f"node {node} is not in the cohort of round {self.params.round_id}")
+        if node not in expected:
+            raise UnknownSenderError(
+                f"node {node} is not expected at stage {self.stage.name} (it dropped or was excluded earlier)"
+            )
+        msg = decode_message(raw) if isinstance(raw, bytes | bytearray | memoryview) else raw
+        if not isinstance(msg, Message) or not msg.to_server:
+            raise MalformedMessageError(f"node {node} sent {type(msg).__name__}, not a client message")
+        if msg.version != PROTOCOL_VERSION:  # type: ignore[attr-defined]
+            raise StaleMessageError(f"node {node} speaks {msg.version!r}, not {PROTOCOL_VERSION!r}")  # type: ignore[attr-defined]
+        if (msg.run_id, msg.round_id) != (self.params.run_id, self.params.round_id):
+            raise StaleMessageError(
+                f"node {node} sent a message for run {msg.run_id} round {msg.round_id}; this is run "
+                f"{self.params.run_id} round {self.params.round_id} (replayed or stale)"
+            )
+        if not isinstance(msg, kind):
+            raise StaleMessageError(
+                f"node {node} sent {type(msg).__name__} (stage {msg.stage.name}) during stage {self.stage.name}"
+            )
+        if msg.sender != node:  # type: ignore[attr-defined]
+            raise UnknownSenderError(f"message from node {node} claims to come from node {msg.sender}")  # type: ignore[attr-defined]
+        return msg
+
+    def _require(self, count: int, what: str) -> None:
+        assert self.params.min_clients is not None
+        if count < self.params.min_clients:
+            raise ThresholdError(
+                f"round {self.params.round_id} aborted: {count} clients {what}, fewer than "
+                f"min_clients={self.params.min_clients}; no aggregate is released"
+            )
+
+    # ------------------------------------------------------------ stages
+    def setup_messages(self) -> dict[int, Setup]:
+        p = self.params
+        assert p.degree is not None and p.threshold is not None
+        return {
+            u: Setup(run_id=p.run_id, round_id=p.round_id, recipient=u, cohort=p.cohort, degree=p.degree,
+                     threshold=p.threshold, field_bits=p.field_bits, vector_length=p.vector_length,
+                     graph_seed=p.graph_seed)
+            for u in p.cohort
+        }
+
+    def collect_keys(self, replies: Mapping[int, Message | bytes]) -> dict[int, KeyRoster]:
+        self._expect(Stage.ADVERTISE_KEYS)
+        ok = self._accept(replies, set(self.params.cohort), AdvertiseKeys)
+        seen: dict[bytes, int] = {}
+        for node, msg in sorted(ok.items()):
+            assert isinstance(msg, AdvertiseKeys)
+            try:
+                for k in (msg.c_pk, msg.s_pk):
+                    if len(k) != keys.PUBLIC_KEY_BYTES:
+                        raise MalformedMessageError(f"node {node} sent a {len(k)}-byte public key")
+                    if k in seen:
+                        raise MalformedMessageError(f"node {node} reuses a public key of node {seen[k]}")
+                if len(msg.self_mask_commitment) != 32:
+                    raise MalformedMessageError(f"node {node} sent a malformed self-mask commitment")
+            except ProtocolError as exc:
+                self.rejected[node] = exc
+                self.dropped[node] = Stage.ADVERTISE_KEYS
+                continue
+            seen[msg.c_pk] = seen[msg.s_pk] = node
+            self.advertised[node] = msg
+        self._require(len(self.advertised), "advertised keys")
+        self.stage = Stage.SHARE_KEYS
+        out = {}
+        for u in self.advertised:
+            nks = tuple(
+                NeighbourKeys(v, self.advertised[v].c_pk, self.advertised[v].s_pk)
+                for v in sorted(self.graph[u]) if v in self.advertised
+            )
+            out[u] = KeyRoster(run_id=self.params.run_id, round_id=self.params.round_id, recipient=u, keys=nks)
+        return out
+
+    def collect_shares(self, replies: Mapping[int, Message | bytes]) -> dict[int, ShareBundle]:
+        self._expect(Stage.SHARE_KEYS)
+        ok = self._accept(replies, set(self.advertised), ShareKeys)
+        for node, msg in ok.items():
+            assert isinstance(msg, ShareKeys)
+            want = {v for v in self.graph[node] if v in self.advertised}
+            got = [v for v, _ in msg.ciphertexts]
+            try:
+                if len(set(got)) != len(got) or set(got) != want:
+                    raise MalformedMessageError(
+                        f"node {node} must send one share to each of its {len(want)} advertised neighbours"
+                    )
+                for v, ct in msg.ciphertexts:
+                    if len(ct) != _CIPHERTEXT_BYTES:
+                        raise MalformedMessageError(f"node {node}'s share for node {v} has {len(ct)} bytes")
+            except ProtocolError as exc:
+                self.rejected[node] = exc
+                self.dropped[node] = Stage.SHARE_KEYS
+                continue
+            self.shared[node] = msg
+        self.u2 = set(self.shared)
+        self._require(len(self.u2), "shared their keys")
+        self.stage = Stage.MASKED_INPUT
+        inbox: dict[int, list[tuple[int, bytes]]] = {v: [] for v in self.u2}
+        for u, msg in sorted(self.shared.items()):
+            for v, ct in msg.ciphertexts:
+                if v in inbox:
+                    inbox[v].append((u, ct))
+        p = self.params
+        return {
+            v: ShareBundle(run_id=p.run_id, round_id=p.round_id, recipient=v, ciphertexts=tuple(cts))
+            for v, cts in inbox.items()
+        }
+
+    def collect_masked(self, replies: Mapping[int, Message | bytes]) -> dict[int, UnmaskRequest]:
+        self._expect(Stage.MASKED_INPUT)
+        ok = self._accept(replies, self.u2, MaskedInput)
+        acc = np.zeros(self.params.vector_length, dtype=self.dtype)
+        for node, msg in sorted(ok.items()):
+            assert isinstance(msg, MaskedInput)
+            vec = msg.vector
+            if not isinstance(vec, np.ndarray) or vec.dtype != self.dtype or vec.shape != (self.params.vector_length,):
+                self.rejected[node] = MalformedMessageError(
+                    f"node {node}'s masked vector must be {self.dtype} of shape ({self.params.vector_length},), "
+                    f"got {getattr(vec, 'dtype', type(vec).__name__)} {getattr(vec, 'shape', '')}"
+                )
+                self.dropped[node] = Stage.MASKED_INPUT
+                continue
+            np.add(acc, vec, out=acc)
+            self.u3.add(node)
+        self._require(len(self.u3), "sent masked inputs")
+        self._acc = acc
+        self.stage = Stage.UNMASK
+        p = self.params
+        return {
+            v: UnmaskRequest(
+                run_id=p.run_id, round_id=p.round_id, recipient=v,
+                survivors=tuple(sorted((self.u3 & self.graph[v]) | {v})),
+                dropped=tuple(sorted((self.u2 - self.u3) & self.graph[v])),
+            )
+            for v in sorted(self.u3)
+        }
+
+    def collect_unmask(self, replies: Mapping[int, Message | bytes]) -> RoundOutcome:
+        self._expect(Stage.UNMASK)
+        ok = self._accept(replies, set(self.u3), UnmaskResponse)
+        dropped_after_sharing = self.u2 - self.u3
+        b_shares: dict[int, list[tuple[int, bytes]]] = {v: [] for v in self.u3}
+        sk_shares: dict[int, list[tuple[int, bytes]]] = {v: [] for v in dropped_after_sharing}
+        cohort = self.params.cohort
+        for node, msg in sorted(ok.items()):
+            assert isinstance(msg, UnmaskResponse)
+            want_b = sorted((self.u3 & self.graph[node]) - {node})
+            want_sk = sorted(dropped_after_sharing & self.graph[node])
+            try:
+                if [v for v, _ in msg.self_mask_shares] != want_b or [v for v, _ in msg.key_shares] != want_sk:
+                    raise MalformedMessageError(f"node {node}'s unmask response does not match its request")
+                for _, s in (*msg.self_mask_shares, *msg.key_shares):
+                    shamir.share_to_array(s)
+            except ProtocolError as exc:
+                self.rejected[node] = exc
+                self.dropped.setdefault(node, Stage.UNMASK)
+                continue
+            x = share_x(cohort, node)
+            for v, s in msg.self_mask_shares:
+                b_shares[v].append((x, s))
+            for v, s in msg.key_shares:
+                sk_shares[v].append((x, s))
+        assert self._acc is not None and self.params.threshold is not None
+        t = self.params.threshold
+        acc = self._acc
+        exp = get_expander(self.params.vector_length, self.dtype)
+        p = self.params
+        for v in sorted(self.u3):
+            if len(b_shares[v]) < t:
+                raise ThresholdError(
+                    f"round {p.round_id} aborted: only {len(b_shares[v])} of node {v}'s neighbours "
+                    f"answered the unmask stage, {t} are needed to remove its self-mask; no aggregate"
+                )
+            b_v = shamir.combine(b_shares[v], t)
+            if keys.self_mask_commitment(b_v, p.run_id, p.round_id, v) != self.advertised[v].self_mask_commitment:
+                raise ReconstructionError(f"self-mask seed of node {v} does not match its commitment: a bad share")
+            exp.add(acc, keys.self_mask_key(b_v, self.context, v), -1)
+        for v in sorted(dropped_after_sharing):
+            if len(sk_shares[v]) < t:
+                raise ThresholdError(
+                    f"round {p.round_id} aborted: only {len(sk_shares[v])} of dropped node {v}'s neighbours "
+                    f"answered the unmask stage, {t} are needed to remove its pairwise masks; no aggregate"
+                )
+            raw = shamir.combine(sk_shares[v], t)
+            s_sk = keys.load_private_key(raw)
+            if keys.public_bytes(s_sk) != self.advertised[v].s_pk:
+                raise ReconstructionError(f"masking key of node {v} does not match its public key: a bad share")
+            for w in sorted(self.u3 & self.graph[v]):
+                shared = keys.agree(s_sk, self.advertised[w].s_pk, w)
+                # w added +PRG(s_wv) if v > w, else -PRG(s_wv): take it back out.
+                exp.add(acc, keys.pairwise_mask_key(shared, self.context, v, w), -1 if v > w else +1)
+        reduce_mod(acc, p.field_bits)
+        self._acc = None
+        self.stage = Stage.ADVERTISE_KEYS
+        return RoundOutcome(acc, tuple(sorted(self.u3)), dict(self.dropped), dict(self.rejected))
+
+
+def decode_checked(total: np.ndarray, config: QuantizationConfig, survivors: int) -> DecodedAggregate:
+    """Decode the unmasked sum and check its integrity coordinates.
+
+    Every client sets the count coordinate to 1, so it must sum to the number of
+    survivors. If it does not, some clients masked under a different context (the
+    server sent them a different model or config) and the "sum" is garbage: nothing is
+    released.
+    """
+    out = decode(total, config)
+    if out.count != survivors or not survivors <= out.total_weight <= survivors * config.max_weight:
+        raise InconsistentAggregateError(
+            f"aggregate integrity check failed: count coordinate {out.count} for {survivors} survivors, "
+            f"weight total {out.total_weight}; clients masked under different contexts (e.g. the server "
+            "sent them different global models or configs). No aggregate is released."
+        )
+    return out
+
+
+__all__ = ["RoundOutcome", "RoundParams", "SecAggError", "SecAggServer", "decode_checked"]

@@ -1,0 +1,174 @@
+"""Building blocks: Shamir sharing, quantization, the neighbour graph, the wire codec
+and client state persistence."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sgs_flower.secagg import shamir
+from sgs_flower.secagg.client import SecAggClient
+from sgs_flower.secagg.errors import (
+    ConfigurationError,
+    EncodingError,
+    MalformedMessageError,
+    ReconstructionError,
+)
+from sgs_flower.secagg.graph import default_degree, default_threshold, neighbours, validate
+from sgs_flower.secagg.quantize import QuantizationConfig, decode, encode, from_field, stochastic_round, to_field
+from sgs_flower.secagg.wire import decode as decode_message
+from sgs_flower.secagg.wire import encode as encode_message
+
+
+# ---------------------------------------------------------------- Shamir
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 12), data=st.data())
+def test_any_t_shares_rebuild_the_secret(k, data):
+    t = data.draw(st.integers(1, k))
+    secret = os.urandom(32)
+    xs = data.draw(st.lists(st.integers(1, 10_000), min_size=k, max_size=k, unique=True))
+    shares = list(zip(xs, shamir.split(secret, xs, t), strict=True))
+    subset = data.draw(st.permutations(shares))[:t]
+    assert shamir.combine(subset, t) == secret
+
+
+def test_fewer_than_t_shares_do_not_rebuild():
+    secret = os.urandom(32)
+    shares = list(zip(range(1, 6), shamir.split(secret, range(1, 6), 3), strict=True))
+    with pytest.raises(ReconstructionError, match="2 shares given, 3 needed"):
+        shamir.combine(shares[:2], 3)
+    # pretending t = 2 with two shares of a degree-2 polynomial gives a wrong value
+    wrong = 0
+    for pair in itertools.combinations(shares, 2):
+        try:
+            wrong += shamir.combine(list(pair), 2) != secret
+        except ReconstructionError:
+            wrong += 1
+    assert wrong == 10
+
+
+def test_corrupt_share_is_refused():
+    shares = shamir.split(os.urandom(32), [1, 2, 3], 2)
+    with pytest.raises(MalformedMessageError, match="must be 44 bytes"):
+        shamir.combine([(1, shares[0][:-1]), (2, shares[1])], 2)
+    with pytest.raises(MalformedMessageError, match="outside the field"):
+        shamir.combine([(1, b"\xff" * 44), (2, shares[1])], 2)
+
+
+# ---------------------------------------------------------------- quantization
+def test_stochastic_rounding_is_unbiased():
+    rng = np.random.default_rng(0)
+    x = np.full(200_000, 0.3)
+    r = stochastic_round(x, rng)
+    assert set(np.unique(r)) == {0, 1}
+    # mean of Bernoulli(0.3) over 2e5 draws: std 0.001; 5 sigma
+    assert abs(r.mean() - 0.3) < 0.005
+
+
+def test_field_round_trip_signed():
+    ints = np.array([-5, 0, 7, -(1 << 30), (1 << 30)], dtype=np.int64)
+    for bits in (32, 40, 64):
+        np.testing.assert_array_equal(from_field(to_field(ints, bits), bits), ints)
+
+
+def test_clipping_is_counted_and_nonfinite_refused():
+    cfg = QuantizationConfig(clip_range=1.0, max_cohort=4)
+    enc = encode(np.array([0.5, 2.0, -3.0, 0.1]), 1, cfg)
+    assert enc.clipped == 2
+    dec = decode(enc.vector, cfg)
+    np.testing.assert_allclose(dec.mean, [0.5, 1.0, -1.0, 0.1], atol=cfg.error_bound)
+    with pytest.raises(EncodingError, match="2 non-finite values"):
+        encode(np.array([np.nan, np.inf, 1.0]), 1, cfg)
+    with pytest.raises(EncodingError, match=r"weight must be an integer in 1\.\.1"):
+        encode(np.zeros(3), 2, cfg)
+
+
+def test_quantization_config_validation_names_the_field():
+    with pytest.raises(ConfigurationError, match="clip_range must be a positive finite number"):
+        QuantizationConfig(clip_range=0.0, max_cohort=3)
+    with pytest.raises(ConfigurationError, match="field_bits must be in 8..64"):
+        QuantizationConfig(clip_range=1.0, max_cohort=3, field_bits=4)
+    cfg = QuantizationConfig(clip_range=1.0, max_cohort=1000, max_weight=1)
+    assert cfg.bits_per_coordinate == 22  # 1000 * (2^21 - 1) < 2^31
+    assert cfg.error_bound == pytest.approx(1 / ((1 << 21) - 1))
+
+
+# ---------------------------------------------------------------- graph
+@pytest.mark.parametrize("n", [3, 10, 11, 50, 333])
+def test_graph_is_regular_symmetric_and_seeded(n):
+    k = default_degree(n)
+    cohort = list(range(100, 100 + n))
+    g = neighbours(cohort, k, b"seed")
+    assert all(len(vs) == k and u not in vs for u, vs in g.items())
+    assert all(u in g[v] for u, vs in g.items() for v in vs)
+    assert g == neighbours(list(reversed(cohort)), k, b"seed")
+    if k < n - 1:
+        assert g != neighbours(cohort, k, b"other")
+    validate(n, k, default_threshold(k))
+
+
+def test_default_degree_is_logarithmic():
+    assert default_degree(10) == 9
+    assert default_degree(100) == 20
+    assert default_degree(1000) == 30
+    assert default_threshold(20) == 11
+
+
+def test_insecure_threshold_and_odd_degree_refused():
+    with pytest.raises(ConfigurationError, match="strict majority"):
+        validate(20, 10, 5)
+    with pytest.raises(ConfigurationError, match="must be even"):
+        validate(20, 7, 5)
+
+
+# ---------------------------------------------------------------- wire and persistence
+def test_wire_rejects_malformed_bytes():
+    for bad, why in [
+        (b"", "bad magic"),
+        (b"SGS1\x00\x00\x00\x05{bad}", "not valid JSON"),
+        (b"SGS1\x00\x00\x00\x0f{\"type\":\"Nope\"}", "unknown message type"),
+        (b"SGS1\xff\xff\xff\xff", "exceeds the message"),
+    ]:
+        with pytest.raises(MalformedMessageError, match=why):
+            decode_message(bad)
+
+
+def test_client_state_survives_a_restart_between_every_stage(cohort_factory):
+    """A Flower client keeps protocol state in Context.state between messages; restoring
+    from ``state_dict`` at every stage must give the same exact sum."""
+    c = cohort_factory(5)
+
+    def reload(u):
+        c.clients[u] = SecAggClient.from_state_dict(c.clients[u].state_dict())
+
+    replies = {}
+    for u, msg in c.server.setup_messages().items():
+        replies[u] = c.clients[u].handle(msg)
+        reload(u)
+    rosters = c.server.collect_keys(replies)
+    replies = {}
+    for u, r in rosters.items():
+        replies[u] = c.clients[u].handle(r)
+        reload(u)
+    bundles = c.server.collect_shares(replies)
+    replies = {}
+    for u, b in bundles.items():
+        replies[u] = c.clients[u].handle(b, vector=c.inputs[u])
+        reload(u)
+    reqs = c.server.collect_masked(replies)
+    out = c.server.collect_unmask({u: c.clients[u].handle(r) for u, r in reqs.items()})
+    np.testing.assert_array_equal(out.total, sum(c.inputs.values()))
+    state = c.clients[1].state_dict()
+    assert state["state"] == "AwaitingSetup" and state["last_masked"] == [7, 3]
+
+
+def test_every_message_type_round_trips(cohort_factory):
+    c = cohort_factory(4)
+    msgs = list(c.server.setup_messages().values()) + list(c.advertise().values())
+    for m in msgs:
+        assert decode_message(encode_message(m)) == m
