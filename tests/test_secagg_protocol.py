@@ -72,7 +72,7 @@ def test_unmasked_sum_is_exact_or_round_aborts(case):
     server = SecAggServer(params)
     clients = {u: SecAggClient(u) for u in params.cohort}
     if expect is None:
-        with pytest.raises(ThresholdError, match="abort|threshold|fewer"):
+        with pytest.raises(ThresholdError, match=r"abort|threshold|fewer"):
             run_protocol(server, clients, inputs, drops)
         return
     outcome = run_protocol(server, clients, inputs, drops)

@@ -20,7 +20,14 @@ from sgs_flower.secagg.errors import (
     ReconstructionError,
 )
 from sgs_flower.secagg.graph import default_degree, default_threshold, neighbours, validate
-from sgs_flower.secagg.quantize import QuantizationConfig, decode, encode, from_field, stochastic_round, to_field
+from sgs_flower.secagg.quantize import (
+    QuantizationConfig,
+    decode,
+    encode,
+    from_field,
+    stochastic_round,
+    to_field,
+)
 from sgs_flower.secagg.wire import decode as decode_message
 from sgs_flower.secagg.wire import encode as encode_message
 
@@ -91,7 +98,7 @@ def test_clipping_is_counted_and_nonfinite_refused():
 def test_quantization_config_validation_names_the_field():
     with pytest.raises(ConfigurationError, match="clip_range must be a positive finite number"):
         QuantizationConfig(clip_range=0.0, max_cohort=3)
-    with pytest.raises(ConfigurationError, match="field_bits must be in 8..64"):
+    with pytest.raises(ConfigurationError, match=r"field_bits must be in 8\.\.64"):
         QuantizationConfig(clip_range=1.0, max_cohort=3, field_bits=4)
     cfg = QuantizationConfig(clip_range=1.0, max_cohort=1000, max_weight=1)
     assert cfg.bits_per_coordinate == 22  # 1000 * (2^21 - 1) < 2^31

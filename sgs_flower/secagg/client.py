@@ -282,8 +282,8 @@ class SecAggClient:
                     f"setup for round {msg.round_id} of run {msg.run_id} is stale or replayed: node "
                     f"{self.node_id} already sent its input for round {self.last_masked[1]}"
                 )
-            self.state, reply = AwaitingSetup(self.node_id).on_setup(msg, bound_digest)
-            return reply
+            self.state, advertise = AwaitingSetup(self.node_id).on_setup(msg, bound_digest)
+            return advertise
         st = self.state
         if isinstance(st, AwaitingSetup):
             raise StaleMessageError(
@@ -297,18 +297,17 @@ class SecAggClient:
                 f"progress is run {setup.run_id} round {setup.round_id} (replayed or stale)"
             )
         if isinstance(st, AwaitingRoster) and isinstance(msg, KeyRoster):
-            self.state, reply = st.on_roster(msg)
-            return reply
+            self.state, share_keys = st.on_roster(msg)
+            return share_keys
         if isinstance(st, AwaitingShares) and isinstance(msg, ShareBundle):
             if vector is None:
                 raise MalformedMessageError("the masked-input stage needs the client's input vector")
-            next_state, reply = st.on_shares(msg, vector)
-            self.state = next_state
+            self.state, masked = st.on_shares(msg, vector)
             self.last_masked = (setup.run_id, setup.round_id)
-            return reply
+            return masked
         if isinstance(st, AwaitingUnmask) and isinstance(msg, UnmaskRequest):
-            self.state, reply = st.on_unmask(msg)
-            return reply
+            self.state, response = st.on_unmask(msg)
+            return response
         raise StaleMessageError(
             f"{type(msg).__name__} (stage {msg.stage.name}) is not valid while node {self.node_id} "
             f"is at stage {self.stage.name if self.stage else 'idle'}"
