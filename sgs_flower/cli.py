@@ -1,0 +1,60 @@
+"""The ``sgs-flower`` command line: ledger verification and plotting.
+
+Exit codes: 0 = OK, 1 = the ledger is bad (the message names the first bad record),
+2 = usage error or unreadable file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sgs-flower", description="sgs-flower tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ledger = sub.add_parser("ledger", help="privacy ledger tools")
+    lsub = ledger.add_subparsers(dest="ledger_command", required=True)
+    ver = lsub.add_parser("verify", help="check the hash chain and the recorded epsilons")
+    ver.add_argument("file", type=Path)
+    ver.add_argument("--no-replay", action="store_true", help="only check the hash chain")
+    plot = lsub.add_parser("plot", help="PNG of epsilon (both views) and accuracy per round")
+    plot.add_argument("file", type=Path)
+    plot.add_argument("-o", "--output", type=Path, default=None, help="default: FILE with .png")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (also used by the console script)."""
+    args = _parser().parse_args(argv)
+    if args.command == "ledger":
+        from sgs_flower.ledger import LedgerCorruptError, verify
+
+        if not args.file.is_file():
+            print(f"error: {args.file} is not a file", file=sys.stderr)
+            return 2
+        if args.ledger_command == "verify":
+            result = verify(args.file, replay=not args.no_replay)
+            if result.ok:
+                print(f"{args.file}: {result.summary()}")
+                return 0
+            print(f"{args.file}: {result.summary()}", file=sys.stderr)
+            return 1
+        if args.ledger_command == "plot":
+            from sgs_flower.ledger.plot import plot_ledger
+
+            out = args.output or args.file.with_suffix(".png")
+            try:
+                plot_ledger(args.file, out)
+            except LedgerCorruptError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            print(f"wrote {out}")
+            return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

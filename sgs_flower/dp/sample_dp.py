@@ -1,0 +1,214 @@
+"""Sample-level DP-SGD with Opacus, with ONE accountant history kept across rounds.
+
+A Flower client is rebuilt every round, and so is Opacus' ``PrivacyEngine``; a fresh
+engine would start its accountant at zero and under-report the client's cumulative
+epsilon. Here the accountant's history (noise multiplier, sample rate, steps) is
+exported as plain JSON-able data after each round (store it in ``Context.state``)
+and restored into the next round's engine before it is made private.
+
+The client also refuses, *before* training, a round whose planned steps would take
+it past its own budget (:class:`ClientBudgetExhaustedError`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from sgs_flower.dp.budget import BudgetExhaustedError
+
+SAMPLE_DP_STATE_SCHEMA = 1
+
+
+class ClientBudgetExhaustedError(BudgetExhaustedError):
+    """This client's sample-level budget would be exceeded by the planned round."""
+
+
+@dataclass(frozen=True)
+class SampleDPSettings:
+    """DP-SGD parameters of one client: per-example clip, noise, and its own budget."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float = 1e-5
+    max_epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise ValueError(f"SampleDPSettings.noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not self.max_grad_norm > 0:
+            raise ValueError(f"SampleDPSettings.max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"SampleDPSettings.delta must be in (0, 1), got {self.delta}")
+        if self.max_epsilon is not None and not self.max_epsilon > 0:
+            raise ValueError(f"SampleDPSettings.max_epsilon must be > 0, got {self.max_epsilon}")
+
+
+def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, total_steps: int) -> float:
+    """Opacus' own calibration of z for ``total_steps`` steps over all planned rounds."""
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant="rdp",
+        )
+    )
+
+
+def accountant_from_state(state: dict[str, Any] | None) -> RDPAccountant:
+    """An Opacus RDP accountant holding the history saved by :func:`accountant_state`."""
+    acct = RDPAccountant()
+    if not state:
+        return acct
+    if state.get("schema") != SAMPLE_DP_STATE_SCHEMA or state.get("mechanism") != acct.mechanism():
+        raise ValueError(
+            f"sample-DP accountant state has schema {state.get('schema')!r} / mechanism "
+            f"{state.get('mechanism')!r}; expected {SAMPLE_DP_STATE_SCHEMA} / {acct.mechanism()}"
+        )
+    acct.history = [(float(z), float(q), int(n)) for z, q, n in state["history"]]
+    return acct
+
+
+def accountant_state(acct: RDPAccountant) -> dict[str, Any]:
+    """Plain JSON-able state of an Opacus accountant (lists of floats and ints)."""
+    return {
+        "schema": SAMPLE_DP_STATE_SCHEMA,
+        "mechanism": acct.mechanism(),
+        "history": [[float(z), float(q), int(n)] for z, q, n in acct.history],
+    }
+
+
+def _steps(acct: RDPAccountant) -> int:
+    return sum(int(n) for _, _, n in acct.history)
+
+
+class PrivateTrainingSession:
+    """One round of DP-SGD for one client, continuing the accountant of earlier rounds."""
+
+    def __init__(self, settings: SampleDPSettings, state: dict[str, Any] | None = None) -> None:
+        self.settings = settings
+        self.accountant = accountant_from_state(state)
+        self.sample_rate: float | None = None
+        self._private_loader: torch.utils.data.DataLoader | None = None
+
+    def epsilon(self) -> float:
+        """Cumulative sample-level epsilon of this client at ``settings.delta``."""
+        if not self.accountant.history:
+            return 0.0
+        return float(self.accountant.get_epsilon(self.settings.delta))
+
+    def epsilon_after(self, sample_rate: float, steps: int) -> float:
+        """Cumulative epsilon if ``steps`` more steps at ``sample_rate`` were taken."""
+        trial = copy.deepcopy(self.accountant)
+        trial.history.append((self.settings.noise_multiplier, sample_rate, steps))
+        return float(trial.get_epsilon(self.settings.delta))
+
+    def make_private(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data_loader: torch.utils.data.DataLoader,
+        epochs: int,
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader]:
+        """Wrap model/optimizer/loader with Opacus, refusing a round over budget.
+
+        Raises :class:`ClientBudgetExhaustedError` before anything is trained.
+        """
+        engine = PrivacyEngine(accountant="rdp")
+        engine.accountant = self.accountant  # the restored history keeps growing
+        sample_rate = 1.0 / len(data_loader)
+        planned = max(1, epochs) * len(data_loader)
+        if self.settings.max_epsilon is not None:
+            would_be = self.epsilon_after(sample_rate, planned)
+            if would_be > self.settings.max_epsilon:
+                spent = self.epsilon()
+                raise ClientBudgetExhaustedError(
+                    f"client sample-DP budget exhausted: {planned} more DP-SGD steps would raise "
+                    f"epsilon from {spent:.4g} to {would_be:.4g} > max_epsilon="
+                    f"{self.settings.max_epsilon:g} (delta={self.settings.delta:g}); not training",
+                    spent=spent,
+                    would_be=would_be,
+                    max_epsilon=self.settings.max_epsilon,
+                )
+        model, opt, loader = engine.make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=self.settings.noise_multiplier,
+            max_grad_norm=self.settings.max_grad_norm,
+            poisson_sampling=True,
+        )
+        self.sample_rate = sample_rate
+        self._planned = planned
+        self._steps_before = _steps(self.accountant)
+        self._private_loader = loader
+        return model, opt, loader
+
+    def finish(self) -> dict[str, Any]:
+        """Close the round: account skipped steps, return the state to store.
+
+        A training loop that skips empty Poisson batches takes fewer optimizer steps
+        than planned, but whether a batch was empty depends on the data too; we
+        charge every planned step (the conservative choice).
+        """
+        if self.sample_rate is None:
+            raise RuntimeError("finish() called before make_private()")
+        taken = _steps(self.accountant) - self._steps_before
+        missing = self._planned - taken
+        if missing > 0:
+            self.accountant.history.append((self.settings.noise_multiplier, self.sample_rate, missing))
+        return accountant_state(self.accountant)
+
+
+@dataclass(frozen=True)
+class PrivateRoundResult:
+    """Outcome of :func:`train_private_round`."""
+
+    loss: float
+    epsilon: float
+    steps: int
+    state: dict[str, Any]
+
+
+def train_private_round(
+    net: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    epochs: int,
+    lr: float,
+    settings: SampleDPSettings,
+    state: dict[str, Any] | None,
+) -> PrivateRoundResult:
+    """Train ``net`` in place with DP-SGD for one round (the app's plain ``train`` loop).
+
+    ``state`` is what the previous round returned (None the first time).
+    """
+    from sgs_flower.app.task import train
+
+    session = PrivateTrainingSession(settings, state)
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    before = _steps(session.accountant)
+    model, opt, private_loader = session.make_private(net, optimizer, loader, epochs)
+    try:
+        loss = train(model, private_loader, epochs, lr, optimizer=opt)
+    finally:
+        # Detach Opacus' hooks so ``net`` can be trained again (next round, or eval).
+        remove = getattr(model, "remove_hooks", None)
+        if callable(remove):
+            remove()
+        cleanup = getattr(model, "cleanup", None)
+        if callable(cleanup):
+            cleanup()
+    new_state = session.finish()
+    eps = session.epsilon()
+    if not math.isfinite(eps):
+        raise RuntimeError("Opacus reported a non-finite epsilon")
+    return PrivateRoundResult(loss, eps, _steps(session.accountant) - before, new_state)

@@ -1,0 +1,123 @@
+"""Check a ledger file: chain integrity and, optionally, that the epsilons add up.
+
+Detects: an edited record (its hash no longer matches), a deleted or reordered or
+inserted record (seq / prev_hash break at the first record after the change), a
+truncated or garbled line, and a record whose stated epsilons are below what
+replaying its DP events gives (someone rewrote the numbers and re-hashed).
+
+Not detectable from the file alone: cutting off the *last* records, or rewriting
+the whole file consistently. Compare the reported head hash with one kept elsewhere
+(server logs, a second copy) to catch those.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sgs_flower.ledger.chain import GENESIS_HASH, LEDGER_SCHEMA, as_float, record_hash
+
+REQUIRED = ("seq", "prev_hash", "hash", "schema", "kind")
+EPS_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of :func:`verify`; ``bad_record`` is the 1-based record (= line) number."""
+
+    ok: bool
+    records: int
+    head_hash: str
+    bad_record: int | None = None
+    reason: str | None = None
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"OK: {self.records} records, chain intact, head {self.head_hash}"
+        return f"BAD record {self.bad_record}: {self.reason}"
+
+
+def check_chain(lines: list[str]) -> tuple[list[dict[str, Any]], VerifyResult]:
+    """Parse and check ``lines``; returns the good prefix and the result."""
+    records: list[dict[str, Any]] = []
+    prev = GENESIS_HASH
+    for number, line in enumerate(lines, start=1):
+        def bad(
+            reason: str, number: int = number, prev: str = prev
+        ) -> tuple[list[dict[str, Any]], VerifyResult]:
+            return records, VerifyResult(False, len(records), prev, number, reason)
+
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return bad(f"not valid JSON ({exc.msg} at column {exc.colno})")
+        if not isinstance(rec, dict):
+            return bad("not a JSON object")
+        missing = [f for f in REQUIRED if f not in rec]
+        if missing:
+            return bad(f"missing field(s) {missing}")
+        if rec["schema"] != LEDGER_SCHEMA:
+            return bad(f"unknown schema {rec['schema']!r}")
+        if rec["seq"] != number:
+            return bad(f"seq is {rec['seq']!r}, expected {number} (a record was deleted, inserted or moved)")
+        if rec["prev_hash"] != prev:
+            return bad("prev_hash does not match the previous record (the chain is broken)")
+        if record_hash(rec) != rec["hash"]:
+            return bad("hash does not match the record's content (the record was edited)")
+        records.append(rec)
+        prev = rec["hash"]
+    return records, VerifyResult(True, len(records), prev)
+
+
+def check_accounting(records: list[dict[str, Any]]) -> VerifyResult | None:
+    """Replay every round's events; the first record claiming less epsilon than replay fails."""
+    from sgs_flower.dp.accounting import PrivacyAccountant, RoundEvents
+
+    acct: PrivacyAccountant | None = None
+    for rec in records:
+        if rec.get("kind") != "round":
+            continue
+        try:
+            accounting = rec["accounting"]
+            if acct is None:
+                acct = PrivacyAccountant(accounting["kind"], accounting["sampling"])
+            elif (accounting["kind"], accounting["sampling"]) != (acct.kind, acct.sampling):
+                raise ValueError("accounting kind/sampling changed within the run")
+            acct.compose_round(RoundEvents.from_dict(rec["events"]))
+            eps = acct.epsilons(float(rec["delta"]))
+            stated = (as_float(rec["epsilon_consumer"]), as_float(rec["epsilon_server"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            return VerifyResult(False, 0, "", rec.get("seq"), f"cannot replay DP events: {exc}")
+        for name, replayed, claim in (
+            ("epsilon_consumer", eps.consumer, stated[0]),
+            ("epsilon_server", eps.server, stated[1]),
+        ):
+            if math.isinf(replayed) and math.isinf(claim):
+                continue
+            if not claim >= replayed * (1 - EPS_TOLERANCE) - EPS_TOLERANCE:
+                return VerifyResult(
+                    False, 0, "", rec.get("seq"),
+                    f"{name}={claim:.6g} is below {replayed:.6g} obtained by replaying the DP events",
+                )
+    return None
+
+
+def verify(path: str | Path, replay: bool = True) -> VerifyResult:
+    """Verify the ledger at ``path``: the first bad record's number and why, or OK."""
+    text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    if text and not text.endswith("\n"):
+        lines = text.split("\n")
+        last = len(lines)
+        records, result = check_chain(lines[:-1])
+        if not result.ok:
+            return result
+        return VerifyResult(False, len(records), result.head_hash, last, "last line is incomplete (no newline)")
+    records, result = check_chain(text.splitlines())
+    if result.ok and replay:
+        failure = check_accounting(records)
+        if failure is not None:
+            return VerifyResult(False, result.records, result.head_hash, failure.bad_record, failure.reason)
+    return result
