@@ -178,7 +178,7 @@ def train(
             loss = loss_fn(net(xb), yb)
             loss.backward()
             opt.step()
-            total += float(loss) * len(yb)
+            total += float(loss.detach()) * len(yb)
             count += len(yb)
         last = total / max(count, 1)
     return last

@@ -257,6 +257,10 @@ class SecAggClient:
             AwaitingUnmask: Stage.UNMASK,
         }.get(type(self.state))
 
+    def abandon(self) -> None:
+        """Leave the round in progress (the local training failed): send nothing more."""
+        self.state = AwaitingSetup(self.node_id)
+
     def handle(self, msg: Message, *, vector: np.ndarray | None = None, bound_digest: bytes = b"") -> Message:
         try:
             return self._handle(msg, vector, bound_digest)

@@ -31,7 +31,9 @@ CRYPTO_SUITE = "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir
 MAGIC = b"SGS1"
 
 # Keys of the Flower messages that carry the protocol, shared by strategies/ and clients/.
-RECORD_KEY = "sgs.secagg"
+RECORD_KEY = "sgs.secagg"  # ConfigRecord: stage number and encoded protocol message
+SPEC_KEY = "sgs.spec"  # ConfigRecord: the round's UpdateSpec (setup only)
+VECTOR_KEY = "sgs.vector"  # ArrayRecord: the masked vector (masked-input replies only)
 FIELD_STAGE = "stage"
 FIELD_PAYLOAD = "payload"
 FIELD_VECTOR = "vector"
@@ -189,8 +191,13 @@ def _to_json(value: Any) -> Any:
     return value
 
 
-def encode(msg: Message) -> bytes:
-    """Serialise a message to bytes (see the module docstring for the format)."""
+def encode(msg: Message, detach_vector: bool = False) -> bytes:
+    """Serialise a message to bytes (see the module docstring for the format).
+
+    With ``detach_vector`` a masked input's words are left out (its header still
+    declares their dtype and count): the Flower glue ships them as an ``ArrayRecord``,
+    which Flower chunks for transport, and passes them back to :func:`decode`.
+    """
     header: dict[str, Any] = {"type": type(msg).__name__}
     tail = b""
     for f in fields(msg):
@@ -198,7 +205,8 @@ def encode(msg: Message) -> bytes:
         if isinstance(value, np.ndarray):
             vec = np.ascontiguousarray(value)
             header[f.name] = {"dtype": vec.dtype.str, "len": int(vec.size)}
-            tail = vec.astype(vec.dtype.newbyteorder("<"), copy=False).tobytes()
+            if not detach_vector:
+                tail = vec.astype(vec.dtype.newbyteorder("<"), copy=False).tobytes()
         else:
             header[f.name] = _to_json(value)
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
@@ -234,9 +242,12 @@ def _ints(v: Any, what: str) -> tuple[int, ...]:
     return tuple(_int(x, what) for x in v)
 
 
-def decode(data: bytes) -> Message:
+def decode(data: bytes, vector: np.ndarray | None = None) -> Message:
     """Parse bytes from :func:`encode`; anything malformed raises
-    :class:`MalformedMessageError` saying what was wrong (never another exception)."""
+    :class:`MalformedMessageError` saying what was wrong (never another exception).
+
+    ``vector`` supplies a masked input's words when they travelled detached.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedMessageError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -288,6 +299,17 @@ def decode(data: bytes) -> Message:
             if not isinstance(v, dict) or v.get("dtype") not in ("<u4", "<u8") or not isinstance(v.get("len"), int):
                 raise MalformedMessageError(f"{name} must be little-endian uint32 or uint64 words")
             dtype = np.dtype(v["dtype"])
+            if vector is not None:
+                if tail:
+                    raise MalformedMessageError(f"{name} arrived both inline and detached")
+                if not isinstance(vector, np.ndarray) or vector.ndim != 1:
+                    raise MalformedMessageError(f"{name} must be a 1-D array")
+                if vector.dtype.newbyteorder("<") != dtype or vector.size != v["len"]:
+                    raise MalformedMessageError(
+                        f"{name} declares {v['len']} words of {dtype} but carries {vector.size} of {vector.dtype}"
+                    )
+                kw[f.name] = vector
+                continue
             if len(tail) != v["len"] * dtype.itemsize:
                 raise MalformedMessageError(
                     f"{name} declares {v['len']} words but carries {len(tail)} bytes"

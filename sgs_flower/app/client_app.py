@@ -1,0 +1,44 @@
+"""The ClientApp: ordinary PyTorch training of the digits CNN on this node's partition.
+
+The train function is the user's code and knows nothing about secure aggregation: the
+``secagg_mod`` runs the protocol around it when the server asks for it, and lets plain
+train messages through.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients import secagg_mod
+from sgs_flower.app.settings import resolve
+from sgs_flower.app.task import Net, load_partition, make_loader, set_weights
+from sgs_flower.app.task import train as train_fn
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    return int(cast(int, context.node_config["partition-id"])), int(cast(int, context.node_config["num-partitions"]))
+
+
+@app.train(mods=[secagg_mod])
+def train(msg: Message, context: Context) -> Message:
+    s = resolve(dict(context.run_config))
+    pid, n = _partition(context)
+    data = load_partition(pid, n, s["partitioning"], float(s["dirichlet-alpha"]), int(s["seed"]))
+    cfg = msg.content.config_records["config"]
+    server_round = int(cast(int, cfg.get("server-round", 0)))
+    seed = int(s["seed"]) * 1_000_003 + server_round * 1009 + pid
+    torch.manual_seed(seed)
+    net = Net()
+    set_weights(net, [a.numpy() for a in msg.content.array_records["arrays"].values()])
+    loader = make_loader(data, int(cast(int, cfg["batch-size"])), shuffle=True, seed=seed)
+    loss = train_fn(net, loader, int(cast(int, cfg["local-epochs"])), float(cast(float, cfg["lr"])))
+    reply = RecordDict(
+        {"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord({"train_loss": loss, "num-examples": len(data)})}
+    )
+    return Message(reply, reply_to=msg)

@@ -1,0 +1,109 @@
+"""The app's run configuration: defaults, presets (threat models) and validation.
+
+Every knob is a key of ``[tool.flwr.app.config]`` (a test keeps pyproject.toml equal to
+:data:`DEFAULTS`). ``preset`` names a file in ``configs/`` whose keys replace the
+defaults; a key given with ``flwr run --run-config`` replaces the preset's value. (Flower
+hands the app defaults and overrides already merged, so an override is recognised by
+differing from the default: setting a key explicitly to its default value does not undo
+a preset.)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+DEFAULTS: dict[str, Any] = {
+    "preset": "secagg",
+    "num-server-rounds": 10,
+    "fraction-train": 1.0,
+    "min-nodes": 3,
+    "local-epochs": 1,
+    "lr": 0.05,
+    "batch-size": 32,
+    "partitioning": "iid",
+    "dirichlet-alpha": 0.5,
+    "seed": 0,
+    "server-optimizer": "fedavg",
+    "server-lr": 0.01,
+    "proximal-mu": 0.01,
+    "secure-aggregation": True,
+    "clip-range": 1.0,
+    "field-bits": 32,
+    "max-weight": 1024,
+    "min-clients": 0,
+    "stage-timeout": 600.0,
+    "dp-mode": "none",
+    "clip-norm": 1.0,
+    "noise-multiplier": 1.0,
+    "target-epsilon": 0.0,
+    "max-epsilon": 0.0,
+    "delta": 1e-5,
+    "min-survivors": 0,
+    "ledger": "",
+    "results-file": "",
+}
+
+OPTIMIZERS = ("fedavg", "fedadam", "fedadagrad", "fedyogi", "fedavgm", "fedprox")
+DP_MODES = ("none", "central", "distributed", "sample")
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = CONFIGS_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; choose one of {available_presets()} (files in {CONFIGS_DIR})")
+    with path.open("rb") as f:
+        values = tomllib.load(f)
+    unknown = set(values) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"preset {name!r} sets unknown keys {sorted(unknown)}")
+    return values
+
+
+@dataclass(frozen=True)
+class Settings:
+    values: dict[str, Any]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+
+def resolve(run_config: dict[str, Any]) -> Settings:
+    """Defaults, then the preset, then every run-config value that differs from its default."""
+    unknown = set(run_config) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown run-config keys {sorted(unknown)}; known keys: {sorted(DEFAULTS)}")
+    preset = str(run_config.get("preset", DEFAULTS["preset"]))
+    values = dict(DEFAULTS)
+    values.update(load_preset(preset))
+    values.update({k: v for k, v in run_config.items() if v != DEFAULTS[k]})
+    values["preset"] = preset
+    _validate(values)
+    return Settings(values)
+
+
+def _validate(v: dict[str, Any]) -> None:
+    def bad(key: str, why: str) -> ValueError:
+        return ValueError(f"run-config '{key}' = {v[key]!r}: {why}")
+
+    if v["server-optimizer"] not in OPTIMIZERS:
+        raise bad("server-optimizer", f"must be one of {OPTIMIZERS}")
+    if v["dp-mode"] not in DP_MODES:
+        raise bad("dp-mode", f"must be one of {DP_MODES}")
+    if v["partitioning"] not in ("iid", "dirichlet"):
+        raise bad("partitioning", "must be 'iid' or 'dirichlet'")
+    for key in ("num-server-rounds", "local-epochs", "batch-size", "min-nodes"):
+        if int(v[key]) < 1:
+            raise bad(key, "must be >= 1")
+    if not 0 < float(v["fraction-train"]) <= 1:
+        raise bad("fraction-train", "must be in (0, 1]")
+    if v["dp-mode"] in ("central", "distributed") and not v["secure-aggregation"]:
+        raise bad("dp-mode", "central and distributed DP run on top of secure aggregation; set secure-aggregation=true")

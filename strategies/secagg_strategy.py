@@ -1,0 +1,355 @@
+"""A drop-in strategy wrapper: any weighted-mean Flower strategy, aggregated securely.
+
+``SecAggStrategy(FedAvg(...))`` runs each round as the four SecAgg+ exchanges through
+the ``Grid`` (overriding ``start()``), decodes the one aggregate the protocol releases
+(the weighted-mean model delta, plus the cohort's weighted-mean train metrics), and
+hands it to the wrapped strategy as a single reply, so the wrapped strategy's own
+aggregation and server optimizer (FedAdam, FedAvgM, ...) still apply unchanged.
+
+The server never sees an individual update, ``num-examples`` or train metric: they all
+travel inside the masked vector. Strategies that need individual updates (Krum,
+median, trimmed mean, Bulyan, q-FedAvg) are refused at construction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAvg,
+    FedMedian,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+    Result,
+    Strategy,
+)
+
+from sgs_flower.pipeline import (
+    DecodedUpdate,
+    UpdateSpec,
+    binding_digest,
+    decode_update,
+    flatten,
+    unflatten,
+)
+from sgs_flower.secagg import wire
+from sgs_flower.secagg.errors import (
+    ConfigurationError,
+    InconsistentAggregateError,
+    MalformedMessageError,
+    ProtocolError,
+    ReconstructionError,
+    ThresholdError,
+)
+from sgs_flower.secagg.server import RoundParams, SecAggServer
+from sgs_flower.secagg.wire import Stage
+from strategies.config import SecAggConfig
+
+_NEEDS_INDIVIDUAL_UPDATES = (Krum, MultiKrum, FedMedian, FedTrimmedAvg, Bulyan, QFedAvg)
+
+
+def check_wrappable(strategy: Strategy) -> FedAvg:
+    """Accept only strategies whose aggregation is a weighted mean of the updates."""
+    if isinstance(strategy, _NEEDS_INDIVIDUAL_UPDATES):
+        raise TypeError(
+            f"{type(strategy).__name__} needs each client's individual update (robust or "
+            "fairness-weighted aggregation), but secure aggregation reveals only their sum. "
+            "Wrap a weighted-mean strategy instead (FedAvg, FedAdam, FedAdagrad, FedYogi, FedAvgM, FedProx)."
+        )
+    if not isinstance(strategy, FedAvg):
+        raise TypeError(
+            f"{type(strategy).__name__} is not a FedAvg-family strategy; SecAggStrategy can only "
+            "replace a weighted-mean aggregation (FedAvg and its server optimizers)."
+        )
+    return strategy
+
+
+@dataclass
+class RoundReport:
+    """What happened in one secure round (also logged)."""
+
+    server_round: int
+    status: str  # "ok", "aborted", "inconsistent"
+    cohort: list[int] = field(default_factory=list)
+    survivors: list[int] = field(default_factory=list)
+    dropped: dict[int, str] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+    client_errors: dict[int, str] = field(default_factory=dict)
+    reason: str = ""
+    seconds: float = 0.0
+    total_weight: int = 0
+
+
+class SecAggStrategy(Strategy):
+    """Secure aggregation around a weighted-mean strategy (see module docstring)."""
+
+    def __init__(self, strategy: Strategy, config: SecAggConfig | None = None, **overrides: Any) -> None:
+        self.inner = check_wrappable(strategy)
+        if config is not None and overrides:
+            raise TypeError("pass either a SecAggConfig or keyword overrides, not both")
+        self.config = config if config is not None else SecAggConfig(**overrides)
+        self.reports: list[RoundReport] = []
+
+    # ------------------------------------------------------------ Strategy API
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        raise RuntimeError(
+            "SecAggStrategy never aggregates plaintext replies: its rounds run in start(), "
+            "which only ever sees the secure sum"
+        )
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log(INFO, "\t├── SecAggStrategy around %s: %s", type(self.inner).__name__, self.config)
+        self.inner.summary()
+
+    # ------------------------------------------------------------ rounds
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        log(INFO, "Starting %s with secure aggregation (SecAgg+)", type(self.inner).__name__)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = Result(arrays=initial_arrays)
+        arrays = initial_arrays
+        if evaluate_fn is not None and (res := evaluate_fn(0, arrays)) is not None:
+            result.evaluate_metrics_serverapp[0] = res
+        for server_round in range(1, num_rounds + 1):
+            log(INFO, "")
+            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            if not self.before_round(server_round):
+                break
+            train_config["server-round"] = server_round
+            new_arrays, metrics = self.secure_round(grid, server_round, arrays, train_config)
+            if new_arrays is not None:
+                arrays = result.arrays = new_arrays
+            if metrics is not None:
+                result.train_metrics_clientapp[server_round] = metrics
+            evaluate_config["server-round"] = server_round
+            messages = list(self.inner.configure_evaluate(server_round, arrays, evaluate_config, grid))
+            if messages:
+                replies = grid.send_and_receive(messages, timeout=timeout)
+                if (agg := self.inner.aggregate_evaluate(server_round, replies)) is not None:
+                    result.evaluate_metrics_clientapp[server_round] = agg
+            if evaluate_fn is not None and (res := evaluate_fn(server_round, arrays)) is not None:
+                result.evaluate_metrics_serverapp[server_round] = res
+                self.after_evaluate(server_round, res)
+        return result
+
+    # Hooks for subclasses (the DP strategy enforces its budget and writes its ledger here).
+    def before_round(self, server_round: int) -> bool:
+        """Return False to stop training before this round."""
+        return True
+
+    def after_evaluate(self, server_round: int, metrics: MetricRecord) -> None:
+        """Called with the central evaluation of each round."""
+
+    def make_spec(self, cohort_size: int) -> UpdateSpec:
+        c = self.config
+        return UpdateSpec(
+            clip_range=c.clip_range, max_cohort=cohort_size, max_weight=c.max_weight, field_bits=c.field_bits,
+            metric_keys=c.secure_metrics, metric_range=c.metric_range,
+        )
+
+    def release(self, server_round: int, decoded: DecodedUpdate, report: RoundReport, spec: UpdateSpec) -> np.ndarray:
+        """The mean delta to apply. Subclasses add central noise and account for it here,
+        before the aggregate leaves this method."""
+        return decoded.mean_delta
+
+    def on_abort(self, report: RoundReport) -> None:
+        """Called when a round releases nothing."""
+
+    def _wait_for_nodes(self, grid: Grid, need: int) -> None:
+        deadline = time.monotonic() + self.config.node_wait_timeout
+        while (have := len(list(grid.get_node_ids()))) < need:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"only {have} SuperNodes connected after {self.config.node_wait_timeout:.0f} s, but secure "
+                    f"aggregation needs at least {need} per round. Start more SuperNodes (simulation: "
+                    "flwr run . --federation-config 'num-supernodes=10')."
+                )
+            time.sleep(1.0)
+
+    def secure_round(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, train_config: ConfigRecord
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        t0 = time.monotonic()
+        inner = self.inner
+        self._wait_for_nodes(grid, max(inner.min_available_nodes, inner.min_train_nodes, self.config.min_clients or 3))
+        instructions = list(inner.configure_train(server_round, arrays, train_config, grid))
+        cohort = [m.metadata.dst_node_id for m in instructions]
+        report = RoundReport(server_round, "aborted", cohort=sorted(cohort))
+        self.reports.append(report)
+        a_key, c_key = inner.arrayrecord_key, inner.configrecord_key
+        model = instructions[0].content.array_records[a_key] if instructions else arrays
+        cfg = instructions[0].content.config_records.get(c_key, ConfigRecord()) if instructions else ConfigRecord()
+        named = [(k, v.numpy()) for k, v in model.items()]
+        like = [a for _, a in named]
+        try:
+            spec = self.make_spec(len(cohort))
+            params = RoundParams(
+                run_id=grid.run.run_id, round_id=server_round, cohort=tuple(cohort),
+                vector_length=spec.vector_length(int(sum(a.size for a in like))), field_bits=spec.field_bits,
+                degree=self.config.degree, threshold=self.config.threshold, min_clients=self.config.min_clients,
+            )
+            digest = binding_digest(named, dict(cfg), spec.to_config())
+            for m in instructions[1:]:
+                other = binding_digest(
+                    [(k, v.numpy()) for k, v in m.content.array_records[a_key].items()],
+                    dict(m.content.config_records.get(c_key, ConfigRecord())), spec.to_config(),
+                )
+                if other != digest:
+                    raise ConfigurationError(
+                        f"{type(inner).__name__}.configure_train sent different models or configs to "
+                        "different clients; secure aggregation needs one global model per round"
+                    )
+        except ConfigurationError as exc:
+            return self._abort(report, f"round {server_round} not run: {exc}", t0)
+
+        server = SecAggServer(params, bound_digest=digest)
+        setup_extra: dict[str, ArrayRecord | ConfigRecord] = {
+            a_key: model,
+            c_key: cfg,
+            wire.SPEC_KEY: ConfigRecord(spec.to_config()),
+        }
+        try:
+            replies = self._exchange(grid, server_round, Stage.ADVERTISE_KEYS, server.setup_messages(), report,
+                                     setup_extra, {"arrays-key": a_key, "config-key": c_key, "weight-key": inner.weighted_by_key})
+            rosters = server.collect_keys(replies)
+            bundles = server.collect_shares(self._exchange(grid, server_round, Stage.SHARE_KEYS, rosters, report))
+            requests = server.collect_masked(self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report))
+            outcome = server.collect_unmask(self._exchange(grid, server_round, Stage.UNMASK, requests, report))
+            report.survivors = list(outcome.survivors)
+            decoded = decode_update(outcome.total, spec, len(outcome.survivors))
+        except InconsistentAggregateError as exc:
+            report.status = "inconsistent"
+            self._fill(report, server)
+            return self._abort(report, str(exc), t0, status="inconsistent")
+        except (ThresholdError, ReconstructionError) as exc:
+            self._fill(report, server)
+            return self._abort(report, str(exc), t0)
+        self._fill(report, server)
+        report.total_weight = decoded.total_weight
+        mean_delta = self.release(server_round, decoded, report, spec)
+        new_named = unflatten(flatten(like) + mean_delta, like)
+        aggregate = ArrayRecord({k: Array(a) for (k, _), a in zip(named, new_named, strict=True)})
+        metrics = MetricRecord({inner.weighted_by_key: decoded.total_weight, **decoded.metrics})
+        reply = Message(RecordDict({a_key: aggregate, "metrics": metrics}), reply_to=instructions[0])
+        new_arrays, new_metrics = inner.aggregate_train(server_round, [reply])
+        if new_arrays is not None:  # keep the model's dtypes (FedAvg's weighted sum may upcast)
+            new_arrays = ArrayRecord(
+                {k: Array(np.asarray(new_arrays[k].numpy()).astype(a.dtype, copy=False)) for k, a in named}
+            )
+        report.status = "ok"
+        report.seconds = time.monotonic() - t0
+        log(
+            INFO, "secure round %s: %d/%d clients aggregated (total weight %d) in %.2f s",
+            server_round, len(report.survivors), len(cohort), decoded.total_weight, report.seconds,
+        )
+        if report.dropped:
+            log(INFO, "secure round %s: dropped %s", server_round, report.dropped)
+        return new_arrays, new_metrics
+
+    def _fill(self, report: RoundReport, server: SecAggServer) -> None:
+        report.dropped = {n: s.name for n, s in server.dropped.items()}
+        report.rejected.update({n: f"{type(e).__name__}: {e}" for n, e in server.rejected.items()})
+
+    def _abort(
+        self, report: RoundReport, reason: str, t0: float, status: str = "aborted"
+    ) -> tuple[None, None]:
+        report.status = status
+        report.reason = reason
+        report.seconds = time.monotonic() - t0
+        log(WARNING, "secure round %s %s, global model unchanged: %s", report.server_round, status, reason)
+        self.on_abort(report)
+        return None, None
+
+    def _exchange(
+        self,
+        grid: Grid,
+        server_round: int,
+        stage: Stage,
+        outgoing: Mapping[int, wire.Message],
+        report: RoundReport,
+        extra: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
+        extra_fields: Mapping[str, str] | None = None,
+    ) -> dict[int, wire.Message | bytes]:
+        """One server -> clients -> server exchange; returns the valid replies by node."""
+        messages = []
+        for node, msg in outgoing.items():
+            rec = ConfigRecord({wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(msg), **(extra_fields or {})})
+            content = RecordDict({wire.RECORD_KEY: rec, **(extra or {})})
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round)))
+        replies = list(grid.send_and_receive(messages, timeout=self.config.stage_timeout))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        out: dict[int, wire.Message | bytes] = {}
+        for reply in replies:
+            dst = sent_to.get(reply.metadata.reply_to_message_id)
+            if dst is None:
+                continue
+            node = int(dst)
+            if reply.has_error():
+                report.client_errors[node] = f"stage {stage.name}: {reply.error.reason}"
+                log(WARNING, "node %s failed at stage %s: %s", node, stage.name, reply.error.reason)
+                continue
+            if reply.metadata.src_node_id != node:
+                report.rejected[node] = f"reply for node {node} came from node {reply.metadata.src_node_id}"
+                continue
+            try:
+                out[node] = parse_reply(reply)
+            except ProtocolError as exc:
+                report.rejected[node] = f"{type(exc).__name__}: {exc}"
+                log(WARNING, "node %s sent an invalid %s reply: %s", node, stage.name, exc)
+        return out
+
+
+def parse_reply(reply: Message) -> wire.Message:
+    """Decode a client's protocol reply (payload bytes, plus the vector at stage 3)."""
+    rec = reply.content.config_records.get(wire.RECORD_KEY)
+    payload = rec.get(wire.FIELD_PAYLOAD) if rec is not None else None
+    if not isinstance(payload, bytes):
+        raise MalformedMessageError(f"reply lacks the {wire.RECORD_KEY}.{wire.FIELD_PAYLOAD} bytes")
+    vec_rec = reply.content.array_records.get(wire.VECTOR_KEY)
+    vector = None
+    if vec_rec is not None:
+        try:
+            vector = np.asarray(vec_rec[wire.FIELD_VECTOR].numpy())
+        except Exception as exc:  # malformed array bytes from a client must not crash the server
+            raise MalformedMessageError(f"masked vector is not a valid array: {exc}") from exc
+    return wire.decode(payload, vector)

@@ -1,0 +1,158 @@
+"""Helpers for the Flower simulation tests: a ServerApp factory, a recording client,
+and Grid proxies that record or tamper with what the server sees.
+
+Apps built here are pickled by value (``cloudpickle.register_pickle_by_value``) so the
+Ray workers of the simulation do not need to import this test module.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from clients import secagg_mod
+from sgs_flower.app import client_app as app_client
+from sgs_flower.app.task import Net
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+BACKEND = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2, "logging_level": "error"}}
+
+
+def initial_arrays(seed: int = 0) -> ArrayRecord:
+    torch.manual_seed(seed)
+    return ArrayRecord(Net().state_dict())
+
+
+def train_config() -> ConfigRecord:
+    return ConfigRecord({"lr": 0.05, "local-epochs": 1, "batch-size": 32})
+
+
+def run(server_main: Callable[[Grid, Context], None], client: ClientApp, n: int) -> None:
+    server = ServerApp()
+    server.main()(server_main)
+    run_simulation(server_app=server, client_app=client, num_supernodes=n, backend_config=BACKEND)
+
+
+def recording_client(dump: Path, fail: Callable[[int, int], bool] | None = None) -> ClientApp:
+    """The app's own train function, plus: it writes each plaintext update to ``dump``
+    (so a test can compute the plaintext aggregate the server never sees), and it
+    raises for (partition, round) pairs where ``fail`` says so, *after* the client has
+    shared its keys (training runs at the masked-input stage)."""
+    app = ClientApp()
+
+    @app.train(mods=[secagg_mod])
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"]["server-round"])
+        if fail is not None and fail(pid, rnd):
+            raise RuntimeError(f"partition {pid} fails in round {rnd}")
+        reply = app_client.train(msg, context)
+        arrays = [a.numpy() for a in reply.content["arrays"].values()]
+        weight = int(reply.content["metrics"]["num-examples"])
+        loss = float(reply.content["metrics"]["train_loss"])
+        with (dump / f"r{rnd}_p{pid}.pkl").open("wb") as f:
+            pickle.dump({"arrays": arrays, "weight": weight, "loss": loss, "node": int(context.node_id)}, f)
+        return reply
+
+    return app
+
+
+def load_dump(dump: Path, rnd: int) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted(dump.glob(f"r{rnd}_p*.pkl")):
+        with p.open("rb") as f:
+            out.append(pickle.load(f))
+    return out
+
+
+def weighted_mean(updates: list[dict[str, Any]]) -> list[np.ndarray]:
+    total = sum(u["weight"] for u in updates)
+    return [sum(u["weight"] * u["arrays"][i].astype(np.float64) for u in updates) / total for i in range(len(updates[0]["arrays"]))]
+
+
+class ProxyGrid(Grid):
+    """Delegates to a real Grid; subclasses look at or change the traffic."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    @property
+    def run(self):  # type: ignore[override]
+        return self.grid.run
+
+    def set_run(self, run_id: int) -> None:  # pragma: no cover - not used by strategies
+        self.grid.set_run(run_id)
+
+    def create_message(self, *a: Any, **k: Any) -> Message:  # pragma: no cover
+        return self.grid.create_message(*a, **k)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def get_nodes(self):  # type: ignore[no-untyped-def]
+        return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(self.outgoing(list(messages)))
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.grid.pull_messages(message_ids))
+        self.incoming(replies)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self.grid.send_and_receive(self.outgoing(list(messages)), timeout=timeout))
+        self.incoming(replies)
+        return replies
+
+    def outgoing(self, messages: list[Message]) -> list[Message]:
+        return messages
+
+    def incoming(self, replies: list[Message]) -> None:
+        pass
+
+
+class RecordingGrid(ProxyGrid):
+    """Keeps every reply the server receives."""
+
+    def __init__(self, grid: Grid) -> None:
+        super().__init__(grid)
+        self.received: list[Message] = []
+
+    def incoming(self, replies: list[Message]) -> None:
+        self.received.extend(replies)
+
+
+class InconsistentModelGrid(ProxyGrid):
+    """A malicious server: in ``round_`` it sends one client a different global model."""
+
+    def __init__(self, grid: Grid, round_: int) -> None:
+        super().__init__(grid)
+        self.round_ = round_
+        self.victim: int | None = None
+
+    def outgoing(self, messages: list[Message]) -> list[Message]:
+        for m in messages:
+            c = m.content
+            if m.metadata.group_id == str(self.round_) and "arrays" in c.array_records and "sgs.secagg" in c.config_records:
+                if self.victim is None:
+                    self.victim = m.metadata.dst_node_id
+                if m.metadata.dst_node_id == self.victim:
+                    c["arrays"] = ArrayRecord({k: Array(np.full_like(v.numpy(), 0.5)) for k, v in c["arrays"].items()})
+        return messages
+
+
+def metrics_of(result_metrics: dict[int, MetricRecord]) -> dict[int, dict[str, float]]:
+    return {r: {k: float(v) for k, v in m.items()} for r, m in result_metrics.items()}  # type: ignore[arg-type]
