@@ -167,6 +167,8 @@ def _on_masked_input(
     if not isinstance(raw_weight, int | float) or float(raw_weight) != int(raw_weight):
         raise EncodingError(f"'{w_key}' must be a whole number, got {raw_weight!r}")
     weight = int(raw_weight)
+    if spec.dp_mode != "none":
+        weight = 1  # under user-level DP every client counts once (see sgs_flower.dp.aggregator)
     if not 1 <= weight <= spec.max_weight:
         raise EncodingError(
             f"'{w_key}'={weight} is outside 1..max_weight={spec.max_weight}; raise max-weight on the server "

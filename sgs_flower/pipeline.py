@@ -14,16 +14,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from sgs_flower.dp.clipping import ClipResult, clip_l2
+from sgs_flower.dp.noise import secure_rng, skellam_share
+from sgs_flower.dp.rotation import padded_length, rotate, unrotate
 from sgs_flower.secagg.errors import ConfigurationError, EncodingError
 from sgs_flower.secagg.quantize import EncodedUpdate, QuantizationConfig, encode
 from sgs_flower.secagg.server import decode_checked
+
+logger = logging.getLogger("sgs_flower.pipeline")
 
 
 @dataclass(frozen=True)
@@ -44,13 +50,29 @@ class UpdateSpec:
     metric_keys: tuple[str, ...] = ()
     metric_range: float = 100.0
     noise_headroom: int = 0
-    extra: tuple[tuple[str, str], ...] = field(default=())
+    bits_per_coordinate: int = 0  # 0: the most the field admits
+    # user-level DP (DESIGN.md section 4), set by the server's DPAggregator
+    dp_mode: str = "none"  # "none", "central" or "distributed"
+    l2_clip: float = 0.0  # clients clip their (rotated) delta to this L2 norm
+    noise_mu_share: float = 0.0  # distributed: each client's Skellam parameter (integer units)
+    rotation_seed: int = -1  # distributed: public seed of the randomized Hadamard rotation; -1 = none
 
     def __post_init__(self) -> None:
         if not self.metric_range > 0:
             raise ConfigurationError(f"metric_range must be > 0, got {self.metric_range}")
         if len(set(self.metric_keys)) != len(self.metric_keys):
             raise ConfigurationError(f"metric_keys has duplicates: {self.metric_keys}")
+        if self.dp_mode not in ("none", "central", "distributed"):
+            raise ConfigurationError(f"dp_mode must be none, central or distributed, got {self.dp_mode!r}")
+        if self.dp_mode != "none":
+            if not self.l2_clip > 0:
+                raise ConfigurationError(f"l2_clip must be > 0 under dp_mode={self.dp_mode}, got {self.l2_clip}")
+            if self.metric_keys:
+                raise ConfigurationError("train metrics cannot be released under DP: set metric_keys=()")
+            if self.max_weight != 1:
+                raise ConfigurationError("DP weighs every client equally (the sensitivity argument): max_weight must be 1")
+        if self.dp_mode == "distributed" and not self.noise_mu_share > 0:
+            raise ConfigurationError(f"distributed DP needs noise_mu_share > 0, got {self.noise_mu_share}")
         self.quantization  # validates the field and cohort bounds  # noqa: B018
 
     @property
@@ -58,17 +80,21 @@ class UpdateSpec:
         return QuantizationConfig(
             clip_range=self.clip_range, max_cohort=self.max_cohort, max_weight=self.max_weight,
             field_bits=self.field_bits, noise_headroom=self.noise_headroom,
+            bits_per_coordinate=self.bits_per_coordinate or None,
         )
+
+    def encoded_size(self, model_size: int) -> int:
+        """Coordinates the model delta occupies once encoded (padded when rotated)."""
+        return padded_length(model_size) if self.rotation_seed >= 0 else model_size
 
     def vector_length(self, model_size: int) -> int:
         """Words in the masked vector: model delta, metrics, weight, count."""
-        return model_size + len(self.metric_keys) + 2
+        return self.encoded_size(model_size) + len(self.metric_keys) + 2
 
     def to_config(self) -> dict[str, Any]:
         """Plain values for a Flower ConfigRecord (lists of str, numbers)."""
         d = asdict(self)
         d["metric_keys"] = list(self.metric_keys)
-        d["extra"] = json.dumps(list(self.extra))
         return d
 
     @classmethod
@@ -78,7 +104,9 @@ class UpdateSpec:
                 clip_range=float(d["clip_range"]), max_cohort=int(d["max_cohort"]), max_weight=int(d["max_weight"]),
                 field_bits=int(d["field_bits"]), metric_keys=tuple(str(k) for k in d["metric_keys"]),
                 metric_range=float(d["metric_range"]), noise_headroom=int(d["noise_headroom"]),
-                extra=tuple((str(a), str(b)) for a, b in json.loads(str(d["extra"]))),
+                bits_per_coordinate=int(d["bits_per_coordinate"]), dp_mode=str(d["dp_mode"]),
+                l2_clip=float(d["l2_clip"]), noise_mu_share=float(d["noise_mu_share"]),
+                rotation_seed=int(d["rotation_seed"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigurationError(f"malformed update spec from the server: {exc!r}") from exc
@@ -105,6 +133,19 @@ def unflatten(vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray
     return out
 
 
+def prepare_delta(delta: np.ndarray, spec: UpdateSpec) -> tuple[np.ndarray, ClipResult | None]:
+    """Steps 3-4 of the pipeline: optional rotation, then L2 clipping under DP."""
+    x = np.asarray(delta, dtype=np.float64).ravel()
+    if spec.rotation_seed >= 0:
+        x = rotate(x, spec.rotation_seed)
+    if spec.dp_mode == "none":
+        return x, None
+    clip = clip_l2(x, spec.l2_clip)
+    if clip.clipped:
+        logger.info("update L2 norm %.4g clipped to %.4g", clip.original_norm, spec.l2_clip)
+    return clip.vector, clip
+
+
 def encode_update(
     delta: np.ndarray,
     metrics: Mapping[str, float],
@@ -113,7 +154,19 @@ def encode_update(
     rng: np.random.Generator | None = None,
     integer_noise: np.ndarray | None = None,
 ) -> EncodedUpdate:
-    """One client's flat delta, metrics and weight as field words."""
+    """One client's flat delta, metrics and weight as field words.
+
+    Under DP the delta is (rotated and) L2-clipped, every client counts with weight 1
+    (so one client's influence on the sum is bounded by the clip norm, whatever its
+    ``num-examples``), and in distributed DP a Skellam noise share is added in the
+    integer domain before masking.
+    """
+    x, _ = prepare_delta(delta, spec)
+    if spec.dp_mode != "none":
+        weight = 1
+        if spec.dp_mode == "distributed" and integer_noise is None:
+            integer_noise = skellam_share(x.size, spec.noise_mu_share, secure_rng())
+    delta = x
     missing = [k for k in spec.metric_keys if k not in metrics]
     if missing:
         raise EncodingError(
@@ -138,18 +191,27 @@ class DecodedUpdate:
     weighted_delta_sum: np.ndarray
 
 
-def decode_update(total: np.ndarray, spec: UpdateSpec, survivors: int) -> DecodedUpdate:
-    """The unmasked sum as the weighted-mean delta and metrics (after the integrity check)."""
+def decode_update(total: np.ndarray, spec: UpdateSpec, survivors: int, model_size: int | None = None) -> DecodedUpdate:
+    """The unmasked sum as the weighted-mean delta and metrics (after the integrity check).
+
+    With a rotation, the sum is un-rotated (the rotation is linear, so the sum of the
+    rotated updates is the rotation of their sum) and cut back to ``model_size``.
+    """
     dec = decode_checked(total, spec.quantization, survivors)
     k = len(spec.metric_keys)
     scale = spec.metric_range / spec.clip_range
     metrics = {key: float(v) * scale for key, v in zip(spec.metric_keys, dec.mean[dec.mean.size - k :], strict=True)}
+    wsum = dec.weighted_sum[: dec.weighted_sum.size - k]
+    if spec.rotation_seed >= 0:
+        if model_size is None:
+            raise ConfigurationError("decoding a rotated update needs the model size")
+        wsum = unrotate(wsum, spec.rotation_seed, model_size)
     return DecodedUpdate(
-        mean_delta=dec.mean[: dec.mean.size - k],
+        mean_delta=wsum / dec.total_weight,
         metrics=metrics,
         total_weight=dec.total_weight,
         count=dec.count,
-        weighted_delta_sum=dec.weighted_sum[: dec.mean.size - k],
+        weighted_delta_sum=wsum,
     )
 
 

@@ -43,8 +43,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from sgs_flower.dp.aggregator import DPAggregator, RoundPlan
+from sgs_flower.dp.budget import BudgetExhaustedError
+from sgs_flower.dp.config import DPConfig
 from sgs_flower.pipeline import (
-    DecodedUpdate,
     UpdateSpec,
     binding_digest,
     decode_update,
@@ -88,7 +90,7 @@ class RoundReport:
     """What happened in one secure round (also logged)."""
 
     server_round: int
-    status: str  # "ok", "aborted", "inconsistent"
+    status: str  # "ok", "aborted", "inconsistent", "budget-exhausted"
     cohort: list[int] = field(default_factory=list)
     survivors: list[int] = field(default_factory=list)
     dropped: dict[int, str] = field(default_factory=dict)
@@ -102,12 +104,31 @@ class RoundReport:
 class SecAggStrategy(Strategy):
     """Secure aggregation around a weighted-mean strategy (see module docstring)."""
 
-    def __init__(self, strategy: Strategy, config: SecAggConfig | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        config: SecAggConfig | None = None,
+        *,
+        dp: DPConfig | None = None,
+        ledger: str | None = None,
+        **overrides: Any,
+    ) -> None:
         self.inner = check_wrappable(strategy)
         if config is not None and overrides:
             raise TypeError("pass either a SecAggConfig or keyword overrides, not both")
         self.config = config if config is not None else SecAggConfig(**overrides)
         self.reports: list[RoundReport] = []
+        self.stopped: str = ""  # why training stopped early (the privacy budget), if it did
+        self.privacy: DPAggregator | None = None
+        if dp is not None and dp.mode in ("central-dp", "distributed-dp"):
+            self.privacy = DPAggregator(dp, field_bits=self.config.field_bits, ledger_path=ledger,
+                                        config={"secagg": repr(self.config), "inner": type(self.inner).__name__})
+            spent = self.privacy.spent()
+            if self.privacy.round_offset:
+                log(INFO, "privacy ledger %s: resuming after %d rounds, spent epsilon %.4g (consumers) / %.4g (server)",
+                    ledger, self.privacy.round_offset, spent.consumer, spent.server)
+        elif ledger is not None:
+            raise ValueError("a privacy ledger needs dp= with mode central-dp or distributed-dp")
 
     # ------------------------------------------------------------ Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -153,10 +174,13 @@ class SecAggStrategy(Strategy):
         for server_round in range(1, num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
-            if not self.before_round(server_round):
-                break
             train_config["server-round"] = server_round
-            new_arrays, metrics = self.secure_round(grid, server_round, arrays, train_config)
+            try:
+                new_arrays, metrics = self.secure_round(grid, server_round, arrays, train_config)
+            except BudgetExhaustedError as exc:
+                self.stopped = str(exc)
+                log(WARNING, "%s", exc)
+                break
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
             if metrics is not None:
@@ -169,31 +193,26 @@ class SecAggStrategy(Strategy):
                     result.evaluate_metrics_clientapp[server_round] = agg
             if evaluate_fn is not None and (res := evaluate_fn(server_round, arrays)) is not None:
                 result.evaluate_metrics_serverapp[server_round] = res
-                self.after_evaluate(server_round, res)
+                if self.privacy is not None:
+                    self.privacy.record_evaluation(
+                        server_round, {k: float(v) for k, v in res.items() if isinstance(v, int | float)}
+                    )
+        if self.privacy is not None:
+            spent = self.privacy.spent()
+            log(INFO, "privacy spent: epsilon %.4g against model consumers, %.4g against the server (delta %g)",
+                spent.consumer, spent.server, self.privacy.dp.delta)
         return result
 
-    # Hooks for subclasses (the DP strategy enforces its budget and writes its ledger here).
-    def before_round(self, server_round: int) -> bool:
-        """Return False to stop training before this round."""
-        return True
-
-    def after_evaluate(self, server_round: int, metrics: MetricRecord) -> None:
-        """Called with the central evaluation of each round."""
-
-    def make_spec(self, cohort_size: int) -> UpdateSpec:
+    def make_spec(self, cohort_size: int, plan: RoundPlan | None) -> UpdateSpec:
         c = self.config
-        return UpdateSpec(
-            clip_range=c.clip_range, max_cohort=cohort_size, max_weight=c.max_weight, field_bits=c.field_bits,
-            metric_keys=c.secure_metrics, metric_range=c.metric_range,
-        )
-
-    def release(self, server_round: int, decoded: DecodedUpdate, report: RoundReport, spec: UpdateSpec) -> np.ndarray:
-        """The mean delta to apply. Subclasses add central noise and account for it here,
-        before the aggregate leaves this method."""
-        return decoded.mean_delta
-
-    def on_abort(self, report: RoundReport) -> None:
-        """Called when a round releases nothing."""
+        if plan is None:
+            return UpdateSpec(
+                clip_range=c.clip_range, max_cohort=cohort_size, max_weight=c.max_weight, field_bits=c.field_bits,
+                metric_keys=c.secure_metrics, metric_range=c.metric_range,
+            )
+        # Under DP: unweighted, no released metrics, the DP plan's clip and fixed point.
+        return UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=c.field_bits, metric_keys=(),
+                          **plan.spec_fields)
 
     def _wait_for_nodes(self, grid: Grid, need: int) -> None:
         deadline = time.monotonic() + self.config.node_wait_timeout
@@ -221,12 +240,23 @@ class SecAggStrategy(Strategy):
         cfg = instructions[0].content.config_records.get(c_key, ConfigRecord()) if instructions else ConfigRecord()
         named = [(k, v.numpy()) for k, v in model.items()]
         like = [a for _, a in named]
+        model_size = int(sum(a.size for a in like))
+        plan = None
+        if self.privacy is not None:  # refuses (BudgetExhaustedError) before anything is sent
+            try:
+                plan = self.privacy.plan(server_round, len(cohort), len(list(grid.get_node_ids())), model_size)
+            except BudgetExhaustedError as exc:
+                report.status, report.reason = "budget-exhausted", str(exc)
+                raise
         try:
-            spec = self.make_spec(len(cohort))
+            spec = self.make_spec(len(cohort), plan)
+            min_clients = self.config.min_clients
+            if plan is not None:  # fewer survivors would carry less noise than promised
+                min_clients = max(min_clients or 3, plan.min_survivors)
             params = RoundParams(
                 run_id=grid.run.run_id, round_id=server_round, cohort=tuple(cohort),
-                vector_length=spec.vector_length(int(sum(a.size for a in like))), field_bits=spec.field_bits,
-                degree=self.config.degree, threshold=self.config.threshold, min_clients=self.config.min_clients,
+                vector_length=spec.vector_length(model_size), field_bits=spec.field_bits,
+                degree=self.config.degree, threshold=self.config.threshold, min_clients=min_clients,
             )
             digest = binding_digest(named, dict(cfg), spec.to_config())
             for m in instructions[1:]:
@@ -240,7 +270,7 @@ class SecAggStrategy(Strategy):
                         "different clients; secure aggregation needs one global model per round"
                     )
         except ConfigurationError as exc:
-            return self._abort(report, f"round {server_round} not run: {exc}", t0)
+            return self._abort(report, f"round {server_round} not run: {exc}", t0, plan)
 
         server = SecAggServer(params, bound_digest=digest)
         setup_extra: dict[str, ArrayRecord | ConfigRecord] = {
@@ -256,17 +286,21 @@ class SecAggStrategy(Strategy):
             requests = server.collect_masked(self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report))
             outcome = server.collect_unmask(self._exchange(grid, server_round, Stage.UNMASK, requests, report))
             report.survivors = list(outcome.survivors)
-            decoded = decode_update(outcome.total, spec, len(outcome.survivors))
+            decoded = decode_update(outcome.total, spec, len(outcome.survivors), model_size)
         except InconsistentAggregateError as exc:
-            report.status = "inconsistent"
             self._fill(report, server)
-            return self._abort(report, str(exc), t0, status="inconsistent")
+            return self._abort(report, str(exc), t0, plan, status="inconsistent")
         except (ThresholdError, ReconstructionError) as exc:
             self._fill(report, server)
-            return self._abort(report, str(exc), t0)
+            return self._abort(report, str(exc), t0, plan)
         self._fill(report, server)
         report.total_weight = decoded.total_weight
-        mean_delta = self.release(server_round, decoded, report, spec)
+        if plan is not None and self.privacy is not None:
+            # noise (central), account and write the ledger BEFORE the aggregate is used
+            mean_delta = self.privacy.release(plan, decoded.weighted_delta_sum, decoded.count,
+                                              len(cohort) - decoded.count)
+        else:
+            mean_delta = decoded.mean_delta
         new_named = unflatten(flatten(like) + mean_delta, like)
         aggregate = ArrayRecord({k: Array(a) for (k, _), a in zip(named, new_named, strict=True)})
         metrics = MetricRecord({inner.weighted_by_key: decoded.total_weight, **decoded.metrics})
@@ -291,13 +325,14 @@ class SecAggStrategy(Strategy):
         report.rejected.update({n: f"{type(e).__name__}: {e}" for n, e in server.rejected.items()})
 
     def _abort(
-        self, report: RoundReport, reason: str, t0: float, status: str = "aborted"
+        self, report: RoundReport, reason: str, t0: float, plan: RoundPlan | None, status: str = "aborted"
     ) -> tuple[None, None]:
         report.status = status
         report.reason = reason
         report.seconds = time.monotonic() - t0
         log(WARNING, "secure round %s %s, global model unchanged: %s", report.server_round, status, reason)
-        self.on_abort(report)
+        if self.privacy is not None:
+            self.privacy.abort(plan, report.server_round, len(report.cohort), len(report.survivors), f"{status}: {reason}")
         return None, None
 
     def _exchange(

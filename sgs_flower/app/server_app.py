@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedPro
 
 from sgs_flower.app.settings import Settings, resolve
 from sgs_flower.app.task import Net, evaluate, set_weights, train_test_split
+from sgs_flower.dp.config import DPConfig
 from strategies import SecAggConfig, SecAggStrategy
 
 app = ServerApp()
@@ -41,15 +42,36 @@ def make_inner(s: Settings, initial: ArrayRecord) -> FedAvg:
     return cls(eta=float(s["server-lr"]), **common)
 
 
+def make_dp(s: Settings) -> DPConfig | None:
+    """User-level DP of the server side (central/distributed); sample-DP lives on clients."""
+    mode = s["dp-mode"]
+    if mode not in ("central", "distributed"):
+        return None
+    target = float(s["target-epsilon"])
+    return DPConfig(
+        mode=f"{mode}-dp",  # type: ignore[arg-type]
+        clip_norm=float(s["clip-norm"]),
+        noise_multiplier=None if target > 0 else float(s["noise-multiplier"]),
+        target_epsilon=target if target > 0 else None,
+        rounds=int(s["num-server-rounds"]) if target > 0 else None,
+        delta=float(s["delta"]),
+        max_epsilon=float(s["max-epsilon"]) or None,
+        min_survivors=int(s["min-survivors"]) or None,
+        sampling="fixed",
+        accountant="rdp",
+    )
+
+
 def make_strategy(s: Settings, initial: ArrayRecord) -> Strategy:
     inner = make_inner(s, initial)
     if not s["secure-aggregation"]:
         return inner
+    metrics = ("train_loss", "dp-epsilon") if s["dp-mode"] == "sample" else ("train_loss",)
     cfg = SecAggConfig(
         clip_range=float(s["clip-range"]), field_bits=int(s["field-bits"]), max_weight=int(s["max-weight"]),
-        min_clients=int(s["min-clients"]) or None, stage_timeout=float(s["stage-timeout"]),
+        min_clients=int(s["min-clients"]) or None, stage_timeout=float(s["stage-timeout"]), secure_metrics=metrics,
     )
-    return SecAggStrategy(inner, cfg)
+    return SecAggStrategy(inner, cfg, dp=make_dp(s), ledger=s["ledger"] or None)
 
 
 @app.main()
@@ -84,5 +106,10 @@ def main(grid: Grid, context: Context) -> None:
             "accuracy": acc,
             "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
             "rounds": [vars(r) for r in getattr(strategy, "reports", [])],
+            "stopped": getattr(strategy, "stopped", ""),
         }
+        privacy = getattr(strategy, "privacy", None)
+        if privacy is not None:
+            spent = privacy.spent()
+            out["epsilon"] = {"consumer": spent.consumer, "server": spent.server, "delta": privacy.dp.delta}
         Path(s["results-file"]).write_text(json.dumps(out, indent=1, default=str))
