@@ -8,10 +8,12 @@ server evaluates the global model on the held-out digits after every round.
 from __future__ import annotations
 
 import json
+import time
 from logging import INFO
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
@@ -84,7 +86,10 @@ def main(grid: Grid, context: Context) -> None:
     strategy = make_strategy(s, initial)
     _, test = train_test_split()
 
+    stamps: list[float] = []
+
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        stamps.append(time.monotonic())  # round r took stamps[r] - stamps[r - 1]
         set_weights(net, [a.numpy() for a in arrays.values()])
         loss, acc = evaluate(net, test)
         log(INFO, "round %d: held-out accuracy %.4f, loss %.4f", server_round, acc, loss)
@@ -107,9 +112,14 @@ def main(grid: Grid, context: Context) -> None:
             "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
             "rounds": [vars(r) for r in getattr(strategy, "reports", [])],
             "stopped": getattr(strategy, "stopped", ""),
+            "round_seconds": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
         }
         privacy = getattr(strategy, "privacy", None)
         if privacy is not None:
             spent = privacy.spent()
             out["epsilon"] = {"consumer": spent.consumer, "server": spent.server, "delta": privacy.dp.delta}
-        Path(s["results-file"]).write_text(json.dumps(out, indent=1, default=str))
+        path = Path(s["results-file"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1, default=str))
+        # the final global model beside it, for comparisons across runs
+        np.savez(path.with_suffix(".npz"), **{k: v.numpy() for k, v in result.arrays.items()})
