@@ -14,6 +14,7 @@ The last line printed is one JSON object (preset -> accuracy, epsilon, round sec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -59,10 +60,8 @@ def stop_all(marker: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = processes_using(marker)
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         if not pids:
             return
         time.sleep(2.0)

@@ -45,7 +45,7 @@ def test_distributed_noise_has_the_variance_of_the_survivors_shares(tmp_path, su
     n, m, z, c = 10, 20_000, 1.0, 1.0
     agg = DPAggregator(DPConfig(mode="distributed-dp", clip_norm=c, noise_multiplier=z, min_survivors=8, rotate=False),
                        ledger_path=tmp_path / "l.jsonl")
-    mean, plan, dec = secure_round(agg, [np.zeros(m)] * n, drop=set(range(n - survivors)))
+    _, plan, dec = secure_round(agg, [np.zeros(m)] * n, drop=set(range(n - survivors)))
     assert dec.count == survivors
     total = dec.weighted_delta_sum
     expected_var = survivors * 2 * plan.spec_fields["noise_mu_share"] / plan.scale**2

@@ -7,6 +7,7 @@ server evaluates the global model on the held-out digits after every round.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from logging import INFO
@@ -112,7 +113,7 @@ def main(grid: Grid, context: Context) -> None:
             "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
             "rounds": [vars(r) for r in getattr(strategy, "reports", [])],
             "stopped": getattr(strategy, "stopped", ""),
-            "round_seconds": [b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+            "round_seconds": [b - a for a, b in itertools.pairwise(stamps)],
         }
         privacy = getattr(strategy, "privacy", None)
         if privacy is not None:
@@ -122,4 +123,5 @@ def main(grid: Grid, context: Context) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1, default=str))
         # the final global model beside it, for comparisons across runs
-        np.savez(path.with_suffix(".npz"), **{k: v.numpy() for k, v in result.arrays.items()})
+        final: dict[str, Any] = {k: v.numpy() for k, v in result.arrays.items()}
+        np.savez(path.with_suffix(".npz"), **final)
