@@ -85,7 +85,11 @@ def secagg_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
 def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Encoder) -> Message:
     if msg.metadata.message_type != MessageType.TRAIN or wire.RECORD_KEY not in msg.content.config_records:
         return call_next(msg, context)
-    client = _load_client(context)
+    try:
+        client = _load_client(context)
+    except (SecAggError, ValueError, KeyError) as exc:  # corrupt saved state: start afresh
+        logger.warning("discarding unreadable secure-aggregation state: %r", exc)
+        client = SecAggClient(int(context.node_id))
     try:
         rec = msg.content.config_records[wire.RECORD_KEY]
         stage = Stage(int(cast(int, rec[wire.FIELD_STAGE])))

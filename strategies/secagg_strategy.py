@@ -60,6 +60,7 @@ from sgs_flower.secagg.errors import (
     MalformedMessageError,
     ProtocolError,
     ReconstructionError,
+    SecAggError,
     ThresholdError,
 )
 from sgs_flower.secagg.server import RoundParams, SecAggServer
@@ -293,6 +294,9 @@ class SecAggStrategy(Strategy):
         except (ThresholdError, ReconstructionError) as exc:
             self._fill(report, server)
             return self._abort(report, str(exc), t0, plan)
+        except SecAggError as exc:  # anything else a client could provoke ends the round, not the server
+            self._fill(report, server)
+            return self._abort(report, f"{type(exc).__name__}: {exc}", t0, plan)
         self._fill(report, server)
         report.total_weight = decoded.total_weight
         if plan is not None and self.privacy is not None:

@@ -235,3 +235,15 @@ def test_inconsistent_model_gives_garbage_not_an_update():
     assert np.mean(np.abs(garbage - true_sum)) > 1.0
     assert abs(np.corrcoef(garbage, true_sum)[0, 1]) < 0.1
     assert abs(np.corrcoef(garbage, xs[2])[0, 1]) < 0.1
+
+
+def test_low_order_public_key_is_rejected_at_advertise(cohort_factory):
+    """An all-zero X25519 key (a low-order point) would make every agreement with it
+    fail later; the server refuses it up front and the round goes on without it."""
+    c = cohort_factory(5)
+    replies = c.advertise()
+    replies[2] = dataclasses.replace(replies[2], s_pk=bytes(32))
+    c.server.collect_keys(replies)
+    assert isinstance(c.server.rejected[2], MalformedMessageError)
+    assert "public key of node 2 is invalid" in str(c.server.rejected[2])
+    assert 2 not in c.server.advertised

@@ -199,6 +199,7 @@ class SecAggServer:
         self._expect(Stage.ADVERTISE_KEYS)
         ok = self._accept(replies, set(self.params.cohort), AdvertiseKeys)
         seen: dict[bytes, int] = {}
+        probe = keys.generate_private_key()
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, AdvertiseKeys)
             try:
@@ -207,6 +208,7 @@ class SecAggServer:
                         raise MalformedMessageError(f"node {node} sent a {len(k)}-byte public key")
                     if k in seen:
                         raise MalformedMessageError(f"node {node} reuses a public key of node {seen[k]}")
+                    keys.agree(probe, k, node)  # refuses low-order points before anyone uses them
                 if len(msg.self_mask_commitment) != 32:
                     raise MalformedMessageError(f"node {node} sent a malformed self-mask commitment")
             except ProtocolError as exc:
