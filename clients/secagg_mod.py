@@ -2,13 +2,14 @@
 
 Add it to a function-style ClientApp with ``@app.train(mods=[secagg_mod])`` (or the
 mixin below for class-based clients). The mod answers the four protocol exchanges; at
-the masked-input stage it calls the user's train function with the usual train message
-(the global model and config received at setup), turns the reply into the delta
+the masked-input stage (the message that brings the global model and train config) it
+calls the user's train function with the usual train message, turns the reply into the delta
 ``new - global`` plus ``num-examples`` and the train metrics, encodes and masks them,
 and sends only the masked vector. Train messages without the protocol record pass
 through untouched, so the same ClientApp also works with a plain strategy.
 
-Protocol state lives in ``Context.state`` between messages. A mod that cannot proceed
+Protocol state (keys and shares, a few hundred bytes) lives in ``Context.state``
+between messages; the model is never stored there. A mod that cannot proceed
 replies with a Flower error message naming why, instead of crashing the node.
 """
 
@@ -31,7 +32,7 @@ from flwr.app import (
 )
 from flwr.common.constant import ErrorCode
 
-from sgs_flower.pipeline import EncodedUpdate, UpdateSpec, binding_digest, encode_update, flatten
+from sgs_flower.pipeline import EncodedUpdate, UpdateSpec, binding_digest, encode_update
 from sgs_flower.secagg import wire
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import EncodingError, MalformedMessageError, SecAggError
@@ -39,11 +40,7 @@ from sgs_flower.secagg.wire import Stage
 
 logger = logging.getLogger("sgs_flower.client")
 
-STATE_KEY = "sgs.secagg.client"  # the protocol state machine
-MODEL_KEY = "sgs.secagg.model"  # global model received at setup, until training
-CONFIG_KEY = "sgs.secagg.config"  # train config received at setup
-SPEC_STATE_KEY = "sgs.secagg.spec"  # the round's UpdateSpec
-ROUND_KEY = "sgs.secagg.round"  # record keys the server uses
+STATE_KEY = "sgs.secagg.client"  # the protocol state machine (a few hundred bytes)
 
 CallNext = Callable[[Message, Context], Message]
 # (delta, metrics, weight, spec, context) -> encoded words; the DP mixin swaps this in.
@@ -73,7 +70,10 @@ def _protocol_reply(msg: Message, stage: Stage, reply: wire.Message) -> Message:
     rec = ConfigRecord({wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(reply, detach_vector=True)})
     content = RecordDict({wire.RECORD_KEY: rec})
     if isinstance(reply, wire.MaskedInput):
-        content[wire.VECTOR_KEY] = ArrayRecord({wire.FIELD_VECTOR: Array(reply.vector)})
+        # raw words (no np.save round trip); Flower still chunks the Array for transport
+        vec = reply.vector.astype(reply.vector.dtype.newbyteorder("<"), copy=False)
+        raw = Array(dtype=vec.dtype.str, shape=(vec.size,), stype=wire.RAW_STYPE, data=vec.tobytes())
+        content[wire.VECTOR_KEY] = ArrayRecord({wire.FIELD_VECTOR: raw})
     return Message(content, reply_to=msg)
 
 
@@ -98,10 +98,8 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
             raise MalformedMessageError("protocol payload is not bytes")
         server_msg = wire.decode(payload)
         reply: wire.Message
-        if stage == Stage.ADVERTISE_KEYS:
-            reply = _on_setup(msg, context, client, server_msg, rec)
-        elif stage == Stage.MASKED_INPUT:
-            masked = _on_masked_input(msg, context, client, server_msg, call_next, encoder)
+        if stage == Stage.MASKED_INPUT:
+            masked = _on_masked_input(msg, context, client, server_msg, rec, call_next, encoder)
             if isinstance(masked, Message):
                 _save_client(context, client)
                 return masked  # the user's train function failed: its error goes back
@@ -116,34 +114,21 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
     return _protocol_reply(msg, stage, reply)
 
 
-def _on_setup(msg: Message, context: Context, client: SecAggClient, server_msg: wire.Message, rec: ConfigRecord) -> wire.Message:
-    a_key, c_key = str(rec["arrays-key"]), str(rec["config-key"])
+def _on_masked_input(
+    msg: Message,
+    context: Context,
+    client: SecAggClient,
+    server_msg: wire.Message,
+    rec: ConfigRecord,
+    call_next: CallNext,
+    encoder: Encoder,
+) -> wire.Message | Message:
+    a_key, c_key, w_key = str(rec["arrays-key"]), str(rec["config-key"]), str(rec["weight-key"])
     model = msg.content.array_records[a_key]
     cfg = msg.content.config_records.get(c_key, ConfigRecord())
-    spec_rec = msg.content.config_records[wire.SPEC_KEY]
-    spec = UpdateSpec.from_config(dict(spec_rec))
+    spec = UpdateSpec.from_config(dict(msg.content.config_records[wire.SPEC_KEY]))
+    # The masks are keyed with the digest of exactly what this client trains on.
     digest = binding_digest([(k, v.numpy()) for k, v in model.items()], dict(cfg), spec.to_config())
-    reply = client.handle(server_msg, bound_digest=digest)
-    # Keep what training needs at the masked-input stage: the model is sent once.
-    context.state[MODEL_KEY] = model
-    context.state[CONFIG_KEY] = cfg
-    context.state[SPEC_STATE_KEY] = spec_rec
-    context.state[ROUND_KEY] = ConfigRecord(
-        {"arrays-key": a_key, "config-key": c_key, "weight-key": str(rec["weight-key"])}
-    )
-    return reply
-
-
-def _on_masked_input(
-    msg: Message, context: Context, client: SecAggClient, server_msg: wire.Message, call_next: CallNext, encoder: Encoder
-) -> wire.Message | Message:
-    if MODEL_KEY not in context.state:
-        raise MalformedMessageError("masked-input request without a preceding setup on this node")
-    model = context.state.array_records[MODEL_KEY]
-    cfg = context.state.config_records[CONFIG_KEY]
-    meta = context.state.config_records[ROUND_KEY]
-    spec = UpdateSpec.from_config(dict(context.state.config_records[SPEC_STATE_KEY]))
-    a_key, c_key, w_key = str(meta["arrays-key"]), str(meta["config-key"]), str(meta["weight-key"])
     # The user's train function sees the ordinary train message of a plain round.
     train_msg = Message(content=RecordDict({a_key: model, c_key: cfg}), metadata=msg.metadata)  # type: ignore[call-overload]
     try:
@@ -178,7 +163,7 @@ def _on_masked_input(
             f"'{w_key}'={weight} is outside 1..max_weight={spec.max_weight}; raise max-weight on the server "
             "(it bounds the sum so the field cannot overflow)"
         )
-    delta = flatten([v.numpy() for v in new.values()]) - flatten([v.numpy() for v in model.values()])
+    delta = np.concatenate([(n.numpy() - g.numpy()).ravel() for n, g in zip(new.values(), model.values(), strict=True)])
     scalar_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     encoded = encoder(delta, scalar_metrics, weight, spec, context)
     if encoded.clipped:
@@ -186,9 +171,7 @@ def _on_masked_input(
             "%d of %d update coordinates exceeded clip_range=%g and were clipped before masking",
             encoded.clipped, delta.size, spec.clip_range,
         )
-    for name in (MODEL_KEY, CONFIG_KEY):
-        del context.state[name]
-    return client.handle(server_msg, vector=encoded.vector)
+    return client.handle(server_msg, vector=encoded.vector, bound_digest=digest)
 
 
 class SecAggClientMixin:

@@ -261,6 +261,8 @@ class SecAggStrategy(Strategy):
             )
             digest = binding_digest(named, dict(cfg), spec.to_config())
             for m in instructions[1:]:
+                if m.content.array_records[a_key] is model and m.content.config_records.get(c_key) is cfg:
+                    continue  # the same objects (what FedAvg sends): nothing to re-hash
                 other = binding_digest(
                     [(k, v.numpy()) for k, v in m.content.array_records[a_key].items()],
                     dict(m.content.config_records.get(c_key, ConfigRecord())), spec.to_config(),
@@ -274,17 +276,21 @@ class SecAggStrategy(Strategy):
             return self._abort(report, f"round {server_round} not run: {exc}", t0, plan)
 
         server = SecAggServer(params, bound_digest=digest)
-        setup_extra: dict[str, ArrayRecord | ConfigRecord] = {
+        # The model travels once, with the masked-input request (where training happens);
+        # its digest keys the masks, so a client given another model cannot unmask.
+        train_extra: dict[str, ArrayRecord | ConfigRecord] = {
             a_key: model,
             c_key: cfg,
             wire.SPEC_KEY: ConfigRecord(spec.to_config()),
         }
+        keys_fields = {"arrays-key": a_key, "config-key": c_key, "weight-key": inner.weighted_by_key}
         try:
-            replies = self._exchange(grid, server_round, Stage.ADVERTISE_KEYS, server.setup_messages(), report,
-                                     setup_extra, {"arrays-key": a_key, "config-key": c_key, "weight-key": inner.weighted_by_key})
+            replies = self._exchange(grid, server_round, Stage.ADVERTISE_KEYS, server.setup_messages(), report)
             rosters = server.collect_keys(replies)
             bundles = server.collect_shares(self._exchange(grid, server_round, Stage.SHARE_KEYS, rosters, report))
-            requests = server.collect_masked(self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report))
+            requests = server.collect_masked(
+                self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report, train_extra, keys_fields)
+            )
             outcome = server.collect_unmask(self._exchange(grid, server_round, Stage.UNMASK, requests, report))
             report.survivors = list(outcome.survivors)
             decoded = decode_update(outcome.total, spec, len(outcome.survivors), model_size)
@@ -387,8 +393,10 @@ def parse_reply(reply: Message) -> wire.Message:
     vec_rec = reply.content.array_records.get(wire.VECTOR_KEY)
     vector = None
     if vec_rec is not None:
-        try:
-            vector = np.asarray(vec_rec[wire.FIELD_VECTOR].numpy())
-        except Exception as exc:  # malformed array bytes from a client must not crash the server
-            raise MalformedMessageError(f"masked vector is not a valid array: {exc}") from exc
+        arr = vec_rec.get(wire.FIELD_VECTOR)
+        if arr is None or arr.stype != wire.RAW_STYPE or arr.dtype not in ("<u4", "<u8") or len(arr.shape) != 1:
+            raise MalformedMessageError("masked vector must be raw little-endian uint32/uint64 words")
+        if len(arr.data) != arr.shape[0] * np.dtype(arr.dtype).itemsize:
+            raise MalformedMessageError(f"masked vector declares {arr.shape[0]} words but carries {len(arr.data)} bytes")
+        vector = np.frombuffer(arr.data, dtype=np.dtype(arr.dtype))  # zero-copy view
     return wire.decode(payload, vector)

@@ -58,7 +58,6 @@ def share_x(cohort: tuple[int, ...], node: int) -> int:
 @dataclass
 class _RoundSecrets:
     setup: Setup
-    context: bytes  # keys the masks: binds the model and config this client received
     share_context: bytes  # keys the share encryption: the round's protocol parameters only
     neighbours: frozenset[int]
     c_sk: bytes
@@ -72,7 +71,7 @@ class AwaitingSetup:
 
     node_id: int
 
-    def on_setup(self, msg: Setup, bound_digest: bytes) -> tuple[AwaitingRoster, AdvertiseKeys]:
+    def on_setup(self, msg: Setup) -> tuple[AwaitingRoster, AdvertiseKeys]:
         u = self.node_id
         if u not in msg.cohort:
             raise UnknownSenderError(f"node {u} is not in the cohort of round {msg.round_id}")
@@ -81,10 +80,10 @@ class AwaitingSetup:
         validate(len(msg.cohort), msg.degree, msg.threshold)
         dtype_for_bits(msg.field_bits)
         graph = neighbours(msg.cohort, msg.degree, msg.graph_seed)
-        context, share_context = keys.round_contexts(msg, bound_digest)
+        _, share_context = keys.round_contexts(msg, b"")
         c_sk, s_sk = keys.generate_private_key(), keys.generate_private_key()
         secrets = _RoundSecrets(
-            setup=msg, context=context, share_context=share_context, neighbours=graph[u],
+            setup=msg, share_context=share_context, neighbours=graph[u],
             c_sk=keys.private_bytes(c_sk), s_sk=keys.private_bytes(s_sk), b_u=os.urandom(32),
         )
         reply = AdvertiseKeys(
@@ -144,7 +143,11 @@ class AwaitingShares:
     secrets: _RoundSecrets
     roster: dict[int, NeighbourKeys]
 
-    def on_shares(self, msg: ShareBundle, vector: np.ndarray) -> tuple[AwaitingUnmask, MaskedInput]:
+    def on_shares(
+        self, msg: ShareBundle, vector: np.ndarray, bound_digest: bytes
+    ) -> tuple[AwaitingUnmask, MaskedInput]:
+        """Mask the input. ``bound_digest`` is the digest of the global model and config
+        this client trained on: it keys the masks (see :func:`keys.round_contexts`)."""
         u, sec = self.node_id, self.secrets
         setup = sec.setup
         held: dict[int, tuple[bytes, bytes]] = {}
@@ -170,21 +173,24 @@ class AwaitingShares:
                 f"input must be {dtype} of shape ({setup.vector_length},), got "
                 f"{getattr(vector, 'dtype', type(vector).__name__)} {getattr(vector, 'shape', '')}"
             )
-        masked = mask_input(vector, sec, {v: self.roster[v] for v in held}, u)
+        context, _ = keys.round_contexts(setup, bound_digest)
+        masked = mask_input(vector, sec, {v: self.roster[v] for v in held}, u, context)
         reply = MaskedInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked)
         return AwaitingUnmask(u, sec, self.roster, held), reply
 
 
-def mask_input(vector: np.ndarray, sec: _RoundSecrets, peers: dict[int, NeighbourKeys], u: int) -> np.ndarray:
+def mask_input(
+    vector: np.ndarray, sec: _RoundSecrets, peers: dict[int, NeighbourKeys], u: int, context: bytes
+) -> np.ndarray:
     """y = x + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)  (mod 2^b)."""
     setup = sec.setup
     acc = reduce_mod(vector.copy(), setup.field_bits)
     exp = get_expander(setup.vector_length, acc.dtype)
     s_sk = keys.load_private_key(sec.s_sk)
-    exp.add(acc, keys.self_mask_key(sec.b_u, sec.context, u))
+    exp.add(acc, keys.self_mask_key(sec.b_u, context, u))
     for v, nk in peers.items():
         shared = keys.agree(s_sk, nk.s_pk, v)
-        exp.add(acc, keys.pairwise_mask_key(shared, sec.context, u, v), +1 if v > u else -1)
+        exp.add(acc, keys.pairwise_mask_key(shared, context, u, v), +1 if v > u else -1)
     return reduce_mod(acc, setup.field_bits)
 
 
@@ -286,7 +292,7 @@ class SecAggClient:
                     f"setup for round {msg.round_id} of run {msg.run_id} is stale or replayed: node "
                     f"{self.node_id} already sent its input for round {self.last_masked[1]}"
                 )
-            self.state, advertise = AwaitingSetup(self.node_id).on_setup(msg, bound_digest)
+            self.state, advertise = AwaitingSetup(self.node_id).on_setup(msg)
             return advertise
         st = self.state
         if isinstance(st, AwaitingSetup):
@@ -306,7 +312,7 @@ class SecAggClient:
         if isinstance(st, AwaitingShares) and isinstance(msg, ShareBundle):
             if vector is None:
                 raise MalformedMessageError("the masked-input stage needs the client's input vector")
-            self.state, masked = st.on_shares(msg, vector)
+            self.state, masked = st.on_shares(msg, vector, bound_digest)
             self.last_masked = (setup.run_id, setup.round_id)
             return masked
         if isinstance(st, AwaitingUnmask) and isinstance(msg, UnmaskRequest):
@@ -329,7 +335,7 @@ class SecAggClient:
         if isinstance(st, AwaitingSetup):
             return out
         sec = st.secrets
-        out.update(setup=encode(sec.setup), context=sec.context, share_context=sec.share_context, c_sk=sec.c_sk, s_sk=sec.s_sk, b_u=sec.b_u)
+        out.update(setup=encode(sec.setup), share_context=sec.share_context, c_sk=sec.c_sk, s_sk=sec.s_sk, b_u=sec.b_u)
         if isinstance(st, AwaitingShares | AwaitingUnmask):
             roster = KeyRoster(run_id=sec.setup.run_id, round_id=sec.setup.round_id, recipient=self.node_id,
                                keys=tuple(st.roster.values()))
@@ -349,7 +355,7 @@ class SecAggClient:
         setup = decode(d["setup"])
         assert isinstance(setup, Setup)
         graph = neighbours(setup.cohort, setup.degree, setup.graph_seed)
-        sec = _RoundSecrets(setup, d["context"], d["share_context"], graph[client.node_id], d["c_sk"], d["s_sk"], d["b_u"])
+        sec = _RoundSecrets(setup, d["share_context"], graph[client.node_id], d["c_sk"], d["s_sk"], d["b_u"])
         if name == "AwaitingRoster":
             client.state = AwaitingRoster(client.node_id, sec)
             return client

@@ -70,10 +70,9 @@ def run_protocol(
                 msg = decode_message(encode_message(msg))
             try:
                 kw: dict = {}
-                if stage == Stage.ADVERTISE_KEYS:
-                    kw["bound_digest"] = (bound_digests or {}).get(node, b"")
                 if stage == Stage.MASKED_INPUT:
                     kw["vector"] = vectors[node]
+                    kw["bound_digest"] = (bound_digests or {}).get(node, b"")
                 reply = clients[node].handle(msg, **kw)
             except (ProtocolError, ThresholdError):
                 gone.add(node)

@@ -34,6 +34,7 @@ MAGIC = b"SGS1"
 RECORD_KEY = "sgs.secagg"  # ConfigRecord: stage number and encoded protocol message
 SPEC_KEY = "sgs.spec"  # ConfigRecord: the round's UpdateSpec (setup only)
 VECTOR_KEY = "sgs.vector"  # ArrayRecord: the masked vector (masked-input replies only)
+RAW_STYPE = "sgs.raw-le"  # Flower Array serialisation of the vector: raw little-endian words
 FIELD_STAGE = "stage"
 FIELD_PAYLOAD = "payload"
 FIELD_VECTOR = "vector"
