@@ -74,7 +74,10 @@ def make_strategy(s: Settings, initial: ArrayRecord) -> Strategy:
         clip_range=float(s["clip-range"]), field_bits=int(s["field-bits"]), max_weight=int(s["max-weight"]),
         min_clients=int(s["min-clients"]) or None, stage_timeout=float(s["stage-timeout"]), secure_metrics=metrics,
     )
-    return SecAggStrategy(inner, cfg, dp=make_dp(s), ledger=s["ledger"] or None)
+    ledger = str(Path(s["ledger"]).expanduser().resolve()) if s["ledger"] else None
+    if ledger:
+        log(INFO, "privacy ledger: %s (delete or move it to start a new privacy budget)", ledger)
+    return SecAggStrategy(inner, cfg, dp=make_dp(s), ledger=ledger)
 
 
 @app.main()
