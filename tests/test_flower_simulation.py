@@ -173,3 +173,46 @@ def test_robust_aggregators_are_refused():
         SecAggStrategy(Krum())
     with pytest.raises(ValueError, match=r"SecAggConfig.clip_range: must be > 0"):
         SecAggConfig(clip_range=0)
+
+
+def test_dp_budget_stops_training_and_a_new_server_resumes_the_ledger(tmp_path):
+    """Distributed DP through the real Flower path: the budget stops training before it
+    is exceeded, the ledger verifies, and a second ServerApp on the same ledger
+    continues from the spent epsilon instead of zero."""
+    from sgs_flower.dp.aggregator import DPAggregator
+    from sgs_flower.dp.config import DPConfig
+    from sgs_flower.ledger.ledger import Ledger
+    from sgs_flower.ledger.verify import verify
+
+    def dp(max_eps):
+        return DPConfig(mode="distributed-dp", clip_norm=1.0, noise_multiplier=2.0, min_survivors=N, max_epsilon=max_eps)
+
+    # the epsilon after 1, 2, 3 rounds, from the accountant alone (dry run, no ledger)
+    dry = DPAggregator(dp(None))
+    model_size = sum(a.numpy().size for a in initial_arrays().values())
+    eps = []
+    for r in (1, 2, 3):
+        plan = dry.plan(r, N, N, model_size)
+        dry.release(plan, np.zeros(model_size), N, 0)
+        eps.append(dry.spent().consumer)
+    ledger = tmp_path / "ledger.jsonl"
+    budget = (eps[1] + eps[2]) / 2  # room for exactly two rounds
+    run1 = _simulate(lambda: SecAggStrategy(_inner(), dp=dp(budget), ledger=str(ledger)),
+                     recording_client(tmp_path), rounds=4)
+    s1 = run1["strategy"]
+    assert [r.status for r in s1.reports] == ["ok", "ok", "budget-exhausted"]
+    assert "privacy budget exhausted" in s1.stopped and "round 3" in s1.stopped
+    assert sorted(run1["models"]) == [0, 1, 2]  # training stopped; the last model is final
+    spent1 = Ledger.open(ledger).spent().consumer
+    assert spent1 == pytest.approx(eps[1], rel=1e-6) and spent1 <= budget
+    assert verify(ledger).ok
+
+    run2 = _simulate(lambda: SecAggStrategy(_inner(), dp=dp(100.0), ledger=str(ledger)),
+                     recording_client(tmp_path), rounds=1)
+    assert [r.status for r in run2["strategy"].reports] == ["ok"]
+    records = Ledger.open(ledger).round_records()
+    assert len(records) == 3 and records[-1]["round"] == 3
+    assert records[-1]["epsilon_consumer"] == pytest.approx(eps[2], rel=1e-6)
+    assert records[-1]["epsilon_consumer"] > spent1
+    assert records[-1]["noise"]["survivors"] == N
+    assert verify(ledger).ok
