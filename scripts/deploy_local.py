@@ -15,7 +15,9 @@ one server operator would do by hand (see ``docs/deployment.md``):
 4. start N ``flower-supernode`` processes, each with ``--node-config
    'partition-id=i num-partitions=N'`` and its private key;
 5. ``flwr run <copy of app> <connection> --run-config ... --stream`` and collect the
-   result (``output-dir`` of the app's run config, if it declares one) and the run status;
+   run status and the result: the sgs-flower app's ``results-file`` JSON and final model
+   (``<stem>.npz``) and its privacy ``ledger`` (absolute paths in the work directory;
+   one ledger per deployment, so a second run resumes the spent epsilon);
 6. stop every process it started, also on exceptions, ``KeyboardInterrupt``, SIGTERM and
    at interpreter exit.
 
@@ -29,13 +31,13 @@ Usable as a module::
 
     from scripts.deploy_local import LocalDeployment
     with LocalDeployment(3, workdir) as dep:          # start() is called by __enter__
-        res = dep.run("path/to/app", {"num-rounds": 2})
+        res = dep.run(".", {"preset": "secagg", "num-server-rounds": 2})
         dep.kill_supernode(2)
 
 and as a script::
 
     python scripts/deploy_local.py --app . --supernodes 3 --workdir /tmp/dep \
-        --run-config num-rounds=2
+        --run-config 'preset="distributed-dp" num-server-rounds=2 min-survivors=3'
 
 Written against flwr 1.41 (single HTTP API per process on ``--host/--port``). Flags
 are chosen from the installed ``--help`` output, so releases that still have the older
@@ -69,8 +71,14 @@ HOST = "127.0.0.1"
 MARKER_ENV = "SGS_DEPLOY_ID"
 CONNECTION_NAME = "sgs-local"
 # Run-config keys that `LocalDeployment.run` fills in when the app declares them:
-OUTPUT_DIR_KEY = "output-dir"  # the ServerApp writes result.json here
+OUTPUT_DIR_KEY = "output-dir"  # the ServerApp writes result.json here (tiny test app)
 LEDGER_PATH_KEY = "ledger-path"  # privacy ledger, shared by all runs of one deployment
+# ... and the keys of the sgs-flower app itself (sgs_flower/app/settings.py):
+RESULTS_FILE_KEY = "results-file"  # absolute path of the results JSON (+ `<stem>.npz` model)
+LEDGER_KEY = "ledger"  # absolute path of the privacy ledger (DP modes central/distributed)
+DP_MODE_KEY = "dp-mode"
+PRESET_KEY = "preset"
+LEDGER_DP_MODES = {"central", "distributed"}  # the modes that write a ledger
 
 # File types Flower puts into a FAB (flwr/common/constant.py FAB_INCLUDE_PATTERNS) plus
 # the files the build needs; everything else is not copied when staging the app.
@@ -403,11 +411,21 @@ class RunResult:
     output_dir: Path | None  # the app's `output-dir` (if it declares that key)
     result: dict[str, Any] | None  # output_dir/result.json if present
     run_info: dict[str, Any] | None  # the `flwr ls --run-id` JSON entry
-    ledger_path: Path | None = None  # the app's `ledger-path` (if it declares that key)
+    ledger_path: Path | None = None  # the app's `ledger` / `ledger-path` (if it declares one)
+    results_file: Path | None = None  # the app's `results-file` (if it declares that key)
+    run_config: dict[str, Any] = field(default_factory=dict)  # what was passed to `flwr run`
 
     @property
     def ok(self) -> bool:
         return bool(self.status) and "completed" in str(self.status)
+
+    @property
+    def model_file(self) -> Path | None:
+        """The final global model the sgs-flower ServerApp saves beside ``results-file``."""
+        if self.results_file is None:
+            return None
+        path = self.results_file.with_suffix(".npz")
+        return path if path.exists() else None
 
 
 # ----------------------------------------------------------------------------- deployment
@@ -729,6 +747,20 @@ class LocalDeployment:
             self.supernodes[i] = proc
         return proc
 
+    def add_supernode(self, node_config: Mapping[str, Any] | None = None) -> int:
+        """Generate and register a key for one more SuperNode, start it; its index.
+
+        The new node ``i`` gets ``partition-id=i num-partitions=n_supernodes`` unless
+        ``node_config`` says otherwise (the first nodes keep their ``num-partitions``).
+        Call :meth:`wait_for_nodes` before relying on it being online.
+        """
+        i = max(self.supernodes, default=-1) + 1
+        self.supernode_keys[i] = generate_supernode_keys(self.key_dir, f"supernode-{i}")
+        if self.supernode_auth:
+            self.node_ids[i] = self.register_key(self.supernode_keys[i][1], name=f"site-{i}")
+        self.start_supernode(i, node_config=node_config)
+        return i
+
     def list_nodes(self) -> list[dict[str, Any]]:
         """``flwr supernode list sgs-local --format json`` (SuperNode rows)."""
         res = self.flwr("supernode", "list", CONNECTION_NAME, "--format", "json", check=False)
@@ -804,9 +836,19 @@ class LocalDeployment:
     ) -> RunResult:
         """``flwr run`` the app against this deployment and wait for the run to end.
 
-        If the app's ``[tool.flwr.app.config]`` declares ``output-dir`` and ``run_config``
-        does not set it, it is set to ``workdir/runs/<k>``; ``result.json`` there is
-        returned as ``RunResult.result``.
+        Keys filled in when the app's ``[tool.flwr.app.config]`` declares them and
+        ``run_config`` does not set them:
+
+        * ``output-dir`` -> ``workdir/runs/run-<k>``; its ``result.json`` is
+          ``RunResult.result`` (the tiny test app);
+        * ``results-file`` -> ``workdir/runs/run-<k>/results.json``; that JSON is
+          ``RunResult.result`` and ``<stem>.npz`` ``RunResult.model_file`` (sgs-flower);
+        * ``ledger`` -> ``workdir/ledger.jsonl`` when the effective ``dp-mode`` (run
+          config, else the ``preset`` file in ``configs/``, else the default) writes a
+          ledger; a relative ``ledger`` is made absolute against ``workdir`` (the
+          ServerApp's working directory). One ledger per deployment: the next run
+          resumes the spent epsilon;
+        * ``ledger-path`` -> ``workdir/ledger.jsonl``.
         """
         if not self._started or self._stopped:
             raise DeploymentError("deployment not running")
@@ -819,11 +861,32 @@ class LocalDeployment:
             out_dir = Path(cfg.get(OUTPUT_DIR_KEY) or self.workdir / "runs" / f"run-{self._runs}")
             out_dir.mkdir(parents=True, exist_ok=True)
             cfg[OUTPUT_DIR_KEY] = str(out_dir)
+        results_file: Path | None = None
+        if RESULTS_FILE_KEY in app_cfg:
+            results_file = Path(
+                cfg.get(RESULTS_FILE_KEY)
+                or self.workdir / "runs" / f"run-{self._runs}" / "results.json"
+            )
+            if not results_file.is_absolute():
+                results_file = self.workdir / results_file
+            results_file.parent.mkdir(parents=True, exist_ok=True)
+            results_file.unlink(missing_ok=True)
+            results_file.with_suffix(".npz").unlink(missing_ok=True)
+            cfg[RESULTS_FILE_KEY] = str(results_file)
         ledger: Path | None = None
         if LEDGER_PATH_KEY in app_cfg:
             # one ledger per deployment: a second run resumes the spent budget
             ledger = Path(cfg.get(LEDGER_PATH_KEY) or self.workdir / "ledger.jsonl")
             cfg[LEDGER_PATH_KEY] = str(ledger)
+        if LEDGER_KEY in app_cfg:
+            given = cfg.get(LEDGER_KEY) or _effective_value(staged, app_cfg, cfg, LEDGER_KEY)
+            if _effective_value(staged, app_cfg, cfg, DP_MODE_KEY) in LEDGER_DP_MODES:
+                ledger = Path(given or self.workdir / "ledger.jsonl")
+                if not ledger.is_absolute():
+                    ledger = self.workdir / ledger
+                cfg[LEDGER_KEY] = str(ledger)
+            elif cfg.get(LEDGER_KEY):
+                ledger = Path(cfg[LEDGER_KEY])
         unknown = sorted(set(cfg) - set(app_cfg))
         if unknown:
             raise DeploymentError(f"run_config keys not in [tool.flwr.app.config]: {unknown}")
@@ -853,6 +916,8 @@ class LocalDeployment:
         result = None
         if out_dir is not None and (out_dir / "result.json").exists():
             result = json.loads((out_dir / "result.json").read_text())
+        if results_file is not None and results_file.exists():
+            result = json.loads(results_file.read_text())
         return RunResult(
             run_id=run_id,
             status=status,
@@ -863,6 +928,8 @@ class LocalDeployment:
             result=result,
             run_info=info,
             ledger_path=ledger,
+            results_file=results_file,
+            run_config=cfg,
         )
 
     def run_info(self, run_id: int) -> dict[str, Any] | None:
@@ -977,6 +1044,26 @@ def _app_config(app_dir: Path) -> dict[str, Any]:
     return flat
 
 
+def _effective_value(
+    app_dir: Path, app_cfg: Mapping[str, Any], cfg: Mapping[str, Any], key: str
+) -> Any:
+    """What the sgs-flower app will use for ``key``: the run config if it differs from
+    the default, else the preset (``configs/<preset>.toml``), else the default (this
+    mirrors ``sgs_flower.app.settings.resolve``)."""
+    default = app_cfg.get(key)
+    if key in cfg and cfg[key] != default:
+        return cfg[key]
+    preset = cfg.get(PRESET_KEY, app_cfg.get(PRESET_KEY))
+    if preset:
+        path = app_dir / "configs" / f"{preset}.toml"
+        if path.is_file():
+            with path.open("rb") as f:
+                values = tomllib.load(f)
+            if key in values:
+                return values[key]
+    return default
+
+
 def _parse_run_id(text: str) -> int | None:
     import re
 
@@ -1061,6 +1148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "returncode": res.returncode,
             "duration_s": round(res.duration_s, 2),
             "output_dir": str(res.output_dir) if res.output_dir else None,
+            "results_file": str(res.results_file) if res.results_file else None,
+            "model_file": str(res.model_file) if res.model_file else None,
             "ledger": str(res.ledger_path) if res.ledger_path else None,
             "ledger_ok": ledger_ok,
             "workdir": str(workdir),

@@ -70,6 +70,7 @@ def test_processes_start_with_tls_and_auth(deployment: LocalDeployment) -> None:
     # only 127.0.0.1, and the SuperLink speaks TLS with a certificate from our CA
     host, port = dep.address.split(":")
     assert host == "127.0.0.1"
+    assert dep.certs is not None
     ctx = ssl.create_default_context(cafile=str(dep.certs.ca_cert))
     with (
         socket.create_connection((host, int(port)), timeout=5) as raw,
@@ -96,6 +97,7 @@ def test_unregistered_supernode_cannot_join(deployment: LocalDeployment) -> None
     log = proc.log.read_text()
     assert "Failed to activate SuperNode" in log or "could not establish" in log
     assert dep.online_node_ids() == before
+    assert dep.superlink is not None
     assert "No SuperNode found with the given public key" in dep.superlink.log.read_text()
 
 

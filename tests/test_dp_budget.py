@@ -63,7 +63,8 @@ def test_config_validation_names_fields() -> None:
     with pytest.raises(DPConfigError, match="rounds"):
         DPConfig("central-dp", clip_norm=1.0, target_epsilon=2.0)
     with pytest.raises(DPConfigError, match="min_survivors"):
-        DPConfig("distributed-dp", clip_norm=1.0, noise_multiplier=1.0)
+        DPConfig("distributed-dp", clip_norm=1.0, noise_multiplier=1.0, min_survivors=0)
+    DPConfig("distributed-dp", clip_norm=1.0, noise_multiplier=1.0)  # None: the whole cohort
     with pytest.raises(DPConfigError, match="accountant"):
         DPConfig("distributed-dp", clip_norm=1.0, noise_multiplier=1.0, min_survivors=3, accountant="pld")
     with pytest.raises(DPConfigError, match="budget_view"):

@@ -37,7 +37,8 @@ class DPConfig:
       noise std of the released sum divided by ``clip_norm``.
     * ``max_epsilon``/``delta``: the budget; a round that would exceed it is not run.
     * ``min_survivors`` (distributed-dp): shares are calibrated so this many
-      survivors carry the full noise; fewer survivors abort the round.
+      survivors carry the full noise; fewer survivors abort the round. ``None``: the
+      whole sampled cohort (no dropout tolerated, the least noise per share).
     * ``sampling``: how the strategy really picks cohorts ("fixed" size, as Flower's
       samplers do, or "poisson"); it decides the amplification analysis.
     * ``accountant``: "pld" (tighter for Gaussians) or "rdp" (needed for Skellam).
@@ -84,9 +85,9 @@ class DPConfig:
                 "calibrated so that all rounds together reach it"
             )
         if self.mode == "distributed-dp":
-            if self.min_survivors is None or self.min_survivors < 1:
+            if self.min_survivors is not None and self.min_survivors < 1:
                 raise DPConfigError(
-                    "DPConfig.min_survivors must be >= 1 for distributed-dp: noise shares are "
+                    "DPConfig.min_survivors must be >= 1 (or None: the whole cohort) for distributed-dp: noise shares are "
                     f"calibrated for that many survivors, got {self.min_survivors!r}"
                 )
             if self.accountant != "rdp":
