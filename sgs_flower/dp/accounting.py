@@ -383,7 +383,15 @@ def round_events(
     """
     if not 1 <= cohort_size <= population:
         raise ValueError(f"cohort_size must be in 1..population={population}, got {cohort_size}")
-    server: Event = NonPrivateEvent() if server_adds_noise else mechanism
+    # The server knows who was sampled, so it gets no amplification; with fixed-size
+    # cohorts it also knows the client took part, so what is protected from it is the
+    # content of the update: replace-one, the same relation as the consumers' view
+    # (never a smaller epsilon than the consumers get).
+    server: Event
+    if server_adds_noise:
+        server = NonPrivateEvent()
+    else:
+        server = _replace_one(mechanism) if sampling == "fixed" else mechanism
     consumer: Event
     if sampling == "poisson":
         q = poisson_rate if poisson_rate is not None else cohort_size / population
@@ -414,9 +422,10 @@ class PrivacyAccountant:
         self.sampling: Sampling = sampling
         if sampling == "fixed":
             self.consumer = make_accountant("rdp", "replace_one")
+            self.server = make_accountant("rdp", "replace_one")
         else:
             self.consumer = make_accountant(kind, "add_remove")
-        self.server = make_accountant(kind, "add_remove")
+            self.server = make_accountant(kind, "add_remove")
 
     @property
     def rounds(self) -> int:
