@@ -243,6 +243,8 @@ class SecAggStrategy(Strategy):
         like = [a for _, a in named]
         model_size = int(sum(a.size for a in like))
         plan = None
+        if len(cohort) < 2:
+            return self._abort(report, f"round {server_round} not run: {len(cohort)} clients sampled", t0, None)
         if self.privacy is not None:  # refuses (BudgetExhaustedError) before anything is sent
             try:
                 plan = self.privacy.plan(server_round, len(cohort), len(list(grid.get_node_ids())), model_size)
