@@ -32,6 +32,8 @@ def test_preset_then_explicit_overrides():
     assert s["dp-mode"] == "central" and s["secure-aggregation"] is True
     s = resolve({**DEFAULTS, "preset": "central-dp", "noise-multiplier": 3.0})
     assert s["noise-multiplier"] == 3.0
+    assert s["target-epsilon"] == 0.0  # an explicit noise multiplier beats the preset's target
+    assert resolve({**DEFAULTS, "preset": "central-dp"})["target-epsilon"] == 8.0
     assert resolve({**DEFAULTS, "preset": "plain"})["secure-aggregation"] is False
 
 

@@ -5,7 +5,7 @@ Every knob is a key of ``[tool.flwr.app.config]`` (a test keeps pyproject.toml e
 defaults; a key given with ``flwr run --run-config`` replaces the preset's value. (Flower
 hands the app defaults and overrides already merged, so an override is recognised by
 differing from the default: setting a key explicitly to its default value does not undo
-a preset.)
+a preset.) An explicit ``noise-multiplier`` replaces a preset's ``target-epsilon``.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def load_preset(name: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Settings:
     values: dict[str, Any]
+    explicit: frozenset[str] = frozenset()  # keys the user set (they differ from the default)
 
     def __getitem__(self, key: str) -> Any:
         return self.values[key]
@@ -84,10 +85,13 @@ def resolve(run_config: dict[str, Any]) -> Settings:
     preset = str(run_config.get("preset", DEFAULTS["preset"]))
     values = dict(DEFAULTS)
     values.update(load_preset(preset))
-    values.update({k: v for k, v in run_config.items() if v != DEFAULTS[k]})
+    explicit = {k: v for k, v in run_config.items() if v != DEFAULTS[k]}
+    values.update(explicit)
     values["preset"] = preset
+    if "noise-multiplier" in explicit and "target-epsilon" not in explicit:
+        values["target-epsilon"] = 0.0  # an explicit noise multiplier beats a preset's target
     _validate(values)
-    return Settings(values)
+    return Settings(values, frozenset(explicit))
 
 
 def _validate(v: dict[str, Any]) -> None:
