@@ -155,14 +155,8 @@ def _on_masked_input(
     raw_weight = metrics[w_key]
     if not isinstance(raw_weight, int | float) or float(raw_weight) != int(raw_weight):
         raise EncodingError(f"'{w_key}' must be a whole number, got {raw_weight!r}")
+    # Its range (1..max_weight) is checked by the encoder, which also sets it to 1 under DP.
     weight = int(raw_weight)
-    if spec.dp_mode != "none":
-        weight = 1  # under user-level DP every client counts once (see sgs_flower.dp.aggregator)
-    if not 1 <= weight <= spec.max_weight:
-        raise EncodingError(
-            f"'{w_key}'={weight} is outside 1..max_weight={spec.max_weight}; raise max-weight on the server "
-            "(it bounds the sum so the field cannot overflow)"
-        )
     delta = np.concatenate([(n.numpy() - g.numpy()).ravel() for n, g in zip(new.values(), model.values(), strict=True)])
     scalar_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     encoded = encoder(delta, scalar_metrics, weight, spec, context)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sgs_flower.dp.clipping import ClipResult, clip_l2
+from sgs_flower.dp.clipping import clip_l2
 from sgs_flower.dp.noise import secure_rng, skellam_share
 from sgs_flower.dp.rotation import padded_length, rotate, unrotate
 from sgs_flower.secagg.errors import ConfigurationError, EncodingError
@@ -133,17 +133,17 @@ def unflatten(vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray
     return out
 
 
-def prepare_delta(delta: np.ndarray, spec: UpdateSpec) -> tuple[np.ndarray, ClipResult | None]:
+def prepare_delta(delta: np.ndarray, spec: UpdateSpec) -> np.ndarray:
     """Steps 3-4 of the pipeline: optional rotation, then L2 clipping under DP."""
     x = np.asarray(delta, dtype=np.float64).ravel()
     if spec.rotation_seed >= 0:
         x = rotate(x, spec.rotation_seed)
     if spec.dp_mode == "none":
-        return x, None
+        return x
     clip = clip_l2(x, spec.l2_clip)
     if clip.clipped:
         logger.info("update L2 norm %.4g clipped to %.4g", clip.original_norm, spec.l2_clip)
-    return clip.vector, clip
+    return clip.vector
 
 
 def encode_update(
@@ -161,12 +161,11 @@ def encode_update(
     ``num-examples``), and in distributed DP a Skellam noise share is added in the
     integer domain before masking.
     """
-    x, _ = prepare_delta(delta, spec)
+    x = prepare_delta(delta, spec)
     if spec.dp_mode != "none":
         weight = 1
         if spec.dp_mode == "distributed" and integer_noise is None:
             integer_noise = skellam_share(x.size, spec.noise_mu_share, secure_rng())
-    delta = x
     missing = [k for k in spec.metric_keys if k not in metrics]
     if missing:
         raise EncodingError(
@@ -175,7 +174,7 @@ def encode_update(
         )
     scale = spec.clip_range / spec.metric_range
     m = np.array([float(metrics[k]) * scale for k in spec.metric_keys], dtype=np.float64)
-    x = np.concatenate([np.asarray(delta, dtype=np.float64).ravel(), m])
+    x = np.concatenate([x, m])
     noise = None
     if integer_noise is not None:
         noise = np.concatenate([integer_noise.astype(np.int64), np.zeros(len(m), dtype=np.int64)])

@@ -164,7 +164,11 @@ def encode(
     if not np.all(np.isfinite(x)):
         raise EncodingError(f"update holds {int(np.sum(~np.isfinite(x)))} non-finite values (NaN or inf)")
     if isinstance(weight, bool) or int(weight) != weight or not 1 <= weight <= config.max_weight:
-        raise EncodingError(f"weight must be an integer in 1..{config.max_weight} (max_weight), got {weight}")
+        raise EncodingError(
+            f"weight must be an integer in 1..{config.max_weight} (max_weight), got {weight}: the weight "
+            "(e.g. num-examples) is bounded so the cohort's sum cannot overflow; raise max_weight "
+            "(run-config max-weight) on the server"
+        )
     c = config.clip_range
     clipped = int(np.count_nonzero(np.abs(x) > c))
     q = stochastic_round(np.clip(x, -c, c) * config.scale, rng) * int(weight)
