@@ -39,6 +39,17 @@ class Cohort:
         replies = {u: self.clients[u].handle(b, vector=self.inputs[u]) for u, b in bundles.items() if u not in skip}
         return self.server.collect_masked(replies)
 
+    def to_unmask_requests(self, skip=()):
+        """Through the consistency check: the survivors' signed unmask requests."""
+        reqs = self.to_requests(skip)
+        return self.server.collect_consistency({u: self.clients[u].handle(r) for u, r in reqs.items()})
+
+    def finish(self, consistency_requests, skip=()):
+        """Run the consistency check and the unmask stage from the server's requests."""
+        sigs = {u: self.clients[u].handle(r) for u, r in consistency_requests.items() if u not in skip}
+        unmask = self.server.collect_consistency(sigs)
+        return self.server.collect_unmask({u: self.clients[u].handle(r) for u, r in unmask.items()})
+
 
 @pytest.fixture
 def cohort_factory():

@@ -22,7 +22,7 @@ from sgs_flower.secagg.errors import (
 from sgs_flower.secagg.quantize import QuantizationConfig, encode
 from sgs_flower.secagg.server import RoundParams, SecAggServer, decode_checked
 from sgs_flower.secagg.simulate import run_protocol
-from sgs_flower.secagg.wire import MaskedInput, Stage, UnmaskRequest
+from sgs_flower.secagg.wire import MaskedInput, Stage
 from sgs_flower.secagg.wire import encode as encode_message
 
 
@@ -34,41 +34,37 @@ def plain_sum(inputs, nodes, bits=32):
 
 
 # ---------------------------------------------------------------- client refuses the server
-def test_client_refuses_both_shares_of_one_neighbour(cohort_factory):
+def test_client_unmasks_only_the_survivor_set_it_signed(cohort_factory):
     c = cohort_factory(6)
-    reqs = c.to_requests(skip={4})
+    reqs = c.to_unmask_requests(skip={4})
     req = reqs[1]
-    evil = dataclasses.replace(req, survivors=(*req.survivors, 4), dropped=req.dropped)
-    with pytest.raises(InconsistentRequestError, match=r"names nodes \[4\] as both survived and dropped"):
+    # the server now tells node 1 that node 4 survived, to collect 4's self-mask shares
+    evil = dataclasses.replace(req, survivors=tuple(sorted({*req.survivors, 4})))
+    with pytest.raises(InconsistentRequestError, match="another survivor set than the one node 1 signed"):
         c.clients[1].handle(evil)
 
 
 def test_client_answers_only_one_unmask_request(cohort_factory):
     c = cohort_factory(6)
-    reqs = c.to_requests(skip={4})
+    reqs = c.to_unmask_requests(skip={4})
     c.clients[2].handle(reqs[2])
-    flipped = dataclasses.replace(reqs[2], survivors=tuple(sorted({*reqs[2].survivors, 4})), dropped=())
     with pytest.raises(StaleMessageError, match="has no round in progress"):
-        c.clients[2].handle(flipped)
+        c.clients[2].handle(reqs[2])
 
 
 def test_client_refuses_undersized_survivor_set(cohort_factory):
     c = cohort_factory(7, threshold=5)
     reqs = c.to_requests()
-    req = reqs[1]
-    small = UnmaskRequest(run_id=req.run_id, round_id=req.round_id, recipient=1,
-                          survivors=(1, 2, 3), dropped=(4, 5, 6, 7))
-    with pytest.raises(InconsistentRequestError, match="3 survivors, fewer than the threshold 5"):
+    small = dataclasses.replace(reqs[1], survivors=(1, 2, 3, 4))
+    with pytest.raises(InconsistentRequestError, match="has 4 nodes, fewer than the 5 this round needs"):
         c.clients[1].handle(small)
 
 
-def test_client_refuses_set_that_differs_from_stage_three(cohort_factory):
+def test_client_refuses_set_naming_nodes_it_never_heard_of(cohort_factory):
     c = cohort_factory(6)
-    reqs = c.to_requests(skip={5})
-    req = reqs[1]
-    # the server hides that node 5 dropped (omits it) and invents node 9
-    evil = dataclasses.replace(req, dropped=(9,))
-    with pytest.raises(InconsistentRequestError, match=r"differs from what node 1 saw .*unexpected \[9\], missing \[5\]"):
+    reqs = c.to_requests()
+    evil = dataclasses.replace(reqs[1], survivors=(*reqs[1].survivors, 9))
+    with pytest.raises(InconsistentRequestError, match=r"names nodes \[9\] that did not advertise keys"):
         c.clients[1].handle(evil)
 
 
@@ -76,7 +72,7 @@ def test_client_refuses_request_that_says_it_dropped(cohort_factory):
     c = cohort_factory(5)
     reqs = c.to_requests()
     req = reqs[2]
-    evil = dataclasses.replace(req, survivors=tuple(v for v in req.survivors if v != 2), dropped=(*req.dropped, 2))
+    evil = dataclasses.replace(req, survivors=tuple(v for v in req.survivors if v != 2))
     with pytest.raises(InconsistentRequestError, match="says node 2 dropped"):
         c.clients[2].handle(evil)
 
@@ -149,7 +145,7 @@ def test_wrong_length_or_dtype_is_excluded_and_round_still_correct(cohort_factor
     err = c.server.rejected[4]
     assert isinstance(err, MalformedMessageError)
     assert re.search(why, str(err))
-    outcome = c.server.collect_unmask({u: c.clients[u].handle(r) for u, r in reqs.items()})
+    outcome = c.finish(reqs)
     assert outcome.survivors == (1, 2, 3, 5, 6)
     np.testing.assert_array_equal(outcome.total, plain_sum(c.inputs, outcome.survivors))
 
@@ -180,7 +176,7 @@ def test_sender_outside_cohort_and_impersonation_are_rejected(cohort_factory):
 
 
 def test_malformed_bytes_never_crash_the_server(cohort_factory):
-    c = cohort_factory(6)
+    c = cohort_factory(6, min_clients=3)
     replies = {u: encode_message(m) for u, m in c.advertise().items()}
     replies[1] = b"garbage"
     replies[2] = replies[2][:30]
@@ -198,9 +194,9 @@ def test_late_masked_input_after_unmask_started_is_rejected(cohort_factory):
     late = c.clients[5].handle(bundles[5], vector=c.inputs[5])
     replies = {u: c.clients[u].handle(b, vector=c.inputs[u]) for u, b in bundles.items() if u != 5}
     reqs = c.server.collect_masked(replies)
-    with pytest.raises(StaleMessageError, match="server is at stage UNMASK, not MASKED_INPUT"):
+    with pytest.raises(StaleMessageError, match="server is at stage CONSISTENCY, not MASKED_INPUT"):
         c.server.collect_masked({5: late})
-    outcome = c.server.collect_unmask({u: c.clients[u].handle(r) for u, r in reqs.items()})
+    outcome = c.finish(reqs)
     np.testing.assert_array_equal(outcome.total, plain_sum(c.inputs, (1, 2, 3, 4)))
 
 

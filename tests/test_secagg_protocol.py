@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import ThresholdError
-from sgs_flower.secagg.graph import default_degree, default_threshold, neighbours
+from sgs_flower.secagg.graph import active_threshold, default_degree, default_threshold, neighbours
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.simulate import run_protocol, simulate_round
 from sgs_flower.secagg.wire import Stage
@@ -19,7 +19,7 @@ from sgs_flower.secagg.wire import Stage
 
 def expected_outcome(params: RoundParams, drops: dict[Stage, set[int]]) -> set[int] | None:
     """An independent model of who survives, or None when the round must abort."""
-    t, mc = params.threshold, params.min_clients
+    t, mc, q = params.threshold, params.min_clients, params.quorum
     assert t is not None and mc is not None and params.degree is not None
     g = neighbours(params.cohort, params.degree, params.graph_seed)
     u1 = set(params.cohort) - drops.get(Stage.ADVERTISE_KEYS, set())
@@ -31,11 +31,14 @@ def expected_outcome(params: RoundParams, drops: dict[Stage, set[int]]) -> set[i
         return None
     # a client that receives fewer than t shares refuses to mask
     u3 = {u for u in u2 if len(g[u] & u2) >= t} - drops.get(Stage.MASKED_INPUT, set())
-    if len(u3) < mc:
+    if len(u3) < max(mc, q):  # below the consistency quorum no client would unmask
         return None
-    u4 = {u for u in u3 if len((g[u] & u3) | {u}) >= t} - drops.get(Stage.UNMASK, set())
+    u4 = u3 - drops.get(Stage.CONSISTENCY, set())  # those who sign the survivor set
+    if len(u4) < q:
+        return None
+    u5 = u4 - drops.get(Stage.UNMASK, set())
     for v in u2:  # survivors need self-mask shares, dropped need key shares
-        if len(g[v] & u4) < t:
+        if len(g[v] & u5) < t:
             return None
     return u3
 
@@ -48,22 +51,21 @@ def round_cases(draw):
         degree = draw(st.sampled_from([d for d in range(2, n - 1, 2)] + [n - 1]))
     else:
         degree = k_default
-    t = draw(st.integers(degree // 2 + 1, degree))
+    t = draw(st.integers(active_threshold(degree), degree))
     bits = draw(st.sampled_from([16, 32, 48, 64]))
     drops: dict[Stage, set[int]] = {}
     for stage in Stage:
         drops[stage] = set(draw(st.lists(st.integers(1, n), max_size=max(1, n // 4), unique=True)))
-    seed = draw(st.binary(min_size=32, max_size=32))
-    return n, degree, t, bits, drops, seed
+    return n, degree, t, bits, drops
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(round_cases())
 def test_unmasked_sum_is_exact_or_round_aborts(case):
-    n, degree, t, bits, drops, seed = case
+    n, degree, t, bits, drops = case
     m = 33
     params = RoundParams(run_id=1, round_id=1, cohort=tuple(range(1, n + 1)), vector_length=m, field_bits=bits,
-                         degree=degree, threshold=t, min_clients=max(2, min(3, n)), graph_seed=seed)
+                         degree=degree, threshold=t, min_clients=max(2, min(3, n)))
     rng = np.random.default_rng(n * 1000 + degree)
     dtype = np.uint32 if bits <= 32 else np.uint64
     inputs = {u: (rng.integers(0, 1 << 62, m, dtype=np.uint64) & ((1 << bits) - 1)).astype(dtype)
@@ -95,7 +97,7 @@ def test_decoded_float_aggregate_within_documented_bound(n, weights, drop_frac, 
     rng = np.random.default_rng(n)
     xs = [rng.uniform(-2, 2, 50) for _ in range(n)]
     w = weights[:n]
-    stage = data.draw(st.sampled_from([Stage.MASKED_INPUT, Stage.UNMASK, Stage.SHARE_KEYS]))
+    stage = data.draw(st.sampled_from([Stage.MASKED_INPUT, Stage.CONSISTENCY, Stage.UNMASK, Stage.SHARE_KEYS]))
     k = int(drop_frac * n)
     dropped = rng.choice(n, size=k, replace=False).tolist()
     try:

@@ -123,12 +123,13 @@ def test_default_degree_is_logarithmic():
     assert default_degree(10) == 9
     assert default_degree(100) == 20
     assert default_degree(1000) == 30
-    assert default_threshold(20) == 11
+    assert default_threshold(20) == 14  # floor(2k/3) + 1: the active-server bound
 
 
 def test_insecure_threshold_and_odd_degree_refused():
-    with pytest.raises(ConfigurationError, match="strict majority"):
-        validate(20, 10, 5)
+    with pytest.raises(ConfigurationError, match="below two thirds of the neighbours"):
+        validate(20, 10, 6)  # 6 < floor(2 * 10 / 3) + 1 = 7
+    validate(20, 10, 7)
     with pytest.raises(ConfigurationError, match="must be even"):
         validate(20, 7, 5)
 
@@ -137,9 +138,11 @@ def test_insecure_threshold_and_odd_degree_refused():
 def test_wire_rejects_malformed_bytes():
     for bad, why in [
         (b"", "bad magic"),
-        (b"SGS1\x00\x00\x00\x05{bad}", "not valid JSON"),
-        (b"SGS1\x00\x00\x00\x0f{\"type\":\"Nope\"}", "unknown message type"),
-        (b"SGS1\xff\xff\xff\xff", "exceeds the message"),
+        (b"SGS2\x00\x00\x00\x05{bad}", "not valid JSON"),
+        (b"SGS2\x00\x00\x00\x0f{\"type\":\"Nope\"}", "unknown message type"),
+        (b"SGS2\x00\x00\x10\x00", "exceeds the message"),
+        (b"SGS2\xff\xff\xff\xff", "exceeds the 16777216-byte limit"),
+        (b"SGS1\x00\x00\x00\x02{}", "bad magic or protocol version"),
     ]:
         with pytest.raises(MalformedMessageError, match=why):
             decode_message(bad)
@@ -151,7 +154,8 @@ def test_client_state_survives_a_restart_between_every_stage(cohort_factory):
     c = cohort_factory(5)
 
     def reload(u):
-        c.clients[u] = SecAggClient.from_state_dict(c.clients[u].state_dict())
+        old = c.clients[u]
+        c.clients[u] = SecAggClient.from_state_dict(old.state_dict(), old.identity, old.policy)
 
     replies = {}
     for u, msg in c.server.setup_messages().items():
@@ -168,7 +172,12 @@ def test_client_state_survives_a_restart_between_every_stage(cohort_factory):
         replies[u] = c.clients[u].handle(b, vector=c.inputs[u])
         reload(u)
     reqs = c.server.collect_masked(replies)
-    out = c.server.collect_unmask({u: c.clients[u].handle(r) for u, r in reqs.items()})
+    replies = {}
+    for u, r in reqs.items():
+        replies[u] = c.clients[u].handle(r)
+        reload(u)
+    unmask = c.server.collect_consistency(replies)
+    out = c.server.collect_unmask({u: c.clients[u].handle(r) for u, r in unmask.items()})
     np.testing.assert_array_equal(out.total, sum(c.inputs.values()))
     state = c.clients[1].state_dict()
     assert state["state"] == "AwaitingSetup" and state["last_masked"] == [7, 3]

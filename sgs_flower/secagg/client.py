@@ -6,33 +6,47 @@ run, round, stage, recipient) before dispatching, and it can be saved to and res
 from plain data, so a Flower client can keep it in ``Context.state`` between the
 protocol's messages.
 
-The client defends the one secret that matters: per neighbour it reveals either the
-share of the self-mask seed or the share of the masking key, never both, and it checks
-the server's survivor/dropped sets against what it saw before revealing anything.
+The client assumes the server lies (the active-server model of Bonawitz et al. 2017):
+
+- it checks the round's parameters against its site's :class:`ClientPolicy` before it
+  allocates anything, and derives the graph seed itself;
+- it signs its advertised keys with its long-term identity key and checks every
+  neighbour's signature (and, with a pinned roster, that every identity is on it);
+- before it reveals any share it signs the survivor set once, and it unmasks only the
+  set it signed, and only with a quorum of valid signatures on that same set; who
+  dropped is derived from what it saw, never taken from the server;
+- it signs at most one survivor set per global model, so one model cannot be
+  aggregated twice over cohorts that differ by one client.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from sgs_flower.secagg import keys, shamir
+from sgs_flower.secagg import identity, keys, shamir
 from sgs_flower.secagg.errors import (
     InconsistentRequestError,
     MalformedMessageError,
+    PolicyError,
     ProtocolError,
+    SignatureError,
     StaleMessageError,
     ThresholdError,
     UnknownSenderError,
 )
-from sgs_flower.secagg.graph import neighbours, validate
+from sgs_flower.secagg.graph import consistency_quorum, graph_seed, neighbours_of, validate
+from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander, reduce_mod
 from sgs_flower.secagg.wire import (
     PROTOCOL_VERSION,
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     KeyRoster,
     MaskedInput,
     Message,
@@ -48,6 +62,7 @@ from sgs_flower.secagg.wire import (
 )
 
 _SHARE_PLAINTEXT = 16 + 2 * shamir.SHARE_BYTES
+HISTORY_LIMIT = 512  # model digests remembered (oldest forgotten first)
 
 
 def share_x(cohort: tuple[int, ...], node: int) -> int:
@@ -55,9 +70,14 @@ def share_x(cohort: tuple[int, ...], node: int) -> int:
     return cohort.index(node) + 1
 
 
+def survivor_set_digest(survivors: tuple[int, ...]) -> str:
+    return hashlib.sha256(b"".join(keys.node_bytes(u) for u in sorted(survivors))).hexdigest()
+
+
 @dataclass
 class _RoundSecrets:
     setup: Setup
+    seed: bytes  # the graph seed, derived from run, round and cohort
     share_context: bytes  # keys the share encryption: the round's protocol parameters only
     neighbours: frozenset[int]
     c_sk: bytes
@@ -71,38 +91,57 @@ class AwaitingSetup:
 
     node_id: int
 
-    def on_setup(self, msg: Setup) -> tuple[AwaitingRoster, AdvertiseKeys]:
+    def on_setup(self, msg: Setup, ident: bytes, policy: ClientPolicy) -> tuple[AwaitingRoster, AdvertiseKeys]:
         u = self.node_id
+        n = len(msg.cohort)
+        # Bounds first: nothing sized by the server is built before the policy agrees.
+        policy.check_round(n, msg.degree, msg.threshold, msg.vector_length)
+        if len(set(msg.cohort)) != n:
+            raise MalformedMessageError("setup cohort has duplicate node ids")
         if u not in msg.cohort:
             raise UnknownSenderError(f"node {u} is not in the cohort of round {msg.round_id}")
-        if len(set(msg.cohort)) != len(msg.cohort):
-            raise MalformedMessageError("setup cohort has duplicate node ids")
-        validate(len(msg.cohort), msg.degree, msg.threshold)
+        validate(n, msg.degree, msg.threshold)
         dtype_for_bits(msg.field_bits)
-        graph = neighbours(msg.cohort, msg.degree, msg.graph_seed)
-        _, share_context = keys.round_contexts(msg, b"")
+        seed = graph_seed(msg.run_id, msg.round_id, msg.cohort)
+        _, share_context = keys.round_contexts(msg, seed, b"")
         c_sk, s_sk = keys.generate_private_key(), keys.generate_private_key()
         secrets = _RoundSecrets(
-            setup=msg, share_context=share_context, neighbours=graph[u],
+            setup=msg, seed=seed, share_context=share_context,
+            neighbours=neighbours_of(msg.cohort, msg.degree, seed, u),
             c_sk=keys.private_bytes(c_sk), s_sk=keys.private_bytes(s_sk), b_u=os.urandom(32),
         )
+        c_pk, s_pk = keys.public_bytes(c_sk), keys.public_bytes(s_sk)
+        commitment = keys.self_mask_commitment(secrets.b_u, msg.run_id, msg.round_id, u)
         reply = AdvertiseKeys(
-            run_id=msg.run_id, round_id=msg.round_id, sender=u,
-            c_pk=keys.public_bytes(c_sk), s_pk=keys.public_bytes(s_sk),
-            self_mask_commitment=keys.self_mask_commitment(secrets.b_u, msg.run_id, msg.round_id, u),
+            run_id=msg.run_id, round_id=msg.round_id, sender=u, c_pk=c_pk, s_pk=s_pk,
+            self_mask_commitment=commitment, identity_key=identity.identity_public(ident),
+            signature=identity.sign(ident, keys.advertise_statement(share_context, u, c_pk, s_pk, commitment)),
         )
         return AwaitingRoster(u, secrets), reply
 
 
 @dataclass
 class AwaitingRoster:
-    """Has advertised keys; waits for the neighbours' keys, then shares its secrets."""
+    """Has advertised keys; waits for the neighbours' signed keys, then shares its secrets."""
 
     node_id: int
     secrets: _RoundSecrets
 
-    def on_roster(self, msg: KeyRoster) -> tuple[AwaitingShares, ShareKeys]:
+    def on_roster(
+        self, msg: KeyRoster, ident: bytes, policy: ClientPolicy
+    ) -> tuple[AwaitingShares, ShareKeys]:
         u, sec = self.node_id, self.secrets
+        cohort = set(sec.setup.cohort)
+        table: dict[int, bytes] = {}
+        for node, key in msg.identities:
+            if node not in cohort:
+                raise UnknownSenderError(f"identity table names node {node}, which is not in the cohort")
+            if node in table:
+                raise MalformedMessageError(f"identity table names node {node} twice")
+            table[node] = key
+        if table.get(u) != identity.identity_public(ident):
+            raise InconsistentRequestError(f"identity table does not hold node {u}'s own identity key")
+        identity.check_identity_table(table, policy.roster)
         roster: dict[int, NeighbourKeys] = {}
         seen_keys: set[bytes] = set()
         for nk in msg.keys:
@@ -112,6 +151,11 @@ class AwaitingRoster:
                 raise MalformedMessageError(f"roster names node {nk.node} twice")
             if nk.c_pk in seen_keys or nk.s_pk in seen_keys or nk.c_pk == nk.s_pk:
                 raise MalformedMessageError(f"roster reuses a public key (node {nk.node})")
+            if table.get(nk.node) != nk.identity_key:
+                raise InconsistentRequestError(f"node {nk.node}'s keys are signed by an identity the table does not give it")
+            statement = keys.advertise_statement(sec.share_context, nk.node, nk.c_pk, nk.s_pk, nk.self_mask_commitment)
+            if not identity.verify(nk.identity_key, nk.signature, statement):
+                raise SignatureError(f"node {nk.node}'s advertised keys do not carry its valid signature for this round")
             seen_keys.update((nk.c_pk, nk.s_pk))
             roster[nk.node] = nk
         t = sec.setup.threshold
@@ -132,7 +176,7 @@ class AwaitingRoster:
             plaintext = keys.node_bytes(u) + keys.node_bytes(v) + sk_sh + b_sh
             cts.append((v, keys.encrypt_share(k, plaintext, sec.share_context, u, v)))
         reply = ShareKeys(run_id=msg.run_id, round_id=msg.round_id, sender=u, ciphertexts=tuple(cts))
-        return AwaitingShares(u, sec, roster), reply
+        return AwaitingShares(u, sec, roster, table), reply
 
 
 @dataclass
@@ -142,12 +186,16 @@ class AwaitingShares:
     node_id: int
     secrets: _RoundSecrets
     roster: dict[int, NeighbourKeys]
+    identities: dict[int, bytes]
 
     def on_shares(
-        self, msg: ShareBundle, vector: np.ndarray, bound_digest: bytes
-    ) -> tuple[AwaitingUnmask, MaskedInput]:
+        self, msg: ShareBundle, vector: np.ndarray, bound_digest: bytes, model_digest: bytes, min_survivors: int
+    ) -> tuple[AwaitingConsistency, MaskedInput]:
         """Mask the input. ``bound_digest`` is the digest of the global model and config
-        this client trained on: it keys the masks (see :func:`keys.round_contexts`)."""
+        this client trained on: it keys the masks (see :func:`keys.round_contexts`).
+        ``model_digest`` (the model alone) is remembered so that the client signs one
+        survivor set per model; ``min_survivors`` is the fewest survivors its noise
+        share was calibrated for (distributed DP; 0 otherwise)."""
         u, sec = self.node_id, self.secrets
         setup = sec.setup
         held: dict[int, tuple[bytes, bytes]] = {}
@@ -173,10 +221,11 @@ class AwaitingShares:
                 f"input must be {dtype} of shape ({setup.vector_length},), got "
                 f"{getattr(vector, 'dtype', type(vector).__name__)} {getattr(vector, 'shape', '')}"
             )
-        context, _ = keys.round_contexts(setup, bound_digest)
+        context, _ = keys.round_contexts(setup, sec.seed, bound_digest)
         masked = mask_input(vector, sec, {v: self.roster[v] for v in held}, u, context)
         reply = MaskedInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked)
-        return AwaitingUnmask(u, sec, self.roster, held), reply
+        nxt = AwaitingConsistency(u, sec, self.roster, self.identities, held, model_digest, min_survivors)
+        return nxt, reply
 
 
 def mask_input(
@@ -195,48 +244,119 @@ def mask_input(
 
 
 @dataclass
-class AwaitingUnmask:
-    """Has sent its masked input; answers one unmask request, after checking it."""
+class AwaitingConsistency:
+    """Has sent its masked input; signs the survivor set once, after checking it."""
 
     node_id: int
     secrets: _RoundSecrets
     roster: dict[int, NeighbourKeys]
+    identities: dict[int, bytes]
     held: dict[int, tuple[bytes, bytes]]
+    model_digest: bytes
+    min_survivors: int
+
+    def on_consistency(
+        self, msg: ConsistencyRequest, ident: bytes, history: dict[str, str]
+    ) -> tuple[AwaitingUnmask, ConsistencySignature]:
+        u, sec = self.node_id, self.secrets
+        u3 = check_survivor_set(msg.survivors, u, sec, self.held, self.identities, self.min_survivors)
+        key = self.model_digest.hex()
+        signed = survivor_set_digest(u3)
+        if history.get(key, signed) != signed:
+            raise PolicyError(
+                "this global model was already aggregated over another survivor set: a second sum "
+                "over a different set would reveal the difference; refused"
+            )
+        history[key] = signed
+        while len(history) > HISTORY_LIMIT:
+            history.pop(next(iter(history)))
+        signature = identity.sign(ident, keys.consistency_statement(sec.share_context, u3))
+        reply = ConsistencySignature(run_id=msg.run_id, round_id=msg.round_id, sender=u, signature=signature)
+        return AwaitingUnmask(u, sec, self.roster, self.identities, self.held, u3), reply
+
+
+def check_survivor_set(
+    survivors: tuple[int, ...],
+    u: int,
+    sec: _RoundSecrets,
+    held: dict[int, tuple[bytes, bytes]],
+    identities: dict[int, bytes],
+    min_survivors: int,
+) -> tuple[int, ...]:
+    """The survivor set as this client can vouch for it, or an error naming the check."""
+    u3 = tuple(sorted(set(survivors)))
+    if len(u3) != len(survivors):
+        raise InconsistentRequestError("survivor set lists a node twice")
+    if u not in u3:
+        raise InconsistentRequestError(f"survivor set says node {u} dropped, but it sent its masked input")
+    unknown = [v for v in u3 if v not in identities]
+    if unknown:
+        raise InconsistentRequestError(f"survivor set names nodes {unknown} that did not advertise keys")
+    unseen = sorted(v for v in u3 if v in sec.neighbours and v not in held)
+    if unseen:
+        raise InconsistentRequestError(
+            f"survivor set names neighbours {unseen} that never sent node {u} their shares; refused"
+        )
+    quorum = consistency_quorum(len(sec.setup.cohort))
+    if len(u3) < max(quorum, min_survivors):
+        raise InconsistentRequestError(
+            f"survivor set has {len(u3)} nodes, fewer than the {max(quorum, min_survivors)} this "
+            "round needs (consistency quorum or the survivors the noise was calibrated for); refused"
+        )
+    return u3
+
+
+@dataclass
+class AwaitingUnmask:
+    """Has signed a survivor set; answers one unmask request for exactly that set."""
+
+    node_id: int
+    secrets: _RoundSecrets
+    roster: dict[int, NeighbourKeys]
+    identities: dict[int, bytes]
+    held: dict[int, tuple[bytes, bytes]]
+    survivors: tuple[int, ...]
 
     def on_unmask(self, msg: UnmaskRequest) -> tuple[AwaitingSetup, UnmaskResponse]:
-        u, t = self.node_id, self.secrets.setup.threshold
-        survivors, dropped = set(msg.survivors), set(msg.dropped)
-        if len(survivors) != len(msg.survivors) or len(dropped) != len(msg.dropped):
-            raise InconsistentRequestError("unmask request lists a node twice")
-        both = survivors & dropped
-        if both:
+        u, sec = self.node_id, self.secrets
+        if tuple(sorted(msg.survivors)) != self.survivors or len(msg.survivors) != len(self.survivors):
             raise InconsistentRequestError(
-                f"unmask request names nodes {sorted(both)} as both survived and dropped: revealing "
-                "both shares would unmask their inputs; refused"
+                f"unmask request names another survivor set than the one node {u} signed; refused"
             )
-        if u not in survivors:
-            raise InconsistentRequestError(f"unmask request says node {u} dropped, but it sent its masked input")
-        named = (survivors - {u}) | dropped
-        seen = set(self.held)
-        if named != seen:
-            extra, missing = sorted(named - seen), sorted(seen - named)
+        statement = keys.consistency_statement(sec.share_context, self.survivors)
+        members = set(self.survivors)
+        valid: set[int] = set()
+        for signer, signature in msg.signatures:
+            if signer not in members:
+                raise InconsistentRequestError(f"consistency signature from node {signer}, which is not a survivor")
+            if signer in valid:
+                raise MalformedMessageError(f"two consistency signatures from node {signer}")
+            if not identity.verify(self.identities[signer], signature, statement):
+                raise SignatureError(f"consistency signature of node {signer} does not verify: forged or tampered")
+            valid.add(signer)
+        quorum = consistency_quorum(len(sec.setup.cohort))
+        if len(valid) < quorum:
             raise InconsistentRequestError(
-                f"unmask request differs from what node {u} saw in the masked-input stage "
-                f"(unexpected {extra}, missing {missing}); refused"
+                f"only {len(valid)} survivors signed the survivor set, {quorum} are needed before "
+                f"node {u} reveals any share; refused"
             )
-        if len(survivors) < t:
-            raise InconsistentRequestError(
-                f"unmask request has {len(survivors)} survivors, fewer than the threshold {t}; refused"
-            )
+        # Who dropped is derived from what this client saw, never taken from the server:
+        # neighbours that sent it shares but are not survivors.
         reply = UnmaskResponse(
             run_id=msg.run_id, round_id=msg.round_id, sender=u,
-            self_mask_shares=tuple((v, self.held[v][1]) for v in sorted(survivors - {u})),
-            key_shares=tuple((v, self.held[v][0]) for v in sorted(dropped)),
+            self_mask_shares=tuple((v, self.held[v][1]) for v in sorted(self.held) if v in members),
+            key_shares=tuple((v, self.held[v][0]) for v in sorted(self.held) if v not in members),
         )
         return AwaitingSetup(u), reply
 
 
-ClientState = AwaitingSetup | AwaitingRoster | AwaitingShares | AwaitingUnmask
+ClientState = AwaitingSetup | AwaitingRoster | AwaitingShares | AwaitingConsistency | AwaitingUnmask
+_STAGE_OF = {
+    AwaitingRoster: Stage.SHARE_KEYS,
+    AwaitingShares: Stage.MASKED_INPUT,
+    AwaitingConsistency: Stage.CONSISTENCY,
+    AwaitingUnmask: Stage.UNMASK,
+}
 
 
 @dataclass
@@ -244,40 +364,48 @@ class SecAggClient:
     """One client's protocol endpoint across rounds.
 
     ``handle`` validates the header, runs the current state, and returns the reply.
-    Any :class:`ProtocolError` leaves the client idle for the round (it sends nothing
-    more), which the server treats as a dropout.
+    Any refusal leaves the client idle for the round (it sends nothing more), which
+    the server treats as a dropout. ``identity`` is the site's Ed25519 private key
+    (a fresh one when none is given, which a roster cannot pin); ``policy`` is the
+    site's :class:`ClientPolicy`; ``history`` maps each global-model digest the client
+    signed a survivor set for to that set (see :class:`AwaitingConsistency`).
     """
 
     node_id: int
+    identity: bytes = field(default_factory=identity.generate_identity, repr=False)
+    policy: ClientPolicy = field(default_factory=ClientPolicy)
     state: ClientState = field(init=False)
     last_masked: tuple[int, int] = (-1, -1)  # (run, round) of the last masked input sent
+    history: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.state = AwaitingSetup(self.node_id)
 
     @property
     def stage(self) -> Stage | None:
-        return {
-            AwaitingRoster: Stage.SHARE_KEYS,
-            AwaitingShares: Stage.MASKED_INPUT,
-            AwaitingUnmask: Stage.UNMASK,
-        }.get(type(self.state))
+        return _STAGE_OF.get(type(self.state))
 
     def abandon(self) -> None:
         """Leave the round in progress (the local training failed): send nothing more."""
         self.state = AwaitingSetup(self.node_id)
 
-    def handle(self, msg: Message, *, vector: np.ndarray | None = None, bound_digest: bytes = b"") -> Message:
+    def handle(
+        self,
+        msg: Message,
+        *,
+        vector: np.ndarray | None = None,
+        bound_digest: bytes = b"",
+        model_digest: bytes = b"",
+        min_survivors: int = 0,
+    ) -> Message:
         try:
-            return self._handle(msg, vector, bound_digest)
-        except ProtocolError:
-            self.state = AwaitingSetup(self.node_id)
-            raise
-        except ThresholdError:
+            return self._handle(msg, vector, bound_digest, model_digest or bound_digest, min_survivors)
+        except (ProtocolError, ThresholdError):
             self.state = AwaitingSetup(self.node_id)
             raise
 
-    def _handle(self, msg: Message, vector: np.ndarray | None, bound_digest: bytes) -> Message:
+    def check_header(self, msg: Message) -> None:
+        """Version, direction and recipient: checked before any stage looks at a payload."""
         if not isinstance(msg, Message) or msg.to_server:
             raise MalformedMessageError(f"expected a server-to-client message, got {type(msg).__name__}")
         version = getattr(msg, "version", None)
@@ -286,13 +414,18 @@ class SecAggClient:
         recipient = getattr(msg, "recipient", None)
         if recipient != self.node_id:
             raise UnknownSenderError(f"message addressed to node {recipient} reached node {self.node_id}")
+
+    def _handle(
+        self, msg: Message, vector: np.ndarray | None, bound_digest: bytes, model_digest: bytes, min_survivors: int
+    ) -> Message:
+        self.check_header(msg)
         if isinstance(msg, Setup):
-            if (msg.run_id, msg.round_id) <= self.last_masked and msg.run_id == self.last_masked[0]:
+            if msg.run_id == self.last_masked[0] and msg.round_id <= self.last_masked[1]:
                 raise StaleMessageError(
                     f"setup for round {msg.round_id} of run {msg.run_id} is stale or replayed: node "
                     f"{self.node_id} already sent its input for round {self.last_masked[1]}"
                 )
-            self.state, advertise = AwaitingSetup(self.node_id).on_setup(msg)
+            self.state, advertise = AwaitingSetup(self.node_id).on_setup(msg, self.identity, self.policy)
             return advertise
         st = self.state
         if isinstance(st, AwaitingSetup):
@@ -307,14 +440,17 @@ class SecAggClient:
                 f"progress is run {setup.run_id} round {setup.round_id} (replayed or stale)"
             )
         if isinstance(st, AwaitingRoster) and isinstance(msg, KeyRoster):
-            self.state, share_keys = st.on_roster(msg)
+            self.state, share_keys = st.on_roster(msg, self.identity, self.policy)
             return share_keys
         if isinstance(st, AwaitingShares) and isinstance(msg, ShareBundle):
             if vector is None:
                 raise MalformedMessageError("the masked-input stage needs the client's input vector")
-            self.state, masked = st.on_shares(msg, vector, bound_digest)
+            self.state, masked = st.on_shares(msg, vector, bound_digest, model_digest, min_survivors)
             self.last_masked = (setup.run_id, setup.round_id)
             return masked
+        if isinstance(st, AwaitingConsistency) and isinstance(msg, ConsistencyRequest):
+            self.state, signature = st.on_consistency(msg, self.identity, self.history)
+            return signature
         if isinstance(st, AwaitingUnmask) and isinstance(msg, UnmaskRequest):
             self.state, response = st.on_unmask(msg)
             return response
@@ -325,47 +461,73 @@ class SecAggClient:
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
-        """Plain data (ints, str, bytes, lists) for a Flower ``ConfigRecord``."""
+        """Plain data (ints, str, bytes, lists) for a Flower ``ConfigRecord``.
+
+        The identity key and policy are not in it: they are the site's, loaded from
+        its node config (or, for a run-scoped identity, kept by the caller)."""
         out: dict[str, Any] = {
             "node_id": self.node_id,
             "state": type(self.state).__name__,
             "last_masked": list(self.last_masked),
+            "history_models": list(self.history),
+            "history_sets": list(self.history.values()),
         }
         st = self.state
         if isinstance(st, AwaitingSetup):
             return out
         sec = st.secrets
-        out.update(setup=encode(sec.setup), share_context=sec.share_context, c_sk=sec.c_sk, s_sk=sec.s_sk, b_u=sec.b_u)
-        if isinstance(st, AwaitingShares | AwaitingUnmask):
+        out.update(setup=encode(sec.setup), c_sk=sec.c_sk, s_sk=sec.s_sk, b_u=sec.b_u)
+        if isinstance(st, AwaitingShares | AwaitingConsistency | AwaitingUnmask):
             roster = KeyRoster(run_id=sec.setup.run_id, round_id=sec.setup.round_id, recipient=self.node_id,
-                               keys=tuple(st.roster.values()))
+                               keys=tuple(st.roster.values()), identities=tuple(sorted(st.identities.items())))
             out["roster"] = encode(roster)
-        if isinstance(st, AwaitingUnmask):
+        if isinstance(st, AwaitingConsistency | AwaitingUnmask):
             out["held_nodes"] = list(st.held)
             out["held_shares"] = [a + b for a, b in st.held.values()]
+        if isinstance(st, AwaitingConsistency):
+            out["model_digest"] = st.model_digest
+            out["min_survivors"] = st.min_survivors
+        if isinstance(st, AwaitingUnmask):
+            out["survivors"] = list(st.survivors)
         return out
 
     @classmethod
-    def from_state_dict(cls, d: dict[str, Any]) -> SecAggClient:
-        client = cls(int(d["node_id"]))
+    def from_state_dict(
+        cls, d: dict[str, Any], ident: bytes | None = None, policy: ClientPolicy | None = None
+    ) -> SecAggClient:
+        client = cls(int(d["node_id"]), policy=policy or ClientPolicy())
+        if ident is not None:
+            client.identity = ident
         client.last_masked = (int(d["last_masked"][0]), int(d["last_masked"][1]))
+        client.history = dict(zip(d.get("history_models", []), d.get("history_sets", []), strict=True))
         name = d["state"]
         if name == "AwaitingSetup":
             return client
         setup = decode(d["setup"])
-        assert isinstance(setup, Setup)
-        graph = neighbours(setup.cohort, setup.degree, setup.graph_seed)
-        sec = _RoundSecrets(setup, d["share_context"], graph[client.node_id], d["c_sk"], d["s_sk"], d["b_u"])
+        if not isinstance(setup, Setup):
+            raise MalformedMessageError("saved client state holds no setup")
+        seed = graph_seed(setup.run_id, setup.round_id, setup.cohort)
+        _, share_context = keys.round_contexts(setup, seed, b"")
+        sec = _RoundSecrets(setup, seed, share_context, neighbours_of(setup.cohort, setup.degree, seed, client.node_id),
+                            d["c_sk"], d["s_sk"], d["b_u"])
         if name == "AwaitingRoster":
             client.state = AwaitingRoster(client.node_id, sec)
             return client
         roster_msg = decode(d["roster"])
-        assert isinstance(roster_msg, KeyRoster)
+        if not isinstance(roster_msg, KeyRoster):
+            raise MalformedMessageError("saved client state holds no roster")
         roster = {nk.node: nk for nk in roster_msg.keys}
+        table = dict(roster_msg.identities)
         if name == "AwaitingShares":
-            client.state = AwaitingShares(client.node_id, sec, roster)
+            client.state = AwaitingShares(client.node_id, sec, roster, table)
             return client
         n = shamir.SHARE_BYTES
         held = {int(v): (bytes(s[:n]), bytes(s[n:])) for v, s in zip(d["held_nodes"], d["held_shares"], strict=True)}
-        client.state = AwaitingUnmask(client.node_id, sec, roster, held)
+        if name == "AwaitingConsistency":
+            client.state = AwaitingConsistency(client.node_id, sec, roster, table, held,
+                                               bytes(d["model_digest"]), int(d["min_survivors"]))
+            return client
+        if name != "AwaitingUnmask":
+            raise MalformedMessageError("saved client state names an unknown stage")
+        client.state = AwaitingUnmask(client.node_id, sec, roster, table, held, tuple(int(v) for v in d["survivors"]))
         return client

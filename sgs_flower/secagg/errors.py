@@ -49,6 +49,18 @@ class InconsistentRequestError(ProtocolError):
     """The server's unmask request contradicts what the client saw (a possible attack)."""
 
 
+class PolicyError(ProtocolError):
+    """The server asked for less protection than this site's policy requires (a plain
+    train message, a small cohort, a sparse graph, a low threshold, an unknown identity,
+    too little noise, a spent privacy budget, a second contribution). The site refuses
+    and drops out of the round; the message names the rule, never a value of the site's."""
+
+
+class SignatureError(ProtocolError):
+    """A signature did not verify under the identity key it claims: a forged or
+    tampered advertisement or consistency signature."""
+
+
 class ThresholdError(SecAggError):
     """Too few clients survive to reconstruct masks, or the cohort is too small; the
     round is aborted with no aggregate and the global model stays as it was."""

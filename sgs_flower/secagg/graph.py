@@ -7,17 +7,28 @@ the permutation hides nothing (the seed is public) but stops the server from cho
 who neighbours whom after seeing the keys, because the seed is fixed in the round's
 setup and bound into every key's context.
 
-How k and t are chosen (``default_degree``, ``default_threshold``):
+How k, t and the consistency quorum are chosen (the active-server model):
 
-- k = min(n - 1, 2 * ceil(1.5 * log2(n))): O(log n) as in Bell et al.; 20 at n = 100,
-  30 at n = 1000; cohorts of up to 10 get the complete graph.
-- t = floor(k / 2) + 1, a strict majority of a client's neighbours. Because an honest
-  client reveals, per neighbour, either the self-mask share or the key share and never
-  both, and 2t > k, the server can never hold t shares of both secrets of one client.
-- Tolerance: a client's masks are recoverable as long as at least t of its k neighbours
-  answer the unmask stage, i.e. up to k - t = ceil(k / 2) - 1 of its neighbours may drop.
-  With a random graph and an independent dropout rate d, a round fails with probability
-  about n * P[Binomial(k, d) > k - t]; at k = 30, d = 0.1 that is below 1e-9 per round.
+- k = min(n - 1, 2 * ceil(1.5 * log2(n))): O(log n) as in Bell et al. 2020; 20 at
+  n = 100, 30 at n = 1000; cohorts of up to 10 get the complete graph.
+- t = floor(2k / 3) + 1 shares per secret. Bonawitz et al. 2017 (section 6, active
+  adversary) require t > 2n/3 so that 2t > n + n_C for up to n_C < n/3 colluding
+  clients; Bell et al. 2020 apply the same condition per neighbourhood (k for n). Below
+  it, a server that also controls a few neighbours could collect t shares of both
+  secrets of one client. :func:`validate` refuses any t below this bound.
+- Consistency quorum q(n) = floor(2n / 3) + 1 signatures on the identical survivor set:
+  an honest client signs one survivor set per round, so two different sets can both
+  reach q signatures only if 2q <= n + n_C, i.e. only with n/3 or more colluding
+  clients. A client unmasks only with a quorum on the set it signed itself.
+- Tolerance: a client's masks are recoverable while at least t of its k neighbours
+  answer the unmask stage (up to k - t = ceil(k/3) - 1 may drop), and the round goes on
+  while at least q clients sign the survivor set. The price of the active model is
+  this smaller dropout tolerance (for n = 5: one dropout; for n = 4: none).
+
+The graph seed is not chosen by the server: both ends derive it from the run, round
+and cohort (:func:`graph_seed`). A server can still influence the graph through the
+cohort it samples; with a pinned roster (no server-made nodes) that only rearranges
+real sites.
 """
 
 from __future__ import annotations
@@ -43,8 +54,26 @@ def default_degree(n: int) -> int:
 
 
 def default_threshold(degree: int) -> int:
-    """Shares needed to rebuild a secret: a strict majority of the neighbours."""
-    return degree // 2 + 1
+    """Shares needed to rebuild a secret: more than two thirds of the neighbours."""
+    return active_threshold(degree)
+
+
+def active_threshold(degree: int) -> int:
+    """The smallest threshold the active-server model admits for ``degree`` neighbours."""
+    return (2 * degree) // 3 + 1
+
+
+def consistency_quorum(n: int) -> int:
+    """Signatures on one survivor set a client needs before it reveals any share."""
+    return (2 * n) // 3 + 1
+
+
+def graph_seed(run_id: int, round_id: int, cohort: Sequence[int]) -> bytes:
+    """The public seed of a round's graph, derived (never chosen by the server)."""
+    h = hashlib.sha256(b"sgs-flower/graph-seed/v2" + node_bytes(run_id) + node_bytes(round_id))
+    for u in sorted(cohort):
+        h.update(node_bytes(u))
+    return h.digest()
 
 
 def validate(n: int, degree: int, threshold: int) -> None:
@@ -55,11 +84,33 @@ def validate(n: int, degree: int, threshold: int) -> None:
         raise ConfigurationError(
             f"degree {degree} must be even (a Harary graph) or n - 1 = {n - 1} (complete)"
         )
-    if not degree // 2 + 1 <= threshold <= degree:
+    if not active_threshold(degree) <= threshold <= degree:
         raise ConfigurationError(
-            f"threshold {threshold} must be in {degree // 2 + 1}..{degree}: below a strict "
-            "majority of the neighbours a server could collect both shares of one client"
+            f"threshold {threshold} must be in {active_threshold(degree)}..{degree}: below two "
+            "thirds of the neighbours an active server with a few colluding clients could "
+            "collect both shares of one client (Bonawitz et al. 2017, section 6)"
         )
+
+
+def neighbours_of(cohort: Sequence[int], degree: int, seed: bytes, u: int) -> frozenset[int]:
+    """One client's neighbours, in O(n log n) time and O(k) memory beyond the cohort:
+    what a client computes, so that a huge complete-graph cohort cannot cost it n^2."""
+    members = sorted(set(cohort))
+    if len(members) != len(cohort):
+        raise ConfigurationError("cohort contains duplicate node ids")
+    n = len(members)
+    if u not in members:
+        raise ConfigurationError(f"node {u} is not in the cohort")
+    if degree >= n - 1:
+        return frozenset(v for v in members if v != u)
+    ring = sorted(members, key=lambda v: _ring_key(seed, v))
+    i = ring.index(u)
+    half = degree // 2
+    return frozenset(ring[(i + d) % n] for d in range(-half, half + 1) if d != 0)
+
+
+def _ring_key(seed: bytes, u: int) -> bytes:
+    return hashlib.sha256(b"sgs-flower/graph/v1" + seed + node_bytes(u)).digest()
 
 
 def neighbours(cohort: Sequence[int], degree: int, seed: bytes) -> dict[int, frozenset[int]]:
@@ -77,7 +128,7 @@ def _neighbours(cohort: tuple[int, ...], degree: int, seed: bytes) -> dict[int, 
     if degree >= n - 1:
         everyone = frozenset(members)
         return {u: everyone - {u} for u in members}
-    ring = sorted(members, key=lambda u: hashlib.sha256(b"sgs-flower/graph/v1" + seed + node_bytes(u)).digest())
+    ring = sorted(members, key=lambda u: _ring_key(seed, u))
     half = degree // 2
     out: dict[int, set[int]] = {u: set() for u in members}
     for i, u in enumerate(ring):

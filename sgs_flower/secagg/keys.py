@@ -35,6 +35,8 @@ LABEL_SELF = b"sgs-flower/self-mask/v1"
 LABEL_SHARE = b"sgs-flower/share-encryption/v1"
 LABEL_COMMIT = b"sgs-flower/self-mask-commitment/v1"
 LABEL_CONTEXT = b"sgs-flower/round-context/v1"
+LABEL_ADVERTISE = b"sgs-flower/advertise-signature/v2"
+LABEL_CONSISTENCY = b"sgs-flower/consistency-signature/v2"
 
 
 def node_bytes(node_id: int) -> bytes:
@@ -70,7 +72,7 @@ def round_context(
     return h.digest()
 
 
-def round_contexts(setup: Any, bound_digest: bytes) -> tuple[bytes, bytes]:
+def round_contexts(setup: Any, seed: bytes, bound_digest: bytes) -> tuple[bytes, bytes]:
     """(mask context, share context) of a round from its Setup message.
 
     Masks are keyed by the full context, model digest included: a client that received
@@ -83,7 +85,7 @@ def round_contexts(setup: Any, bound_digest: bytes) -> tuple[bytes, bytes]:
     """
     args = (
         setup.version, setup.run_id, setup.round_id, setup.cohort, setup.degree, setup.threshold,
-        setup.field_bits, setup.vector_length, setup.graph_seed,
+        setup.field_bits, setup.vector_length, seed,
     )
     return round_context(*args, bound_digest), round_context(*args, b"")
 
@@ -169,3 +171,20 @@ def decrypt_share(key: bytes, blob: bytes, context: bytes, sender: int, receiver
             f"share ciphertext from node {sender} to node {receiver} failed authentication: "
             "it was tampered with, re-routed or replayed from another round"
         ) from exc
+
+
+def advertise_statement(share_context: bytes, node: int, c_pk: bytes, s_pk: bytes, commitment: bytes) -> bytes:
+    """What a node signs when it advertises its round keys: the round's parameters (the
+    share context covers version, run, round, cohort, degree, threshold, field, vector
+    length and graph seed), its node id and both public keys, so a server can neither
+    swap a key nor move the advertisement to another node, round or run."""
+    return LABEL_ADVERTISE + share_context + node_bytes(node) + c_pk + s_pk + commitment
+
+
+def consistency_statement(share_context: bytes, survivors: Iterable[int]) -> bytes:
+    """What a survivor signs at the consistency check: the round and the survivor set."""
+    members = sorted(survivors)
+    return (
+        LABEL_CONSISTENCY + share_context + struct.pack(">I", len(members))
+        + b"".join(node_bytes(u) for u in members)
+    )

@@ -12,13 +12,12 @@ one accumulator as they arrive, and unmasking removes only masks.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from sgs_flower.secagg import keys, shamir
+from sgs_flower.secagg import identity, keys, shamir
 from sgs_flower.secagg.client import share_x
 from sgs_flower.secagg.errors import (
     ConfigurationError,
@@ -27,16 +26,26 @@ from sgs_flower.secagg.errors import (
     ProtocolError,
     ReconstructionError,
     SecAggError,
+    SignatureError,
     StaleMessageError,
     ThresholdError,
     UnknownSenderError,
 )
-from sgs_flower.secagg.graph import default_degree, default_threshold, neighbours, validate
+from sgs_flower.secagg.graph import (
+    consistency_quorum,
+    default_degree,
+    default_threshold,
+    graph_seed,
+    neighbours,
+    validate,
+)
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander, reduce_mod
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, decode
 from sgs_flower.secagg.wire import (
     PROTOCOL_VERSION,
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     KeyRoster,
     MaskedInput,
     Message,
@@ -65,7 +74,6 @@ class RoundParams:
     degree: int | None = None
     threshold: int | None = None
     min_clients: int | None = None
-    graph_seed: bytes = field(default_factory=lambda: os.urandom(32))
 
     def __post_init__(self) -> None:
         cohort = tuple(sorted(set(self.cohort)))
@@ -96,6 +104,16 @@ class RoundParams:
                 "reveals too much; sample more clients or lower min_clients"
             )
 
+    @property
+    def graph_seed(self) -> bytes:
+        """Derived from run, round and cohort, as every client derives it."""
+        return graph_seed(self.run_id, self.round_id, self.cohort)
+
+    @property
+    def quorum(self) -> int:
+        """Signatures on the survivor set every client needs before it unmasks."""
+        return consistency_quorum(len(self.cohort))
+
 
 @dataclass
 class RoundOutcome:
@@ -122,6 +140,10 @@ class SecAggServer:
             PROTOCOL_VERSION, p.run_id, p.round_id, p.cohort, p.degree, p.threshold,
             p.field_bits, p.vector_length, p.graph_seed, bound_digest,
         )  # the server's own view: masks of a client that saw another model will not match
+        self.share_context = keys.round_context(
+            PROTOCOL_VERSION, p.run_id, p.round_id, p.cohort, p.degree, p.threshold,
+            p.field_bits, p.vector_length, p.graph_seed, b"",
+        )  # what advertisements and consistency signatures are bound to
         self.dtype = dtype_for_bits(p.field_bits)
         self.stage: Stage = Stage.ADVERTISE_KEYS
         self.rejected: dict[int, ProtocolError] = {}
@@ -130,6 +152,8 @@ class SecAggServer:
         self.shared: dict[int, ShareKeys] = {}
         self.u2: set[int] = set()
         self.u3: set[int] = set()
+        self.u4: set[int] = set()
+        self.signatures: dict[int, bytes] = {}
         self._acc: np.ndarray | None = None
 
     # ------------------------------------------------------------ helpers
@@ -190,8 +214,7 @@ class SecAggServer:
         assert p.degree is not None and p.threshold is not None
         return {
             u: Setup(run_id=p.run_id, round_id=p.round_id, recipient=u, cohort=p.cohort, degree=p.degree,
-                     threshold=p.threshold, field_bits=p.field_bits, vector_length=p.vector_length,
-                     graph_seed=p.graph_seed)
+                     threshold=p.threshold, field_bits=p.field_bits, vector_length=p.vector_length)
             for u in p.cohort
         }
 
@@ -211,21 +234,30 @@ class SecAggServer:
                     keys.agree(probe, k, node)  # refuses low-order points before anyone uses them
                 if len(msg.self_mask_commitment) != 32:
                     raise MalformedMessageError(f"node {node} sent a malformed self-mask commitment")
+                if msg.identity_key in seen:
+                    raise MalformedMessageError(f"node {node} presents the identity key of node {seen[msg.identity_key]}")
+                statement = keys.advertise_statement(
+                    self.share_context, node, msg.c_pk, msg.s_pk, msg.self_mask_commitment
+                )
+                if not identity.verify(msg.identity_key, msg.signature, statement):
+                    raise SignatureError(f"node {node}'s advertisement does not carry a valid signature")
             except ProtocolError as exc:
                 self.rejected[node] = exc
                 self.dropped[node] = Stage.ADVERTISE_KEYS
                 continue
-            seen[msg.c_pk] = seen[msg.s_pk] = node
+            seen[msg.c_pk] = seen[msg.s_pk] = seen[msg.identity_key] = node
             self.advertised[node] = msg
         self._require(len(self.advertised), "advertised keys")
         self.stage = Stage.SHARE_KEYS
         out = {}
+        identities = tuple((v, self.advertised[v].identity_key) for v in sorted(self.advertised))
         for u in self.advertised:
             nks = tuple(
-                NeighbourKeys(v, self.advertised[v].c_pk, self.advertised[v].s_pk)
-                for v in sorted(self.graph[u]) if v in self.advertised
+                NeighbourKeys(v, a.c_pk, a.s_pk, a.identity_key, a.self_mask_commitment, a.signature)
+                for v in sorted(self.graph[u]) if v in self.advertised for a in (self.advertised[v],)
             )
-            out[u] = KeyRoster(run_id=self.params.run_id, round_id=self.params.round_id, recipient=u, keys=nks)
+            out[u] = KeyRoster(run_id=self.params.run_id, round_id=self.params.round_id, recipient=u, keys=nks,
+                               identities=identities)
         return out
 
     def collect_shares(self, replies: Mapping[int, Message | bytes]) -> dict[int, ShareBundle]:
@@ -262,7 +294,7 @@ class SecAggServer:
             for v, cts in inbox.items()
         }
 
-    def collect_masked(self, replies: Mapping[int, Message | bytes]) -> dict[int, UnmaskRequest]:
+    def collect_masked(self, replies: Mapping[int, Message | bytes]) -> dict[int, ConsistencyRequest]:
         self._expect(Stage.MASKED_INPUT)
         ok = self._accept(replies, self.u2, MaskedInput)
         acc = np.zeros(self.params.vector_length, dtype=self.dtype)
@@ -279,21 +311,50 @@ class SecAggServer:
             np.add(acc, vec, out=acc)
             self.u3.add(node)
         self._require(len(self.u3), "sent masked inputs")
+        self._require_quorum(len(self.u3), "sent masked inputs")
         self._acc = acc
+        self.stage = Stage.CONSISTENCY
+        p = self.params
+        survivors = tuple(sorted(self.u3))
+        return {
+            v: ConsistencyRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors)
+            for v in survivors
+        }
+
+    def _require_quorum(self, count: int, what: str) -> None:
+        if count < self.params.quorum:
+            raise ThresholdError(
+                f"round {self.params.round_id} aborted: {count} clients {what}, fewer than the "
+                f"consistency quorum of {self.params.quorum} (two thirds of the cohort of "
+                f"{len(self.params.cohort)}) that clients require before unmasking; no aggregate is released"
+            )
+
+    def collect_consistency(self, replies: Mapping[int, Message | bytes]) -> dict[int, UnmaskRequest]:
+        """Check each survivor's signature on U3 and forward all valid ones."""
+        self._expect(Stage.CONSISTENCY)
+        ok = self._accept(replies, set(self.u3), ConsistencySignature)
+        survivors = tuple(sorted(self.u3))
+        statement = keys.consistency_statement(self.share_context, survivors)
+        for node, msg in sorted(ok.items()):
+            assert isinstance(msg, ConsistencySignature)
+            if not identity.verify(self.advertised[node].identity_key, msg.signature, statement):
+                self.rejected[node] = SignatureError(f"node {node}'s consistency signature does not verify")
+                self.dropped.setdefault(node, Stage.CONSISTENCY)
+                continue
+            self.signatures[node] = msg.signature
+        self.u4 = set(self.signatures)
+        self._require_quorum(len(self.u4), "signed the survivor set")
         self.stage = Stage.UNMASK
         p = self.params
+        sigs = tuple(sorted(self.signatures.items()))
         return {
-            v: UnmaskRequest(
-                run_id=p.run_id, round_id=p.round_id, recipient=v,
-                survivors=tuple(sorted((self.u3 & self.graph[v]) | {v})),
-                dropped=tuple(sorted((self.u2 - self.u3) & self.graph[v])),
-            )
-            for v in sorted(self.u3)
+            v: UnmaskRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors, signatures=sigs)
+            for v in sorted(self.u4)
         }
 
     def collect_unmask(self, replies: Mapping[int, Message | bytes]) -> RoundOutcome:
         self._expect(Stage.UNMASK)
-        ok = self._accept(replies, set(self.u3), UnmaskResponse)
+        ok = self._accept(replies, set(self.u4), UnmaskResponse)
         dropped_after_sharing = self.u2 - self.u3
         b_shares: dict[int, list[tuple[int, bytes]]] = {v: [] for v in self.u3}
         sk_shares: dict[int, list[tuple[int, bytes]]] = {v: [] for v in dropped_after_sharing}

@@ -52,7 +52,7 @@ def run_protocol(
     seconds: dict[str, float] | None = None,
     upload_bytes: dict[int, int] | None = None,
 ) -> RoundOutcome:
-    """Drive the four stages; a client in ``dropouts[stage]`` sends nothing from that
+    """Drive the five stages; a client in ``dropouts[stage]`` sends nothing from that
     stage on. With ``wire=True`` every message goes through its byte encoding."""
     drops = {s: set(v) for s, v in (dropouts or {}).items()}
     gone: set[int] = set()
@@ -96,8 +96,11 @@ def run_protocol(
     requests = server.collect_masked(exchange(Stage.MASKED_INPUT, bundles))
     timing["server_stage3"] = time.perf_counter() - t - timing["clients_stage3"]
     t = time.perf_counter()
-    outcome = server.collect_unmask(exchange(Stage.UNMASK, requests))
+    unmask = server.collect_consistency(exchange(Stage.CONSISTENCY, requests))
     timing["server_stage4"] = time.perf_counter() - t - timing["clients_stage4"]
+    t = time.perf_counter()
+    outcome = server.collect_unmask(exchange(Stage.UNMASK, unmask))
+    timing["server_stage5"] = time.perf_counter() - t - timing["clients_stage5"]
     return outcome
 
 
@@ -121,7 +124,7 @@ def simulate_round(
     """Securely aggregate ``inputs`` (one float array per client, same shape).
 
     Clients are indexed 0..n-1 (node ids are index + 1); ``dropouts`` maps a stage
-    (``Stage``, its number 1-4, or its name) to the indices that stop answering there.
+    (``Stage``, its number 1-5, or its name) to the indices that stop answering there.
     Returns the weighted mean of the survivors' inputs as the server decodes it; raises
     :class:`~sgs_flower.secagg.errors.ThresholdError` when too few survive.
     """

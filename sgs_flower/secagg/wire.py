@@ -26,18 +26,26 @@ import numpy as np
 
 from sgs_flower.secagg.errors import MalformedMessageError
 
-PROTOCOL_VERSION = "sgs-secagg+/1"
-CRYPTO_SUITE = "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir-GF(2^31-1)"
-MAGIC = b"SGS1"
+PROTOCOL_VERSION = "sgs-secagg+/2"
+CRYPTO_SUITE = (
+    "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir-GF(2^31-1)+Ed25519(identities)"
+)
+MAGIC = b"SGS2"
 
 # Keys of the Flower messages that carry the protocol, shared by strategies/ and clients/.
 RECORD_KEY = "sgs.secagg"  # ConfigRecord: stage number and encoded protocol message
-SPEC_KEY = "sgs.spec"  # ConfigRecord: the round's UpdateSpec (setup only)
+SPEC_KEY = "sgs.spec"  # ConfigRecord: the round's UpdateSpec (masked-input stage only)
 VECTOR_KEY = "sgs.vector"  # ArrayRecord: the masked vector (masked-input replies only)
 RAW_STYPE = "sgs.raw-le"  # Flower Array serialisation of the vector: raw little-endian words
 FIELD_STAGE = "stage"
 FIELD_PAYLOAD = "payload"
 FIELD_VECTOR = "vector"
+
+# Size limits checked before anything is parsed or allocated. A client's own policy
+# (sgs_flower.secagg.policy) is usually stricter; these bound what decoding may cost.
+MAX_HEADER_BYTES = 16 << 20
+MAX_LIST_ITEMS = 1 << 20
+MAX_VECTOR_WORDS = (1 << 31) - 1
 
 
 class Stage(IntEnum):
@@ -46,16 +54,21 @@ class Stage(IntEnum):
     ADVERTISE_KEYS = 1
     SHARE_KEYS = 2
     MASKED_INPUT = 3
-    UNMASK = 4
+    CONSISTENCY = 4
+    UNMASK = 5
 
 
 @dataclass(frozen=True)
 class NeighbourKeys:
-    """A neighbour's advertised public keys, forwarded by the server."""
+    """A neighbour's signed advertisement, forwarded by the server unchanged: the
+    recipient checks the signature before it encrypts anything to these keys."""
 
     node: int
     c_pk: bytes
     s_pk: bytes
+    identity_key: bytes
+    self_mask_commitment: bytes
+    signature: bytes
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,10 @@ class Message:
 # ---------------------------------------------------------------- server -> client
 @dataclass(frozen=True)
 class Setup(Message):
-    """Stage 0 -> 1: the round's public parameters; the client answers with its keys."""
+    """Stage 0 -> 1: the round's public parameters; the client answers with its keys.
+
+    There is no graph seed: both ends derive it from the run, round and cohort
+    (:func:`sgs_flower.secagg.graph.graph_seed`), so the server cannot pick one."""
 
     recipient: int
     cohort: tuple[int, ...]
@@ -79,7 +95,6 @@ class Setup(Message):
     threshold: int
     field_bits: int
     vector_length: int
-    graph_seed: bytes
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.ADVERTISE_KEYS
     to_server: ClassVar[bool] = False
@@ -87,10 +102,13 @@ class Setup(Message):
 
 @dataclass(frozen=True)
 class KeyRoster(Message):
-    """Stage 1 -> 2: the public keys of the recipient's neighbours that advertised."""
+    """Stage 1 -> 2: the signed keys of the recipient's neighbours that advertised, and
+    the identity key of every cohort member that advertised (to check consistency
+    signatures later; with a roster, the recipient refuses keys not on it)."""
 
     recipient: int
     keys: tuple[NeighbourKeys, ...]
+    identities: tuple[tuple[int, bytes], ...]
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.SHARE_KEYS
     to_server: ClassVar[bool] = False
@@ -108,12 +126,25 @@ class ShareBundle(Message):
 
 
 @dataclass(frozen=True)
-class UnmaskRequest(Message):
-    """Stage 3 -> 4: which of the recipient's neighbours survived and which dropped."""
+class ConsistencyRequest(Message):
+    """Stage 3 -> 4: the survivor set U3 (every node whose masked input the server
+    summed), the same for every recipient; each survivor signs it once."""
 
     recipient: int
     survivors: tuple[int, ...]
-    dropped: tuple[int, ...]
+    version: str = PROTOCOL_VERSION
+    stage: ClassVar[Stage] = Stage.CONSISTENCY
+    to_server: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class UnmaskRequest(Message):
+    """Stage 4 -> 5: U3 again, with the survivors' signatures on it. There is no
+    'dropped' list to lie in: the recipient derives who dropped from what it saw."""
+
+    recipient: int
+    survivors: tuple[int, ...]
+    signatures: tuple[tuple[int, bytes], ...]
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.UNMASK
     to_server: ClassVar[bool] = False
@@ -126,6 +157,8 @@ class AdvertiseKeys(Message):
     c_pk: bytes
     s_pk: bytes
     self_mask_commitment: bytes
+    identity_key: bytes
+    signature: bytes
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.ADVERTISE_KEYS
     to_server: ClassVar[bool] = True
@@ -150,6 +183,17 @@ class MaskedInput(Message):
 
 
 @dataclass(frozen=True)
+class ConsistencySignature(Message):
+    """The sender's Ed25519 signature over the round and the survivor set it was sent."""
+
+    sender: int
+    signature: bytes
+    version: str = PROTOCOL_VERSION
+    stage: ClassVar[Stage] = Stage.CONSISTENCY
+    to_server: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
 class UnmaskResponse(Message):
     """Shares of the self-mask seed of surviving neighbours and of the masking key of
     dropped ones: one kind per neighbour, never both."""
@@ -164,11 +208,26 @@ class UnmaskResponse(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
-    for cls in (Setup, KeyRoster, ShareBundle, UnmaskRequest, AdvertiseKeys, ShareKeys, MaskedInput, UnmaskResponse)
+    for cls in (
+        Setup, KeyRoster, ShareBundle, ConsistencyRequest, UnmaskRequest,
+        AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySignature, UnmaskResponse,
+    )
 }
 
 
 # ---------------------------------------------------------------- encoding
+_NK_FIELDS = ("node", "c_pk", "s_pk", "identity_key", "self_mask_commitment", "signature")
+_INT_FIELDS = {
+    # field -> largest value accepted (checked before any use sizes anything)
+    "run_id": (1 << 64) - 1, "round_id": (1 << 64) - 1, "sender": (1 << 64) - 1,
+    "recipient": (1 << 64) - 1, "degree": MAX_LIST_ITEMS, "threshold": MAX_LIST_ITEMS,
+    "field_bits": 64, "vector_length": MAX_VECTOR_WORDS,
+}
+_NODE_LIST_FIELDS = ("cohort", "survivors")
+_BYTES_FIELDS = ("c_pk", "s_pk", "self_mask_commitment", "identity_key", "signature")
+_PAIR_FIELDS = ("ciphertexts", "self_mask_shares", "key_shares", "identities", "signatures")
+
+
 def _b64(b: bytes) -> str:
     return base64.b64encode(b).decode("ascii")
 
@@ -186,7 +245,9 @@ def _to_json(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"b": _b64(value)}
     if isinstance(value, NeighbourKeys):
-        return {"node": value.node, "c_pk": _b64(value.c_pk), "s_pk": _b64(value.s_pk)}
+        return {
+            name: (getattr(value, name) if name == "node" else _b64(getattr(value, name))) for name in _NK_FIELDS
+        }
     if isinstance(value, tuple):
         return [_to_json(v) for v in value]
     return value
@@ -214,9 +275,9 @@ def encode(msg: Message, detach_vector: bool = False) -> bytes:
     return MAGIC + struct.pack(">I", len(head)) + head + tail
 
 
-def _int(v: Any, what: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v >= 1 << 64:
-        raise MalformedMessageError(f"{what} must be an unsigned 64-bit integer, got {v!r}")
+def _int(v: Any, what: str, largest: int = (1 << 64) - 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0 or v > largest:
+        raise MalformedMessageError(f"{what} must be an integer in 0..{largest}")
     return v
 
 
@@ -226,11 +287,17 @@ def _bytes_field(v: Any, what: str) -> bytes:
     return _unb64(v["b"], what)
 
 
-def _pairs(v: Any, what: str) -> tuple[tuple[int, bytes], ...]:
+def _list(v: Any, what: str) -> list[Any]:
     if not isinstance(v, list):
-        raise MalformedMessageError(f"{what} must be a list of [node, bytes] pairs")
+        raise MalformedMessageError(f"{what} must be a list")
+    if len(v) > MAX_LIST_ITEMS:
+        raise MalformedMessageError(f"{what} has more than {MAX_LIST_ITEMS} entries")
+    return v
+
+
+def _pairs(v: Any, what: str) -> tuple[tuple[int, bytes], ...]:
     out = []
-    for item in v:
+    for item in _list(v, what):
         if not isinstance(item, list) or len(item) != 2:
             raise MalformedMessageError(f"{what} must be a list of [node, bytes] pairs")
         out.append((_int(item[0], f"{what} node"), _bytes_field(item[1], what)))
@@ -238,84 +305,92 @@ def _pairs(v: Any, what: str) -> tuple[tuple[int, bytes], ...]:
 
 
 def _ints(v: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(v, list):
-        raise MalformedMessageError(f"{what} must be a list of node ids")
-    return tuple(_int(x, what) for x in v)
+    return tuple(_int(x, what) for x in _list(v, what))
+
+
+def _neighbour_keys(v: Any, what: str) -> tuple[NeighbourKeys, ...]:
+    keys = []
+    for item in _list(v, what):
+        if not isinstance(item, dict) or set(item) != set(_NK_FIELDS):
+            raise MalformedMessageError(f"{what} entries need exactly {', '.join(_NK_FIELDS)}")
+        keys.append(
+            NeighbourKeys(
+                _int(item["node"], what), *(_unb64(item[name], f"{what}.{name}") for name in _NK_FIELDS[1:])
+            )
+        )
+    return tuple(keys)
+
+
+def _vector(v: Any, name: str, tail: bytes, vector: Any) -> np.ndarray:
+    if not isinstance(v, dict) or set(v) != {"dtype", "len"} or v["dtype"] not in ("<u4", "<u8"):
+        raise MalformedMessageError(f"{name} must be little-endian uint32 or uint64 words")
+    count = _int(v["len"], f"{name} length", MAX_VECTOR_WORDS)
+    dtype = np.dtype(v["dtype"])
+    if vector is not None:
+        if tail:
+            raise MalformedMessageError(f"{name} arrived both inline and detached")
+        if not isinstance(vector, np.ndarray) or vector.ndim != 1:
+            raise MalformedMessageError(f"{name} must be a 1-D array")
+        if vector.dtype.newbyteorder("<") != dtype or vector.size != count:
+            raise MalformedMessageError(f"{name} does not carry the words its header declares")
+        return vector
+    if len(tail) != count * dtype.itemsize:
+        raise MalformedMessageError(f"{name} declares {count} words but carries {len(tail)} bytes")
+    return np.frombuffer(tail, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
 
 
 def decode(data: bytes, vector: np.ndarray | None = None) -> Message:
     """Parse bytes from :func:`encode`; anything malformed raises
-    :class:`MalformedMessageError` saying what was wrong (never another exception).
+    :class:`MalformedMessageError` saying which check failed (never another exception).
 
+    Sizes are checked before they are used: the header length before parsing, list
+    lengths and integer ranges before anything is built from them.
     ``vector`` supplies a masked input's words when they travelled detached.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedMessageError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
     if len(data) < 8 or data[:4] != MAGIC:
-        raise MalformedMessageError("not an sgs-flower secagg message (bad magic)")
+        raise MalformedMessageError("not an sgs-flower secagg message (bad magic or protocol version)")
     (hlen,) = struct.unpack(">I", data[4:8])
+    if hlen > MAX_HEADER_BYTES:
+        raise MalformedMessageError(f"header of {hlen} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
     if 8 + hlen > len(data):
         raise MalformedMessageError("header length exceeds the message")
     try:
         header = json.loads(data[8 : 8 + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedMessageError(f"header is not valid JSON: {exc}") from exc
-    if not isinstance(header, dict) or header.get("type") not in MESSAGE_TYPES:
-        raise MalformedMessageError(f"unknown message type {header.get('type') if isinstance(header, dict) else header!r}")
-    cls = MESSAGE_TYPES[header["type"]]
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers bad JSON and integers too long to parse; RecursionError deep nesting
+        raise MalformedMessageError(f"header is not valid JSON ({type(exc).__name__})") from exc
+    kind = header.get("type") if isinstance(header, dict) else None
+    if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
+        raise MalformedMessageError("unknown message type")
+    cls = MESSAGE_TYPES[kind]
     names = {f.name for f in fields(cls)}
-    missing = names - set(header)
-    if missing:
-        raise MalformedMessageError(f"{cls.__name__} lacks fields {sorted(missing)}")
+    if set(header) != names | {"type"}:
+        missing, extra = sorted(names - set(header)), sorted(set(header) - names - {"type"})
+        raise MalformedMessageError(f"{cls.__name__} fields differ (missing {missing}, unexpected {extra})")
     tail = data[8 + hlen :]
     kw: dict[str, Any] = {}
     for f in fields(cls):
         v = header[f.name]
         name = f"{cls.__name__}.{f.name}"
         if f.name == "version":
-            if not isinstance(v, str):
-                raise MalformedMessageError(f"{name} must be text")
+            if not isinstance(v, str) or len(v) > 64:
+                raise MalformedMessageError(f"{name} must be short text")
             kw[f.name] = v
-        elif f.name in ("run_id", "round_id", "sender", "recipient", "degree", "threshold", "field_bits", "vector_length"):
-            kw[f.name] = _int(v, name)
-        elif f.name in ("cohort", "survivors", "dropped"):
+        elif f.name in _INT_FIELDS:
+            kw[f.name] = _int(v, name, _INT_FIELDS[f.name])
+        elif f.name in _NODE_LIST_FIELDS:
             kw[f.name] = _ints(v, name)
-        elif f.name in ("graph_seed", "c_pk", "s_pk", "self_mask_commitment"):
+        elif f.name in _BYTES_FIELDS:
             kw[f.name] = _bytes_field(v, name)
-        elif f.name in ("ciphertexts", "self_mask_shares", "key_shares"):
+        elif f.name in _PAIR_FIELDS:
             kw[f.name] = _pairs(v, name)
         elif f.name == "keys":
-            if not isinstance(v, list):
-                raise MalformedMessageError(f"{name} must be a list")
-            keys = []
-            for item in v:
-                if not isinstance(item, dict) or set(item) != {"node", "c_pk", "s_pk"}:
-                    raise MalformedMessageError(f"{name} entries need node, c_pk, s_pk")
-                keys.append(
-                    NeighbourKeys(_int(item["node"], name), _unb64(item["c_pk"], name), _unb64(item["s_pk"], name))
-                )
-            kw[f.name] = tuple(keys)
+            kw[f.name] = _neighbour_keys(v, name)
         elif f.name == "vector":
-            if not isinstance(v, dict) or v.get("dtype") not in ("<u4", "<u8") or not isinstance(v.get("len"), int):
-                raise MalformedMessageError(f"{name} must be little-endian uint32 or uint64 words")
-            dtype = np.dtype(v["dtype"])
-            if vector is not None:
-                if tail:
-                    raise MalformedMessageError(f"{name} arrived both inline and detached")
-                if not isinstance(vector, np.ndarray) or vector.ndim != 1:
-                    raise MalformedMessageError(f"{name} must be a 1-D array")
-                if vector.dtype.newbyteorder("<") != dtype or vector.size != v["len"]:
-                    raise MalformedMessageError(
-                        f"{name} declares {v['len']} words of {dtype} but carries {vector.size} of {vector.dtype}"
-                    )
-                kw[f.name] = vector
-                continue
-            if len(tail) != v["len"] * dtype.itemsize:
-                raise MalformedMessageError(
-                    f"{name} declares {v['len']} words but carries {len(tail)} bytes"
-                )
-            kw[f.name] = np.frombuffer(tail, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
+            kw[f.name] = _vector(v, name, tail, vector)
         else:  # pragma: no cover - every field is handled above
             raise MalformedMessageError(f"unexpected field {name}")
     if cls is not MaskedInput and tail:

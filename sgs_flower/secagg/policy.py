@@ -1,0 +1,120 @@
+"""A site's own rules for taking part in a secure round (never the server's).
+
+Why: every protocol parameter a client receives comes from the server, and an active
+server picks whatever helps it: a cohort of two, a graph of degree one, a threshold of
+one, no noise. The client therefore checks each round's parameters against a policy
+that the site sets (Flower ``--node-config`` keys, see :meth:`ClientPolicy.from_node_config`)
+and refuses anything that asks for less protection. The server may ask for more.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sgs_flower.secagg.errors import ConfigurationError, PolicyError
+from sgs_flower.secagg.graph import active_threshold, default_degree
+from sgs_flower.secagg.identity import Roster, read_identity
+
+NODE_CONFIG_KEYS = {
+    "sgs-require-secagg": "refuse plain (unprotected) train messages (default true)",
+    "sgs-min-cohort": "smallest cohort this site joins (default 3)",
+    "sgs-max-cohort": "largest cohort this site joins: bounds its memory and work (default 1000)",
+    "sgs-max-vector": "largest masked vector in words: bounds its memory (default 2^27)",
+    "sgs-min-degree": "smallest neighbour count; 0 = the protocol default for the cohort size",
+    "sgs-identity-key": "file with this site's Ed25519 identity key (sgs-flower identity new)",
+    "sgs-roster": "file of the federation's identity public keys; pins who may be in a cohort",
+    "sgs-state-file": "file where the site remembers its contributions and privacy spend across runs",
+    "sgs-dp-min-noise": "distributed DP: smallest noise multiplier this site accepts (default 0.5)",
+    "sgs-dp-max-epsilon": "distributed DP: this site's budget against the server; 0 = account only",
+    "sgs-dp-delta": "distributed DP: delta of this site's accounting (default 1e-5)",
+}
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """What this site requires of every round it takes part in (see module docstring)."""
+
+    require_secure_aggregation: bool = True
+    min_cohort: int = 3
+    max_cohort: int = 1000
+    max_vector_length: int = 1 << 27
+    min_degree: int = 0
+    roster: Roster | None = None
+    identity_key: bytes | None = None  # None: a key made for this run (cannot be pinned)
+    state_file: str | None = None
+    dp_min_noise_multiplier: float = 0.5
+    dp_max_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.min_cohort < 3:
+            raise ConfigurationError(f"sgs-min-cohort must be >= 3 (a sum of two reveals each to the other), got {self.min_cohort}")
+        if self.max_cohort < self.min_cohort:
+            raise ConfigurationError(f"sgs-max-cohort ({self.max_cohort}) is below sgs-min-cohort ({self.min_cohort})")
+        if self.max_vector_length < 3:
+            raise ConfigurationError(f"sgs-max-vector must be >= 3, got {self.max_vector_length}")
+        if self.min_degree < 0:
+            raise ConfigurationError(f"sgs-min-degree must be >= 0, got {self.min_degree}")
+        if not (self.dp_min_noise_multiplier >= 0 and math.isfinite(self.dp_min_noise_multiplier)):
+            raise ConfigurationError("sgs-dp-min-noise must be a finite number >= 0")
+        if not self.dp_max_epsilon >= 0:
+            raise ConfigurationError("sgs-dp-max-epsilon must be >= 0 (0: account only)")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigurationError("sgs-dp-delta must be in (0, 1)")
+
+    # ------------------------------------------------------------ checks
+    def check_round(self, n: int, degree: int, threshold: int, vector_length: int) -> None:
+        """Refuse a round's parameters that give less protection than the site requires,
+        or that would cost more than it allows. Called before anything is allocated."""
+        if n < self.min_cohort:
+            raise PolicyError(f"cohort of {n} is below this site's minimum cohort ({self.min_cohort})")
+        if n > self.max_cohort:
+            raise PolicyError(f"cohort of {n} exceeds this site's maximum cohort ({self.max_cohort})")
+        if vector_length > self.max_vector_length:
+            raise PolicyError(f"vector of {vector_length} words exceeds this site's limit ({self.max_vector_length})")
+        want = min(n - 1, self.min_degree or default_degree(n))
+        if degree < want:
+            raise PolicyError(f"degree {degree} is below this site's minimum ({want}) for a cohort of {n}")
+        if threshold < active_threshold(degree):
+            raise PolicyError(
+                f"threshold {threshold} is below the active-server bound ({active_threshold(degree)}) for degree {degree}"
+            )
+
+    # ------------------------------------------------------------ loading
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> ClientPolicy:
+        """Read the ``sgs-*`` keys of a SuperNode's ``--node-config`` (others are ignored)."""
+
+        def get(key: str, kind: type, default: Any) -> Any:
+            if key not in node_config:
+                return default
+            value = node_config[key]
+            try:
+                if kind is bool:
+                    if isinstance(value, str):
+                        if value.lower() not in ("true", "false", "1", "0"):
+                            raise ValueError(value)
+                        return value.lower() in ("true", "1")
+                    return bool(value)
+                return kind(value)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(f"node config {key}: {NODE_CONFIG_KEYS[key]}; could not read {value!r}") from exc
+
+        roster_path = get("sgs-roster", str, "")
+        key_path = get("sgs-identity-key", str, "")
+        return cls(
+            require_secure_aggregation=get("sgs-require-secagg", bool, True),
+            min_cohort=get("sgs-min-cohort", int, 3),
+            max_cohort=get("sgs-max-cohort", int, 1000),
+            max_vector_length=get("sgs-max-vector", int, 1 << 27),
+            min_degree=get("sgs-min-degree", int, 0),
+            roster=Roster.load(roster_path) if roster_path else None,
+            identity_key=read_identity(key_path) if key_path else None,
+            state_file=get("sgs-state-file", str, "") or None,
+            dp_min_noise_multiplier=get("sgs-dp-min-noise", float, 0.5),
+            dp_max_epsilon=get("sgs-dp-max-epsilon", float, 0.0),
+            dp_delta=get("sgs-dp-delta", float, 1e-5),
+        )
