@@ -1,23 +1,34 @@
 """Client side: a Flower mod that runs SecAgg+ around the user's unchanged train function.
 
 Add it to a function-style ClientApp with ``@app.train(mods=[secagg_mod])`` (or the
-mixin below for class-based clients). The mod answers the four protocol exchanges; at
+mixin below for class-based clients). The mod answers the five protocol exchanges; at
 the masked-input stage (the message that brings the global model and train config) it
 calls the user's train function with the usual train message, turns the reply into the delta
 ``new - global`` plus ``num-examples`` and the train metrics, encodes and masks them,
-and sends only the masked vector. Train messages without the protocol record pass
-through untouched, so the same ClientApp also works with a plain strategy.
+and sends only the masked vector.
+
+The mod assumes the server may lie. It follows the site's :class:`ClientPolicy`
+(``--node-config`` keys ``sgs-*``, see ``sgs_flower.secagg.policy``), never the server:
+
+- a train message without the protocol record is refused while the policy requires
+  secure aggregation (the default), so a server cannot downgrade a site to plaintext;
+- the site's Ed25519 identity key comes from its node config (``sgs-identity-key``);
+  without one, a key is made for the run and kept in ``Context.state`` (a roster cannot
+  pin such a key: see the README's threat model);
+- under distributed DP the site checks the server's noise against its own floor and
+  budget (``sgs_flower.dp.site``) before it trains;
+- error replies name the check that failed, never a value of the site's: the full
+  message goes to the local log only; after any refusal the site leaves the round.
 
 Protocol state (keys and shares, a few hundred bytes) lives in ``Context.state``
-between messages; the model is never stored there. A mod that cannot proceed
-replies with a Flower error message naming why, instead of crashing the node.
+between messages; the model is never stored there.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import cast
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -32,15 +43,33 @@ from flwr.app import (
 )
 from flwr.common.constant import ErrorCode
 
-from sgs_flower.pipeline import EncodedUpdate, UpdateSpec, binding_digest, encode_update
+from sgs_flower.dp.rotation import padded_length
+from sgs_flower.dp.site import SiteAccountant, SiteBudgetError, SiteState
+from sgs_flower.pipeline import (
+    EncodedUpdate,
+    UpdateSpec,
+    binding_digest,
+    encode_update,
+    model_digest,
+)
 from sgs_flower.secagg import wire
 from sgs_flower.secagg.client import SecAggClient
-from sgs_flower.secagg.errors import EncodingError, MalformedMessageError, SecAggError
+from sgs_flower.secagg.errors import (
+    EncodingError,
+    MalformedMessageError,
+    PolicyError,
+    ProtocolError,
+    SecAggError,
+)
+from sgs_flower.secagg.identity import generate_identity
+from sgs_flower.secagg.policy import ClientPolicy, site_policy
 from sgs_flower.secagg.wire import Stage
 
 logger = logging.getLogger("sgs_flower.client")
 
 STATE_KEY = "sgs.secagg.client"  # the protocol state machine (a few hundred bytes)
+IDENTITY_KEY = "sgs.secagg.identity"  # a run-scoped identity, when the site configured none
+SITE_KEY = "sgs.secagg.site"  # SiteState, when the site configured no state file
 
 CallNext = Callable[[Message, Context], Message]
 # (delta, metrics, weight, spec, context) -> encoded words; the DP mixin swaps this in.
@@ -51,19 +80,67 @@ def default_encoder(delta: np.ndarray, metrics: dict[str, float], weight: int, s
     return encode_update(delta, metrics, weight, spec)
 
 
-def _load_client(context: Context) -> SecAggClient:
+# ---------------------------------------------------------------- site state
+def _policy(context: Context) -> ClientPolicy:
+    return site_policy(dict(context.node_config))
+
+
+def _identity(context: Context, policy: ClientPolicy) -> bytes:
+    if policy.identity_key is not None:
+        return policy.identity_key
+    rec = context.state.config_records.get(IDENTITY_KEY)
+    if rec is not None and isinstance(rec.get("key"), bytes):
+        return bytes(rec["key"])  # type: ignore[arg-type]
+    key = generate_identity()
+    context.state[IDENTITY_KEY] = ConfigRecord({"key": key})
+    return key
+
+
+def _load_site(context: Context, policy: ClientPolicy) -> SiteState:
+    if policy.state_file:
+        return SiteState.load(policy.state_file)
+    rec = context.state.config_records.get(SITE_KEY)
+    return SiteState.from_json(str(rec["json"])) if rec is not None else SiteState()
+
+
+def _save_site(context: Context, policy: ClientPolicy, site: SiteState) -> None:
+    if policy.state_file:
+        site.save(policy.state_file)
+    else:
+        context.state[SITE_KEY] = ConfigRecord({"json": site.to_json()})
+
+
+def _load_client(context: Context, ident: bytes, policy: ClientPolicy, site: SiteState) -> SecAggClient:
     rec = context.state.config_records.get(STATE_KEY)
-    if rec is None:
-        return SecAggClient(int(context.node_id))
-    return SecAggClient.from_state_dict(dict(rec))
+    client = (
+        SecAggClient(int(context.node_id), identity=ident, policy=policy)
+        if rec is None
+        else SecAggClient.from_state_dict(dict(rec), ident, policy)
+    )
+    client.history = dict(site.history) | client.history
+    return client
 
 
 def _save_client(context: Context, client: SecAggClient) -> None:
     context.state[STATE_KEY] = ConfigRecord(client.state_dict())
 
 
+# ---------------------------------------------------------------- replies
 def _error_reply(msg: Message, exc: BaseException, code: int = ErrorCode.MOD_FAILED_PRECONDITION) -> Message:
-    return Message(Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+    """An error reply that names the check, never a value of the site's.
+
+    Protocol refusals (:class:`ProtocolError`) describe only what the server sent;
+    anything else (the site's data, its training, its budget) is reported by type."""
+    reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, ProtocolError) else _public_reason(exc)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _public_reason(exc: BaseException) -> str:
+    if isinstance(exc, SiteBudgetError):
+        return f"SiteBudgetError: {exc}"  # fixed texts naming the rule, no numbers
+    if isinstance(exc, EncodingError):
+        return "EncodingError: this site's update could not be encoded under the round's spec (details in its log)"
+    return f"{type(exc).__name__}: the site's train step failed (details in its log)"
 
 
 def _protocol_reply(msg: Message, stage: Stage, reply: wire.Message) -> Message:
@@ -77,40 +154,78 @@ def _protocol_reply(msg: Message, stage: Stage, reply: wire.Message) -> Message:
     return Message(content, reply_to=msg)
 
 
+def _stage(rec: ConfigRecord) -> Stage:
+    raw = rec.get(wire.FIELD_STAGE)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw not in {int(s) for s in Stage}:
+        raise MalformedMessageError("protocol record names no valid stage")
+    return Stage(raw)
+
+
+def _text_field(rec: ConfigRecord, key: str) -> str:
+    value = rec.get(key)
+    if not isinstance(value, str) or not 0 < len(value) <= 256:
+        raise MalformedMessageError(f"protocol record field {key!r} must be a short text")
+    return value
+
+
+# ---------------------------------------------------------------- the mod
 def secagg_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
-    """Flower mod: run the secure-aggregation protocol for train messages that carry it."""
+    """Flower mod: run the secure-aggregation protocol for train messages."""
     return run_secagg(msg, context, call_next, default_encoder)
 
 
 def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Encoder) -> Message:
-    if msg.metadata.message_type != MessageType.TRAIN or wire.RECORD_KEY not in msg.content.config_records:
+    if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     try:
-        client = _load_client(context)
-    except (SecAggError, ValueError, KeyError) as exc:  # corrupt saved state: start afresh
+        policy = _policy(context)
+    except SecAggError as exc:  # the site's own configuration is broken: say so, do not train
+        logger.error("secure aggregation: bad site policy: %s", exc)
+        return _error_reply(msg, PolicyError(f"this site's secure-aggregation policy is invalid ({type(exc).__name__})"))
+    if wire.RECORD_KEY not in msg.content.config_records:
+        if policy.require_secure_aggregation:
+            logger.warning("refused a plain train message: this site requires secure aggregation")
+            return _error_reply(msg, PolicyError(
+                "this site requires secure aggregation (sgs-require-secagg) and refuses a plain train message"
+            ))
+        return call_next(msg, context)
+    ident = _identity(context, policy)
+    site = _load_site(context, policy)
+    try:
+        client = _load_client(context, ident, policy, site)
+    except (SecAggError, ValueError, KeyError, TypeError) as exc:  # corrupt saved state: start afresh
         logger.warning("discarding unreadable secure-aggregation state: %r", exc)
-        client = SecAggClient(int(context.node_id))
+        client = SecAggClient(int(context.node_id), identity=ident, policy=policy)
+        client.history = dict(site.history)
     try:
         rec = msg.content.config_records[wire.RECORD_KEY]
-        stage = Stage(int(cast(int, rec[wire.FIELD_STAGE])))
-        payload = rec[wire.FIELD_PAYLOAD]
+        stage = _stage(rec)
+        payload = rec.get(wire.FIELD_PAYLOAD)
         if not isinstance(payload, bytes):
             raise MalformedMessageError("protocol payload is not bytes")
         server_msg = wire.decode(payload)
+        if server_msg.stage != stage:
+            raise MalformedMessageError("protocol record's stage differs from its payload's")
         reply: wire.Message
         if stage == Stage.MASKED_INPUT:
-            masked = _on_masked_input(msg, context, client, server_msg, rec, call_next, encoder)
+            client.expect_masked_input(server_msg)
+            masked = _on_masked_input(msg, context, client, server_msg, rec, call_next, encoder, policy, site)
             if isinstance(masked, Message):
+                client.abandon()
                 _save_client(context, client)
                 return masked  # the user's train function failed: its error goes back
             reply = masked
         else:
             reply = client.handle(server_msg)
-    except (SecAggError, ValueError, KeyError) as exc:
+    except Exception as exc:
         logger.warning("secure aggregation refused a message: %s: %s", type(exc).__name__, exc)
+        client.abandon()
         _save_client(context, client)
         return _error_reply(msg, exc)
     _save_client(context, client)
+    if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered (never twice)
+        site.history = dict(client.history)
+        _save_site(context, policy, site)
     return _protocol_reply(msg, stage, reply)
 
 
@@ -122,23 +237,40 @@ def _on_masked_input(
     rec: ConfigRecord,
     call_next: CallNext,
     encoder: Encoder,
+    policy: ClientPolicy,
+    site: SiteState,
 ) -> wire.Message | Message:
-    a_key, c_key, w_key = str(rec["arrays-key"]), str(rec["config-key"]), str(rec["weight-key"])
+    a_key, c_key, w_key = (_text_field(rec, k) for k in ("arrays-key", "config-key", "weight-key"))
+    if a_key not in msg.content.array_records or wire.SPEC_KEY not in msg.content.config_records:
+        raise MalformedMessageError("masked-input request lacks the global model or the update spec")
     model = msg.content.array_records[a_key]
     cfg = msg.content.config_records.get(c_key, ConfigRecord())
     spec = UpdateSpec.from_config(dict(msg.content.config_records[wire.SPEC_KEY]))
-    # The masks are keyed with the digest of exactly what this client trains on.
-    digest = binding_digest([(k, v.numpy()) for k, v in model.items()], dict(cfg), spec.to_config())
+    named = [(k, v.numpy()) for k, v in model.items()]
+    model_size = int(sum(a.size for _, a in named))
+    if spec.vector_length(model_size) > policy.max_vector_length:
+        raise PolicyError("the round's vector exceeds this site's limit (sgs-max-vector)")
+    # The model is hashed once: its digest keys the masks (with config and spec) and is
+    # what the site remembers so that one model is never aggregated twice.
+    m_digest = model_digest(named)
+    digest = binding_digest(m_digest, dict(cfg), spec.to_config())
+    if spec.dp_mode == "distributed":
+        dim = padded_length(model_size) if spec.rotation_seed >= 0 else model_size
+        accountant = SiteAccountant(policy.dp_min_noise_multiplier, policy.dp_max_epsilon, policy.dp_delta,
+                                    list(site.dp_events))
+        eps = accountant.admit(spec.noise_mu_share, spec.min_survivors, spec.bits_per_coordinate or 32, dim,
+                               spec.max_cohort)
+        site.dp_events = accountant.events
+        _save_site(context, policy, site)  # spent before the masked input leaves the site
+        logger.info("distributed DP: this site's epsilon against the server is now %.4g (delta %g)", eps, policy.dp_delta)
     # The user's train function sees the ordinary train message of a plain round.
     train_msg = Message(content=RecordDict({a_key: model, c_key: cfg}), metadata=msg.metadata)  # type: ignore[call-overload]
     try:
         out = call_next(train_msg, context)
     except Exception as exc:  # the user's code failed: this client drops out of the round
-        client.abandon()
         logger.warning("train function failed; leaving the secure round: %r", exc)
         return _error_reply(msg, exc, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
     if out.has_error():
-        client.abandon()
         return Message(out.error, reply_to=msg)
     arrays = list(out.content.array_records.values())
     metric_recs = list(out.content.metric_records.values())
@@ -157,15 +289,16 @@ def _on_masked_input(
         raise EncodingError(f"'{w_key}' must be a whole number, got {raw_weight!r}")
     # Its range (1..max_weight) is checked by the encoder, which also sets it to 1 under DP.
     weight = int(raw_weight)
-    delta = np.concatenate([(n.numpy() - g.numpy()).ravel() for n, g in zip(new.values(), model.values(), strict=True)])
-    scalar_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    delta = np.concatenate([(n.numpy() - g).ravel() for n, (_, g) in zip(new.values(), named, strict=True)])
+    scalar_metrics: dict[str, Any] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     encoded = encoder(delta, scalar_metrics, weight, spec, context)
     if encoded.clipped:
         logger.warning(
             "%d of %d update coordinates exceeded clip_range=%g and were clipped before masking",
             encoded.clipped, delta.size, spec.clip_range,
         )
-    return client.handle(server_msg, vector=encoded.vector, bound_digest=digest)
+    return client.handle(server_msg, vector=encoded.vector, bound_digest=digest, model_digest=m_digest,
+                         min_survivors=spec.min_survivors if spec.dp_mode == "distributed" else 0)
 
 
 class SecAggClientMixin:

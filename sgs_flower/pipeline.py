@@ -56,6 +56,7 @@ class UpdateSpec:
     l2_clip: float = 0.0  # clients clip their (rotated) delta to this L2 norm
     noise_mu_share: float = 0.0  # distributed: each client's Skellam parameter (integer units)
     rotation_seed: int = -1  # distributed: public seed of the randomized Hadamard rotation; -1 = none
+    min_survivors: int = 0  # distributed: fewest survivors the noise shares are calibrated for
 
     def __post_init__(self) -> None:
         if not self.metric_range > 0:
@@ -73,6 +74,10 @@ class UpdateSpec:
                 raise ConfigurationError("DP weighs every client equally (the sensitivity argument): max_weight must be 1")
         if self.dp_mode == "distributed" and not self.noise_mu_share > 0:
             raise ConfigurationError(f"distributed DP needs noise_mu_share > 0, got {self.noise_mu_share}")
+        if self.dp_mode == "distributed" and not 1 <= self.min_survivors <= self.max_cohort:
+            raise ConfigurationError(
+                f"distributed DP needs min_survivors in 1..max_cohort={self.max_cohort}, got {self.min_survivors}"
+            )
         self.quantization  # validates the field and cohort bounds  # noqa: B018
 
     @property
@@ -106,7 +111,7 @@ class UpdateSpec:
                 metric_range=float(d["metric_range"]), noise_headroom=int(d["noise_headroom"]),
                 bits_per_coordinate=int(d["bits_per_coordinate"]), dp_mode=str(d["dp_mode"]),
                 l2_clip=float(d["l2_clip"]), noise_mu_share=float(d["noise_mu_share"]),
-                rotation_seed=int(d["rotation_seed"]),
+                rotation_seed=int(d["rotation_seed"]), min_survivors=int(d.get("min_survivors", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigurationError(f"malformed update spec from the server: {exc!r}") from exc
@@ -218,17 +223,26 @@ def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr).encode()
 
 
-def binding_digest(
-    arrays: Sequence[tuple[str, np.ndarray]], config: Mapping[str, Any], spec_config: Mapping[str, Any]
-) -> bytes:
-    """SHA-256 over the global model, the train config and the update spec as one party
-    holds them. Client and server compute it independently; it keys the masks."""
-    h = hashlib.sha256(b"sgs-flower/binding/v1")
+def model_digest(arrays: Sequence[tuple[str, np.ndarray]]) -> bytes:
+    """SHA-256 over the global model alone (names, dtypes, shapes, values). A client
+    signs at most one survivor set per model digest (never aggregated twice)."""
+    h = hashlib.sha256(b"sgs-flower/model/v1")
     for name, a in arrays:
         arr = np.ascontiguousarray(a)
         meta = _canonical([name, arr.dtype.str, list(arr.shape)])
         h.update(struct.pack(">I", len(meta)) + meta)
         h.update(arr.tobytes())
+    return h.digest()
+
+
+def binding_digest(
+    arrays: Sequence[tuple[str, np.ndarray]] | bytes, config: Mapping[str, Any], spec_config: Mapping[str, Any]
+) -> bytes:
+    """SHA-256 over the global model (or its :func:`model_digest`), the train config and
+    the update spec as one party holds them. Client and server compute it
+    independently; it keys the masks."""
+    h = hashlib.sha256(b"sgs-flower/binding/v2")
+    h.update(arrays if isinstance(arrays, bytes) else model_digest(arrays))
     cfg = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in config.items()}
     for part in (cfg, dict(spec_config)):
         blob = _canonical(part)

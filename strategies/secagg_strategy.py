@@ -1,6 +1,7 @@
 """A drop-in strategy wrapper: any weighted-mean Flower strategy, aggregated securely.
 
-``SecAggStrategy(FedAvg(...))`` runs each round as the four SecAgg+ exchanges through
+``SecAggStrategy(FedAvg(...))`` runs each round as the five SecAgg+ exchanges (keys, shares, masked input,
+consistency check, unmask) through
 the ``Grid`` (overriding ``start()``), decodes the one aggregate the protocol releases
 (the weighted-mean model delta, plus the cohort's weighted-mean train metrics), and
 hands it to the wrapped strategy as a single reply, so the wrapped strategy's own
@@ -293,7 +294,10 @@ class SecAggStrategy(Strategy):
             requests = server.collect_masked(
                 self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report, train_extra, keys_fields)
             )
-            outcome = server.collect_unmask(self._exchange(grid, server_round, Stage.UNMASK, requests, report))
+            unmask = server.collect_consistency(
+                self._exchange(grid, server_round, Stage.CONSISTENCY, requests, report)
+            )
+            outcome = server.collect_unmask(self._exchange(grid, server_round, Stage.UNMASK, unmask, report))
             report.survivors = list(outcome.survivors)
             decoded = decode_update(outcome.total, spec, len(outcome.survivors), model_size)
         except InconsistentAggregateError as exc:

@@ -145,6 +145,7 @@ class DPAggregator:
         fields = dict(
             dp_mode="distributed", l2_clip=dp.clip_norm, clip_range=dp.clip_norm,
             bits_per_coordinate=q.bits_per_coordinate, noise_headroom=q.noise_headroom, noise_mu_share=q.mu_share,
+            min_survivors=min_surv,
         )
         events = round_events(mech, server_adds_noise=False, sampling=dp.sampling, population=population, cohort_size=cohort)
         return events, fields, q.scale

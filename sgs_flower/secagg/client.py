@@ -415,18 +415,22 @@ class SecAggClient:
         if recipient != self.node_id:
             raise UnknownSenderError(f"message addressed to node {recipient} reached node {self.node_id}")
 
-    def _handle(
-        self, msg: Message, vector: np.ndarray | None, bound_digest: bytes, model_digest: bytes, min_survivors: int
-    ) -> Message:
-        self.check_header(msg)
-        if isinstance(msg, Setup):
-            if msg.run_id == self.last_masked[0] and msg.round_id <= self.last_masked[1]:
+    def expect_masked_input(self, msg: Message) -> None:
+        """Check, before the site trains (and spends privacy budget), that ``msg`` is the
+        masked-input request of the round in progress; raises what :meth:`handle` would."""
+        try:
+            self.check_header(msg)
+            self._check_round(msg)
+            if not (isinstance(self.state, AwaitingShares) and isinstance(msg, ShareBundle)):
                 raise StaleMessageError(
-                    f"setup for round {msg.round_id} of run {msg.run_id} is stale or replayed: node "
-                    f"{self.node_id} already sent its input for round {self.last_masked[1]}"
+                    f"{type(msg).__name__} is not valid while node {self.node_id} is at stage "
+                    f"{self.stage.name if self.stage else 'idle'}"
                 )
-            self.state, advertise = AwaitingSetup(self.node_id).on_setup(msg, self.identity, self.policy)
-            return advertise
+        except ProtocolError:
+            self.state = AwaitingSetup(self.node_id)
+            raise
+
+    def _check_round(self, msg: Message) -> Setup:
         st = self.state
         if isinstance(st, AwaitingSetup):
             raise StaleMessageError(
@@ -439,6 +443,22 @@ class SecAggClient:
                 f"{type(msg).__name__} is for run {msg.run_id} round {msg.round_id}, but the round in "
                 f"progress is run {setup.run_id} round {setup.round_id} (replayed or stale)"
             )
+        return setup
+
+    def _handle(
+        self, msg: Message, vector: np.ndarray | None, bound_digest: bytes, model_digest: bytes, min_survivors: int
+    ) -> Message:
+        self.check_header(msg)
+        if isinstance(msg, Setup):
+            if msg.run_id == self.last_masked[0] and msg.round_id <= self.last_masked[1]:
+                raise StaleMessageError(
+                    f"setup for round {msg.round_id} of run {msg.run_id} is stale or replayed: node "
+                    f"{self.node_id} already sent its input for round {self.last_masked[1]}"
+                )
+            self.state, advertise = AwaitingSetup(self.node_id).on_setup(msg, self.identity, self.policy)
+            return advertise
+        setup = self._check_round(msg)
+        st = self.state
         if isinstance(st, AwaitingRoster) and isinstance(msg, KeyRoster):
             self.state, share_keys = st.on_roster(msg, self.identity, self.policy)
             return share_keys

@@ -10,6 +10,8 @@ and refuses anything that asks for less protection. The server may ask for more.
 from __future__ import annotations
 
 import math
+import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,8 @@ from typing import Any
 from sgs_flower.secagg.errors import ConfigurationError, PolicyError
 from sgs_flower.secagg.graph import active_threshold, default_degree
 from sgs_flower.secagg.identity import Roster, read_identity
+
+ENV_VAR = "SGS_NODE_CONFIG"  # the same keys for sites whose node config cannot be set (simulation)
 
 NODE_CONFIG_KEYS = {
     "sgs-require-secagg": "refuse plain (unprotected) train messages (default true)",
@@ -118,3 +122,24 @@ class ClientPolicy:
             dp_max_epsilon=get("sgs-dp-max-epsilon", float, 0.0),
             dp_delta=get("sgs-dp-delta", float, 1e-5),
         )
+
+
+def parse_node_config_text(text: str) -> dict[str, str]:
+    """``key=value key2="value 2"`` (the syntax of ``flower-supernode --node-config``)."""
+    out: dict[str, str] = {}
+    for item in shlex.split(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigurationError(f"{ENV_VAR}: expected key=value, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def site_policy(node_config: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> ClientPolicy:
+    """The site's policy: its node config, over the ``SGS_NODE_CONFIG`` environment
+    variable of the SuperNode's process (Flower simulations cannot set node config;
+    the environment of the process that runs the ClientApp is the site's too)."""
+    env = os.environ if environ is None else environ
+    merged: dict[str, Any] = parse_node_config_text(env.get(ENV_VAR, ""))
+    merged.update(node_config)
+    return ClientPolicy.from_node_config(merged)
