@@ -205,7 +205,9 @@ def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: P
     run_config = " ".join(f"{k}={_toml(v)}" for k, v in cfg.items())
     cmd = [flwr_executable(), "run", str(app), "--stream", "--federation-config",
            f"num-supernodes={spec.supernodes}", "--run-config", run_config]
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    # flwr starts flower-superlink by name: put this interpreter's venv first on PATH
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path}
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - t0
@@ -265,10 +267,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     home = work / "flwr-home"
     rows: dict[str, dict[str, Any]] = {}
+    failed: list[str] = []
     try:
         app = copy_app(work)
         for label in [r.strip() for r in runs.split(",") if r.strip()]:
-            row = run_one(app, home, spec_for(label, args.supernodes), rounds, out_dir)
+            try:
+                row = run_one(app, home, spec_for(label, args.supernodes), rounds, out_dir)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:  # the other runs still run
+                failed.append(label)
+                print(f"{label}: FAILED: {exc}", file=sys.stderr, flush=True)
+                continue
             rows[label] = row
             print(f"{label}: accuracy {row['accuracy']:.4f} (last round {row['last_round_accuracy']:.4f}), "
                   f"epsilon {row['epsilon_consumer']} / {row['epsilon_server']}, {row['round_seconds']:.2f} s/round, "
@@ -297,6 +305,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                 print(f"benchmark: sample-dp round {sdp:.2f} s = {sdp / rows[base]['round_seconds']:.2f}x "
                       f"the {base} round ({rows[base]['round_seconds']:.2f} s), same configuration")
     print(json.dumps(rows))
+    if failed:
+        raise SystemExit(f"runs failed: {failed}")
     return rows
 
 

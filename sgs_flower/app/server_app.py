@@ -20,7 +20,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
@@ -102,10 +102,10 @@ class TailAverage:
     def mean(self, like: ArrayRecord) -> ArrayRecord:
         keys = list(like.keys())
         parts = [m for _, m in self.models]
-        out = {}
+        out: dict[str, Array] = {}
         for i, key in enumerate(keys):
             ref = np.asarray(like[key].numpy())
-            out[key] = np.mean([p[i] for p in parts], axis=0).astype(ref.dtype)
+            out[key] = Array(np.mean([p[i] for p in parts], axis=0).astype(ref.dtype))
         return ArrayRecord(out)
 
 
