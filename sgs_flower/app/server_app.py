@@ -155,9 +155,10 @@ def main(grid: Grid, context: Context) -> None:
     model_files = [Path(p) for p in (s["model-file"],) if p]
     if s["results-file"]:
         model_files.append(Path(s["results-file"]).with_suffix(".npz"))
+    final: dict[str, Any] = {k: v.numpy() for k, v in released.items()}
     for path in model_files:  # the released model, for comparisons across runs
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **{k: v.numpy() for k, v in released.items()})
+        np.savez(path, **final)
     if stopped:
         log(WARNING, "training stopped by the privacy budget after round %d of %d: %s. The released model "
             "(mean of rounds %s) is saved%s.", max(acc), int(s["num-server-rounds"]), stopped, tail.rounds() or [0],
