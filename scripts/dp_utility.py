@@ -58,7 +58,12 @@ from sgs_flower.app.task import (
 from sgs_flower.dp.aggregator import DPAggregator
 from sgs_flower.dp.config import DPConfig
 from sgs_flower.dp.noise import skellam_share
-from sgs_flower.dp.sample_dp import Criterion, SampleDPSettings, noise_multiplier_for, train_private_round
+from sgs_flower.dp.sample_dp import (
+    Criterion,
+    SampleDPSettings,
+    noise_multiplier_for,
+    train_private_round,
+)
 from sgs_flower.pipeline import UpdateSpec, decode_update, encode_update, flatten, unflatten
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.server import RoundParams, SecAggServer
