@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,27 @@ def spec_for(label: str, supernodes: int) -> RunSpec:
     return RunSpec(label, label, supernodes)
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def superlink_ports(home: Path) -> dict[str, str]:
+    """Ports of OUR managed SuperLink, chosen once per FLWR_HOME.
+
+    ``flwr run`` starts its local SuperLink on fixed ports (39091/39093) unless told
+    otherwise, and reuses whatever SuperLink answers there: on a shared machine our
+    runs would land in another user's SuperLink (and die when they stop it).
+    """
+    ports = home / "ports.json"
+    if not ports.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        ports.write_text(json.dumps({"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+                                     "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}))
+    return dict(json.loads(ports.read_text()))
+
+
 def flwr_executable() -> str:
     beside = Path(sys.executable).with_name("flwr")  # the venv that runs this script
     return str(beside) if beside.exists() else (shutil.which("flwr") or "flwr")
@@ -207,7 +229,7 @@ def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: P
            f"num-supernodes={spec.supernodes}", "--run-config", run_config]
     # flwr starts flower-superlink by name: put this interpreter's venv first on PATH
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path}
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path, **superlink_ports(home)}
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - t0
