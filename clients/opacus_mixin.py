@@ -15,7 +15,12 @@ import json
 import torch
 from flwr.app import ConfigRecord, Context
 
-from sgs_flower.dp.sample_dp import PrivateRoundResult, SampleDPSettings, train_private_round
+from sgs_flower.dp.sample_dp import (
+    PrivateRoundResult,
+    SampleDPSettings,
+    TrainStep,
+    train_private_round,
+)
 
 STATE_KEY = "sgs.sample_dp"
 
@@ -31,9 +36,16 @@ class OpacusPrivacyMixin:
         lr: float,
         settings: SampleDPSettings,
         context: Context,
+        *,
+        train_step: TrainStep,
+        momentum: float = 0.0,
     ) -> PrivateRoundResult:
+        """One private round in the user's own loop ``train_step`` (model, loader,
+        epochs, optimizer, criterion) -> loss; the accountant lives in ``context.state``."""
         rec = context.state.config_records.get(STATE_KEY)
         state = json.loads(str(rec["accountant"])) if rec is not None else None
-        result = train_private_round(net, loader, epochs, lr, settings, state)
+        result = train_private_round(
+            net, loader, epochs, lr, settings, state, train_step=train_step, momentum=momentum
+        )
         context.state[STATE_KEY] = ConfigRecord({"accountant": json.dumps(result.state), "epsilon": result.epsilon})
         return result

@@ -58,7 +58,12 @@ from sgs_flower.app.task import (
 from sgs_flower.dp.aggregator import DPAggregator
 from sgs_flower.dp.config import DPConfig
 from sgs_flower.dp.noise import skellam_share
-from sgs_flower.dp.sample_dp import SampleDPSettings, noise_multiplier_for, train_private_round
+from sgs_flower.dp.sample_dp import (
+    Criterion,
+    SampleDPSettings,
+    noise_multiplier_for,
+    train_private_round,
+)
 from sgs_flower.pipeline import UpdateSpec, decode_update, encode_update, flatten, unflatten
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.server import RoundParams, SecAggServer
@@ -108,6 +113,12 @@ class Row:
     clipped_clients: int = 0  # user-level DP: client deltas longer than clip_norm
     clipped_coordinates: int = 0  # no DP / sample-DP: coordinates outside +-clip_range
     curve: list[float] = field(default_factory=list)
+
+
+def _train_step(model: nn.Module, loader: torch.utils.data.DataLoader, epochs: int,
+                optimizer: torch.optim.Optimizer, criterion: Criterion) -> float:
+    """The app's loop, handed to the DP core (which takes its training step from the caller)."""
+    return train(model, loader, epochs, 0.0, optimizer=optimizer, criterion=criterion)
 
 
 def make_model() -> nn.Module:
@@ -191,7 +202,8 @@ def run_mode(mode: str, study: Study, ledger_dir: Path | None = None) -> Row:
             set_weights(local, global_w)
             loader = make_loader(data, study.batch_size, shuffle=True, seed=study.seed * 100_003 + r * 1009 + cid)
             if sample is not None:
-                res = train_private_round(local, loader, study.local_epochs, study.sample_lr, sample, states.get(cid))
+                res = train_private_round(local, loader, study.local_epochs, study.sample_lr, sample, states.get(cid),
+                                          train_step=_train_step)
                 states[cid] = res.state
                 sample_eps = max(sample_eps, res.epsilon)
             else:

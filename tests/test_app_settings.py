@@ -46,3 +46,36 @@ def test_bad_configs_say_what_is_wrong():
         resolve({**DEFAULTS, "server-optimizer": "krum"})
     with pytest.raises(ValueError, match="central and distributed DP run on top of secure aggregation"):
         resolve({**DEFAULTS, "preset": "plain", "dp-mode": "central"})
+
+
+def test_tail_average_is_the_mean_of_the_last_k_models():
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from sgs_flower.app.server_app import TailAverage
+
+    tail = TailAverage(2)
+    for r, v in enumerate([1.0, 2.0, 4.0], start=1):
+        tail.add(r, ArrayRecord({"w": Array(np.full((2, 3), v, dtype=np.float32))}))
+    like = ArrayRecord({"w": Array(np.zeros((2, 3), dtype=np.float32))})
+    mean = tail.mean(like)["w"].numpy()
+    assert tail.rounds() == [2, 3]
+    assert mean.dtype == np.float32 and np.allclose(mean, 3.0)
+
+
+def test_models_and_partitions_for_large_federations():
+    from sgs_flower.app.task import load_partition, make_model, train_test_split
+
+    sizes = {name: sum(p.numel() for p in make_model(name).parameters()) for name in ("cnn", "mlp", "logreg")}
+    assert sizes["logreg"] == 650 and sizes["logreg"] < sizes["mlp"] < sizes["cnn"]
+    train, _ = train_test_split()
+    for n in (100, 128, 200):
+        parts = [load_partition(i, n) for i in range(n)]
+        assert sum(len(p) for p in parts) == len(train)
+        assert min(len(p) for p in parts) == len(train) // n  # 14 images each at 100 nodes, some 15
+    skewed = [load_partition(i, 100, "dirichlet", 0.5) for i in range(100)]
+    assert sum(len(p) for p in skewed) == len(train) and min(len(p) for p in skewed) >= 1
+    with pytest.raises(ValueError, match="model must be one of"):
+        make_model("resnet")
+    with pytest.raises(ValueError, match="'model' = 'resnet'"):
+        resolve({**DEFAULTS, "model": "resnet"})

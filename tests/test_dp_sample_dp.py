@@ -8,8 +8,10 @@ import warnings
 import pytest
 from opacus.accountants import RDPAccountant
 
+from sgs_flower.app.client_app import private_step
 from sgs_flower.app.task import Net, load_partition, make_loader
 from sgs_flower.dp.sample_dp import (
+    RDP_ORDERS,
     ClientBudgetExhaustedError,
     SampleDPSettings,
     train_private_round,
@@ -32,26 +34,65 @@ def test_three_rounds_with_restore_equal_one_accountant() -> None:
     state = None
     results = []
     for _ in range(3):
-        res = train_private_round(net, loader, 1, 0.05, SETTINGS, state)
+        res = train_private_round(net, loader, 1, 0.05, SETTINGS, state, train_step=private_step)
         state = json.loads(json.dumps(res.state))  # what Context.state can hold
         results.append(res)
     total_steps = sum(r.steps for r in results)
     assert total_steps == 3 * len(loader)
     reference = RDPAccountant()
     reference.history = [(1.0, 1 / len(loader), total_steps)]
-    eps_all = reference.get_epsilon(1e-5)
+    eps_all = reference.get_epsilon(1e-5, alphas=list(RDP_ORDERS))
     assert results[-1].epsilon == pytest.approx(eps_all, rel=1e-9)
+    # fewer orders than Opacus' default: never below its epsilon (a valid bound), and close
+    assert reference.get_epsilon(1e-5) <= results[-1].epsilon <= 1.05 * reference.get_epsilon(1e-5)
     fresh = RDPAccountant()
     fresh.history = [(1.0, 1 / len(loader), results[-1].steps)]
-    assert fresh.get_epsilon(1e-5) < 0.9 * results[-1].epsilon  # a fresh engine under-reports
+    assert fresh.get_epsilon(1e-5, alphas=list(RDP_ORDERS)) < 0.9 * results[-1].epsilon  # a fresh engine under-reports
     assert results[0].epsilon < results[1].epsilon < results[2].epsilon
 
 
 def test_refuses_to_train_past_client_budget() -> None:
     net, loader = Net(), _loader()
-    first = train_private_round(net, loader, 1, 0.05, SETTINGS, None)
+    first = train_private_round(net, loader, 1, 0.05, SETTINGS, None, train_step=private_step)
     limited = SampleDPSettings(1.0, 1.0, 1e-5, max_epsilon=first.epsilon * 1.1)
     before = [p.detach().clone() for p in net.parameters()]
     with pytest.raises(ClientBudgetExhaustedError, match="budget exhausted"):
-        train_private_round(net, loader, 1, 0.05, limited, first.state)
+        train_private_round(net, loader, 1, 0.05, limited, first.state, train_step=private_step)
     assert all((a == b).all() for a, b in zip(before, net.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_both_clipping_modes_train_and_account_the_same(mode: str) -> None:
+    """Ghost clipping changes how per-example norms are computed, not the accounting."""
+    net, loader = Net(), _loader()
+    settings = SampleDPSettings(1.0, 1.0, 1e-5, grad_sample_mode=mode)  # type: ignore[arg-type]
+    before = [p.detach().clone() for p in net.parameters()]
+    res = train_private_round(net, loader, 1, 0.05, settings, None, train_step=private_step)
+    assert res.steps == len(loader)
+    assert any(not (a == b).all() for a, b in zip(before, net.parameters(), strict=True))
+    reference = RDPAccountant()
+    reference.history = [(1.0, 1 / len(loader), len(loader))]
+    assert res.epsilon == pytest.approx(reference.get_epsilon(1e-5, alphas=list(RDP_ORDERS)), rel=1e-9)
+    assert all(not m._forward_hooks and not m._backward_hooks for m in net.modules())  # hooks removed
+
+
+def test_the_core_does_not_import_the_app() -> None:
+    import ast
+    from pathlib import Path
+
+    import sgs_flower.dp.sample_dp as mod
+
+    tree = ast.parse(Path(mod.__file__).read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("sgs_flower.app") or m.startswith("flwr")]
+
+
+def test_calibrated_z_reaches_the_target_and_not_more() -> None:
+    from sgs_flower.dp.sample_dp import noise_multiplier_for
+
+    z = noise_multiplier_for(8.0, 1e-5, 0.2, 100)
+    acct = RDPAccountant()
+    acct.history = [(z, 0.2, 100)]
+    eps = acct.get_epsilon(1e-5, alphas=list(RDP_ORDERS))
+    assert 7.8 <= eps <= 8.0

@@ -20,16 +20,20 @@ CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULTS: dict[str, Any] = {
     "preset": "secagg",
     "num-server-rounds": 10,
+    "model": "cnn",
     "fraction-train": 1.0,
     "min-nodes": 3,
     "local-epochs": 2,
     "lr": 0.1,
     "batch-size": 16,
+    "client-momentum": 0.9,
     "partitioning": "iid",
     "dirichlet-alpha": 0.5,
     "seed": 0,
     "server-optimizer": "fedavg",
     "server-lr": 0.01,
+    "server-momentum": 0.9,
+    "tail-rounds": 1,
     "proximal-mu": 0.01,
     "secure-aggregation": True,
     "clip-range": 1.0,
@@ -44,12 +48,16 @@ DEFAULTS: dict[str, Any] = {
     "max-epsilon": 0.0,
     "delta": 1e-5,
     "min-survivors": 0,
+    "grad-sample-mode": "ghost",
     "ledger": "",
     "results-file": "",
+    "model-file": "",
 }
 
 OPTIMIZERS = ("fedavg", "fedadam", "fedadagrad", "fedyogi", "fedavgm", "fedprox")
 DP_MODES = ("none", "central", "distributed", "sample")
+MODELS = ("cnn", "logreg", "mlp")  # sgs_flower.app.task.MODELS (not imported: keep this module torch-free)
+GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
 
 def available_presets() -> list[str]:
@@ -102,6 +110,15 @@ def _validate(v: dict[str, Any]) -> None:
         raise bad("server-optimizer", f"must be one of {OPTIMIZERS}")
     if v["dp-mode"] not in DP_MODES:
         raise bad("dp-mode", f"must be one of {DP_MODES}")
+    if v["model"] not in MODELS:
+        raise bad("model", f"must be one of {MODELS}")
+    if v["grad-sample-mode"] not in GRAD_SAMPLE_MODES:
+        raise bad("grad-sample-mode", f"must be one of {GRAD_SAMPLE_MODES}")
+    if int(v["tail-rounds"]) < 1:
+        raise bad("tail-rounds", "must be >= 1 (1: release the last global model)")
+    for key in ("server-momentum", "client-momentum"):
+        if not 0 <= float(v[key]) < 1:
+            raise bad(key, "must be in [0, 1)")
     if v["partitioning"] not in ("iid", "dirichlet"):
         raise bad("partitioning", "must be 'iid' or 'dirichlet'")
     for key in ("num-server-rounds", "local-epochs", "batch-size", "min-nodes"):

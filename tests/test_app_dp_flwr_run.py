@@ -1,0 +1,42 @@
+"""Distributed DP that learns, through a real Flower simulation (``flwr run``).
+
+The ``--quick`` path of scripts/app_results.py, shortened to 4 rounds: the
+distributed-dp preset on 100 SuperNodes (user-level DP needs many clients), every
+round a real SecAgg+ round with Skellam shares. The released model must be far above
+chance (10 %), the spent epsilon within the preset's budget against both the model's
+consumers and the server, and the ledger must verify.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sgs_flower.ledger import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_distributed_dp_at_100_supernodes_learns_within_budget(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "app_results.py"), "--quick", "--rounds", "4", "--keep", str(tmp_path)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    row = json.loads(out.stdout.strip().splitlines()[-1])["distributed-dp-100"]
+    assert row["supernodes"] == 100 and row["rounds"] == 4
+    assert row["accuracy"] >= 0.6, row  # chance is 0.1
+    assert 0 < row["epsilon_consumer"] <= 8.0
+    assert 0 < row["epsilon_server"] <= 8.0  # distributed DP: the noise is added before the server sees the sum
+    assert row["ledger_verified"] is True
+    assert verify(tmp_path / "distributed-dp-100-ledger.jsonl").ok
+    report = json.loads((tmp_path / "distributed-dp-100.json").read_text())
+    assert all(r["status"] == "ok" and len(r["survivors"]) == 100 for r in report["rounds"])
+    assert (tmp_path / "distributed-dp-100.png").stat().st_size > 10_000
+    left = subprocess.run(["pgrep", "-f", "sgs-app-.*flwr-home"], capture_output=True, text=True).stdout.split()
+    assert not left
