@@ -186,7 +186,8 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         if policy.require_secure_aggregation:
             logger.warning("refused a plain train message: this site requires secure aggregation")
             return _error_reply(msg, PolicyError(
-                "this site requires secure aggregation (sgs-require-secagg) and refuses a plain train message"
+                "this site requires secure aggregation and refuses a plain train message (a site that "
+                "accepts plain rounds sets sgs-require-secagg=false in its node config or SGS_NODE_CONFIG)"
             ))
         return call_next(msg, context)
     ident = _identity(context, policy)

@@ -229,7 +229,10 @@ def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: P
            f"num-supernodes={spec.supernodes}", "--run-config", run_config]
     # flwr starts flower-superlink by name: put this interpreter's venv first on PATH
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path, **superlink_ports(home)}
+    # The plain rows need sites that accept plain rounds: a site opts in through its own
+    # environment (the secure rows are unaffected: their server sends protocol messages).
+    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path, **superlink_ports(home),
+           "SGS_NODE_CONFIG": "sgs-require-secagg=false"}
     t0 = time.monotonic()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     seconds = time.monotonic() - t0
