@@ -1,4 +1,4 @@
-"""The ``sgs-flower`` command line: ledger verification and plotting.
+"""The ``sgs-flower`` command line: ledger verification and plotting, site identities.
 
 Exit codes: 0 = OK, 1 = the ledger is bad (the message names the first bad record),
 2 = usage error or unreadable file.
@@ -23,12 +23,37 @@ def _parser() -> argparse.ArgumentParser:
     plot = lsub.add_parser("plot", help="PNG of epsilon (both views) and accuracy per round")
     plot.add_argument("file", type=Path)
     plot.add_argument("-o", "--output", type=Path, default=None, help="default: FILE with .png")
+    ident = sub.add_parser("identity", help="a site's Ed25519 identity key and the federation roster")
+    isub = ident.add_subparsers(dest="identity_command", required=True)
+    new = isub.add_parser("new", help="create a key file (mode 0600) and print its public key")
+    new.add_argument("file", type=Path)
+    pub = isub.add_parser("public", help="print the public key of a key file (one roster line)")
+    pub.add_argument("file", type=Path)
+    pub.add_argument("--name", default="", help="site name written after the key")
     return parser
+
+
+def _identity(args: argparse.Namespace) -> int:
+    from sgs_flower.secagg.errors import ConfigurationError
+    from sgs_flower.secagg.identity import identity_public, read_identity, write_identity
+
+    try:
+        if args.identity_command == "new":
+            print(write_identity(args.file).hex())
+            return 0
+        line = identity_public(read_identity(args.file)).hex()
+        print(f"{line} {args.name}".rstrip())
+        return 0
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (also used by the console script)."""
     args = _parser().parse_args(argv)
+    if args.command == "identity":
+        return _identity(args)
     if args.command == "ledger":
         from sgs_flower.ledger import LedgerCorruptError, verify
 
