@@ -1,7 +1,8 @@
-"""The ``sgs-flower`` command line: ledger verification and plotting.
+"""The ``sgs-flower`` command line: ledger verification and plotting, local deployment.
 
-Exit codes: 0 = OK, 1 = the ledger is bad (the message names the first bad record),
-2 = usage error or unreadable file.
+``ledger`` exit codes: 0 = OK, 1 = the ledger is bad (the message names the first bad
+record), 2 = usage error or unreadable file. ``deploy local`` exits 0 when the run
+completed (and its ledger verifies), else 1.
 """
 
 from __future__ import annotations
@@ -23,14 +24,29 @@ def _parser() -> argparse.ArgumentParser:
     plot = lsub.add_parser("plot", help="PNG of epsilon (both views) and accuracy per round")
     plot.add_argument("file", type=Path)
     plot.add_argument("-o", "--output", type=Path, default=None, help="default: FILE with .png")
+    deploy = sub.add_parser("deploy", help="run the app on a local Flower deployment")
+    dsub = deploy.add_subparsers(dest="deploy_command", required=True)
+    from sgs_flower.deploy.cli import DESCRIPTION, add_local_arguments
+
+    local = dsub.add_parser(
+        "local",
+        help="SuperLink + N SuperNodes on 127.0.0.1 with TLS and SuperNode authentication",
+        description=DESCRIPTION,
+    )
+    add_local_arguments(local)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (also used by the console script)."""
     args = _parser().parse_args(argv)
+    if args.command == "deploy":
+        from sgs_flower.deploy.cli import run_local
+
+        return run_local(args)
     if args.command == "ledger":
-        from sgs_flower.ledger import LedgerCorruptError, verify
+        from sgs_flower.dp.ledger_accounting import verify
+        from sgs_flower.ledger import LedgerCorruptError
 
         if not args.file.is_file():
             print(f"error: {args.file} is not a file", file=sys.stderr)
