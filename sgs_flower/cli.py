@@ -1,7 +1,9 @@
-"""The ``sgs-flower`` command line: ledger verification and plotting, site identities.
+"""The ``sgs-flower`` command line: ledger verification and plotting, site identities,
+local deployment.
 
-Exit codes: 0 = OK, 1 = the ledger is bad (the message names the first bad record),
-2 = usage error or unreadable file.
+``ledger`` exit codes: 0 = OK, 1 = the ledger is bad (the message names the first bad
+record), 2 = usage error or unreadable file. ``deploy local`` exits 0 when the run
+completed (and its ledger verifies), else 1.
 """
 
 from __future__ import annotations
@@ -30,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     pub = isub.add_parser("public", help="print the public key of a key file (one roster line)")
     pub.add_argument("file", type=Path)
     pub.add_argument("--name", default="", help="site name written after the key")
+    deploy = sub.add_parser("deploy", help="run the app on a local Flower deployment")
+    dsub = deploy.add_subparsers(dest="deploy_command", required=True)
+    from sgs_flower.deploy.cli import DESCRIPTION, add_local_arguments
+
+    local = dsub.add_parser(
+        "local",
+        help="SuperLink + N SuperNodes on 127.0.0.1 with TLS and SuperNode authentication",
+        description=DESCRIPTION,
+    )
+    add_local_arguments(local)
     return parser
 
 
@@ -54,8 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "identity":
         return _identity(args)
+    if args.command == "deploy":
+        from sgs_flower.deploy.cli import run_local
+
+        return run_local(args)
     if args.command == "ledger":
-        from sgs_flower.ledger import LedgerCorruptError, verify
+        from sgs_flower.dp.ledger_accounting import verify
+        from sgs_flower.ledger import LedgerCorruptError
 
         if not args.file.is_file():
             print(f"error: {args.file} is not a file", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Real local deployment (scripts/deploy_local.py): TLS, SuperNode auth, process hygiene.
+"""Real local deployment (sgs_flower.deploy): TLS, SuperNode auth, process hygiene.
 
 These start real ``flower-superlink`` / ``flower-supernode`` processes on 127.0.0.1 and
 run the tiny Message-API app in ``tests/fixtures/deploy_tiny_app`` (plain FedAvg) through
@@ -17,17 +17,16 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import deploy_local  # noqa: E402
-from deploy_local import (  # noqa: E402
+from sgs_flower.deploy import (
     DeploymentError,
     LocalDeployment,
     generate_supernode_keys,
     pid_alive,
     pids_with_marker,
+    proc_table,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_APP = ROOT / "tests" / "fixtures" / "deploy_tiny_app"
 
@@ -144,16 +143,20 @@ def test_failed_start_leaves_no_process(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_script_cli_end_to_end_no_leftovers(tmp_path: Path) -> None:
-    """`python scripts/deploy_local.py ...` runs, prints the result and leaves nothing."""
+    """`sgs-flower deploy local ...` runs, prints the result and leaves nothing."""
     import json
     import subprocess
 
     workdir = tmp_path / "cli"
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     out = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "scripts" / "deploy_local.py"),
+            "-m",
+            "sgs_flower.cli",
+            "deploy",
+            "local",
             "--app",
             str(TINY_APP),
             "--supernodes",
@@ -172,6 +175,9 @@ def test_script_cli_end_to_end_no_leftovers(tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("SuperLink 127.0.0.1:") and "TLS=True, auth=True" in lines[0]
+    assert lines[-1].startswith("all processes stopped")
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["status"] == "finished:completed"
     result = json.loads((Path(summary["output_dir"]) / "result.json").read_text())
@@ -179,7 +185,7 @@ def test_script_cli_end_to_end_no_leftovers(tmp_path: Path) -> None:
     # No process of that deployment is left: they all ran with FLWR_HOME in workdir
     flwr_home = str(workdir.resolve() / "flwr_home").encode()
     leftovers = []
-    for pid in deploy_local._proc_table():
+    for pid in proc_table():
         try:
             env_bytes = Path(f"/proc/{pid}/environ").read_bytes()
         except OSError:

@@ -1,7 +1,7 @@
 """Acceptance tests of issue 5 for the secure app on a real local deployment.
 
 A real ``flower-superlink`` (TLS, SuperNode authentication) and real ``flower-supernode``
-processes on 127.0.0.1 (``scripts/deploy_local.py``), the sgs-flower app
+processes on 127.0.0.1 (``sgs_flower.deploy``), the sgs-flower app
 (``sgs_flower.app.server_app:app`` / ``client_app:app``) submitted with ``flwr run``.
 One deployment (3 SuperNodes, partition ``i`` of 3) is shared by the module; the tests
 run in file order and the SuperNode-kill test must stay last (the killed node is listed
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,16 +26,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from deploy_local import (  # noqa: E402
+from sgs_flower.deploy import (
     LocalDeployment,
     RunResult,
     pid_alive,
     pids_with_marker,
     verify_ledger,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the run() calls have their own
 

@@ -13,8 +13,8 @@ import pytest
 from sgs_flower.dp.aggregator import DPAggregator, ddp_quantization
 from sgs_flower.dp.budget import BudgetExhaustedError
 from sgs_flower.dp.config import DPConfig
+from sgs_flower.dp.ledger_accounting import verify
 from sgs_flower.ledger.ledger import Ledger
-from sgs_flower.ledger.verify import verify
 from sgs_flower.pipeline import UpdateSpec, decode_update, encode_update
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.server import RoundParams, SecAggServer

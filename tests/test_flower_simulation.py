@@ -189,8 +189,8 @@ def test_dp_budget_stops_training_and_a_new_server_resumes_the_ledger(tmp_path):
     continues from the spent epsilon instead of zero."""
     from sgs_flower.dp.aggregator import DPAggregator
     from sgs_flower.dp.config import DPConfig
+    from sgs_flower.dp.ledger_accounting import verify
     from sgs_flower.ledger.ledger import Ledger
-    from sgs_flower.ledger.verify import verify
 
     def dp(max_eps):
         return DPConfig(mode="distributed-dp", clip_norm=1.0, noise_multiplier=2.0, min_survivors=N, max_epsilon=max_eps)

@@ -15,8 +15,9 @@ from sgs_flower.cli import main
 from sgs_flower.dp.accounting import PrivacyAccountant, round_events
 from sgs_flower.dp.budget import BudgetExhaustedError, PrivacyBudget
 from sgs_flower.dp.events import GaussianEvent, SkellamEvent
+from sgs_flower.dp.ledger_accounting import record_abort, record_round, resume_accountant, verify
 from sgs_flower.dp.noise import noise_present, skellam_event, skellam_share_mu
-from sgs_flower.ledger import Ledger, LedgerConflictError, LedgerCorruptError, RoundEntry, verify
+from sgs_flower.ledger import Ledger, LedgerConflictError, LedgerCorruptError, RoundEntry
 from sgs_flower.ledger.chain import record_hash
 
 DELTA = 1e-5
@@ -33,7 +34,8 @@ def _entry(r: int, events=None, **kw) -> RoundEntry:
     base = dict(
         round=r, config_hash="c" * 64, protocol_version="sgs/1", crypto_suite="x25519-aesgcm",
         mode="central-dp", cohort=10, survivors=9, dropouts=1, clip_norm=1.0,
-        noise={"type": "gaussian", "noise_multiplier": 1.2, "std": 1.2}, delta=DELTA, events=events,
+        noise={"type": "gaussian", "noise_multiplier": 1.2, "std": 1.2}, delta=DELTA,
+        events=events.to_dict() if events is not None else None,
     )
     base.update(kw)
     return RoundEntry(**base)
@@ -42,7 +44,7 @@ def _entry(r: int, events=None, **kw) -> RoundEntry:
 def run_server(path: Path, max_rounds: int) -> tuple[int, PrivacyAccountant]:
     """A minimal server loop: resume, check budget, account, record, (release)."""
     ledger = Ledger.open(path)
-    acct = ledger.resume_accountant("rdp", "poisson")
+    acct = resume_accountant(ledger, "rdp", "poisson")
     ran = 0
     for r in range(ledger.last_round + 1, ledger.last_round + 1 + max_rounds):
         ev = _events()
@@ -51,7 +53,7 @@ def run_server(path: Path, max_rounds: int) -> tuple[int, PrivacyAccountant]:
         except BudgetExhaustedError:
             break
         acct.compose_round(ev)
-        ledger.append_round(_entry(r, ev), acct)
+        record_round(ledger, _entry(r, ev), acct)
         ledger.append_evaluation(r, {"accuracy": 0.1 + 0.01 * r})
         ran += 1
     return ran, acct
@@ -64,8 +66,8 @@ def ledger_file(tmp_path: Path) -> Path:
     acct = PrivacyAccountant("rdp", "poisson")
     for r in range(1, 4):
         acct.compose_round(_events())
-        ledger.append_round(_entry(r, _events()), acct)
-    ledger.append_abort(_entry(4, aborted=True, abort_reason="only 2 survivors, threshold 3"), acct)
+        record_round(ledger, _entry(r, _events()), acct)
+    record_abort(ledger, _entry(4, aborted=True, abort_reason="only 2 survivors, threshold 3"), acct)
     return path
 
 
@@ -143,7 +145,7 @@ def test_resume_gives_same_spent_epsilon_and_budget_holds(tmp_path: Path) -> Non
     path = tmp_path / "l.jsonl"
     ran1, acct1 = run_server(path, 3)
     eps1 = acct1.epsilons(DELTA)
-    resumed = Ledger.open(path).resume_accountant()
+    resumed = resume_accountant(Ledger.open(path))
     assert resumed.rounds == 3
     assert resumed.epsilons(DELTA).consumer == pytest.approx(eps1.consumer, rel=1e-12)
     assert Ledger.open(path).spent().consumer == pytest.approx(eps1.consumer, rel=1e-12)
@@ -160,7 +162,8 @@ def test_second_process_continues_from_spent_budget(tmp_path: Path) -> None:
     _, acct = run_server(path, 4)
     code = (
         "import sys; from sgs_flower.ledger import Ledger; "
-        "a = Ledger.open(sys.argv[1]).resume_accountant(); "
+        "from sgs_flower.dp.ledger_accounting import resume_accountant; "
+        "a = resume_accountant(Ledger.open(sys.argv[1])); "
         "print(a.rounds, repr(a.epsilons(1e-5).consumer))"
     )
     out = subprocess.run(
@@ -190,11 +193,11 @@ def test_distributed_dp_records_noise_present(tmp_path: Path) -> None:
     ledger = Ledger.open(tmp_path / "d.jsonl")
     noise = {"type": "skellam", "mu_share": mu, "total_mu": present.total_mu,
              "variance": present.variance, "min_survivors": 8}
-    rec = ledger.append_round(_entry(1, ev, mode="distributed-dp", noise=noise), acct)
+    rec = record_round(ledger, _entry(1, ev, mode="distributed-dp", noise=noise), acct)
     assert rec["noise"]["variance"] == pytest.approx(4.5e6)  # 9 survivors, not the 8-client target
     assert isinstance(rec["epsilon_server"], float) and math.isfinite(rec["epsilon_server"])
     assert rec["epsilon_consumer"] < rec["epsilon_server"]
-    stored = Ledger.open(tmp_path / "d.jsonl").resume_accountant()
+    stored = resume_accountant(Ledger.open(tmp_path / "d.jsonl"))
     event = stored.server.events[0]
     assert isinstance(event, SkellamEvent) and event.mu == pytest.approx(present.total_mu)
 

@@ -29,6 +29,7 @@ from sgs_flower.dp.budget import PrivacyBudget
 from sgs_flower.dp.calibrate import calibrate_noise
 from sgs_flower.dp.config import DPConfig
 from sgs_flower.dp.events import GaussianEvent
+from sgs_flower.dp.ledger_accounting import record_abort, record_round, resume_accountant
 from sgs_flower.dp.noise import noise_present, secure_rng, skellam_event, skellam_share_mu
 from sgs_flower.dp.rotation import padded_length
 from sgs_flower.ledger.ledger import Ledger, RoundEntry
@@ -112,7 +113,7 @@ class DPAggregator:
         ).hexdigest()
         self.ledger = Ledger.open(ledger_path) if ledger_path else None
         if self.ledger is not None and self.ledger.round_records():
-            self.accountant = self.ledger.resume_accountant(dp.accountant, dp.sampling)
+            self.accountant = resume_accountant(self.ledger, dp.accountant, dp.sampling)
         else:
             self.accountant = PrivacyAccountant(dp.accountant, dp.sampling)
         self.round_offset = self.ledger.last_round if self.ledger is not None else 0
@@ -219,7 +220,7 @@ class DPAggregator:
             }
         self.accountant.compose_round(events)
         if self.ledger is not None:
-            self.ledger.append_round(self._entry(plan, survivors, dropouts, noise_rec, events), self.accountant)
+            record_round(self.ledger, self._entry(plan, survivors, dropouts, noise_rec, events), self.accountant)
         return noisy / survivors
 
     def abort(self, plan: RoundPlan | None, server_round: int, cohort: int, survivors: int, reason: str) -> None:
@@ -232,7 +233,7 @@ class DPAggregator:
             dropouts=cohort - survivors, clip_norm=self.dp.clip_norm, noise={}, delta=self.dp.delta,
             aborted=True, abort_reason=reason,
         )
-        self.ledger.append_abort(entry, self.accountant)
+        record_abort(self.ledger, entry, self.accountant)
 
     def record_evaluation(self, server_round: int, metrics: dict[str, float]) -> None:
         if self.ledger is not None:
@@ -243,5 +244,5 @@ class DPAggregator:
             round=self.round_offset + plan.server_round, config_hash=self.config_hash,
             protocol_version=PROTOCOL_VERSION, crypto_suite=CRYPTO_SUITE, mode=self.dp.mode, cohort=plan.cohort,
             survivors=survivors, dropouts=dropouts, clip_norm=self.dp.clip_norm, noise=noise, delta=self.dp.delta,
-            events=events, extra={"population": plan.population, "sampling": self.dp.sampling},
+            events=events.to_dict(), extra={"population": plan.population, "sampling": self.dp.sampling},
         )

@@ -3,8 +3,12 @@
 The server writes one record per round *before* it releases the aggregate, so a
 crash can lose an aggregate but never spend budget silently. A restarted server
 opens the same file, which is verified first (a corrupt ledger is refused, naming
-the record), and :meth:`Ledger.resume_accountant` replays the recorded DP events:
-spent budget never goes back to zero.
+the record), and ``sgs_flower.dp.ledger_accounting.resume_accountant`` replays the
+recorded DP events: spent budget never goes back to zero.
+
+The ledger stores plain data (JSON-ready dicts and floats) and knows nothing of
+accountants: ``sgs_flower.dp`` depends on it, never the other way round. The one place
+where records and accountants meet is :mod:`sgs_flower.dp.ledger_accounting`.
 
 Only one process may append: appends take an exclusive ``flock`` and refuse if the
 file grew behind this process's back (:class:`LedgerConflictError`).
@@ -18,9 +22,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sgs_flower.dp.accounting import EpsilonPair, PrivacyAccountant, RoundEvents
 from sgs_flower.ledger.chain import GENESIS_HASH, as_float, canonical, seal
 from sgs_flower.ledger.verify import VerifyResult, check_chain
 
@@ -42,12 +45,20 @@ class LedgerConflictError(LedgerError):
     """Another process appended to the ledger since this one opened it."""
 
 
+class Spent(NamedTuple):
+    """Cumulative epsilons a record states: against consumers and against the server."""
+
+    consumer: float
+    server: float
+
+
 @dataclass(frozen=True)
 class RoundEntry:
     """What the server knows about one round when it is about to release (or abort) it.
 
     ``noise`` describes the noise actually present (e.g. for Skellam: survivors'
-    total mu and variance), never the target.
+    total mu and variance), never the target. ``events`` is the round's DP events in
+    their dict form (``RoundEvents.to_dict()``), stored as given.
     """
 
     round: int
@@ -61,8 +72,7 @@ class RoundEntry:
     clip_norm: float | None
     noise: Mapping[str, Any]
     delta: float
-    events: RoundEvents | None = None
-    epsilons: EpsilonPair | None = None
+    events: Mapping[str, Any] | None = None
     aborted: bool = False
     abort_reason: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -118,65 +128,45 @@ class Ledger:
         rounds = [int(r["round"]) for r in self._records if "round" in r]
         return max(rounds, default=0)
 
-    def resume_accountant(
-        self, kind: str | None = None, sampling: str | None = None
-    ) -> PrivacyAccountant:
-        """A :class:`PrivacyAccountant` that has replayed every released round's events.
-
-        ``kind``/``sampling`` default to what the ledger recorded; asking for a
-        different sampling than recorded is refused (the consumer view's
-        neighbouring relation depends on it).
-        """
-        rounds = [r for r in self._records if r["kind"] == "round"]
-        recorded = rounds[-1]["accounting"] if rounds else {}
-        if sampling is not None and recorded and sampling != recorded["sampling"]:
-            raise LedgerError(
-                f"ledger was accounted with sampling={recorded['sampling']!r}, not {sampling!r}"
-            )
-        acct = PrivacyAccountant(
-            kind or recorded.get("kind", "rdp"),  # type: ignore[arg-type]
-            sampling or recorded.get("sampling", "fixed"),  # type: ignore[arg-type]
-        )
-        for rec in rounds:
-            acct.compose_round(RoundEvents.from_dict(rec["events"]))
-        return acct
-
-    def spent(self) -> EpsilonPair:
+    def spent(self) -> Spent:
         """The epsilons stated by the last released round (0, 0 if none)."""
         rounds = [r for r in self._records if r["kind"] == "round"]
         if not rounds:
-            return EpsilonPair(0.0, 0.0)
-        return EpsilonPair(
+            return Spent(0.0, 0.0)
+        return Spent(
             as_float(rounds[-1]["epsilon_consumer"]), as_float(rounds[-1]["epsilon_server"])
         )
 
     # ------------------------------------------------------------------ writing
 
-    def append_round(self, entry: RoundEntry, accountant: PrivacyAccountant) -> dict[str, Any]:
+    def append_round(
+        self, entry: RoundEntry, *, spent: Spent, accounting: Mapping[str, str]
+    ) -> dict[str, Any]:
         """Record a released round (call BEFORE releasing the aggregate).
 
-        ``accountant`` must already have composed ``entry.events``; its epsilons are
-        what is recorded, so the record and the accountant cannot disagree.
+        ``spent`` is the cumulative epsilons after this round and ``accounting`` how
+        they were computed (``kind``, ``sampling``); use
+        ``sgs_flower.dp.ledger_accounting.record_round`` to take both from the
+        accountant that composed ``entry.events``, so record and accountant agree.
         """
         if entry.aborted or entry.events is None:
             raise ValueError("append_round needs the round's events and aborted=False")
-        eps = accountant.epsilons(entry.delta)
         body = self._entry_body(entry)
         body.update(
             {
                 "kind": "round",
-                "events": entry.events.to_dict(),
-                "accounting": {"kind": accountant.kind, "sampling": accountant.sampling},
-                "epsilon_consumer": eps.consumer,
-                "epsilon_server": eps.server,
+                "events": dict(entry.events),
+                "accounting": dict(accounting),
+                "epsilon_consumer": float(spent.consumer),
+                "epsilon_server": float(spent.server),
             }
         )
         return self._append(body)
 
-    def append_abort(self, entry: RoundEntry, accountant: PrivacyAccountant | None = None) -> dict[str, Any]:
-        """Record an aborted round: nothing released, nothing spent."""
+    def append_abort(self, entry: RoundEntry, spent: Spent | None = None) -> dict[str, Any]:
+        """Record an aborted round: nothing released, nothing spent (default: as before)."""
         body = self._entry_body(entry)
-        spent = accountant.epsilons(entry.delta) if accountant else self.spent()
+        spent = spent if spent is not None else self.spent()
         body.update(
             {
                 "kind": "abort",
