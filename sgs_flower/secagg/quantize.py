@@ -273,6 +273,7 @@ def encode_parts(
     w = int(weight)
     bits = config.field_bits
     dtype = dtype_for_bits(bits)
+    word_w = dtype.type(w)
     word_mask = dtype.type((1 << bits) - 1) if bits < dtype.itemsize * 8 else None
     total = sum(x.size for x in xs)
     out = np.empty(total + EXTRA_COORDINATES, dtype=dtype)
@@ -303,17 +304,14 @@ def encode_parts(
                 np.clip(xb, -c, c, out=cb)
                 np.multiply(cb, scale, out=y, casting="unsafe")
             dest = out[pos + start : pos + stop]
-            words = stream.words(n)
-            if nz is None and w == 1:
-                _round_block(y, words, f, out=dest)
-            else:
-                _round_block(y, words, f)
-                if nz is None:
-                    np.multiply(y, w, out=dest, casting="unsafe")
-                else:
-                    if w != 1:
-                        np.multiply(y, w, out=y)
-                    np.add(y, np.asarray(nz[start:stop]).astype(np.int64, copy=False), out=dest, casting="unsafe")
+            # q lands in the field words directly (int64 -> word: two's complement wrap);
+            # weighting and noise are then word arithmetic mod 2^32 (or 2^64), which
+            # commutes with the wrap and is cheaper than the same in int64.
+            _round_block(y, stream.words(n), f, out=dest)
+            if w != 1:
+                np.multiply(dest, word_w, out=dest)
+            if nz is not None:
+                np.add(dest, np.asarray(nz[start:stop]).astype(np.int64, copy=False).astype(dtype), out=dest)
             if word_mask is not None:
                 np.bitwise_and(dest, word_mask, out=dest)
         pos += x.size
