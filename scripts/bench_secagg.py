@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 5. the masked-input stage (encode + mask) at m = 5e6, k = 18
     m5, k5 = 5_000_000, 18
-    st = masked_input_stage(m5, k5, timed_clients=3 if quick else 5)
+    st = masked_input_stage(m5, k5, timed_clients=5 if quick else 10)
     out.update(masked_input_seconds=st["seconds"], masked_input_floor_seconds=st["floor_seconds"],
                masked_input_ratio_to_floor=st["ratio"], masked_input_helper_seconds=st["helper_seconds"],
                masked_input_helper_ratio_to_floor=st["helper_ratio"], encode_seconds=st["encode_seconds"],
