@@ -26,7 +26,7 @@ from sgs_flower.dp.clipping import clip_l2
 from sgs_flower.dp.noise import secure_rng, skellam_share
 from sgs_flower.dp.rotation import padded_length, rotate, unrotate
 from sgs_flower.secagg.errors import ConfigurationError, EncodingError
-from sgs_flower.secagg.quantize import EncodedUpdate, QuantizationConfig, encode
+from sgs_flower.secagg.quantize import EncodedUpdate, QuantizationConfig, encode_parts
 from sgs_flower.secagg.server import decode_checked
 
 logger = logging.getLogger("sgs_flower.pipeline")
@@ -139,8 +139,15 @@ def unflatten(vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray
 
 
 def prepare_delta(delta: np.ndarray, spec: UpdateSpec) -> np.ndarray:
-    """Steps 3-4 of the pipeline: optional rotation, then L2 clipping under DP."""
-    x = np.asarray(delta, dtype=np.float64).ravel()
+    """Steps 3-4 of the pipeline: optional rotation, then L2 clipping under DP.
+
+    Without either, a float32 or float64 delta comes back as it is (a flat view, not a
+    float64 copy): the encoder reads it block by block in float64 anyway, and a copy
+    of a large model is pure memory traffic in the client's hot path.
+    """
+    x = np.asarray(delta).ravel()
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
     if spec.rotation_seed >= 0:
         x = rotate(x, spec.rotation_seed)
     if spec.dp_mode == "none":
@@ -179,11 +186,9 @@ def encode_update(
         )
     scale = spec.clip_range / spec.metric_range
     m = np.array([float(metrics[k]) * scale for k in spec.metric_keys], dtype=np.float64)
-    x = np.concatenate([x, m])
-    noise = None
-    if integer_noise is not None:
-        noise = np.concatenate([integer_noise.astype(np.int64), np.zeros(len(m), dtype=np.int64)])
-    return encode(x, weight, spec.quantization, rng, noise)
+    # The delta and the metrics are encoded as two parts of one vector: no concatenated
+    # copy of the model; the noise share covers the delta only.
+    return encode_parts([x, m], weight, spec.quantization, rng, [integer_noise, None])
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,16 @@ def decode_update(total: np.ndarray, spec: UpdateSpec, survivors: int, model_siz
     )
 
 
+def _raw_bytes(arr: np.ndarray) -> memoryview | bytes:
+    """The array's memory as hashlib reads it: a zero-copy view of a contiguous array
+    (``tobytes()`` would copy the whole model once more per digest), the same bytes;
+    ``tobytes()`` only for dtypes without the buffer protocol (e.g. datetime64)."""
+    try:
+        return arr.data.cast("B")
+    except (TypeError, ValueError):
+        return arr.tobytes()
+
+
 def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr).encode()
 
@@ -231,7 +246,7 @@ def model_digest(arrays: Sequence[tuple[str, np.ndarray]]) -> bytes:
         arr = np.ascontiguousarray(a)
         meta = _canonical([name, arr.dtype.str, list(arr.shape)])
         h.update(struct.pack(">I", len(meta)) + meta)
-        h.update(arr.tobytes())
+        h.update(_raw_bytes(arr))
     return h.digest()
 
 

@@ -125,3 +125,46 @@ def test_ddp_quantization_leaves_room_for_noise():
     q = ddp_quantization(noise_multiplier=2.0, clip_norm=1.0, cohort=100, min_survivors=80, field_bits=32)
     assert 100 * q.levels + q.noise_headroom < 2**31
     assert q.noise_headroom >= 12 * 2.0 * q.levels
+
+
+def test_binding_digest_is_the_sha256_of_the_arrays_raw_bytes():
+    """The digest reads arrays without copying them (no tobytes()), yet hashes exactly
+    the bytes tobytes() gives: clients and servers of any version agree on it."""
+    import hashlib
+    import struct
+
+    from sgs_flower.pipeline import _canonical, binding_digest
+
+    def reference(arrays, config, spec_config):
+        h = hashlib.sha256(b"sgs-flower/binding/v1")
+        for name, a in arrays:
+            arr = np.ascontiguousarray(a)
+            meta = _canonical([name, arr.dtype.str, list(arr.shape)])
+            h.update(struct.pack(">I", len(meta)) + meta)
+            h.update(arr.tobytes())
+        for part in ({k: (v.hex() if isinstance(v, bytes) else v) for k, v in config.items()}, dict(spec_config)):
+            blob = _canonical(part)
+            h.update(struct.pack(">I", len(blob)) + blob)
+        return h.digest()
+
+    arrays = [
+        ("w", np.arange(12, dtype=np.float32).reshape(3, 4)), ("t", np.arange(6.0).reshape(2, 3).T),
+        ("s", np.array(2.5)), ("be", np.arange(5, dtype=">f4")), ("b", np.array([True, False])),
+        ("h", np.arange(4, dtype=np.float16)), ("e", np.zeros((0, 3))),
+        ("d", np.array(["2020-01-01"], dtype="datetime64[D]")),
+    ]
+    cfg, spec = {"lr": 0.1, "k": b"\x01"}, {"clip_range": 1.0}
+    assert binding_digest(arrays, cfg, spec) == reference(arrays, cfg, spec)
+    assert binding_digest(arrays[:1], cfg, spec) != binding_digest(arrays[1:2], cfg, spec)
+
+
+def test_encode_update_of_a_float32_delta_matches_its_float64_copy():
+    """The encode path reads a float32 delta as it is (no float64 copy): same words as
+    encoding the float64 copy with the same rounding randomness, metrics appended."""
+    spec = UpdateSpec(clip_range=0.5, max_cohort=5, max_weight=10, metric_keys=("loss",), metric_range=10.0)
+    delta = np.random.default_rng(2).uniform(-0.7, 0.7, 50_001).astype(np.float32)
+    a = encode_update(delta, {"loss": 2.0}, 4, spec, rng=np.random.default_rng(9))
+    b = encode_update(delta.astype(np.float64), {"loss": 2.0}, 4, spec, rng=np.random.default_rng(9))
+    np.testing.assert_array_equal(a.vector, b.vector)
+    assert a.clipped == b.clipped == np.count_nonzero(np.abs(delta.astype(np.float64)) > 0.5)
+    assert a.vector.size == spec.vector_length(delta.size)

@@ -6,10 +6,14 @@ examples) becomes ``w * q`` where ``q = stochastic_round(clip(x, -c, c) * s)`` a
 coordinates carry the weight ``w`` and a count of 1; the server decodes
 ``sum(w q) / (s * sum(w))``: the weighted mean, without ever seeing a single ``w``.
 
-- Unbiased: stochastic rounding has E[q] = x * s exactly, so the quantization error
-  averages out across clients and rounds instead of drifting.
-- Bound: each rounded value is within one level of x * s, so the decoded weighted mean
-  is within ``c / L`` of the true one in every coordinate (when nothing was clipped).
+- Unbiased: stochastic rounding has E[q] = x * s (to 2^-32 of a level, see
+  :func:`_round_block`), so the quantization error averages out across clients and
+  rounds instead of drifting.
+- Bound: each rounded value is within one level of x * s and never beyond +-L, so the
+  decoded weighted mean is within ``c / L`` of the true one in every coordinate (when
+  nothing was clipped).
+- Fast: one pass over the update in cache-sized blocks (see :func:`encode_parts`); the
+  rounding randomness is an AES-256-CTR keystream under a fresh key.
 - Clipping to [-c, c] is explicit: the number of clipped coordinates is returned and
   reported, never applied silently.
 - No wrap-around: the configuration is refused unless
@@ -21,12 +25,13 @@ coordinates carry the weight ``w`` and a count of 1; the server decodes
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from sgs_flower.secagg.errors import ConfigurationError, EncodingError, OverflowRiskError
-from sgs_flower.secagg.prg import dtype_for_bits, reduce_mod
+from sgs_flower.secagg.prg import Keystream, dtype_for_bits, reduce_mod
 
 EXTRA_COORDINATES = 2  # weight, count
 
@@ -114,23 +119,81 @@ class DecodedAggregate:
     count: int
 
 
-def _rng(rng: np.random.Generator | None) -> np.random.Generator:
-    return rng if rng is not None else np.random.default_rng(int.from_bytes(os.urandom(16), "big"))
+# Coordinates per pass of the encoder: its int64 (and, when clipping, float64) scratch
+# of 256 KiB and the rounding keystream block stay in cache while each coordinate is
+# touched a handful of times, instead of each step streaming a float64 copy of the
+# whole model through memory.
+CHUNK = 1 << 15
+
+
+def _fraction_bits(magnitude_bits: int) -> int:
+    """Fraction bits f kept before rounding: |y| * 2^f + 2^f must stay below 2^63.
+
+    32 whenever |y| < 2^30 (every 32-bit field); fewer only for huge 64-bit levels,
+    where float64 itself carries no more fraction than that.
+    """
+    return max(0, min(32, 62 - magnitude_bits))
+
+
+def _rounding_stream(rng: np.random.Generator | None, block_words: int) -> Keystream:
+    """Uniform 32-bit words for the rounding: AES-256-CTR under a fresh random key.
+
+    About 5x cheaper than numpy's float32 draws (2.6 vs 14 ms for 5e6 words on the
+    2-core dev box) and of cryptographic quality. With an ``rng`` (tests, reproducible
+    studies) the key is drawn from it, so results repeat.
+    """
+    key = rng.bytes(32) if rng is not None else os.urandom(32)
+    return Keystream(key, np.uint32, block_words)
+
+
+def _round_block(scaled: np.ndarray, words: np.ndarray, frac_bits: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Stochastic rounding of fixed-point values in one integer pass.
+
+    ``scaled`` holds Y = trunc(y * 2^f) (int64; modified in place); ``words`` uniform
+    32-bit words (modified too). Returns floor((Y + k) / 2^f) with k uniform in
+    [0, 2^f): it is floor(Y / 2^f) + 1 exactly when k >= 2^f - (Y mod 2^f), which has
+    probability (Y mod 2^f) / 2^f, so E[result] = Y / 2^f exactly, and |Y / 2^f - y| <
+    2^-f. The result is within one integer of y and its bias is below 2^-f (2^-32 of a
+    level for every 32-bit field), where a float32 uniform compared with the fraction
+    (the previous code) was exact to 2^-24 only.
+    """
+    if frac_bits == 0:
+        if out is not None:
+            np.copyto(out, scaled, casting="unsafe")
+            return out
+        return scaled
+    if frac_bits < 32:
+        np.right_shift(words, 32 - frac_bits, out=words)
+    np.add(scaled, words, out=scaled)
+    if out is None:
+        return np.right_shift(scaled, frac_bits, out=scaled)
+    return np.right_shift(scaled, frac_bits, out=out, casting="unsafe")
 
 
 def stochastic_round(values: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
     """Round to an integer neighbour with probabilities that make the result unbiased.
 
-    The uniform draws are float32 (13x faster than float64 for a million values): the
-    rounding probability is then exact to 2^-24, i.e. any bias is below 6e-8 of one
-    quantization level, far inside the documented bound.
+    Returns int64 of the same shape. E[result] = values up to 2^-32 (see
+    :func:`_round_block`); values must be finite and below 2^62 in magnitude.
     """
-    low = np.floor(values)
-    frac = values - low
-    up = _rng(rng).random(frac.shape, dtype=np.float32) < frac
-    out = low.astype(np.int64)
-    out += up
-    return out
+    v = np.asarray(values, dtype=np.float64)
+    flat = v.ravel()
+    out = np.empty(flat.shape, dtype=np.int64)
+    if flat.size == 0:
+        return out.reshape(v.shape)
+    amax = float(np.max(np.abs(flat)))
+    if not np.isfinite(amax):
+        raise EncodingError("cannot round non-finite values")
+    if amax >= 2.0**62:
+        raise EncodingError(f"cannot round values of magnitude {amax:.3g} to int64")
+    f = _fraction_bits(int(amax).bit_length())
+    stream = _rounding_stream(rng, min(CHUNK, flat.size))
+    for start in range(0, flat.size, CHUNK):
+        stop = min(start + CHUNK, flat.size)
+        y = out[start:stop]
+        np.multiply(flat[start:stop], np.float64(2.0**f), out=y, casting="unsafe")
+        _round_block(y, stream.words(stop - start), f)
+    return out.reshape(v.shape)
 
 
 def to_field(ints: np.ndarray, field_bits: int) -> np.ndarray:
@@ -148,6 +211,116 @@ def from_field(words: np.ndarray, field_bits: int) -> np.ndarray:
     return np.where(signed >= 1 << (field_bits - 1), signed - (1 << field_bits), signed)
 
 
+def _as_float(values: np.ndarray) -> np.ndarray:
+    """A flat float32/float64 view of the update (copied only for other dtypes): the
+    encoder works block by block in float64, so a float64 copy of a float32 model
+    would be pure memory traffic."""
+    x = np.asarray(values)
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float64)
+    return x.ravel()
+
+
+def _check_weight(weight: int, config: QuantizationConfig) -> None:
+    if isinstance(weight, bool) or int(weight) != weight or not 1 <= weight <= config.max_weight:
+        raise EncodingError(
+            f"weight must be an integer in 1..{config.max_weight} (max_weight), got {weight}: the weight "
+            "(e.g. num-examples) is bounded so the cohort's sum cannot overflow; raise max_weight "
+            "(run-config max-weight) on the server"
+        )
+
+
+def _bounded_scale(clip_range: float, levels: int, frac_bits: int) -> np.float64:
+    """s * 2^f with s = levels / clip_range, lowered by float64 ulps until
+    clip_range * scale <= levels * 2^f holds in float64 arithmetic.
+
+    Rounded multiplication is monotone, so then every |x| <= clip_range maps to
+    |x * scale| <= levels * 2^f, and the rounded integer is within [-levels, levels]
+    *exactly*: the no-wrap-around condition of the field never depends on a rounding
+    accident (L / c * c can come out one ulp above L). The change is 2^-52 relative.
+    """
+    top = np.float64(levels) * np.float64(2.0**frac_bits)
+    c = np.float64(clip_range)
+    scale = np.float64(levels) / c * np.float64(2.0**frac_bits)
+    while c * scale > top:
+        scale = np.nextafter(scale, np.float64(0.0))
+    return scale
+
+
+def encode_parts(
+    parts: Sequence[np.ndarray],
+    weight: int,
+    config: QuantizationConfig,
+    rng: np.random.Generator | None = None,
+    integer_noise: Sequence[np.ndarray | None] | None = None,
+) -> EncodedUpdate:
+    """:func:`encode` of the concatenation of ``parts``, without concatenating them.
+
+    ``integer_noise``, if given, has one entry per part (``None`` for no noise). The
+    work is done block by block (``CHUNK`` coordinates): range check, scale, round,
+    weight, add noise and wrap, each block in cache, written once into the output. A
+    block whose values all lie in [-c, c] (the usual case, found by its min and max)
+    skips the clip and the count; any other block is counted and clipped exactly as
+    ``np.count_nonzero(np.abs(x) > c)`` and ``np.clip`` would.
+    """
+    xs = [_as_float(p) for p in parts]
+    noises: list[np.ndarray | None] = [None] * len(xs) if integer_noise is None else list(integer_noise)
+    if len(noises) != len(xs):
+        raise EncodingError(f"{len(noises)} noise shares for {len(xs)} update parts")
+    for x, nz in zip(xs, noises, strict=True):
+        if nz is not None and np.shape(nz) != x.shape:
+            raise EncodingError(f"noise share has shape {np.shape(nz)}, update has {x.shape}")
+    _check_weight(weight, config)
+    w = int(weight)
+    bits = config.field_bits
+    dtype = dtype_for_bits(bits)
+    word_w = dtype.type(w)
+    word_mask = dtype.type((1 << bits) - 1) if bits < dtype.itemsize * 8 else None
+    total = sum(x.size for x in xs)
+    out = np.empty(total + EXTRA_COORDINATES, dtype=dtype)
+    levels = config.levels
+    f = _fraction_bits(levels.bit_length())
+    scale = _bounded_scale(config.clip_range, levels, f)
+    c = np.float64(config.clip_range)
+    block = max(1, min(CHUNK, total))
+    stream = _rounding_stream(rng, block)
+    y_buf = np.empty(block, dtype=np.int64)
+    clip_buf: np.ndarray | None = None
+    clipped, pos = 0, 0
+    for x, nz in zip(xs, noises, strict=True):
+        for start in range(0, x.size, block):
+            stop = min(start + block, x.size)
+            n = stop - start
+            xb, y = x[start:stop], y_buf[:n]
+            if xb.min() >= -c and xb.max() <= c:  # a NaN fails both comparisons
+                np.multiply(xb, scale, out=y, casting="unsafe")
+            else:
+                if not np.all(np.isfinite(xb)):
+                    bad = sum(int(np.count_nonzero(~np.isfinite(p))) for p in xs)
+                    raise EncodingError(f"update holds {bad} non-finite values (NaN or inf)")
+                clipped += int(np.count_nonzero(np.abs(xb) > c))
+                if clip_buf is None:
+                    clip_buf = np.empty(block, dtype=np.float64)
+                cb = clip_buf[:n]
+                np.clip(xb, -c, c, out=cb)
+                np.multiply(cb, scale, out=y, casting="unsafe")
+            dest = out[pos + start : pos + stop]
+            # q lands in the field words directly (int64 -> word: two's complement wrap);
+            # weighting and noise are then word arithmetic mod 2^32 (or 2^64), which
+            # commutes with the wrap and is cheaper than the same in int64.
+            _round_block(y, stream.words(n), f, out=dest)
+            if w != 1:
+                np.multiply(dest, word_w, out=dest)
+            if nz is not None:
+                np.add(dest, np.asarray(nz[start:stop]).astype(np.int64, copy=False).astype(dtype), out=dest)
+            if word_mask is not None:
+                np.bitwise_and(dest, word_mask, out=dest)
+        pos += x.size
+    out[total] = w
+    out[total + 1] = 1
+    return EncodedUpdate(out, clipped)
+
+
 def encode(
     update: np.ndarray,
     weight: int,
@@ -159,25 +332,9 @@ def encode(
 
     ``integer_noise`` (a discrete DP noise share, already in quantization units) is added
     after weighting; its range must have been reserved through ``noise_headroom``.
+    Non-finite values are refused; clipped coordinates are counted in ``clipped``.
     """
-    x = np.asarray(update, dtype=np.float64).ravel()
-    if not np.all(np.isfinite(x)):
-        raise EncodingError(f"update holds {int(np.sum(~np.isfinite(x)))} non-finite values (NaN or inf)")
-    if isinstance(weight, bool) or int(weight) != weight or not 1 <= weight <= config.max_weight:
-        raise EncodingError(
-            f"weight must be an integer in 1..{config.max_weight} (max_weight), got {weight}: the weight "
-            "(e.g. num-examples) is bounded so the cohort's sum cannot overflow; raise max_weight "
-            "(run-config max-weight) on the server"
-        )
-    c = config.clip_range
-    clipped = int(np.count_nonzero(np.abs(x) > c))
-    q = stochastic_round(np.clip(x, -c, c) * config.scale, rng) * int(weight)
-    if integer_noise is not None:
-        if integer_noise.shape != q.shape:
-            raise EncodingError(f"noise share has shape {integer_noise.shape}, update has {q.shape}")
-        q = q + integer_noise.astype(np.int64)
-    ints = np.concatenate([q, np.array([int(weight), 1], dtype=np.int64)])
-    return EncodedUpdate(to_field(ints, config.field_bits), clipped)
+    return encode_parts([update], weight, config, rng, None if integer_noise is None else [integer_noise])
 
 
 def decode(total: np.ndarray, config: QuantizationConfig) -> DecodedAggregate:
