@@ -136,12 +136,14 @@ def test_binding_digest_is_the_sha256_of_the_arrays_raw_bytes():
     from sgs_flower.pipeline import _canonical, binding_digest
 
     def reference(arrays, config, spec_config):
-        h = hashlib.sha256(b"sgs-flower/binding/v1")
+        m = hashlib.sha256(b"sgs-flower/model/v1")
         for name, a in arrays:
             arr = np.ascontiguousarray(a)
             meta = _canonical([name, arr.dtype.str, list(arr.shape)])
-            h.update(struct.pack(">I", len(meta)) + meta)
-            h.update(arr.tobytes())
+            m.update(struct.pack(">I", len(meta)) + meta)
+            m.update(arr.tobytes())
+        h = hashlib.sha256(b"sgs-flower/binding/v2")
+        h.update(m.digest())
         for part in ({k: (v.hex() if isinstance(v, bytes) else v) for k, v in config.items()}, dict(spec_config)):
             blob = _canonical(part)
             h.update(struct.pack(">I", len(blob)) + blob)
