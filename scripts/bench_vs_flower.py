@@ -102,7 +102,8 @@ def flower_shares(n: int) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- client apps
 def message_client_app(profile_dir: str | None = None) -> Any:
-    """Message-API ClientApp used by ``plain`` and ``ours`` (the mod passes plain rounds through).
+    """Message-API ClientApp used by ``plain`` and ``ours`` (for ``plain`` its sites opt in
+    to plain rounds through ``SGS_NODE_CONFIG``; the mod refuses them by default).
     With ``profile_dir``, every call of the mod is run under cProfile and written there."""
     from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -215,6 +216,7 @@ def message_server_main(
             reps = strategy.reports  # type: ignore[union-attr]
             out["secure_statuses"] = [r.status for r in reps]
             out["secure_round_seconds"] = [r.seconds for r in reps]
+            out["stage_seconds"] = [r.stage_seconds for r in reps]
 
     return main
 
@@ -266,6 +268,8 @@ def run_worker(variant: str, n: int, m: int, rounds: int, out_path: Path, verbos
         FLOWER_LOGGER.setLevel(logging.WARNING)
     out: dict[str, Any] = {}
     server: Any
+    if variant == "plain":  # these sites accept plain rounds (the mod refuses them by default)
+        os.environ["SGS_NODE_CONFIG"] = "sgs-require-secagg=false"
     if variant in ("plain", "ours"):
         server = ServerApp()
         server.main()(message_server_main(variant, n, m, rounds, out, profile_dir))
@@ -290,6 +294,13 @@ def run_worker(variant: str, n: int, m: int, rounds: int, out_path: Path, verbos
         **{k: v for k, v in out.items() if k not in ("final", "times")},
     }
     out_path.write_text(json.dumps(summary))
+
+
+def mean_stage_seconds(per_round: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds of each exchange over rounds 2.. (or round 1 when it is the only one)."""
+    rounds = per_round[1:] or per_round
+    names = [k for k in (rounds[0] if rounds else {})]
+    return {k: sum(r.get(k, 0.0) for r in rounds) / len(rounds) for k in names}
 
 
 # ---------------------------------------------------------------- driver
@@ -387,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         "round1_seconds": {v: results[v]["round_end"][1] for v in variants},
         "simulation_seconds": {v: results[v]["simulation_seconds"] for v in variants},
         "ours_secure_statuses": results["ours"].get("secure_statuses"),
+        # seconds per exchange of our protocol, mean over rounds 2.. (round 1 warms up the actors)
+        "ours_stage_seconds": mean_stage_seconds(results["ours"].get("stage_seconds", [])),
         "flower_num_shares": results["flower"].get("flower_num_shares"),
         "flower_threshold": results["flower"].get("flower_threshold"),
     }
@@ -400,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"final model vs plain FedAvg: ours max |diff| {out['ours_max_abs_diff_vs_plain']:.3g}, "
           f"Flower SecAgg+ {out['flower_max_abs_diff_vs_plain']:.3g} (plain vs exact float64 "
           f"{out['plain_max_abs_diff_vs_exact']:.3g})", file=sys.stderr)
+    stages = out["ours_stage_seconds"]
+    if stages:
+        print("ours, seconds per exchange: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
+              + f" (the consistency check added by the active-server protocol: {stages.get('CONSISTENCY', 0.0):.2f} s)",
+              file=sys.stderr)
     print(json.dumps(out))
     return 0
 

@@ -101,6 +101,7 @@ class RoundReport:
     reason: str = ""
     seconds: float = 0.0
     total_weight: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # per exchange, server side included
 
 
 class SecAggStrategy(Strategy):
@@ -367,7 +368,9 @@ class SecAggStrategy(Strategy):
             rec = ConfigRecord({wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(msg), **(extra_fields or {})})
             content = RecordDict({wire.RECORD_KEY: rec, **(extra or {})})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round)))
+        t0 = time.monotonic()
         replies = list(grid.send_and_receive(messages, timeout=self.config.stage_timeout))
+        report.stage_seconds[stage.name] = time.monotonic() - t0
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         out: dict[int, wire.Message | bytes] = {}
         for reply in replies:

@@ -33,6 +33,7 @@ from sgs_flower.deploy import (
     pids_with_marker,
     verify_ledger,
 )
+from sgs_flower.deploy.identities import roster_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,11 @@ KILL_RUN_CONFIG: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def dep(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("deploy-secure")
-    d = LocalDeployment(N_NODES, workdir, startup_timeout=180)
+    # Every site has its own Ed25519 identity and pins the roster (the victim of the kill
+    # test included); the sites also accept the plain comparison run (a site's opt-in).
+    setup, _roster = roster_setup(workdir, N_NODES + 1)
+    d = LocalDeployment(N_NODES, workdir, startup_timeout=180, node_setup=setup,
+                        node_config_extra={"sgs-require-secagg": False})
     try:
         d.start()
         yield d

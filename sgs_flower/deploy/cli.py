@@ -50,6 +50,11 @@ def add_local_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--insecure", action="store_true", help="no TLS (debugging only)")
     ap.add_argument("--no-auth", action="store_true", help="no SuperNode auth (debugging only)")
     ap.add_argument(
+        "--no-roster",
+        action="store_true",
+        help="do not give the sites identity keys and a pinned roster (docs/deployment.md, 2b)",
+    )
+    ap.add_argument(
         "--keep-running",
         action="store_true",
         help="after the run, keep the deployment up until Ctrl-C",
@@ -69,8 +74,21 @@ def run_local(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     signal.signal(signal.SIGHUP, _sigterm)
     t0 = time.monotonic()
+    run_config = parse_kv(args.run_config)
+    extra: dict[str, Any] = {}
+    if run_config.get("preset") == "plain" or run_config.get("secure-aggregation") is False:
+        # the sites' own opt-in: the mod refuses plain train messages by default
+        extra["sgs-require-secagg"] = False
+        print("plain run: the sites opt in to plain rounds (sgs-require-secagg=false)", flush=True)
+    setup = None
+    if not args.no_roster:
+        from sgs_flower.deploy.identities import roster_setup
+
+        setup, roster = roster_setup(workdir, args.supernodes)
+        print(f"secure-aggregation identities: one Ed25519 key per site, roster {roster}", flush=True)
     with LocalDeployment(
-        args.supernodes, workdir, tls=not args.insecure, supernode_auth=not args.no_auth
+        args.supernodes, workdir, tls=not args.insecure, supernode_auth=not args.no_auth,
+        node_config_extra=extra, node_setup=setup,
     ) as dep:
         print(
             f"SuperLink {dep.address} (TLS={dep.tls}, auth={dep.supernode_auth}), "
@@ -78,7 +96,7 @@ def run_local(args: argparse.Namespace) -> int:
             f"workdir {workdir}",
             flush=True,
         )
-        res = dep.run(args.app, parse_kv(args.run_config), timeout=args.timeout)
+        res = dep.run(args.app, run_config, timeout=args.timeout)
         print(
             f"run {res.run_id}: status={res.status} rc={res.returncode} "
             f"in {res.duration_s:.1f}s; logs in {dep.log_dir}",
