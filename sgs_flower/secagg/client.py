@@ -41,7 +41,7 @@ from sgs_flower.secagg.errors import (
 )
 from sgs_flower.secagg.graph import consistency_quorum, graph_seed, neighbours_of, validate
 from sgs_flower.secagg.policy import ClientPolicy
-from sgs_flower.secagg.prg import dtype_for_bits, get_expander, reduce_mod
+from sgs_flower.secagg.prg import dtype_for_bits, get_expander
 from sgs_flower.secagg.wire import (
     PROTOCOL_VERSION,
     AdvertiseKeys,
@@ -231,16 +231,19 @@ class AwaitingShares:
 def mask_input(
     vector: np.ndarray, sec: _RoundSecrets, peers: dict[int, NeighbourKeys], u: int, context: bytes
 ) -> np.ndarray:
-    """y = x + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)  (mod 2^b)."""
+    """y = x + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)  (mod 2^b).
+
+    All 1 + k keystreams are added in one sweep over the vector (block by block, while
+    each block is in cache), which keeps the stage at the AES keystream floor."""
     setup = sec.setup
-    acc = reduce_mod(vector.copy(), setup.field_bits)
-    exp = get_expander(setup.vector_length, acc.dtype)
+    exp = get_expander(setup.vector_length, vector.dtype)
     s_sk = keys.load_private_key(sec.s_sk)
-    exp.add(acc, keys.self_mask_key(sec.b_u, context, u))
-    for v, nk in peers.items():
-        shared = keys.agree(s_sk, nk.s_pk, v)
-        exp.add(acc, keys.pairwise_mask_key(shared, context, u, v), +1 if v > u else -1)
-    return reduce_mod(acc, setup.field_bits)
+    streams = [(keys.self_mask_key(sec.b_u, context, u), +1)]
+    streams += [
+        (keys.pairwise_mask_key(keys.agree(s_sk, nk.s_pk, v), context, u, v), +1 if v > u else -1)
+        for v, nk in peers.items()
+    ]
+    return exp.mask(vector, streams, setup.field_bits)
 
 
 @dataclass

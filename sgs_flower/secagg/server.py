@@ -381,6 +381,7 @@ class SecAggServer:
         t = self.params.threshold
         acc = self._acc
         exp = get_expander(self.params.vector_length, self.dtype)
+        streams: list[tuple[bytes, int]] = []
         p = self.params
         for v in sorted(self.u3):
             if len(b_shares[v]) < t:
@@ -391,7 +392,7 @@ class SecAggServer:
             b_v = shamir.combine(b_shares[v], t)
             if keys.self_mask_commitment(b_v, p.run_id, p.round_id, v) != self.advertised[v].self_mask_commitment:
                 raise ReconstructionError(f"self-mask seed of node {v} does not match its commitment: a bad share")
-            exp.add(acc, keys.self_mask_key(b_v, self.context, v), -1)
+            streams.append((keys.self_mask_key(b_v, self.context, v), -1))
         for v in sorted(dropped_after_sharing):
             if len(sk_shares[v]) < t:
                 raise ThresholdError(
@@ -405,7 +406,9 @@ class SecAggServer:
             for w in sorted(self.u3 & self.graph[v]):
                 shared = keys.agree(s_sk, self.advertised[w].s_pk, w)
                 # w added +PRG(s_wv) if v > w, else -PRG(s_wv): take it back out.
-                exp.add(acc, keys.pairwise_mask_key(shared, self.context, v, w), -1 if v > w else +1)
+                streams.append((keys.pairwise_mask_key(shared, self.context, v, w), -1 if v > w else +1))
+        # every threshold and reconstruction check has passed: one sweep removes all masks
+        exp.accumulate(acc, streams)
         reduce_mod(acc, p.field_bits)
         self._acc = None
         self.stage = Stage.ADVERTISE_KEYS
