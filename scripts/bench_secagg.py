@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from sgs_flower.pipeline import UpdateSpec, encode_update
 from sgs_flower.secagg.client import SecAggClient
+from sgs_flower.secagg.graph import consistency_quorum
 from sgs_flower.secagg.prg import MaskExpander, dtype_for_bits
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.simulate import simulate_round
@@ -55,6 +56,9 @@ def keystream_floor(n_streams: int, m: int, repeats: int = 3) -> float:
             np.add(acc, view, out=acc)
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+CONSISTENCY: dict[int, dict[str, float]] = {}  # n -> seconds of the consistency check (filled by drive)
 
 
 def drive(n: int, m: int, degree: int | None, drop_stage3: set[int], seed: int = 0):
@@ -85,7 +89,18 @@ def drive(n: int, m: int, degree: int | None, drop_stage3: set[int], seed: int =
         client_secs.append(time.perf_counter() - t)
         send(u, masked[u])
     requests = server.collect_masked(masked)
-    responses = {u: send(u, clients[u].handle(r)) for u, r in requests.items()}
+    # consistency check (active-server protocol): each survivor signs U3; the server
+    # checks and forwards the signatures; each client verifies a quorum before unmasking
+    t = time.perf_counter()
+    signed = {u: send(u, clients[u].handle(r)) for u, r in requests.items()}
+    unmask = server.collect_consistency(signed)
+    t_sign = time.perf_counter() - t
+    responses, verify_secs = {}, []
+    for u, r in unmask.items():
+        t = time.perf_counter()
+        responses[u] = send(u, clients[u].handle(r))
+        verify_secs.append(time.perf_counter() - t)
+    CONSISTENCY[n] = {"sign_and_check_seconds": t_sign, "client_unmask_seconds": statistics.median(verify_secs)}
     t = time.perf_counter()
     outcome = server.collect_unmask(responses)
     server_secs = time.perf_counter() - t
@@ -187,6 +202,15 @@ def main(argv: list[str] | None = None) -> dict:
                server_unmask_ratio_to_floor=server_secs / sfloor, server_unmask_m=m2, server_unmask_keystreams=streams)
     print(f"[2] server unmask n={n2} m={m2:,} 10% dropped: {server_secs:.2f} s, floor ({streams} keystreams) "
           f"{sfloor:.2f} s, ratio {server_secs / sfloor:.2f}x", file=sys.stderr)
+
+    # 6. the consistency check at n = 100: all survivors sign (server checks every
+    # signature), and one client's unmask answer including its quorum verification
+    c = CONSISTENCY[n2]
+    out.update(consistency_sign_and_check_seconds_n100=c["sign_and_check_seconds"],
+               consistency_client_unmask_seconds_n100=c["client_unmask_seconds"])
+    print(f"[6] consistency check n={n2}: {c['sign_and_check_seconds'] * 1e3:.1f} ms for all {n2 - len(drop)} "
+          f"signatures (signing + server check), {c['client_unmask_seconds'] * 1e3:.1f} ms per client to verify "
+          f"the quorum of {consistency_quorum(n2)} and answer the unmask request", file=sys.stderr)
 
     # 3. whole rounds at m = 10,000 with 5 % dropout
     sizes = [100, 250] if quick else [100, 250, 500, 1000]
