@@ -50,6 +50,9 @@ from sgs_flower.pipeline import (
     UpdateSpec,
     binding_digest,
     encode_update,
+    int_size_of,
+    metric_slot_names,
+    model_delta,
     model_digest,
 )
 from sgs_flower.secagg import wire
@@ -143,8 +146,11 @@ def _public_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: the site's train step failed (details in its log)"
 
 
-def _protocol_reply(msg: Message, stage: Stage, reply: wire.Message) -> Message:
+def _protocol_reply(msg: Message, stage: Stage, reply: wire.Message, names: tuple[list[str], list[str]] | None = None) -> Message:
     rec = ConfigRecord({wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(reply, detach_vector=True)})
+    if names is not None:  # metric names in slot order, and those left out: names only, never values
+        rec[wire.FIELD_METRIC_NAMES] = list(names[0])
+        rec[wire.FIELD_METRICS_LEFT_OUT] = list(names[1])
     content = RecordDict({wire.RECORD_KEY: rec})
     if isinstance(reply, wire.MaskedInput):
         # raw words (no np.save round trip); Flower still chunks the Array for transport
@@ -208,6 +214,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         if server_msg.stage != stage:
             raise MalformedMessageError("protocol record's stage differs from its payload's")
         reply: wire.Message
+        names: tuple[list[str], list[str]] | None = None
         if stage == Stage.MASKED_INPUT:
             client.expect_masked_input(server_msg)
             masked = _on_masked_input(msg, context, client, server_msg, rec, call_next, encoder, policy, site)
@@ -215,7 +222,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
                 client.abandon()
                 _save_client(context, client)
                 return masked  # the user's train function failed: its error goes back
-            reply = masked
+            reply, names = masked
         else:
             reply = client.handle(server_msg)
     except Exception as exc:
@@ -227,7 +234,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
     if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered (never twice)
         site.history = dict(client.history)
         _save_site(context, policy, site)
-    return _protocol_reply(msg, stage, reply)
+    return _protocol_reply(msg, stage, reply, names)
 
 
 def _on_masked_input(
@@ -240,7 +247,7 @@ def _on_masked_input(
     encoder: Encoder,
     policy: ClientPolicy,
     site: SiteState,
-) -> wire.Message | Message:
+) -> tuple[wire.Message, tuple[list[str], list[str]]] | Message:
     a_key, c_key, w_key = (_text_field(rec, k) for k in ("arrays-key", "config-key", "weight-key"))
     if a_key not in msg.content.array_records or wire.SPEC_KEY not in msg.content.config_records:
         raise MalformedMessageError("masked-input request lacks the global model or the update spec")
@@ -249,6 +256,8 @@ def _on_masked_input(
     spec = UpdateSpec.from_config(dict(msg.content.config_records[wire.SPEC_KEY]))
     named = [(k, v.numpy()) for k, v in model.items()]
     model_size = int(sum(a.size for _, a in named))
+    if spec.dp_mode == "none" and spec.int_size != int_size_of([a for _, a in named]):
+        raise MalformedMessageError("the update spec's int_size does not match the global model's integer entries")
     if spec.vector_length(model_size) > policy.max_vector_length:
         raise PolicyError("the round's vector exceeds this site's limit (sgs-max-vector)")
     # The model is hashed once: its digest keys the masks (with config and spec) and is
@@ -290,16 +299,27 @@ def _on_masked_input(
         raise EncodingError(f"'{w_key}' must be a whole number, got {raw_weight!r}")
     # Its range (1..max_weight) is checked by the encoder, which also sets it to 1 under DP.
     weight = int(raw_weight)
-    delta = np.concatenate([(n.numpy() - g).ravel() for n, (_, g) in zip(new.values(), named, strict=True)])
-    scalar_metrics: dict[str, Any] = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    # Float entries, then integer ones (BatchNorm counters): each part has its own range.
+    delta = model_delta([n.numpy() for n in new.values()], [g for _, g in named])
+    # Every numeric metric but the weight takes a slot (sorted by name); under DP none does.
+    other: dict[str, Any] = {k: v for k, v in metrics.items() if k != w_key}
+    names = metric_slot_names(other, spec)
+    scalar_metrics: dict[str, Any] = {k: float(v) for k, v in other.items() if k in names[0]}
+    if names[1] and spec.metric_slots:
+        logger.warning("train metrics %s are not aggregated: more than metric_slots=%d numeric metrics, or not "
+                       "numbers (the server is told their names)", names[1], spec.metric_slots)
     encoded = encoder(delta, scalar_metrics, weight, spec, context)
     if encoded.clipped:
         logger.warning(
-            "%d of %d update coordinates exceeded clip_range=%g and were clipped before masking",
-            encoded.clipped, delta.size, spec.clip_range,
+            "%d of %d update coordinates exceeded the round's range (clip_range=%g, int_clip_range=%g) and were "
+            "clipped before masking (the server sees the cohort's count and widens the range)",
+            encoded.clipped, delta.size, spec.clip_range, spec.int_clip_range,
         )
-    return client.handle(server_msg, vector=encoded.vector, bound_digest=digest, model_digest=m_digest,
-                         min_survivors=spec.min_survivors if spec.dp_mode == "distributed" else 0)
+    if spec.dp_mode != "none":
+        names = ([], [])
+    masked = client.handle(server_msg, vector=encoded.vector, bound_digest=digest, model_digest=m_digest,
+                           min_survivors=spec.min_survivors if spec.dp_mode == "distributed" else 0)
+    return masked, names
 
 
 class SecAggClientMixin:

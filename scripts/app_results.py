@@ -154,7 +154,7 @@ def flwr_executable() -> str:
 
 
 def ledger_verifies(path: Path) -> bool:
-    from sgs_flower.ledger import verify
+    from sgs_flower.dp.ledger_accounting import verify
 
     return bool(verify(path).ok)
 

@@ -191,7 +191,7 @@ def message_server_main(
     def main(grid: Grid, context: Context) -> None:
         inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
         strategy = inner if variant == "plain" else SecAggStrategy(
-            inner, SecAggConfig(max_weight=MAX_WEIGHT, secure_metrics=())
+            inner, SecAggConfig(max_weight=MAX_WEIGHT, metric_slots=0)
         )
         times: dict[int, float] = out.setdefault("times", {})
 

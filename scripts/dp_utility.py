@@ -190,7 +190,7 @@ def run_mode(mode: str, study: Study, ledger_dir: Path | None = None) -> Row:
             fields = dict(plan.spec_fields)
             if "rotation_seed" in fields:  # public per-round seed; fixed here so runs repeat
                 fields["rotation_seed"] = int(rng.integers(0, 2**31))
-            spec = UpdateSpec(max_cohort=n, max_weight=1, field_bits=FIELD_BITS, metric_keys=(), **fields)
+            spec = UpdateSpec(max_cohort=n, max_weight=1, field_bits=FIELD_BITS, **fields)
             row.noise_multiplier = plan.noise_multiplier
         else:
             spec = UpdateSpec(clip_range=study.clip_range, max_cohort=n, max_weight=1, field_bits=FIELD_BITS)

@@ -26,29 +26,58 @@ from sgs_flower.dp.clipping import clip_l2
 from sgs_flower.dp.noise import secure_rng, skellam_share
 from sgs_flower.dp.rotation import padded_length, rotate, unrotate
 from sgs_flower.secagg.errors import ConfigurationError, EncodingError
-from sgs_flower.secagg.quantize import EncodedUpdate, QuantizationConfig, encode_parts
+from sgs_flower.secagg.quantize import (
+    CHUNK,
+    EncodedUpdate,
+    QuantizationConfig,
+    encode_parts,
+    from_field,
+    to_field,
+)
 from sgs_flower.secagg.server import decode_checked
 
 logger = logging.getLogger("sgs_flower.pipeline")
+
+
+# Range statistics (non-DP rounds): for each of the two delta parts, the count of
+# coordinates with |x| >= range * 2^k for k = HIST_LOW .. HIST_LOW + HIST_BINS - 1.
+# Summed securely like everything else, they let the server pick the next round's
+# range (geometric steps, as adaptive clipping does) without seeing any one update.
+HIST_LOW = -3
+HIST_BINS = 16
+MAX_METRIC_SLOTS = 64
+DEFAULT_MAX_WEIGHT = 1_000_000
 
 
 @dataclass(frozen=True)
 class UpdateSpec:
     """How one round's updates are encoded; validated on construction.
 
-    - ``clip_range``: per-coordinate bound on the model delta (clipping is counted).
-    - ``metric_keys`` / ``metric_range``: train metrics that travel inside the masked
-      vector (scaled so that +-metric_range uses the delta's range), so the server
-      learns only their weighted cohort mean.
+    Vector layout (outside DP): the float entries of the model delta (model order), its
+    integer entries (``int_size`` coordinates: BatchNorm counters and other integer
+    buffers), ``metric_slots`` train metrics, then raw counters (range histograms of the
+    float and integer parts, clip counts of both parts and of every metric slot), the
+    weight and the count. Under DP: the delta (rotated when ``rotation_seed >= 0``),
+    weight and count only: nothing else is released there.
+
+    - ``clip_range`` / ``int_clip_range``: per-coordinate bounds of the float and integer
+      parts of the delta; clipping is counted and the counts are aggregated securely.
+    - ``metric_slots``: how many train metrics a client may put in the vector (sorted by
+      name; the names travel in plaintext beside it, the values never do).
+      ``metric_range`` bounds each metric unless ``metric_ranges`` names its own bound.
     - ``max_cohort`` / ``max_weight``: bound the sum, so the field cannot wrap around.
+      Outside DP each coordinate carries ``(w / max_weight) * x`` (scaled weights).
     """
 
     clip_range: float
     max_cohort: int
-    max_weight: int = 1024
+    max_weight: int = DEFAULT_MAX_WEIGHT
     field_bits: int = 32
-    metric_keys: tuple[str, ...] = ()
+    metric_slots: int = 0
     metric_range: float = 100.0
+    metric_ranges: tuple[tuple[str, float], ...] = ()
+    int_size: int = 0
+    int_clip_range: float = 1024.0
     noise_headroom: int = 0
     bits_per_coordinate: int = 0  # 0: the most the field admits
     # user-level DP (DESIGN.md section 4), set by the server's DPAggregator
@@ -61,15 +90,22 @@ class UpdateSpec:
     def __post_init__(self) -> None:
         if not self.metric_range > 0:
             raise ConfigurationError(f"metric_range must be > 0, got {self.metric_range}")
-        if len(set(self.metric_keys)) != len(self.metric_keys):
-            raise ConfigurationError(f"metric_keys has duplicates: {self.metric_keys}")
+        for name, r in self.metric_ranges:
+            if not (isinstance(name, str) and r > 0 and np.isfinite(r)):
+                raise ConfigurationError(f"metric_ranges[{name!r}] must be a positive finite number, got {r}")
+        if not 0 <= self.metric_slots <= MAX_METRIC_SLOTS:
+            raise ConfigurationError(f"metric_slots must be in 0..{MAX_METRIC_SLOTS}, got {self.metric_slots}")
+        if self.int_size < 0:
+            raise ConfigurationError(f"int_size must be >= 0, got {self.int_size}")
+        if not (self.int_clip_range > 0 and np.isfinite(self.int_clip_range)):
+            raise ConfigurationError(f"int_clip_range must be a positive finite number, got {self.int_clip_range}")
         if self.dp_mode not in ("none", "central", "distributed"):
             raise ConfigurationError(f"dp_mode must be none, central or distributed, got {self.dp_mode!r}")
         if self.dp_mode != "none":
             if not self.l2_clip > 0:
                 raise ConfigurationError(f"l2_clip must be > 0 under dp_mode={self.dp_mode}, got {self.l2_clip}")
-            if self.metric_keys:
-                raise ConfigurationError("train metrics cannot be released under DP: set metric_keys=()")
+            if self.metric_slots:
+                raise ConfigurationError("train metrics cannot be released under DP: set metric_slots=0")
             if self.max_weight != 1:
                 raise ConfigurationError("DP weighs every client equally (the sensitivity argument): max_weight must be 1")
         if self.dp_mode == "distributed" and not self.noise_mu_share > 0:
@@ -86,29 +122,47 @@ class UpdateSpec:
             clip_range=self.clip_range, max_cohort=self.max_cohort, max_weight=self.max_weight,
             field_bits=self.field_bits, noise_headroom=self.noise_headroom,
             bits_per_coordinate=self.bits_per_coordinate or None,
+            weight_scaled=self.dp_mode == "none" and self.max_weight > 1,
         )
+
+    @property
+    def counters(self) -> int:
+        """Raw counter words: two range histograms, two clip counts, one per metric slot."""
+        return 0 if self.dp_mode != "none" else 2 * HIST_BINS + 2 + self.metric_slots
+
+    def range_of(self, metric: str) -> float:
+        """The fixed-point range of one train metric (its own, else ``metric_range``)."""
+        return dict(self.metric_ranges).get(metric, self.metric_range)
 
     def encoded_size(self, model_size: int) -> int:
         """Coordinates the model delta occupies once encoded (padded when rotated)."""
         return padded_length(model_size) if self.rotation_seed >= 0 else model_size
 
     def vector_length(self, model_size: int) -> int:
-        """Words in the masked vector: model delta, metrics, weight, count."""
-        return self.encoded_size(model_size) + len(self.metric_keys) + 2
+        """Words in the masked vector: model delta, metrics, counters, weight, count."""
+        return self.encoded_size(model_size) + self.metric_slots + self.counters + 2
 
     def to_config(self) -> dict[str, Any]:
         """Plain values for a Flower ConfigRecord (lists of str, numbers)."""
         d = asdict(self)
-        d["metric_keys"] = list(self.metric_keys)
+        del d["metric_ranges"]
+        d["metric_range_names"] = [k for k, _ in self.metric_ranges]
+        d["metric_range_values"] = [float(v) for _, v in self.metric_ranges]
         return d
 
     @classmethod
     def from_config(cls, d: Mapping[str, Any]) -> UpdateSpec:
         try:
+            names, values = list(d["metric_range_names"]), list(d["metric_range_values"])
+            if len(names) != len(values):
+                raise ValueError("metric_range_names and metric_range_values differ in length")
             return cls(
                 clip_range=float(d["clip_range"]), max_cohort=int(d["max_cohort"]), max_weight=int(d["max_weight"]),
-                field_bits=int(d["field_bits"]), metric_keys=tuple(str(k) for k in d["metric_keys"]),
-                metric_range=float(d["metric_range"]), noise_headroom=int(d["noise_headroom"]),
+                field_bits=int(d["field_bits"]), metric_slots=int(d["metric_slots"]),
+                metric_range=float(d["metric_range"]),
+                metric_ranges=tuple((str(k), float(v)) for k, v in zip(names, values, strict=True)),
+                int_size=int(d["int_size"]), int_clip_range=float(d["int_clip_range"]),
+                noise_headroom=int(d["noise_headroom"]),
                 bits_per_coordinate=int(d["bits_per_coordinate"]), dp_mode=str(d["dp_mode"]),
                 l2_clip=float(d["l2_clip"]), noise_mu_share=float(d["noise_mu_share"]),
                 rotation_seed=int(d["rotation_seed"]), min_survivors=int(d.get("min_survivors", 0)),
@@ -125,17 +179,103 @@ def flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:
 
 
 def unflatten(vector: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Cut a flat vector back into arrays shaped (and typed) like ``like``."""
+    """Cut a flat vector back into arrays shaped (and typed) like ``like``.
+
+    Integer (and bool) entries are rounded to the nearest integer, as a model's counter
+    must be; 0-d entries (BatchNorm's ``num_batches_tracked``) stay 0-d arrays, never
+    NumPy scalars (which Flower's ``Array`` refuses).
+    """
     total = sum(int(np.asarray(a).size) for a in like)
     if vector.size != total:
         raise EncodingError(f"vector has {vector.size} values, the model has {total}")
     out, i = [], 0
     for a in like:
         a = np.asarray(a)
-        chunk = vector[i : i + a.size].reshape(a.shape)
-        out.append(np.rint(chunk).astype(a.dtype) if np.issubdtype(a.dtype, np.integer) else chunk.astype(a.dtype))
+        chunk = np.asarray(vector[i : i + a.size]).reshape(a.shape)
+        if a.dtype == np.bool_:
+            arr = np.asarray(chunk >= 0.5)
+        elif np.issubdtype(a.dtype, np.integer):
+            arr = np.asarray(np.rint(chunk)).astype(a.dtype)
+        else:
+            arr = np.asarray(chunk).astype(a.dtype)
+        out.append(arr.reshape(a.shape))
         i += a.size
     return out
+
+
+def is_float_entry(a: np.ndarray) -> bool:
+    """Float entries form the delta's first part; the rest (integer counters, bools)
+    the second, with its own range: a BatchNorm counter grows by hundreds per round
+    where a weight moves by 1e-3, and one range for both would cost all the precision."""
+    return bool(np.issubdtype(np.asarray(a).dtype, np.floating))
+
+
+def update_order(like: Sequence[np.ndarray]) -> list[int]:
+    """Indices of the model's entries in vector order: float entries, then the others."""
+    return [i for i, a in enumerate(like) if is_float_entry(a)] + [
+        i for i, a in enumerate(like) if not is_float_entry(a)
+    ]
+
+
+def int_size_of(like: Sequence[np.ndarray]) -> int:
+    """Coordinates of the model's non-float entries (``UpdateSpec.int_size``)."""
+    return int(sum(np.asarray(a).size for a in like if not is_float_entry(a)))
+
+
+def model_delta(new: Sequence[np.ndarray], old: Sequence[np.ndarray]) -> np.ndarray:
+    """``new - old`` flattened in :func:`update_order` (float32 stays float32)."""
+    order = update_order(old)
+    parts = []
+    for i in order:
+        n, o = np.asarray(new[i]), np.asarray(old[i])
+        if n.shape != o.shape:
+            raise EncodingError(f"train reply's entry {i} has shape {n.shape}, the global model's has {o.shape}")
+        if is_float_entry(o):
+            parts.append((n - o).ravel())
+        else:
+            parts.append((n.astype(np.float64) - o.astype(np.float64)).ravel())
+    if not parts:
+        return np.zeros(0)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def apply_delta(like: Sequence[np.ndarray], delta: np.ndarray) -> list[np.ndarray]:
+    """``like + delta`` (``delta`` in :func:`update_order`), each entry in its own dtype
+    and shape: integer entries rounded (plain FedAvg would average them as floats)."""
+    order = update_order(like)
+    base = flatten([like[i] for i in order])
+    moved = unflatten(base + delta, [like[i] for i in order])
+    out: list[np.ndarray] = [np.empty(0)] * len(like)
+    for i, arr in zip(order, moved, strict=True):
+        out[i] = arr
+    return out
+
+
+def metric_slot_names(metrics: Mapping[str, Any], spec: UpdateSpec) -> tuple[list[str], list[str]]:
+    """The numeric metrics that take the slots (sorted by name, at most ``metric_slots``)
+    and the names left out (too many, or not a number)."""
+    numeric = sorted(k for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool))
+    other = sorted(k for k in metrics if k not in numeric)
+    return numeric[: spec.metric_slots], numeric[spec.metric_slots :] + other
+
+
+def magnitude_histogram(x: np.ndarray, r: float) -> np.ndarray:
+    """``out[j]`` = how many |x| >= r * 2^(HIST_LOW + j), j = 0..HIST_BINS-1.
+
+    Blockwise: a block whose largest magnitude is below the lowest threshold costs one
+    max; otherwise the exponent of |x| / r (``frexp``) puts each value in its bin."""
+    counts = np.zeros(HIST_BINS, dtype=np.int64)
+    x = np.asarray(x).ravel()
+    lo = r * 2.0**HIST_LOW
+    for start in range(0, x.size, CHUNK):
+        b = np.abs(x[start : start + CHUNK])
+        if b.size == 0 or not b.max() >= lo:
+            continue
+        b = b[b >= lo]
+        _, e = np.frexp(b / r)  # b / r = m * 2^e, m in [0.5, 1): b / r >= 2^k iff e - 1 >= k
+        idx = np.minimum(e.astype(np.int64) - 1 - HIST_LOW, HIST_BINS - 1)
+        counts += np.bincount(idx[idx >= 0], minlength=HIST_BINS)[:HIST_BINS]
+    return np.cumsum(counts[::-1])[::-1]
 
 
 def prepare_delta(delta: np.ndarray, spec: UpdateSpec) -> np.ndarray:
@@ -166,29 +306,46 @@ def encode_update(
     rng: np.random.Generator | None = None,
     integer_noise: np.ndarray | None = None,
 ) -> EncodedUpdate:
-    """One client's flat delta, metrics and weight as field words.
+    """One client's flat delta (in :func:`update_order`), metrics and weight as field words.
 
     Under DP the delta is (rotated and) L2-clipped, every client counts with weight 1
     (so one client's influence on the sum is bounded by the clip norm, whatever its
     ``num-examples``), and in distributed DP a Skellam noise share is added in the
-    integer domain before masking.
+    integer domain before masking; no metric or counter is released. Outside DP the
+    metrics take their slots (see :func:`metric_slot_names`) and the counters follow.
     """
     x = prepare_delta(delta, spec)
     if spec.dp_mode != "none":
         weight = 1
         if spec.dp_mode == "distributed" and integer_noise is None:
             integer_noise = skellam_share(x.size, spec.noise_mu_share, secure_rng())
-    missing = [k for k in spec.metric_keys if k not in metrics]
-    if missing:
-        raise EncodingError(
-            f"train reply lacks the metrics {missing} that the server aggregates securely; "
-            "return them from your train function or change secure-metrics in the run config"
-        )
-    scale = spec.clip_range / spec.metric_range
-    m = np.array([float(metrics[k]) * scale for k in spec.metric_keys], dtype=np.float64)
-    # The delta and the metrics are encoded as two parts of one vector: no concatenated
-    # copy of the model; the noise share covers the delta only.
-    return encode_parts([x, m], weight, spec.quantization, rng, [integer_noise, None])
+        return encode_parts([x], weight, spec.quantization, rng, [integer_noise])
+    if not 0 <= spec.int_size <= x.size:
+        raise EncodingError(f"the spec's int_size {spec.int_size} exceeds the update's {x.size} coordinates")
+    n_float = x.size - spec.int_size
+    xf, xi_raw = x[:n_float], x[n_float:]
+    c = spec.clip_range
+    xi = xi_raw * (c / spec.int_clip_range)
+    names, _ = metric_slot_names(metrics, spec)
+    m = np.zeros(spec.metric_slots, dtype=np.float64)
+    metric_clipped = np.zeros(spec.metric_slots, dtype=np.int64)
+    for i, name in enumerate(names):
+        value, r = float(metrics[name]), spec.range_of(name)
+        if not np.isfinite(value):
+            raise EncodingError(f"train metric {name!r} is not finite")
+        metric_clipped[i] = abs(value) > r
+        m[i] = float(np.clip(value, -r, r)) * (c / r)
+    # The delta's parts and the metrics are encoded as parts of one vector: no
+    # concatenated copy of the model.
+    enc = encode_parts([xf, xi, m], weight, spec.quantization, rng, tail_words=spec.counters)
+    counters = np.concatenate([
+        magnitude_histogram(xf, c), magnitude_histogram(xi_raw, spec.int_clip_range),
+        np.array(enc.clipped_parts[:2], dtype=np.int64), metric_clipped,
+    ])
+    cap = ((1 << (spec.field_bits - 1)) - 1) // spec.max_cohort  # the cohort's sum cannot wrap
+    start = x.size + spec.metric_slots
+    enc.vector[start : start + spec.counters] = to_field(np.minimum(counters, cap), spec.field_bits)
+    return EncodedUpdate(enc.vector, enc.clipped_parts[0] + enc.clipped_parts[1], enc.clipped_parts)
 
 
 @dataclass(frozen=True)
@@ -198,30 +355,78 @@ class DecodedUpdate:
     total_weight: int
     count: int
     weighted_delta_sum: np.ndarray
+    slot_means: tuple[float, ...] = ()  # metric slots, in units of the metric's range
+    clipped: tuple[int, int] = (0, 0)  # coordinates clipped (float part, integer part), all survivors
+    metric_clipped: tuple[int, ...] = ()  # clients whose metric in each slot was clipped
+    histograms: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # see magnitude_histogram
+    error_bound: float = 0.0  # this round's quantization bound on the float part's mean
+    int_error_bound: float = 0.0
 
 
-def decode_update(total: np.ndarray, spec: UpdateSpec, survivors: int, model_size: int | None = None) -> DecodedUpdate:
+def decode_update(
+    total: np.ndarray,
+    spec: UpdateSpec,
+    survivors: int,
+    model_size: int | None = None,
+    metric_names: Sequence[str] | None = None,
+) -> DecodedUpdate:
     """The unmasked sum as the weighted-mean delta and metrics (after the integrity check).
 
     With a rotation, the sum is un-rotated (the rotation is linear, so the sum of the
     rotated updates is the rotation of their sum) and cut back to ``model_size``.
+    ``metric_names`` (what every survivor reported, in slot order) label the metric
+    slots; without them no metric is released.
     """
-    dec = decode_checked(total, spec.quantization, survivors)
-    k = len(spec.metric_keys)
-    scale = spec.metric_range / spec.clip_range
-    metrics = {key: float(v) * scale for key, v in zip(spec.metric_keys, dec.mean[dec.mean.size - k :], strict=True)}
-    wsum = dec.weighted_sum[: dec.weighted_sum.size - k]
-    if spec.rotation_seed >= 0:
-        if model_size is None:
-            raise ConfigurationError("decoding a rotated update needs the model size")
-        wsum = unrotate(wsum, spec.rotation_seed, model_size)
+    q = spec.quantization
+    dec = decode_checked(total, q, survivors)
+    k, t = spec.metric_slots, spec.counters
+    body = dec.weighted_sum[: dec.weighted_sum.size - t]
+    wsum = body[: body.size - k].copy()
+    slot_sums = body[body.size - k :]
+    bound = q.error_bound_for(dec.total_weight, survivors)
+    if spec.dp_mode != "none":
+        if spec.rotation_seed >= 0:
+            if model_size is None:
+                raise ConfigurationError("decoding a rotated update needs the model size")
+            wsum = unrotate(wsum, spec.rotation_seed, model_size)
+        return DecodedUpdate(mean_delta=wsum / dec.total_weight, metrics={}, total_weight=dec.total_weight,
+                             count=dec.count, weighted_delta_sum=wsum, error_bound=bound)
+    c = spec.clip_range
+    if spec.int_size:
+        wsum[wsum.size - spec.int_size :] *= spec.int_clip_range / c
+    slot_means = tuple(float(v) / dec.total_weight for v in slot_sums)
+    raw = from_field(np.asarray(total[total.size - 2 - t : total.size - 2]), spec.field_bits)
+    hist_f, hist_i = raw[:HIST_BINS], raw[HIST_BINS : 2 * HIST_BINS]
+    clipped = (int(raw[2 * HIST_BINS]), int(raw[2 * HIST_BINS + 1]))
+    metric_clipped = tuple(int(v) for v in raw[2 * HIST_BINS + 2 :])
+    metrics: dict[str, float] = {}
+    if metric_names is not None:
+        for i, name in enumerate(metric_names[:k]):
+            metrics[name] = slot_means[i] * spec.range_of(name) / c
     return DecodedUpdate(
-        mean_delta=wsum / dec.total_weight,
-        metrics=metrics,
-        total_weight=dec.total_weight,
-        count=dec.count,
-        weighted_delta_sum=wsum,
+        mean_delta=wsum / dec.total_weight, metrics=metrics, total_weight=dec.total_weight, count=dec.count,
+        weighted_delta_sum=wsum, slot_means=slot_means, clipped=clipped, metric_clipped=metric_clipped,
+        histograms=(tuple(int(v) for v in hist_f), tuple(int(v) for v in hist_i)),
+        error_bound=bound, int_error_bound=bound * spec.int_clip_range / c,
     )
+
+
+def next_range(current: float, histogram: Sequence[int], coordinates: int, target_fraction: float) -> float:
+    """The next round's range from this round's securely summed magnitude histogram.
+
+    The smallest threshold ``current * 2^k`` (k >= HIST_LOW) that at most
+    ``target_fraction`` of the ``coordinates`` reached, doubled for headroom (updates
+    change between rounds): a geometric step, as adaptive clipping takes, but sized from
+    the histogram, so one round is enough to stop clipping. Past the top threshold the
+    range grows by the largest step, 2^(HIST_LOW + HIST_BINS).
+    """
+    if coordinates <= 0 or len(histogram) != HIST_BINS:
+        return current
+    allowed = target_fraction * coordinates
+    for j, count in enumerate(histogram):
+        if count <= allowed:
+            return current * 2.0 ** (HIST_LOW + j + 1)
+    return current * 2.0 ** (HIST_LOW + HIST_BINS)
 
 
 def _raw_bytes(arr: np.ndarray) -> memoryview | bytes:

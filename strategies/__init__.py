@@ -1,6 +1,11 @@
 """Server-side Flower glue: strategy wrappers over ``flwr.serverapp.strategy``."""
 
 from strategies.config import SecAggConfig
-from strategies.secagg_strategy import RoundReport, SecAggStrategy, check_wrappable
+from strategies.secagg_strategy import (
+    RoundReport,
+    SecAggStrategy,
+    SecureAggregationFailed,
+    check_wrappable,
+)
 
-__all__ = ["RoundReport", "SecAggConfig", "SecAggStrategy", "check_wrappable"]
+__all__ = ["RoundReport", "SecAggConfig", "SecAggStrategy", "SecureAggregationFailed", "check_wrappable"]

@@ -14,8 +14,13 @@ median, trimmed mean, Bulyan, q-FedAvg) are refused at construction.
 
 from __future__ import annotations
 
+import io
+import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -30,7 +35,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.logger import log
+from flwr.common.logger import FLOWER_LOGGER, log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -43,16 +48,19 @@ from flwr.serverapp.strategy import (
     Result,
     Strategy,
 )
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, log_strategy_start_info
 
 from sgs_flower.dp.aggregator import DPAggregator, RoundPlan
 from sgs_flower.dp.budget import BudgetExhaustedError
 from sgs_flower.dp.config import DPConfig
 from sgs_flower.pipeline import (
+    DecodedUpdate,
     UpdateSpec,
+    apply_delta,
     binding_digest,
     decode_update,
-    flatten,
-    unflatten,
+    int_size_of,
+    next_range,
 )
 from sgs_flower.secagg import wire
 from sgs_flower.secagg.errors import (
@@ -102,6 +110,42 @@ class RoundReport:
     seconds: float = 0.0
     total_weight: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)  # per exchange, server side included
+    clip_range: float = 0.0  # the round's ranges (float and integer parts of the delta)
+    int_clip_range: float = 0.0
+    clipped: int = 0  # delta coordinates clipped, summed securely over the survivors
+    clipped_fraction: float = 0.0
+    metric_clipped: dict[str, int] = field(default_factory=dict)  # clients whose metric was clipped
+    metrics_dropped: str = ""  # why train metrics were not released, if they were not
+    error_bound: float = 0.0  # quantization bound on the released mean, per float coordinate
+
+
+class SecureAggregationFailed(RuntimeError):
+    """The run stopped: too many secure rounds in a row aborted (or all of them did).
+
+    The message names the last round's cause, with the clients' own error replies."""
+
+
+def _group_client_errors(errors: Mapping[int, str]) -> str:
+    """Clients' error replies grouped by reason: '3 x stage MASKED_INPUT: EncodingError: ...'."""
+    counts = Counter(errors.values())
+    return "; ".join(f"{n} x {reason}" for reason, n in counts.most_common())
+
+
+@contextmanager
+def _quiet_single_reply_log() -> Iterator[None]:
+    """Hide the wrapped strategy's 'aggregate_train: Received 1 results' line: it is fed
+    one synthetic reply (the secure aggregate), and the line would mislead."""
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("%s: Received %s results")
+
+    f = _Drop()
+    FLOWER_LOGGER.addFilter(f)
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.removeFilter(f)
 
 
 class SecAggStrategy(Strategy):
@@ -122,6 +166,9 @@ class SecAggStrategy(Strategy):
         self.config = config if config is not None else SecAggConfig(**overrides)
         self.reports: list[RoundReport] = []
         self.stopped: str = ""  # why training stopped early (the privacy budget), if it did
+        c = self.config
+        self.ranges = (c.clip_range, c.int_clip_range)  # the next round's; adapted after each round
+        self._warn_about_metrics()
         self.privacy: DPAggregator | None = None
         if dp is not None and dp.mode in ("central-dp", "distributed-dp"):
             self.privacy = DPAggregator(dp, field_bits=self.config.field_bits, ledger_path=ledger,
@@ -132,6 +179,27 @@ class SecAggStrategy(Strategy):
                     ledger, self.privacy.round_offset, spent.consumer, spent.server)
         elif ledger is not None:
             raise ValueError("a privacy ledger needs dp= with mode central-dp or distributed-dp")
+
+    def _warn_about_metrics(self) -> None:
+        """Say at construction what the wrapped strategy's metric hooks will receive."""
+        fn = self.inner.train_metrics_aggr_fn
+        if fn is not aggregate_metricrecords:
+            text = (
+                f"SecAggStrategy: train_metrics_aggr_fn={getattr(fn, '__name__', fn)!r} will receive ONE reply: "
+                "the cohort's securely aggregated weighted means of the numeric train metrics (and "
+                f"'{self.inner.weighted_by_key}' = the total weight). Aggregations that need each client's value "
+                "(max, min, median, per-client lists) cannot be computed under secure aggregation."
+            )
+            log(WARNING, "%s", text)
+            warnings.warn(text, UserWarning, stacklevel=3)
+        if self.inner.fraction_evaluate > 0:
+            text = (
+                f"SecAggStrategy: federated evaluation (fraction_evaluate={self.inner.fraction_evaluate}) is NOT "
+                "protected by secure aggregation: each client's evaluation metrics and num-examples reach the "
+                "server in the clear. Use fraction_evaluate=0.0 and evaluate_fn (server-side evaluation) to avoid it."
+            )
+            log(WARNING, "%s", text)
+            warnings.warn(text, UserWarning, stacklevel=3)
 
     # ------------------------------------------------------------ Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -166,14 +234,24 @@ class SecAggStrategy(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        log(INFO, "Starting %s with secure aggregation (SecAgg+)", type(self.inner).__name__)
+        """Flower's ``Strategy.start`` loop (same logs, same ``Result``), each training
+        round a secure round. Raises :class:`SecureAggregationFailed` when
+        ``max_consecutive_aborts`` rounds in a row abort, or every round did."""
+        log(INFO, "Starting %s strategy with secure aggregation (SecAgg+):", type(self.inner).__name__)
+        log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
+        log(INFO, "")
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result = Result(arrays=initial_arrays)
         arrays = initial_arrays
-        if evaluate_fn is not None and (res := evaluate_fn(0, arrays)) is not None:
-            result.evaluate_metrics_serverapp[0] = res
+        t_start = time.time()
+        if evaluate_fn is not None:
+            res = evaluate_fn(0, arrays)
+            log(INFO, "Initial global evaluation results: %s", res)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        aborted_in_a_row = 0
         for server_round in range(1, num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
@@ -184,37 +262,68 @@ class SecAggStrategy(Strategy):
                 self.stopped = str(exc)
                 log(WARNING, "%s", exc)
                 break
+            report = self.reports[-1]
+            if report.status == "ok":
+                aborted_in_a_row = 0
+            else:
+                aborted_in_a_row += 1
+                limit = self.config.max_consecutive_aborts
+                if aborted_in_a_row >= limit or aborted_in_a_row == num_rounds:
+                    why = (f"{aborted_in_a_row} secure rounds in a row aborted (max_consecutive_aborts={limit})"
+                           if aborted_in_a_row >= limit else f"all {num_rounds} secure rounds aborted")
+                    self.stopped = f"{why}; last cause: {report.reason}"
+                    log(WARNING, "Stopping: %s", self.stopped)
+                    raise SecureAggregationFailed(self.stopped)
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
             if metrics is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
                 result.train_metrics_clientapp[server_round] = metrics
             evaluate_config["server-round"] = server_round
             messages = list(self.inner.configure_evaluate(server_round, arrays, evaluate_config, grid))
             if messages:
                 replies = grid.send_and_receive(messages, timeout=timeout)
                 if (agg := self.inner.aggregate_evaluate(server_round, replies)) is not None:
+                    log(INFO, "\t└──> Aggregated MetricRecord: %s", agg)
                     result.evaluate_metrics_clientapp[server_round] = agg
-            if evaluate_fn is not None and (res := evaluate_fn(server_round, arrays)) is not None:
-                result.evaluate_metrics_serverapp[server_round] = res
-                if self.privacy is not None:
-                    self.privacy.record_evaluation(
-                        server_round, {k: float(v) for k, v in res.items() if isinstance(v, int | float)}
-                    )
+            if evaluate_fn is not None:
+                log(INFO, "Global evaluation")
+                res = evaluate_fn(server_round, arrays)
+                log(INFO, "\t└──> MetricRecord: %s", res)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[server_round] = res
+                    if self.privacy is not None:
+                        self.privacy.record_evaluation(
+                            server_round, {k: float(v) for k, v in res.items() if isinstance(v, int | float)}
+                        )
         if self.privacy is not None:
             spent = self.privacy.spent()
             log(INFO, "privacy spent: epsilon %.4g against model consumers, %.4g against the server (delta %g)",
                 spent.consumer, spent.server, self.privacy.dp.delta)
+        log(INFO, "")
+        log(INFO, "Strategy execution finished in %.2fs", time.time() - t_start)
+        ok = sum(r.status == "ok" for r in self.reports)
+        log(INFO, "Secure rounds: %d ok, %d not ok%s", ok, len(self.reports) - ok,
+            "".join(f"; round {r.server_round} {r.status}: {r.reason}" for r in self.reports if r.status != "ok"))
+        log(INFO, "")
+        log(INFO, "Final results:")
+        log(INFO, "")
+        for line in io.StringIO(str(result)):
+            log(INFO, "\t%s", line.strip("\n"))
+        log(INFO, "")
         return result
 
-    def make_spec(self, cohort_size: int, plan: RoundPlan | None) -> UpdateSpec:
+    def make_spec(self, cohort_size: int, plan: RoundPlan | None, like: list[np.ndarray] | None = None) -> UpdateSpec:
         c = self.config
         if plan is None:
             return UpdateSpec(
-                clip_range=c.clip_range, max_cohort=cohort_size, max_weight=c.max_weight, field_bits=c.field_bits,
-                metric_keys=c.secure_metrics, metric_range=c.metric_range,
+                clip_range=self.ranges[0], int_clip_range=self.ranges[1], max_cohort=cohort_size,
+                max_weight=c.max_weight, field_bits=c.field_bits, metric_slots=c.metric_slots,
+                metric_range=c.metric_range, metric_ranges=tuple(sorted(c.metric_ranges.items())),
+                int_size=int_size_of(like) if like is not None else 0,
             )
-        # Under DP: unweighted, no released metrics, the DP plan's clip and fixed point.
-        return UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=c.field_bits, metric_keys=(),
+        # Under DP: unweighted, no released metrics or counters, the DP plan's clip and fixed point.
+        return UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=c.field_bits, metric_slots=0,
                           **plan.spec_fields)
 
     def _wait_for_nodes(self, grid: Grid, need: int) -> None:
@@ -254,7 +363,7 @@ class SecAggStrategy(Strategy):
                 report.status, report.reason = "budget-exhausted", str(exc)
                 raise
         try:
-            spec = self.make_spec(len(cohort), plan)
+            spec = self.make_spec(len(cohort), plan, like)
             min_clients = self.config.min_clients
             if plan is not None:  # fewer survivors would carry less noise than promised
                 min_clients = max(min_clients or 3, plan.min_survivors)
@@ -288,19 +397,22 @@ class SecAggStrategy(Strategy):
             wire.SPEC_KEY: ConfigRecord(spec.to_config()),
         }
         keys_fields = {"arrays-key": a_key, "config-key": c_key, "weight-key": inner.weighted_by_key}
+        names: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        report.clip_range, report.int_clip_range = spec.clip_range, spec.int_clip_range
         try:
             replies = self._exchange(grid, server_round, Stage.ADVERTISE_KEYS, server.setup_messages(), report)
             rosters = server.collect_keys(replies)
             bundles = server.collect_shares(self._exchange(grid, server_round, Stage.SHARE_KEYS, rosters, report))
             requests = server.collect_masked(
-                self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report, train_extra, keys_fields)
+                self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report, train_extra, keys_fields, names)
             )
             unmask = server.collect_consistency(
                 self._exchange(grid, server_round, Stage.CONSISTENCY, requests, report)
             )
             outcome = server.collect_unmask(self._exchange(grid, server_round, Stage.UNMASK, unmask, report))
             report.survivors = list(outcome.survivors)
-            decoded = decode_update(outcome.total, spec, len(outcome.survivors), model_size)
+            metric_names = self._metric_names(names, report.survivors, report) if spec.metric_slots else None
+            decoded = decode_update(outcome.total, spec, len(outcome.survivors), model_size, metric_names)
         except InconsistentAggregateError as exc:
             self._fill(report, server)
             return self._abort(report, str(exc), t0, plan, status="inconsistent")
@@ -318,15 +430,20 @@ class SecAggStrategy(Strategy):
                                               len(cohort) - decoded.count)
         else:
             mean_delta = decoded.mean_delta
-        new_named = unflatten(flatten(like) + mean_delta, like)
+            self._range_report(report, spec, decoded, like)
+        # each entry in its own dtype and shape (integer counters rounded, 0-d kept 0-d)
+        new_named = apply_delta(like, mean_delta)
         aggregate = ArrayRecord({k: Array(a) for (k, _), a in zip(named, new_named, strict=True)})
         metrics = MetricRecord({inner.weighted_by_key: decoded.total_weight, **decoded.metrics})
         reply = Message(RecordDict({a_key: aggregate, "metrics": metrics}), reply_to=instructions[0])
-        new_arrays, new_metrics = inner.aggregate_train(server_round, [reply])
-        if new_arrays is not None:  # keep the model's dtypes (FedAvg's weighted sum may upcast)
-            new_arrays = ArrayRecord(
-                {k: Array(np.asarray(new_arrays[k].numpy()).astype(a.dtype, copy=False)) for k, a in named}
-            )
+        with _quiet_single_reply_log():
+            new_arrays, new_metrics = inner.aggregate_train(server_round, [reply])
+        if new_arrays is not None:  # keep the model's dtypes and shapes (FedAvg's weighted sum may upcast)
+            new_arrays = ArrayRecord({
+                k: Array(np.asarray(np.rint(v) if np.issubdtype(a.dtype, np.integer) else v).astype(a.dtype, copy=False)
+                         .reshape(a.shape))
+                for (k, a), v in zip(named, (np.asarray(new_arrays[k].numpy()) for k, _ in named), strict=True)
+            })
         report.status = "ok"
         report.seconds = time.monotonic() - t0
         log(
@@ -334,8 +451,59 @@ class SecAggStrategy(Strategy):
             server_round, len(report.survivors), len(cohort), decoded.total_weight, report.seconds,
         )
         if report.dropped:
-            log(INFO, "secure round %s: dropped %s", server_round, report.dropped)
+            log(INFO, "secure round %s: dropped %s; client errors: %s", server_round, report.dropped,
+                _group_client_errors(report.client_errors) or "none")
         return new_arrays, new_metrics
+
+    def _metric_names(
+        self, names: Mapping[int, tuple[tuple[str, ...], tuple[str, ...]]], survivors: list[int], report: RoundReport
+    ) -> list[str] | None:
+        """The slot names every survivor reported, or None (metrics dropped, with a warning)."""
+        seen = Counter(names.get(u, ((), ()))[0] for u in survivors)
+        left_out = sorted({n for u in survivors for n in names.get(u, ((), ()))[1]})
+        if left_out:
+            log(WARNING, "secure round %s: train metrics %s not aggregated (more than metric_slots=%d numeric "
+                "metrics, or not numbers); raise SecAggConfig.metric_slots", report.server_round, left_out,
+                self.config.metric_slots)
+        if len(seen) == 1:
+            return list(next(iter(seen)))
+        report.metrics_dropped = "survivors reported different train metric names: " + "; ".join(
+            f"{n} x {list(k)}" for k, n in seen.most_common())
+        log(WARNING, "secure round %s: no train metrics released: %s", report.server_round, report.metrics_dropped)
+        return None
+
+    def _range_report(self, report: RoundReport, spec: UpdateSpec, decoded: DecodedUpdate, like: list[np.ndarray]) -> None:
+        """Log what clipping did this round and adapt the ranges for the next one."""
+        n = len(report.survivors)
+        int_size = spec.int_size
+        float_size = int(sum(a.size for a in like)) - int_size
+        report.clipped = sum(decoded.clipped)
+        report.clipped_fraction = report.clipped / max(1, n * (float_size + int_size))
+        report.error_bound = decoded.error_bound
+        report.metric_clipped = {
+            name: decoded.metric_clipped[i] for i, name in enumerate(decoded.metrics) if decoded.metric_clipped[i]
+        }
+        log(INFO, "secure round %s: %d of %d coordinates clipped (%.4g%%) at range +-%g (integer entries +-%g); "
+            "quantization error <= %.3g per coordinate", report.server_round, report.clipped,
+            n * (float_size + int_size), 100 * report.clipped_fraction, spec.clip_range, spec.int_clip_range,
+            decoded.error_bound)
+        if report.clipped:
+            log(WARNING, "secure round %s: %d coordinates were clipped: this round's aggregate differs from "
+                "FedAvg's by more than the quantization error%s", report.server_round, report.clipped,
+                "; the range adapts for the next round" if self.config.adaptive_range else
+                " (adaptive_range is off: raise SecAggConfig.clip_range)")
+        for name, k in report.metric_clipped.items():
+            log(WARNING, "secure round %s: train metric %r of %d clients lay beyond +-%g and was clipped; set "
+                "SecAggConfig(metric_ranges={%r: ...})", report.server_round, name, k, spec.range_of(name), name)
+        if self.config.adaptive_range:
+            t = self.config.target_clipped_fraction
+            self.ranges = (
+                next_range(spec.clip_range, decoded.histograms[0], n * float_size, t) if float_size else spec.clip_range,
+                next_range(spec.int_clip_range, decoded.histograms[1], n * int_size, t) if int_size
+                else spec.int_clip_range,
+            )
+            log(INFO, "secure round %s: next round's range +-%g (integer entries +-%g)", report.server_round,
+                *self.ranges)
 
     def _fill(self, report: RoundReport, server: SecAggServer) -> None:
         report.dropped = {n: s.name for n, s in server.dropped.items()}
@@ -345,6 +513,8 @@ class SecAggStrategy(Strategy):
         self, report: RoundReport, reason: str, t0: float, plan: RoundPlan | None, status: str = "aborted"
     ) -> tuple[None, None]:
         report.status = status
+        if report.client_errors:
+            reason = f"{reason} (client errors: {_group_client_errors(report.client_errors)})"
         report.reason = reason
         report.seconds = time.monotonic() - t0
         log(WARNING, "secure round %s %s, global model unchanged: %s", report.server_round, status, reason)
@@ -361,6 +531,7 @@ class SecAggStrategy(Strategy):
         report: RoundReport,
         extra: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
         extra_fields: Mapping[str, str] | None = None,
+        names: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
     ) -> dict[int, wire.Message | bytes]:
         """One server -> clients -> server exchange; returns the valid replies by node."""
         messages = []
@@ -387,10 +558,26 @@ class SecAggStrategy(Strategy):
                 continue
             try:
                 out[node] = parse_reply(reply)
+                if names is not None:
+                    names[node] = metric_names_of(reply)
             except ProtocolError as exc:
                 report.rejected[node] = f"{type(exc).__name__}: {exc}"
                 log(WARNING, "node %s sent an invalid %s reply: %s", node, stage.name, exc)
         return out
+
+
+def metric_names_of(reply: Message) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The train metric names a masked-input reply declares (slot order) and left out."""
+    rec = reply.content.config_records.get(wire.RECORD_KEY)
+    out: list[tuple[str, ...]] = []
+    for key in (wire.FIELD_METRIC_NAMES, wire.FIELD_METRICS_LEFT_OUT):
+        value = rec.get(key, []) if rec is not None else []
+        if not isinstance(value, list) or len(value) > 1024 or not all(
+            isinstance(v, str) and 0 < len(v) <= 256 for v in value
+        ):
+            raise MalformedMessageError(f"reply field {key!r} must be a list of short metric names")
+        out.append(tuple(str(v) for v in value))
+    return out[0], out[1]
 
 
 def parse_reply(reply: Message) -> wire.Message:

@@ -281,7 +281,7 @@ def _masked_extra(spec: UpdateSpec, model=MODEL):
 
 
 def _spec(n=N_MOD, **kw) -> UpdateSpec:
-    base = dict(clip_range=1.0, max_cohort=n, max_weight=1024, field_bits=32, metric_keys=("train_loss",))
+    base = dict(clip_range=1.0, max_cohort=n, max_weight=1024, field_bits=32, metric_slots=1)
     base.update(kw)
     return UpdateSpec(**base)  # type: ignore[arg-type]
 
@@ -364,7 +364,7 @@ def _through_shares(sites, spec):
 def test_negligible_distributed_dp_noise_is_refused_before_training():
     """Attack 4: a spec asking for (almost) no noise under distributed DP."""
     sites = {u: ModSite(u) for u in range(1, N_MOD + 1)}
-    spec = _spec(max_weight=1, metric_keys=(), dp_mode="distributed", l2_clip=1.0, noise_mu_share=1e-6,
+    spec = _spec(max_weight=1, metric_slots=0, dp_mode="distributed", l2_clip=1.0, noise_mu_share=1e-6,
                  bits_per_coordinate=16, noise_headroom=1000, min_survivors=N_MOD)
     bundles = _through_shares(sites, spec)
     extra, fields = _masked_extra(spec)
@@ -382,7 +382,7 @@ def test_site_budget_refuses_past_its_epsilon(tmp_path):
              for u in range(1, N_MOD + 1)}
     levels = (1 << 15) - 1
     mu = (2.0 * levels) ** 2 / (2 * N_MOD)  # noise multiplier 2 on the sum of N_MOD shares
-    spec = _spec(max_weight=1, metric_keys=(), dp_mode="distributed", l2_clip=1.0, noise_mu_share=mu,
+    spec = _spec(max_weight=1, metric_slots=0, dp_mode="distributed", l2_clip=1.0, noise_mu_share=mu,
                  bits_per_coordinate=16, noise_headroom=int(12 * 2 * levels * 2), min_survivors=N_MOD)
     extra, fields = _masked_extra(spec)
     refused_at = None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sgs_flower.ledger import verify
+from sgs_flower.dp.ledger_accounting import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -81,10 +81,12 @@ KILL_RUN_CONFIG: dict[str, Any] = {
 def dep(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("deploy-secure")
     # Every site has its own Ed25519 identity and pins the roster (the victim of the kill
-    # test included); the sites also accept the plain comparison run (a site's opt-in).
+    # test included). These sites also accept the plain comparison run and the near-zero
+    # noise of the comparison (sgs-dp-min-noise=0): both are a site's own opt-in; with
+    # the default floor (0.5) they refuse z = 1e-5 and every round aborts.
     setup, _roster = roster_setup(workdir, N_NODES + 1)
     d = LocalDeployment(N_NODES, workdir, startup_timeout=180, node_setup=setup,
-                        node_config_extra={"sgs-require-secagg": False})
+                        node_config_extra={"sgs-require-secagg": False, "sgs-dp-min-noise": 0.0})
     try:
         d.start()
         yield d

@@ -26,7 +26,7 @@ def secure_round(agg: DPAggregator, deltas: list[np.ndarray], drop: set[int], se
     """One DP round through encode -> SecAgg+ -> decode -> release; returns (mean, plan)."""
     n, m = len(deltas), deltas[0].size
     plan = agg.plan(server_round, n, n, m)
-    spec = UpdateSpec(max_cohort=n, max_weight=1, field_bits=32, metric_keys=(), **plan.spec_fields)
+    spec = UpdateSpec(max_cohort=n, max_weight=1, field_bits=32, **plan.spec_fields)
     ids = list(range(1, n + 1))
     vectors = {u: encode_update(d, {}, 1, spec).vector for u, d in zip(ids, deltas, strict=True)}
     params = RoundParams(run_id=1, round_id=server_round, cohort=tuple(ids), vector_length=spec.vector_length(m),
@@ -163,7 +163,7 @@ def test_binding_digest_is_the_sha256_of_the_arrays_raw_bytes():
 def test_encode_update_of_a_float32_delta_matches_its_float64_copy():
     """The encode path reads a float32 delta as it is (no float64 copy): same words as
     encoding the float64 copy with the same rounding randomness, metrics appended."""
-    spec = UpdateSpec(clip_range=0.5, max_cohort=5, max_weight=10, metric_keys=("loss",), metric_range=10.0)
+    spec = UpdateSpec(clip_range=0.5, max_cohort=5, max_weight=10, metric_slots=1, metric_range=10.0)
     delta = np.random.default_rng(2).uniform(-0.7, 0.7, 50_001).astype(np.float32)
     a = encode_update(delta, {"loss": 2.0}, 4, spec, rng=np.random.default_rng(9))
     b = encode_update(delta.astype(np.float64), {"loss": 2.0}, 4, spec, rng=np.random.default_rng(9))

@@ -74,10 +74,9 @@ def make_strategy(s: Settings, initial: ArrayRecord) -> Strategy:
     inner = make_inner(s, initial)
     if not s["secure-aggregation"]:
         return inner
-    metrics = ("train_loss", "dp-epsilon") if s["dp-mode"] == "sample" else ("train_loss",)
-    cfg = SecAggConfig(
+    cfg = SecAggConfig(  # every numeric train metric is aggregated securely (metric slots)
         clip_range=float(s["clip-range"]), field_bits=int(s["field-bits"]), max_weight=int(s["max-weight"]),
-        min_clients=int(s["min-clients"]) or None, stage_timeout=float(s["stage-timeout"]), secure_metrics=metrics,
+        min_clients=int(s["min-clients"]) or None, stage_timeout=float(s["stage-timeout"]),
     )
     ledger = str(Path(s["ledger"]).expanduser().resolve()) if s["ledger"] else None
     if ledger:

@@ -76,16 +76,16 @@ def run_local(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     run_config = parse_kv(args.run_config)
     extra: dict[str, Any] = {}
+    notes: list[str] = []
     if run_config.get("preset") == "plain" or run_config.get("secure-aggregation") is False:
         # the sites' own opt-in: the mod refuses plain train messages by default
         extra["sgs-require-secagg"] = False
-        print("plain run: the sites opt in to plain rounds (sgs-require-secagg=false)", flush=True)
-    setup = None
+        notes.append("plain run: the sites opt in to plain rounds (sgs-require-secagg=false)")
+    setup, roster = None, None
     if not args.no_roster:
         from sgs_flower.deploy.identities import roster_setup
 
         setup, roster = roster_setup(workdir, args.supernodes)
-        print(f"secure-aggregation identities: one Ed25519 key per site, roster {roster}", flush=True)
     with LocalDeployment(
         args.supernodes, workdir, tls=not args.insecure, supernode_auth=not args.no_auth,
         node_config_extra=extra, node_setup=setup,
@@ -96,6 +96,10 @@ def run_local(args: argparse.Namespace) -> int:
             f"workdir {workdir}",
             flush=True,
         )
+        for note in notes:
+            print(note, flush=True)
+        if roster is not None:
+            print(f"secure-aggregation identities: one Ed25519 key per site, roster {roster}", flush=True)
         res = dep.run(args.app, run_config, timeout=args.timeout)
         print(
             f"run {res.run_id}: status={res.status} rc={res.returncode} "

@@ -62,6 +62,7 @@ class QuantizationConfig:
     field_bits: int = 32
     bits_per_coordinate: int | None = None
     noise_headroom: int = 0
+    weight_scaled: bool = False
 
     def __post_init__(self) -> None:
         if not (self.clip_range > 0 and np.isfinite(self.clip_range)):
@@ -79,7 +80,10 @@ class QuantizationConfig:
                 f"the weight sum of {self.max_cohort} clients of weight {self.max_weight} does not fit "
                 f"a {self.field_bits}-bit field"
             )
-        best = max_bits_per_coordinate(self.field_bits, self.max_cohort, self.max_weight, self.noise_headroom)
+        # Scaled weights: a coordinate carries (w / max_weight) * x, at most one level per
+        # client, so the precision no longer shrinks with max_weight.
+        per_coord_weight = 1 if self.weight_scaled else self.max_weight
+        best = max_bits_per_coordinate(self.field_bits, self.max_cohort, per_coord_weight, self.noise_headroom)
         if self.bits_per_coordinate is None:
             object.__setattr__(self, "bits_per_coordinate", best)
         elif not 2 <= self.bits_per_coordinate <= best:
@@ -101,14 +105,31 @@ class QuantizationConfig:
 
     @property
     def error_bound(self) -> float:
-        """Max |decoded - true weighted mean| per coordinate, when nothing was clipped."""
+        """Max |decoded - true weighted mean| per coordinate, when nothing was clipped,
+        for any weights in 1..max_weight (see :meth:`error_bound_for` for a known total)."""
+        if self.weight_scaled:
+            return self.max_weight * self.clip_range / self.levels
         return self.clip_range / self.levels
+
+    def error_bound_for(self, total_weight: int, survivors: int) -> float:
+        """The bound once the round's total weight is known (the server knows it).
+
+        Unscaled: each client's rounding error is below one level, and a weighted mean of
+        such errors is too: ``c / L``. Scaled: the sum of ``n`` rounding errors (each below
+        one level) is divided by ``sum(w) / max_weight``: ``n * max_weight * c / (L * sum(w))``,
+        which equals ``c / L`` when every client has the maximum weight and grows as the
+        weights fall below it.
+        """
+        if not self.weight_scaled or total_weight <= 0:
+            return self.clip_range / self.levels
+        return survivors * self.max_weight * self.clip_range / (self.levels * total_weight)
 
 
 @dataclass(frozen=True)
 class EncodedUpdate:
     vector: np.ndarray
     clipped: int
+    clipped_parts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -253,8 +274,14 @@ def encode_parts(
     config: QuantizationConfig,
     rng: np.random.Generator | None = None,
     integer_noise: Sequence[np.ndarray | None] | None = None,
+    tail_words: int = 0,
 ) -> EncodedUpdate:
     """:func:`encode` of the concatenation of ``parts``, without concatenating them.
+
+    ``tail_words`` zero words are reserved after the parts and before the weight and
+    count coordinates, for the caller to fill with raw (unscaled, unweighted) counters.
+    Under ``config.weight_scaled`` each coordinate carries ``(w / max_weight) * x``
+    instead of ``w * x``: the weight is applied before rounding, in the scale.
 
     ``integer_noise``, if given, has one entry per part (``None`` for no noise). The
     work is done block by block (``CHUNK`` coordinates): range check, scale, round,
@@ -277,17 +304,24 @@ def encode_parts(
     word_w = dtype.type(w)
     word_mask = dtype.type((1 << bits) - 1) if bits < dtype.itemsize * 8 else None
     total = sum(x.size for x in xs)
-    out = np.empty(total + EXTRA_COORDINATES, dtype=dtype)
+    out = np.empty(total + tail_words + EXTRA_COORDINATES, dtype=dtype)
+    out[total : total + tail_words] = 0
     levels = config.levels
     f = _fraction_bits(levels.bit_length())
     scale = _bounded_scale(config.clip_range, levels, f)
+    if config.weight_scaled:
+        # fl(scale * r) <= scale for r <= 1 (monotone rounding): |q| <= levels still holds
+        scale = np.float64(scale * (np.float64(w) / np.float64(config.max_weight)))
+        word_w = dtype.type(1)
     c = np.float64(config.clip_range)
     block = max(1, min(CHUNK, total))
     stream = _rounding_stream(rng, block)
     y_buf = np.empty(block, dtype=np.int64)
     clip_buf: np.ndarray | None = None
     clipped, pos = 0, 0
+    per_part: list[int] = []
     for x, nz in zip(xs, noises, strict=True):
+        before = clipped
         for start in range(0, x.size, block):
             stop = min(start + block, x.size)
             n = stop - start
@@ -309,16 +343,17 @@ def encode_parts(
             # weighting and noise are then word arithmetic mod 2^32 (or 2^64), which
             # commutes with the wrap and is cheaper than the same in int64.
             _round_block(y, stream.words(n), f, out=dest)
-            if w != 1:
+            if word_w != 1:
                 np.multiply(dest, word_w, out=dest)
             if nz is not None:
                 np.add(dest, np.asarray(nz[start:stop]).astype(np.int64, copy=False).astype(dtype), out=dest)
             if word_mask is not None:
                 np.bitwise_and(dest, word_mask, out=dest)
         pos += x.size
-    out[total] = w
-    out[total + 1] = 1
-    return EncodedUpdate(out, clipped)
+        per_part.append(clipped - before)
+    out[total + tail_words] = w
+    out[total + tail_words + 1] = 1
+    return EncodedUpdate(out, clipped, tuple(per_part))
 
 
 def encode(
@@ -342,5 +377,7 @@ def decode(total: np.ndarray, config: QuantizationConfig) -> DecodedAggregate:
     ints = from_field(total, config.field_bits)
     weight, count = int(ints[-2]), int(ints[-1])
     weighted_sum = ints[:-EXTRA_COORDINATES].astype(np.float64) / config.scale
+    if config.weight_scaled:
+        weighted_sum *= config.max_weight
     mean = weighted_sum / weight if weight > 0 else np.full_like(weighted_sum, np.nan)
     return DecodedAggregate(mean, weighted_sum, weight, count)

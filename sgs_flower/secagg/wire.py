@@ -40,6 +40,10 @@ RAW_STYPE = "sgs.raw-le"  # Flower Array serialisation of the vector: raw little
 FIELD_STAGE = "stage"
 FIELD_PAYLOAD = "payload"
 FIELD_VECTOR = "vector"
+# Masked-input replies: the names (never the values) of the train metrics in the
+# vector's metric slots, in slot order, so the server can label their secure means.
+FIELD_METRIC_NAMES = "metric-names"
+FIELD_METRICS_LEFT_OUT = "metrics-left-out"
 
 # Size limits checked before anything is parsed or allocated. A client's own policy
 # (sgs_flower.secagg.policy) is usually stricter; these bound what decoding may cost.

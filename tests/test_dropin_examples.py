@@ -1,0 +1,228 @@
+"""Acceptance (issue 10): Flower-example-shaped apps with only the two-line drop-in.
+
+Three ClientApps written for this test, modelled on Flower's examples (not copied):
+
+- ``quickstart-numpy``: a model of plain NumPy arrays, a "training" step that adds a
+  seeded random step, and an arbitrary extra metric (``random_metric``);
+- ``quickstart-pytorch``: a small CNN *with BatchNorm* (so the state dict holds a 0-d
+  int64 ``num_batches_tracked``) trained for one epoch on 8,000 stand-in examples per
+  client (tiny random 3x8x8 tensors: only the count matters here, CIFAR-10 is offline);
+- ``opacus``: a client that reports Opacus-style metrics (``epsilon``,
+  ``noise_multiplier``, ``max_grad_norm``, ``delta``). The DP-SGD step itself is faked
+  by one plain SGD step (real Opacus is too slow for a test); the metrics are what
+  matter to the aggregation.
+
+Each runs as a 5-SuperNode simulation with ``SecAggStrategy(FedAvg(...))`` and
+``@app.train(mods=[secagg_mod])`` and nothing else; plain FedAvg's round 1 is Flower's
+own ``FedAvg.aggregate_train`` over the same train functions' plaintext replies. The secure round-1 model must be
+within the round's documented quantization bound of FedAvg's; the secure train metrics
+within their bound of FedAvg's weighted means.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+import numpy as np
+import pytest
+import torch
+from flower_harness import run
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from clients import secagg_mod
+from strategies import SecAggConfig, SecAggStrategy, SecureAggregationFailed
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+pytestmark = pytest.mark.slow
+N = 5
+
+
+# ---------------------------------------------------------------- the three apps
+def _pid(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+def numpy_train(msg: Message, context: Context) -> Message:
+    """quickstart-numpy style: new = old + a seeded random step; an arbitrary metric."""
+    pid = _pid(context)
+    rnd = int(msg.content["config"]["server-round"])
+    rng = np.random.default_rng(100 * rnd + pid)
+    arrays = {k: Array(v.numpy() + rng.uniform(-0.3, 0.3, v.numpy().shape).astype(v.numpy().dtype))
+              for k, v in msg.content["arrays"].items()}
+    metrics = {"num-examples": 500 + 250 * pid, "random_metric": float(rng.random()), "train_loss": 1.0 / (1 + pid)}
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+class BNNet(nn.Module):
+    """quickstart-pytorch's CNN shape, shrunk, with BatchNorm (running stats and a counter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc(x.flatten(1))
+
+
+def torch_train(msg: Message, context: Context) -> Message:
+    """quickstart-pytorch style: load the state dict, one epoch of SGD, return it."""
+    pid = _pid(context)
+    torch.manual_seed(pid)
+    net = BNNet()
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    x, y = torch.randn(8000, 3, 8, 8), torch.randint(0, 10, (8000,))  # 8,000 stand-in examples
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    net.train()
+    total = 0.0
+    for i in range(0, 8000, 500):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x[i : i + 500]), y[i : i + 500])
+        loss.backward()
+        opt.step()
+        total += float(loss)
+    metrics = {"train_loss": total / 16, "num-examples": len(x)}
+    return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def opacus_train(msg: Message, context: Context) -> Message:
+    """opacus-example style metrics; the DP-SGD step is faked by one plain SGD step."""
+    pid = _pid(context)
+    torch.manual_seed(pid)
+    net = nn.Linear(20, 4)
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    x, y = torch.randn(300, 20), torch.randint(0, 4, (300,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    opt.step()
+    metrics = {"train_loss": float(loss), "epsilon": 2.0 + 0.4 * pid, "noise_multiplier": 1.1,
+               "max_grad_norm": 1.0, "delta": 1e-5, "num-examples": 300 + 100 * pid}
+    return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def drop_in(train: Callable[[Message, Context], Message]) -> ClientApp:
+    app = ClientApp()
+    app.train(mods=[secagg_mod])(train)  # the client half of the two-line drop-in
+    return app
+
+
+def initial(kind: str) -> ArrayRecord:
+    torch.manual_seed(0)
+    if kind == "numpy":
+        rng = np.random.default_rng(0)
+        return ArrayRecord({"w": Array(rng.normal(size=(20, 10)).astype(np.float32)), "b": Array(np.zeros(10))})
+    return ArrayRecord((BNNet() if kind == "torch" else nn.Linear(20, 4)).state_dict())
+
+
+def simulate(kind: str, train: Callable[[Message, Context], Message], secure: bool, rounds: int,
+             config: SecAggConfig | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"models": {}}
+
+    def main(grid: Grid, context: Context) -> None:
+        fedavg = FedAvg(fraction_evaluate=0.0, min_train_nodes=N, min_available_nodes=N)
+        strategy = SecAggStrategy(fedavg, config) if secure else fedavg  # the server half
+
+        def keep(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+            out["models"][rnd] = {k: v.numpy().copy() for k, v in arrays.items()}
+            return MetricRecord({"round": rnd})
+
+        out["strategy"] = strategy
+        try:
+            out["result"] = strategy.start(grid=grid, initial_arrays=initial(kind), num_rounds=rounds, evaluate_fn=keep)
+        except SecureAggregationFailed as exc:
+            out["error"] = exc
+
+    run(main, drop_in(train), N)
+    return out
+
+
+def plain_fedavg_round1(kind: str, train: Callable[[Message, Context], Message]) -> dict[str, Any]:
+    """Plain FedAvg's round 1 on the same train functions and seeds: Flower's own
+    ``FedAvg.aggregate_train`` over the five plaintext replies (in process: a second
+    Ray simulation would add half a minute and change nothing that is compared)."""
+    fedavg = FedAvg(fraction_evaluate=0.0)
+    replies = []
+    for pid in range(N):
+        ctx = Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": N},
+                      state=RecordDict(), run_config={})
+        msg = Message(RecordDict({"arrays": initial(kind), "config": ConfigRecord({"server-round": 1})}),
+                      dst_node_id=pid + 1, message_type=MessageType.TRAIN, group_id="1")
+        replies.append(train(msg, ctx))
+    arrays, metrics = fedavg.aggregate_train(1, replies)
+    assert arrays is not None and metrics is not None
+    return {"models": {1: {k: v.numpy() for k, v in arrays.items()}},
+            "metrics": {1: metrics}}
+
+
+def _compare(kind: str, train: Callable[[Message, Context], Message], metric_names: set[str]) -> None:
+    secure = simulate(kind, train, secure=True, rounds=2)
+    assert "error" not in secure, secure.get("error")
+    reports = secure["strategy"].reports
+    assert [r.status for r in reports] == ["ok", "ok"]
+    assert reports[0].clipped == 0 and reports[1].clipped == 0
+    plain = plain_fedavg_round1(kind, train)
+    bound = reports[0].error_bound
+    assert 0 < bound < 1e-5
+    s1, p1 = secure["models"][1], plain["models"][1]
+    init = initial(kind)
+    for key, a in s1.items():
+        ref = init[key].numpy()
+        assert a.dtype == ref.dtype and a.shape == ref.shape, key  # dtypes and shapes as the model's
+        diff = float(np.max(np.abs(a.astype(np.float64) - p1[key].astype(np.float64)))) if a.size else 0.0
+        if np.issubdtype(ref.dtype, np.integer):
+            assert diff == 0.0, key  # counters: FedAvg's mean (a float) equals the rounded secure mean
+        else:
+            assert diff <= bound + 1e-6 * max(1.0, float(np.max(np.abs(a)))), (key, diff, bound)
+    # every numeric train metric, aggregated securely as FedAvg's weighted mean
+    sm, pm = secure["result"].train_metrics_clientapp[1], plain["metrics"][1]
+    assert set(sm) - {"num-examples"} == set(pm) == metric_names
+    for name in metric_names:
+        assert abs(float(sm[name]) - float(pm[name])) <= bound * 100.0 + 1e-9, name  # metric_range 100 / clip 1
+
+
+def test_quickstart_numpy_with_an_arbitrary_metric():
+    _compare("numpy", numpy_train, {"random_metric", "train_loss"})
+
+
+def test_quickstart_pytorch_with_batchnorm_and_8000_examples():
+    _compare("torch", torch_train, {"train_loss"})
+
+
+def test_opacus_style_metrics():
+    _compare("opacus", opacus_train, {"train_loss", "epsilon", "noise_multiplier", "max_grad_norm", "delta"})
+
+
+def test_every_round_aborting_stops_the_run_naming_the_cause():
+    """num-examples above max_weight: every site refuses to encode, every round aborts;
+    the run stops after max_consecutive_aborts with the clients' reason in one line."""
+    out = simulate("numpy", numpy_train, secure=True, rounds=5, config=SecAggConfig(max_weight=100, max_consecutive_aborts=2))
+    err = out.get("error")
+    assert isinstance(err, SecureAggregationFailed)
+    msg = str(err)
+    assert "2 secure rounds in a row aborted" in msg
+    assert f"client errors: {N} x stage MASKED_INPUT: EncodingError" in msg
+    assert [r.status for r in out["strategy"].reports] == ["aborted", "aborted"]
+    models = out["models"]
+    assert sorted(models) == [0, 1]  # the run stopped in round 2, before its evaluation
+    assert all(np.array_equal(models[1][k], models[0][k]) for k in models[0])  # nothing was released

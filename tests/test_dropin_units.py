@@ -1,0 +1,45 @@
+"""Fast checks of the drop-in pieces (issue 10) without a simulation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.serverapp.strategy import FedAvg
+
+from sgs_flower.pipeline import (
+    HIST_LOW,
+    apply_delta,
+    magnitude_histogram,
+    model_delta,
+    next_range,
+    unflatten,
+)
+from strategies import SecAggStrategy
+
+
+def test_zero_d_integer_entries_stay_zero_d_arrays_of_their_dtype():
+    like = [np.zeros((2, 2), np.float32), np.array(7, dtype=np.int64)]
+    out = unflatten(np.array([0.1, 0.2, 0.3, 0.4, 9.6]), like)
+    assert isinstance(out[1], np.ndarray) and out[1].shape == () and out[1].dtype == np.int64 and int(out[1]) == 10
+    # integer entries travel after the float ones, and come back in place
+    new = [like[0] + 1, np.array(39, dtype=np.int64)]
+    d = model_delta(new, like)
+    assert d.tolist() == [1, 1, 1, 1, 32]
+    back = apply_delta(like, d)
+    assert back[1].dtype == np.int64 and int(back[1]) == 39 and back[0].dtype == np.float32
+
+
+def test_histogram_and_next_range_stop_clipping_after_one_round():
+    x = np.concatenate([np.full(10, 5.0), np.full(1000, 0.01)])
+    h = magnitude_histogram(x, 1.0)
+    assert h[-HIST_LOW] == 10  # ten values >= 1.0 * 2^0 (the clipped ones)
+    r = next_range(1.0, h, x.size, 0.0)
+    assert r >= 5.0 and r <= 16.0  # wide enough for 5.0, not wasteful
+    assert magnitude_histogram(x, r)[-HIST_LOW] == 0  # the next round clips nothing
+
+
+def test_custom_train_metrics_aggregation_is_warned_about():
+    with pytest.warns(UserWarning, match="max, min, median, per-client lists"):
+        SecAggStrategy(FedAvg(fraction_evaluate=0.0, train_metrics_aggr_fn=lambda recs, key: None))
+    with pytest.warns(UserWarning, match="federated evaluation .* is NOT protected"):
+        SecAggStrategy(FedAvg(fraction_evaluate=0.5))
