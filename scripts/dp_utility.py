@@ -3,9 +3,9 @@
 An in-process federated loop over ``--population`` simulated clients (default 100,
 ~14 training digits each) that uses the project's real pipeline end to end:
 
-* data: ``sgs_flower.app.task.train_test_split`` (held-out, stratified test split)
+* data: ``sgs_flower.digits.train_test_split`` (held-out, stratified test split)
   and ``partition_iid`` of the training split;
-* client: local SGD (``app.task.train``), delta = new - global, then
+* client: local SGD (``sgs_flower.digits.train``), delta = new - global, then
   ``pipeline.encode_update`` (rotation, L2 clip, stochastic rounding, Skellam share);
 * secure aggregation: the real SecAgg+ protocol (``secagg.simulate.run_protocol``
   between one ``SecAggServer`` and one ``SecAggClient`` per client, every round);
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sgs_flower.app.task import (
+from sgs_flower.digits import (
     NUM_CLASSES,
     Split,
     evaluate,

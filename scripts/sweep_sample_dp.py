@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 import torch
 
-from sgs_flower.app.task import (
+from sgs_flower.digits import (
     evaluate,
     get_weights,
     load_partition,

@@ -23,7 +23,7 @@ from flwr.simulation import run_simulation
 
 from clients import secagg_mod
 from sgs_flower.app import client_app as app_client
-from sgs_flower.app.task import Net
+from sgs_flower.digits import Net
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

@@ -64,7 +64,7 @@ def test_tail_average_is_the_mean_of_the_last_k_models():
 
 
 def test_models_and_partitions_for_large_federations():
-    from sgs_flower.app.task import load_partition, make_model, train_test_split
+    from sgs_flower.digits import load_partition, make_model, train_test_split
 
     sizes = {name: sum(p.numel() for p in make_model(name).parameters()) for name in ("cnn", "mlp", "logreg")}
     assert sizes["logreg"] == 650 and sizes["logreg"] < sizes["mlp"] < sizes["cnn"]

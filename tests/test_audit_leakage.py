@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from sgs_flower.app import task
+from sgs_flower import digits as task
 from sgs_flower.audit.inversion import AttackConfig, invert, recover_labels
 from sgs_flower.audit.observe import Observation, client_update, secure_mean
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sgs_flower.app.task import load_digits_arrays
 from sgs_flower.audit import metrics
+from sgs_flower.digits import load_digits_arrays
 
 
 def test_identical_images_score_perfectly() -> None:

@@ -130,7 +130,7 @@ def run_round_records(ledger: Path, first_round: int, last_round: int) -> list[d
 
 
 def partition_sizes(n: int) -> list[int]:
-    from sgs_flower.app.task import load_partition
+    from sgs_flower.digits import load_partition
 
     return [len(load_partition(i, n, "iid", 0.5, 0)) for i in range(n)]
 
@@ -205,7 +205,7 @@ def test_three_supernodes_secagg_distributed_dp_matches_plaintext(
     # ~0.5 in two rounds, dropping or double-counting one client's update is >= ~0.1
     import torch
 
-    from sgs_flower.app.task import Net, get_weights
+    from sgs_flower.digits import Net, get_weights
 
     torch.manual_seed(0)
     initial = np.concatenate([a.astype(np.float64).ravel() for a in get_weights(Net())])

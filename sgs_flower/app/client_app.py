@@ -17,8 +17,8 @@ from flwr.clientapp import ClientApp
 from clients import secagg_mod
 from clients.opacus_mixin import OpacusPrivacyMixin
 from sgs_flower.app.settings import Settings, resolve
-from sgs_flower.app.task import Split, load_partition, make_loader, make_model, set_weights
-from sgs_flower.app.task import train as train_fn
+from sgs_flower.digits import Split, load_partition, make_loader, make_model, set_weights
+from sgs_flower.digits import train as train_fn
 from sgs_flower.dp.sample_dp import Criterion, SampleDPSettings, noise_multiplier_for
 
 app = ClientApp()

@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Strategy
 
 from sgs_flower.app.settings import Settings, resolve
-from sgs_flower.app.task import evaluate, make_model, set_weights, train_test_split
+from sgs_flower.digits import evaluate, make_model, set_weights, train_test_split
 from sgs_flower.dp.config import DPConfig
 from strategies import SecAggConfig, SecAggStrategy
 

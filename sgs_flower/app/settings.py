@@ -56,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
 
 OPTIMIZERS = ("fedavg", "fedadam", "fedadagrad", "fedyogi", "fedavgm", "fedprox")
 DP_MODES = ("none", "central", "distributed", "sample")
-MODELS = ("cnn", "logreg", "mlp")  # sgs_flower.app.task.MODELS (not imported: keep this module torch-free)
+MODELS = ("cnn", "logreg", "mlp")  # sgs_flower.digits.MODELS (not imported: keep this module torch-free)
 GRAD_SAMPLE_MODES = ("hooks", "ghost")
 
 

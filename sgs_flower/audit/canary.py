@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from sgs_flower.app import task
+from sgs_flower import digits as task
 from sgs_flower.audit.calibrate import epsilon_for_noise, noise_multiplier_for_epsilon
 from sgs_flower.audit.observe import client_update, clip, flat
 from sgs_flower.audit.one_run import audit_scores, epsilon_lower_bound

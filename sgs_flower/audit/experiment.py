@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sgs_flower.app import task
+from sgs_flower import digits as task
 from sgs_flower.audit import metrics
 from sgs_flower.audit.calibrate import noise_multiplier_for_epsilon
 from sgs_flower.audit.inversion import AttackConfig, Mode, invert

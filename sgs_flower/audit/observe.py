@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sgs_flower.app import task
+from sgs_flower import digits as task
 
 
 @dataclass(frozen=True)

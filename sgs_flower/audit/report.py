@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from sgs_flower.app import task
+from sgs_flower import digits as task
 from sgs_flower.audit.canary import CanaryAuditResult
 from sgs_flower.audit.experiment import Row, worst_cases
 

@@ -1,4 +1,7 @@
-"""The digits task: data, model and the plain training loop the app federates.
+"""The digits task: data, models and the plain training loop the app federates.
+
+It lives in the core (not in ``sgs_flower/app``) because the audits and the DP study
+use it too, and the core never imports the Flower app.
 
 Everything here is ordinary PyTorch with no Flower and no privacy code: it is the
 "user's training code" that the secure-aggregation mod and the DP mixins must leave
