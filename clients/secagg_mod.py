@@ -197,7 +197,13 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
             ))
         return call_next(msg, context)
     ident = _identity(context, policy)
-    site = _load_site(context, policy)
+    try:
+        site = _load_site(context, policy)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # never start afresh here: that would forget the site's privacy spend and the
+        # survivor sets it signed; the site's operator must repair or move the file
+        logger.error("secure aggregation: unreadable site state: %r", exc)
+        return _error_reply(msg, PolicyError("this site's state (sgs-state-file) is unreadable; it does not take part"))
     try:
         client = _load_client(context, ident, policy, site)
     except (SecAggError, ValueError, KeyError, TypeError) as exc:  # corrupt saved state: start afresh

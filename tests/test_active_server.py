@@ -558,3 +558,15 @@ def test_consistency_request_before_masking_is_stale():
     c = SecAggClient(1)
     with pytest.raises(StaleMessageError, match="no round in progress"):
         c.handle(ConsistencyRequest(run_id=7, round_id=3, recipient=1, survivors=(1, 2, 3, 4)))
+
+
+def test_unreadable_site_state_is_refused_not_reset(tmp_path):
+    """A corrupt state file must not silently reset the site's privacy spend."""
+    state = tmp_path / "site.json"
+    state.write_text("{not json")
+    site = ModSite(1, {"sgs-state-file": str(state)})
+    setup = Setup(run_id=1, round_id=1, recipient=1, cohort=(1, 2, 3), degree=2, threshold=2,
+                  field_bits=32, vector_length=10)
+    out = site.send(Stage.ADVERTISE_KEYS, setup)
+    assert out.has_error() and "sgs-state-file) is unreadable" in out.error.reason
+    assert state.read_text() == "{not json"  # left for the operator, not overwritten
