@@ -28,6 +28,9 @@ class SecAggConfig:
     - ``metric_slots``: how many numeric train metrics are aggregated (their weighted
       mean, as FedAvg computes it); ``metric_range`` bounds each one unless
       ``metric_ranges`` gives its own (a value beyond is clipped and counted).
+    - ``max_poll_interval``: the longest wait (seconds) between two pulls of replies
+      while an exchange is under way; pulls start at 5 ms and grow 1.5x per pull up to
+      it (:mod:`strategies.exchange`), instead of Flower's fixed 3 s in a deployment.
     - ``max_consecutive_aborts``: this many aborted rounds in a row stop the run with
       :class:`~strategies.SecureAggregationFailed` (a run whose rounds all abort stops
       with it too).
@@ -48,6 +51,7 @@ class SecAggConfig:
     adaptive_range: bool = True
     target_clipped_fraction: float = 1e-5
     max_consecutive_aborts: int = 3
+    max_poll_interval: float = 0.5
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -80,5 +84,7 @@ class SecAggConfig:
                 raise bad("metric_ranges", f"the range of {name!r} must be > 0, got {r}")
         if not 0 <= self.target_clipped_fraction < 1:
             raise bad("target_clipped_fraction", f"must be in [0, 1), got {self.target_clipped_fraction}")
+        if not 0.005 <= self.max_poll_interval <= 10.0:
+            raise bad("max_poll_interval", f"must be in 0.005..10 seconds, got {self.max_poll_interval}")
         if self.max_consecutive_aborts < 1:
             raise bad("max_consecutive_aborts", f"must be >= 1, got {self.max_consecutive_aborts}")

@@ -74,6 +74,7 @@ from sgs_flower.secagg.errors import (
 )
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.wire import Stage
+from strategies import exchange
 from strategies.config import SecAggConfig
 
 _NEEDS_INDIVIDUAL_UPDATES = (Krum, MultiKrum, FedMedian, FedTrimmedAvg, Bulyan, QFedAvg)
@@ -282,7 +283,7 @@ class SecAggStrategy(Strategy):
             evaluate_config["server-round"] = server_round
             messages = list(self.inner.configure_evaluate(server_round, arrays, evaluate_config, grid))
             if messages:
-                replies = grid.send_and_receive(messages, timeout=timeout)
+                replies, _ = exchange.send_and_receive(grid, messages, timeout, self.config.max_poll_interval)
                 if (agg := self.inner.aggregate_evaluate(server_round, replies)) is not None:
                     log(INFO, "\t└──> Aggregated MetricRecord: %s", agg)
                     result.evaluate_metrics_clientapp[server_round] = agg
@@ -540,7 +541,7 @@ class SecAggStrategy(Strategy):
             content = RecordDict({wire.RECORD_KEY: rec, **(extra or {})})
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round)))
         t0 = time.monotonic()
-        replies = list(grid.send_and_receive(messages, timeout=self.config.stage_timeout))
+        replies, _ = exchange.send_and_receive(grid, messages, self.config.stage_timeout, self.config.max_poll_interval)
         report.stage_seconds[stage.name] = time.monotonic() - t0
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         out: dict[int, wire.Message | bytes] = {}

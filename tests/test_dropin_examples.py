@@ -7,10 +7,10 @@ Three ClientApps written for this test, modelled on Flower's examples (not copie
 - ``quickstart-pytorch``: a small CNN *with BatchNorm* (so the state dict holds a 0-d
   int64 ``num_batches_tracked``) trained for one epoch on 8,000 stand-in examples per
   client (tiny random 3x8x8 tensors: only the count matters here, CIFAR-10 is offline);
-- ``opacus``: a client that reports Opacus-style metrics (``epsilon``,
-  ``noise_multiplier``, ``max_grad_norm``, ``delta``). The DP-SGD step itself is faked
-  by one plain SGD step (real Opacus is too slow for a test); the metrics are what
-  matter to the aggregation.
+- ``opacus``: a client that trains one epoch of DP-SGD with a real Opacus
+  ``PrivacyEngine`` (a small linear model, so it takes well under a second) and
+  reports the example's privacy metrics (``epsilon`` from Opacus's accountant,
+  ``noise_multiplier``, ``max_grad_norm``, ``delta``).
 
 Each runs as a 5-SuperNode simulation with ``SecAggStrategy(FedAvg(...))`` and
 ``@app.train(mods=[secagg_mod])`` and nothing else; plain FedAvg's round 1 is Flower's
@@ -21,8 +21,10 @@ within their bound of FedAvg's weighted means.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
@@ -105,18 +107,32 @@ def torch_train(msg: Message, context: Context) -> Message:
 
 
 def opacus_train(msg: Message, context: Context) -> Message:
-    """opacus-example style metrics; the DP-SGD step is faked by one plain SGD step."""
+    """opacus-example style: DP-SGD with a real Opacus ``PrivacyEngine`` for one epoch,
+    reporting the example's privacy metrics (``epsilon`` from Opacus's accountant)."""
+    from opacus import PrivacyEngine
+
     pid = _pid(context)
-    torch.manual_seed(pid)
+    torch.manual_seed(pid)  # Opacus draws its noise and Poisson batches from torch's RNG
     net = nn.Linear(20, 4)
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
-    x, y = torch.randn(300, 20), torch.randint(0, 4, (300,))
+    n = 300 + 100 * pid
+    data = torch.utils.data.TensorDataset(torch.randn(n, 20), torch.randint(0, 4, (n,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=50)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    loss = nn.functional.cross_entropy(net(x), y)
-    loss.backward()
-    opt.step()
-    metrics = {"train_loss": float(loss), "epsilon": 2.0 + 0.4 * pid, "noise_multiplier": 1.1,
-               "max_grad_norm": 1.0, "delta": 1e-5, "num-examples": 300 + 100 * pid}
+    engine = PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(module=net, optimizer=opt, data_loader=loader,
+                                             noise_multiplier=1.1, max_grad_norm=1.0)
+    total, batches = 0.0, 0
+    for x, y in loader:
+        if len(y) == 0:
+            continue
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        total, batches = total + loss.item(), batches + 1
+    metrics = {"train_loss": total / max(batches, 1), "epsilon": float(engine.get_epsilon(1e-5)),
+               "noise_multiplier": 1.1, "max_grad_norm": 1.0, "delta": 1e-5, "num-examples": n}
     return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
@@ -226,3 +242,30 @@ def test_every_round_aborting_stops_the_run_naming_the_cause():
     models = out["models"]
     assert sorted(models) == [0, 1]  # the run stopped in round 2, before its evaluation
     assert all(np.array_equal(models[1][k], models[0][k]) for k in models[0])  # nothing was released
+
+
+def all_abort_run() -> None:
+    """A user's ServerApp as written (no try/except): every round aborts; the
+    :class:`SecureAggregationFailed` leaves ``strategy.start`` and ends the process."""
+
+    def main(grid: Grid, context: Context) -> None:
+        fedavg = FedAvg(fraction_evaluate=0.0, min_train_nodes=N, min_available_nodes=N)
+        SecAggStrategy(fedavg, SecAggConfig(max_weight=100, max_consecutive_aborts=2)).start(
+            grid=grid, initial_arrays=initial("numpy"), num_rounds=5)
+
+    run(main, drop_in(numpy_train), N)
+
+
+def test_an_all_aborting_simulation_exits_non_zero_naming_the_cause():
+    """The process a user runs (Flower's ``run_simulation`` here) exits non-zero, and
+    its output names the stop and the clients' cause; it does not end "successfully"
+    with the initial model."""
+    tests = Path(__file__).resolve().parent
+    code = f"import sys; sys.path.insert(0, {str(tests)!r}); import test_dropin_examples as t; t.all_abort_run()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          cwd=tests.parent)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "SecureAggregationFailed" in out
+    assert "2 secure rounds in a row aborted (max_consecutive_aborts=2)" in out
+    assert f"client errors: {N} x stage MASKED_INPUT: EncodingError" in out
