@@ -43,3 +43,15 @@ def test_custom_train_metrics_aggregation_is_warned_about():
         SecAggStrategy(FedAvg(fraction_evaluate=0.0, train_metrics_aggr_fn=lambda recs, key: None))
     with pytest.warns(UserWarning, match="federated evaluation .* is NOT protected"):
         SecAggStrategy(FedAvg(fraction_evaluate=0.5))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("r", [0.05, 1.0, 1024.0])
+def test_histogram_counts_as_the_plain_comparison_does(dtype, r):
+    """The exponent-bit histogram equals counting |x| >= r * 2^k directly (on random
+    data of widely spread magnitudes; a value within one rounding of an edge could
+    differ, none here)."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(300_001) * rng.choice([1e-4, 1e-2, 1.0, 100.0], 300_001)).astype(dtype)
+    want = [int(np.count_nonzero(np.abs(x.astype(np.float64)) >= r * 2.0**k)) for k in range(HIST_LOW, HIST_LOW + 16)]
+    assert magnitude_histogram(x, r).tolist() == want
