@@ -273,6 +273,7 @@ def magnitude_histogram(x: np.ndarray, r: float) -> np.ndarray:
     x = np.asarray(x).ravel()
     if x.dtype != np.float32:
         x = x.astype(np.float64, copy=False)
+    uint: type[np.unsignedinteger[Any]]
     if x.dtype == np.float32:
         uint, shift, mask, bias = np.uint32, 23, 0xFF, 127
     else:
