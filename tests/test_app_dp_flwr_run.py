@@ -40,3 +40,35 @@ def test_quick_distributed_dp_at_100_supernodes_learns_within_budget(tmp_path):
     assert (tmp_path / "distributed-dp-100.png").stat().st_size > 10_000
     left = subprocess.run(["pgrep", "-f", "sgs-app-.*flwr-home"], capture_output=True, text=True).stdout.split()
     assert not left
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_the_budget_saves_the_model_and_says_so(tmp_path):
+    """central-dp with its noise calibrated for 6 rounds at epsilon 8 but a budget of
+    max-epsilon 4: the server refuses the round that would pass 4 before it runs, the
+    run ends (completed, not failed) with the released model saved, a warning naming
+    the budget, and a ledger that verifies and stays within the budget."""
+    import numpy as np
+
+    from sgs_flower.app.results import copy_app, flwr_run, run_statuses, stop_all
+
+    app, home = copy_app(tmp_path), tmp_path / "flwr-home"
+    results, ledger, model = tmp_path / "b.json", tmp_path / "b-ledger.jsonl", tmp_path / "final.npz"
+    cfg = {"preset": "central-dp", "num-server-rounds": 6, "tail-rounds": 2, "max-epsilon": 4.0,
+           "results-file": str(results), "ledger": str(ledger), "model-file": str(model)}
+    try:
+        proc, _ = flwr_run(app, home, 20, cfg, timeout=900)
+        runs = run_statuses(home)
+    finally:
+        stop_all(home)
+    log = proc.stdout + proc.stderr
+    assert [r["status"] for r in runs] == ["finished:completed"], (runs, log[-3000:])
+    data = json.loads(results.read_text())
+    done = len(data["round_seconds"])
+    assert 1 <= done < 6, data["stopped"]
+    assert "budget" in data["stopped"]
+    assert f"training stopped by the privacy budget after round {done} of 6" in log
+    assert 0 < data["epsilon"]["consumer"] <= 4.0
+    saved = np.load(model)
+    assert set(saved.files) and all(np.isfinite(saved[k]).all() for k in saved.files)
+    assert verify(ledger).ok

@@ -29,3 +29,29 @@ def test_default_flwr_run_reaches_90_percent(tmp_path):
     # the managed SuperLink lives under app_results' own FLWR_HOME (/tmp/sgs-app-*)
     left = subprocess.run(["pgrep", "-f", "sgs-app-.*flwr-home"], capture_output=True, text=True).stdout.split()
     assert not left
+
+
+@pytest.mark.slow
+def test_an_all_aborting_flwr_run_fails_naming_the_cause(tmp_path):
+    """Every client's num-examples is above max-weight, so every site refuses to encode
+    and every round aborts: after 3 in a row the ServerApp raises, and Flower records
+    the run as failed with our message. (``flwr run --stream`` itself exits 0 whatever
+    the run's status in flwr 1.41; the run's status is where a user, or a script,
+    sees it: ``flwr ls``.) No results file claims a finished training."""
+    from sgs_flower.app.results import copy_app, flwr_run, run_statuses, stop_all
+
+    app, home, results = copy_app(tmp_path), tmp_path / "flwr-home", tmp_path / "r.json"
+    cfg = {"preset": "secagg", "max-weight": 10, "num-server-rounds": 5, "results-file": str(results),
+           "model-file": "", "ledger": ""}
+    try:
+        proc, _ = flwr_run(app, home, 5, cfg, timeout=900)
+        runs = run_statuses(home)
+    finally:
+        stop_all(home)
+    log = proc.stdout + proc.stderr
+    assert [r["status"] for r in runs] == ["finished:failed"], runs
+    details = runs[0]["status-details"]
+    assert "3 secure rounds in a row aborted (max_consecutive_aborts=3)" in details
+    assert "5 x stage MASKED_INPUT: EncodingError" in details  # the clients' cause, in one line
+    assert "SecureAggregationFailed" in log
+    assert not results.exists()

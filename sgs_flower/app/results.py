@@ -161,6 +161,47 @@ def plot_run(results: dict[str, Any], ledger: Path | None, out: Path, title: str
     return out
 
 
+def flwr_env(home: Path) -> dict[str, str]:
+    """The environment of our ``flwr run`` calls (and so of the SuperLink the first starts)."""
+    # flwr starts flower-superlink by name: put this interpreter's venv first on PATH
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {
+        **os.environ, "FLWR_HOME": str(home), "PATH": path, **superlink_ports(home),
+        # The README's command: the managed SuperLink runs the app in this venv instead
+        # of uv-syncing a second environment (a CUDA torch) before every run, so the
+        # figures are those of the environment the README installs.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # The plain rows need sites that accept plain rounds: a site opts in through its
+        # own environment (the secure rows are unaffected: their server sends protocol
+        # messages).
+        "SGS_NODE_CONFIG": "sgs-require-secagg=false",
+        # MARKER_ENV: every process flwr run starts (the detached SuperLink, its
+        # helpers) inherits it, which is how stop_all finds them.
+        MARKER_ENV: str(home),
+    }
+
+
+def flwr_run(app: Path, home: Path, supernodes: int, cfg: dict[str, Any],
+             timeout: float = 3600) -> tuple[subprocess.CompletedProcess[str], float]:
+    """One ``flwr run <app> --stream`` on ``supernodes`` simulated SuperNodes: the
+    finished process (output captured) and its wall seconds."""
+    cmd = [flower_bin("flwr"), "run", str(app), "--stream", "--federation-config",
+           f"num-supernodes={supernodes}", "--run-config", config_string(cfg)]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=flwr_env(home), capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - t0
+
+
+def run_statuses(home: Path) -> list[dict[str, Any]]:
+    """``flwr ls --format json`` of our SuperLink: each run's id, ``status`` (e.g.
+    ``finished:completed``, ``finished:failed``) and ``status-details``. ``flwr run
+    --stream`` returns 0 whatever the run's status (flwr 1.41), so this is where a
+    failed run shows."""
+    proc = subprocess.run([flower_bin("flwr"), "ls", "--format", "json"], env=flwr_env(home),
+                          capture_output=True, text=True, timeout=120)
+    return list(json.loads(proc.stdout)["runs"])
+
+
 def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: Path) -> dict[str, Any]:
     label = spec.label
     results = out_dir / f"{label}.json"
@@ -173,21 +214,9 @@ def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: P
     if rounds is not None:
         cfg["num-server-rounds"] = rounds
         cfg["tail-rounds"] = max(1, min(rounds // 2, int(load_preset(spec.preset).get("tail-rounds", 1))))
-    run_config = config_string(cfg)
-    cmd = [flower_bin("flwr"), "run", str(app), "--stream", "--federation-config",
-           f"num-supernodes={spec.supernodes}", "--run-config", run_config]
-    # flwr starts flower-superlink by name: put this interpreter's venv first on PATH
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    # The plain rows need sites that accept plain rounds: a site opts in through its own
-    # environment (the secure rows are unaffected: their server sends protocol messages).
-    # MARKER_ENV: every process flwr run starts (the detached SuperLink, its helpers)
-    # inherits it, which is how stop_all finds them (the local deployment's marker).
-    env = {**os.environ, "FLWR_HOME": str(home), "PATH": path, **superlink_ports(home),
-           "SGS_NODE_CONFIG": "sgs-require-secagg=false", MARKER_ENV: str(home)}
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
-    seconds = time.monotonic() - t0
-    (out_dir / f"{label}.log").write_text(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+    proc, seconds = flwr_run(app, home, spec.supernodes, cfg)
+    cmd = proc.args
+    (out_dir / f"{label}.log").write_text(" ".join(map(str, cmd)) + "\n" + proc.stdout + proc.stderr)
     if not results.exists():
         raise RuntimeError(f"run {label}: no results (exit {proc.returncode}); see {out_dir / (label + '.log')}")
     data = json.loads(results.read_text())
