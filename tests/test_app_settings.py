@@ -79,3 +79,17 @@ def test_models_and_partitions_for_large_federations():
         make_model("resnet")
     with pytest.raises(ValueError, match="'model' = 'resnet'"):
         resolve({**DEFAULTS, "model": "resnet"})
+
+
+def test_pyproject_keeps_the_federation_the_readme_command_needs():
+    """``flwr run .`` (flwr >= 1.41) migrates ``[tool.flwr.federations]`` into
+    ``$FLWR_HOME/config.toml`` and comments the section out *in the checkout*. Committed
+    in that state, a fresh machine's first run gets Flower's 2-SuperNode default and the
+    secure run refuses to start. This catches the rewritten file before it is committed."""
+    import tomllib
+    from pathlib import Path
+
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    fed = data["tool"]["flwr"]["federations"]
+    assert fed["default"] == "local-simulation"
+    assert fed["local-simulation"]["options"]["num-supernodes"] == 10
