@@ -32,20 +32,14 @@ from sgs_flower.digits import (
     make_loader,
     make_model,
     set_weights,
-    train,
     train_test_split,
 )
 from sgs_flower.dp.sample_dp import (
-    Criterion,
     SampleDPSettings,
     noise_multiplier_for,
     train_private_round,
 )
-
-
-def _step(model: torch.nn.Module, loader: torch.utils.data.DataLoader, epochs: int,
-          optimizer: torch.optim.Optimizer, criterion: Criterion) -> float:
-    return train(model, loader, epochs, 0.0, optimizer=optimizer, criterion=criterion)
+from sgs_flower.dp_utility import digits_train_step
 
 
 def run(model: str, batch: int, lr: float, epochs: int, rounds: int, momentum: float, clip: float,
@@ -68,7 +62,7 @@ def run(model: str, batch: int, lr: float, epochs: int, rounds: int, momentum: f
             local = make_model(model)
             set_weights(local, global_w)
             loader = make_loader(data, batch, shuffle=True, seed=seed * 1_000_003 + r * 1009 + i)
-            res = train_private_round(local, loader, epochs, lr, dp, states.get(i), train_step=_step, momentum=momentum)
+            res = train_private_round(local, loader, epochs, lr, dp, states.get(i), train_step=digits_train_step, momentum=momentum)
             states[i] = res.state
             eps = max(eps, res.epsilon)
             new.append(get_weights(local))

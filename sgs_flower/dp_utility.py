@@ -113,7 +113,7 @@ class Row:
     curve: list[float] = field(default_factory=list)
 
 
-def _train_step(model: nn.Module, loader: torch.utils.data.DataLoader, epochs: int,
+def digits_train_step(model: nn.Module, loader: torch.utils.data.DataLoader, epochs: int,
                 optimizer: torch.optim.Optimizer, criterion: Criterion) -> float:
     """The app's loop, handed to the DP core (which takes its training step from the caller)."""
     return train(model, loader, epochs, 0.0, optimizer=optimizer, criterion=criterion)
@@ -201,7 +201,7 @@ def run_mode(mode: str, study: Study, ledger_dir: Path | None = None) -> Row:
             loader = make_loader(data, study.batch_size, shuffle=True, seed=study.seed * 100_003 + r * 1009 + cid)
             if sample is not None:
                 res = train_private_round(local, loader, study.local_epochs, study.sample_lr, sample, states.get(cid),
-                                          train_step=_train_step)
+                                          train_step=digits_train_step)
                 states[cid] = res.state
                 sample_eps = max(sample_eps, res.epsilon)
             else:
