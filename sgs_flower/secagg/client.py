@@ -466,17 +466,17 @@ class SecAggClient:
                 f"{type(msg).__name__} (stage {msg.stage.name}) cannot ride on another round's message: only "
                 "ADVERTISE_KEYS and SHARE_KEYS are pipelined"
             )
+        if isinstance(msg, Setup) and self.pending_round == (msg.run_id, msg.round_id):
+            raise StaleMessageError(
+                f"setup for round {msg.round_id} of run {msg.run_id} arrived twice: node {self.node_id} is "
+                "already setting that round up (replayed)"
+            )
         if riding_on.stage != carrier:
             raise StaleMessageError(
                 f"pipelined {type(msg).__name__} (stage {msg.stage.name}) must ride on a {carrier.name} "
                 f"request, not on {riding_on.stage.name}"
             )
         if isinstance(msg, Setup):
-            if self.pending_round == (msg.run_id, msg.round_id):
-                raise StaleMessageError(
-                    f"setup for round {msg.round_id} of run {msg.run_id} arrived twice: node {self.node_id} is "
-                    "already setting that round up (replayed)"
-                )
             self._check_not_masked(msg)
             pending, advertise = AwaitingSetup(self.node_id).on_setup(msg, self.identity, self.policy)
             self.pending = pending
