@@ -667,7 +667,7 @@ class SecAggStrategy(Strategy):
         message of that round's part alone. Returns the valid replies to each round."""
         parts = dict(ahead_parts or {}) if ahead is not None else {}
         messages: list[Message] = []
-        role: dict[str, tuple[int, Stage | None]] = {}  # message id -> node, stage of its next-round part
+        kinds: list[tuple[int, Stage | None]] = []  # per message: node, stage of its next-round part
         for node in sorted(set(outgoing) | set(parts)):
             if node in outgoing:
                 rec = ConfigRecord({wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(outgoing[node]),
@@ -678,19 +678,21 @@ class SecAggStrategy(Strategy):
                     rec[wire.FIELD_NEXT_PAYLOAD] = wire.encode(nm)
                 content = RecordDict({wire.RECORD_KEY: rec, **(extra or {})})
                 m = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
-                role[m.metadata.message_id] = (node, nm.stage if nm is not None else None)
+                kinds.append((node, nm.stage if nm is not None else None))
             else:  # a setup-only message for the next round
                 assert ahead is not None
                 nm = parts[node]
                 rec = ConfigRecord({wire.FIELD_STAGE: int(nm.stage), wire.FIELD_PAYLOAD: wire.encode(nm)})
                 m = Message(RecordDict({wire.RECORD_KEY: rec}), dst_node_id=node, message_type=MessageType.TRAIN,
                             group_id=str(ahead.server_round))
-                role[m.metadata.message_id] = (node, None)
+                kinds.append((node, None))
             messages.append(m)
         t0 = time.monotonic()
         replies, _ = exchange.send_and_receive(grid, messages, self.config.stage_timeout, self.config.max_poll_interval)
         report.stage_seconds[stage.name] = time.monotonic() - t0
         report.exchanges += 1
+        # message ids are set when the messages are pushed
+        role = {m.metadata.message_id: kind for m, kind in zip(messages, kinds, strict=True)}
         out: dict[int, wire.Message | bytes] = {}
         out_next: dict[int, wire.Message | bytes] = {}
         for reply in replies:

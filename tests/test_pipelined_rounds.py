@@ -513,3 +513,73 @@ def test_mod_answers_two_parts_and_refuses_only_the_bad_one():
     np.testing.assert_allclose(dec.mean_delta, expect, atol=spec.quantization.error_bound * 2)
     # site 1 left round 4 only: it trained once (round 3), never for round 4
     assert sites[1].trained == 1 and all(sites[u].trained == 2 for u in (2, 3, 4, 5))
+
+
+# ---------------------------------------------------------------- 4, 5: a real Flower simulation
+def _flower(tmp_path, rounds, fail=None, n=5):
+    from flower_harness import initial_arrays, recording_client, run, train_config
+    from flwr.app import ArrayRecord, Context, MetricRecord
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import FedAvg
+
+    from strategies import SecAggConfig, SecAggStrategy
+
+    out: dict = {"models": {}}
+
+    def main(grid: Grid, context: Context) -> None:
+        inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+        strategy = SecAggStrategy(inner, SecAggConfig())
+
+        def keep(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+            out["models"][rnd] = [a.numpy().copy() for a in arrays.values()]
+            return MetricRecord({"round": rnd})
+
+        strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=rounds, train_config=train_config(),
+                       evaluate_fn=keep)
+        out["strategy"] = strategy
+
+    run(main, recording_client(tmp_path, fail=fail), n)
+    return out
+
+
+def _maxdiff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.slow
+def test_flower_simulation_pipelines_rounds_two_and_three(tmp_path):
+    """SecAggStrategy(FedAvg) with the real secagg_mod on 5 SuperNodes for 3 rounds:
+    each round's aggregate is the plaintext FedAvg of the updates within the
+    quantization bound; round 1 makes 5 exchanges, rounds 2 and 3 three each."""
+    from flower_harness import load_dump, weighted_mean
+
+    out = _flower(tmp_path, rounds=3)
+    reports = out["strategy"].reports
+    assert [r.status for r in reports] == ["ok", "ok", "ok"]
+    assert [r.exchanges for r in reports] == [5, 3, 3]
+    assert [r.pipelined for r in reports] == [False, True, True]
+    assert set(reports[0].stage_seconds) == set(FULL)
+    assert set(reports[1].stage_seconds) == set(reports[2].stage_seconds) == set(STEADY)
+    for r in reports:
+        assert len(r.survivors) == 5 and not r.client_errors and not r.rejected
+    for rnd in (1, 2, 3):
+        updates = load_dump(tmp_path, rnd)
+        assert len(updates) == 5
+        assert _maxdiff(out["models"][rnd], weighted_mean(updates)) <= reports[rnd - 1].error_bound + 1e-6
+
+
+@pytest.mark.slow
+def test_flower_simulation_round_after_an_abort_sets_up_in_full(tmp_path):
+    """Three of five sites fail their round-2 training: round 2 aborts (model unchanged)
+    and round 3, whose advance setup never happened, pays the full five exchanges and
+    is exact."""
+    from flower_harness import load_dump, weighted_mean
+
+    out = _flower(tmp_path, rounds=3, fail=lambda p, r: p in (0, 1, 2) and r == 2)
+    reports = out["strategy"].reports
+    assert [r.status for r in reports] == ["ok", "aborted", "ok"]
+    assert [r.exchanges for r in reports] == [5, 1, 5]  # round 2 aborted after its masked input
+    assert [r.pipelined for r in reports] == [False, True, False]
+    assert _maxdiff(out["models"][2], out["models"][1]) == 0.0
+    updates = load_dump(tmp_path, 3)
+    assert _maxdiff(out["models"][3], weighted_mean(updates)) <= reports[2].error_bound + 1e-6
