@@ -1,8 +1,10 @@
 """A drop-in strategy wrapper: any weighted-mean Flower strategy, aggregated securely.
 
-``SecAggStrategy(FedAvg(...))`` runs each round as the five SecAgg+ exchanges (keys, shares, masked input,
-consistency check, unmask) through
-the ``Grid`` (overriding ``start()``), decodes the one aggregate the protocol releases
+``SecAggStrategy(FedAvg(...))`` runs each round as SecAgg+ exchanges through the ``Grid``
+(overriding ``start()``): five (keys, shares, masked input, consistency check, unmask) for
+the first round and after an aborted one, three (masked input, consistency, unmask) once
+pipelined, the next round's keys and shares riding on the consistency and unmask
+exchanges (docs/protocol.md, "Pipelined rounds"). It decodes the one aggregate the protocol releases
 (the weighted-mean model delta, plus the cohort's weighted-mean train metrics), and
 hands it to the wrapped strategy as a single reply, so the wrapped strategy's own
 aggregation and server optimizer (FedAdam, FedAvgM, ...) still apply unchanged.

@@ -11,14 +11,15 @@ and mod) counts 5 exchanges for a round set up in full and 3 for a pipelined one
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sgs_flower.secagg import keys, wire
-from sgs_flower.secagg.client import AwaitingRoster, AwaitingShares, AwaitingUnmask, SecAggClient
+from sgs_flower.secagg import wire
+from sgs_flower.secagg.client import AwaitingShares, SecAggClient
 from sgs_flower.secagg.errors import (
     InconsistentRequestError,
     MalformedMessageError,
@@ -30,7 +31,13 @@ from sgs_flower.secagg.errors import (
 )
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.simulate import PipelinedRunner
-from sgs_flower.secagg.wire import ConsistencyRequest, KeyRoster, Setup, ShareBundle, Stage, UnmaskRequest
+from sgs_flower.secagg.wire import (
+    ConsistencyRequest,
+    KeyRoster,
+    Setup,
+    ShareBundle,
+    Stage,
+)
 
 FULL = ["ADVERTISE_KEYS", "SHARE_KEYS", "MASKED_INPUT", "CONSISTENCY", "UNMASK"]
 STEADY = ["MASKED_INPUT", "CONSISTENCY", "UNMASK"]
@@ -62,7 +69,7 @@ def test_honest_pipelined_rounds_are_exact_and_take_three_exchanges(wire_format)
     runner = PipelinedRunner(clients, M, run_id=4, wire=wire_format)
     rng = np.random.default_rng(1)
     cohorts = [sorted(rng.choice(ids, 6, replace=False).tolist()) for _ in range(5)]
-    assert any(set(b) - set(a) for a, b in zip(cohorts, cohorts[1:], strict=False))
+    assert any(set(b) - set(a) for a, b in itertools.pairwise(cohorts))
     for r, cohort in enumerate(cohorts, start=1):
         vectors = _inputs(cohort, r)
         res = runner.run_round(r, cohort, vectors, next_cohort=cohorts[r] if r < len(cohorts) else None)
@@ -274,10 +281,9 @@ def test_round_r_plus_1_part_under_round_r_header_is_refused():
     _refused(sc.clients[1], under_r, sc.cons[1], StaleMessageError, r"only round 2 of the same run")
     # and round 2's roster sent as the first part of round 1's unmask exchange
     sc = _scene()
-    unmask, rosters2 = _honest_consistency(sc)
+    _unmask, rosters2 = _honest_consistency(sc)
     c = sc.clients[2]
-    with pytest.raises(StaleMessageError, match=r"KeyRoster is for run 3 round 1.*round in progress is run 3 round 2"
-                       r"|KeyRoster \(stage SHARE_KEYS\) is not valid while node 2 is at stage UNMASK"):
+    with pytest.raises(StaleMessageError, match=r"KeyRoster \(stage SHARE_KEYS\) is not valid while node 2 is at stage UNMASK"):
         c.handle(dataclasses.replace(rosters2[2], round_id=1))
     assert c.stage is None  # it left round 1
     assert c.pending_round == (3, 2)  # round 2's setup is another round: kept
@@ -295,7 +301,7 @@ def test_pipelined_part_for_a_round_other_than_r_plus_1_is_refused():
 
 def test_next_round_setup_sent_twice_is_refused():
     sc = _scene()
-    unmask, rosters2 = _honest_consistency(sc)
+    unmask, _rosters2 = _honest_consistency(sc)
     again = sc.s2.setup_messages()[1]
     _refused(sc.clients[1], again, unmask[1], StaleMessageError, r"setup for round 2 of run 3 arrived twice")
 
@@ -356,8 +362,8 @@ def test_round_r_roster_replayed_as_round_r_plus_1_roster_is_refused():
     _refused(sc.clients[1], reheaded, unmask[1], SignatureError, r"do not carry its valid signature for this round")
 
 
-def test_identity_table_mixing_rounds_is_refused():
-    """Round 2's keys with an identity table naming another site's key for node 3."""
+def test_pipelined_roster_identity_table_is_checked_like_a_full_one():
+    """Round 2's roster, riding along, with an identity table giving node 3 node 4's key."""
     sc = _scene()
     unmask, rosters2 = _honest_consistency(sc)
     r = rosters2[1]
