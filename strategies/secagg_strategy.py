@@ -115,6 +115,7 @@ class RoundReport:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # per exchange, server side included
     exchanges: int = 0  # server -> clients -> server exchanges this round made (5 in full, 3 pipelined)
     pipelined: bool = False  # its keys and shares travelled on the previous round's exchanges
+    next_round_set_up: bool = False  # the next round's keys and shares travelled on this round's exchanges
     clip_range: float = 0.0  # the round's ranges (float and integer parts of the delta)
     int_clip_range: float = 0.0
     clipped: int = 0  # delta coordinates clipped, summed securely over the survivors
@@ -479,6 +480,7 @@ class SecAggStrategy(Strategy):
             return self._abort(report, f"{type(exc).__name__}: {exc}", t0, plan)
         if nxt is not None and nxt.bundles is not None:
             self._ahead = nxt  # used by the next round only if this one succeeds
+            report.next_round_set_up = True
         self._fill(report, server)
         report.total_weight = decoded.total_weight
         if plan is not None and self.privacy is not None:

@@ -564,6 +564,7 @@ def test_flower_simulation_pipelines_rounds_two_and_three(tmp_path):
     assert [r.status for r in reports] == ["ok", "ok", "ok"]
     assert [r.exchanges for r in reports] == [5, 3, 3]
     assert [r.pipelined for r in reports] == [False, True, True]
+    assert [r.next_round_set_up for r in reports] == [True, True, False]
     assert set(reports[0].stage_seconds) == set(FULL)
     assert set(reports[1].stage_seconds) == set(reports[2].stage_seconds) == set(STEADY)
     for r in reports:
@@ -586,6 +587,59 @@ def test_flower_simulation_round_after_an_abort_sets_up_in_full(tmp_path):
     assert [r.status for r in reports] == ["ok", "aborted", "ok"]
     assert [r.exchanges for r in reports] == [5, 1, 5]  # round 2 aborted after its masked input
     assert [r.pipelined for r in reports] == [False, True, False]
+    assert [r.next_round_set_up for r in reports] == [True, False, False]  # round 3 is the last
     assert _maxdiff(out["models"][2], out["models"][1]) == 0.0
     updates = load_dump(tmp_path, 3)
     assert _maxdiff(out["models"][3], weighted_mean(updates)) <= reports[2].error_bound + 1e-6
+
+
+@pytest.mark.slow
+def test_flower_simulation_dp_budget_is_checked_before_a_pipelined_round_trains(tmp_path):
+    """Distributed DP with room for two rounds: round 3 is set up during round 2 (its
+    plan fit before round 2's spend was recorded), then its plan is checked again at its
+    start and refused: training stops, and no site ever trained for round 3."""
+    from flower_harness import initial_arrays, load_dump, recording_client, run, train_config
+    from flwr.app import ArrayRecord, Context, MetricRecord
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import FedAvg
+
+    from sgs_flower.dp.aggregator import DPAggregator
+    from sgs_flower.dp.config import DPConfig
+    from strategies import SecAggStrategy
+
+    n = 4
+
+    def dp(max_eps):
+        return DPConfig(mode="distributed-dp", clip_norm=1.0, noise_multiplier=2.0, min_survivors=n,
+                        max_epsilon=max_eps)
+
+    dry = DPAggregator(dp(None))
+    model_size = sum(a.numpy().size for a in initial_arrays().values())
+    eps = []
+    for r in (1, 2, 3):
+        plan = dry.plan(r, n, n, model_size)
+        dry.release(plan, np.zeros(model_size), n, 0)
+        eps.append(dry.spent().consumer)
+    budget = (eps[1] + eps[2]) / 2
+    out: dict = {"models": {}}
+
+    def main(grid: Grid, context: Context) -> None:
+        strategy = SecAggStrategy(FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n),
+                                  dp=dp(budget))
+
+        def keep(rnd: int, arrays: ArrayRecord) -> MetricRecord:
+            out["models"][rnd] = True
+            return MetricRecord({"round": rnd})
+
+        strategy.start(grid=grid, initial_arrays=initial_arrays(), num_rounds=4, train_config=train_config(),
+                       evaluate_fn=keep)
+        out["strategy"] = strategy
+
+    run(main, recording_client(tmp_path), n)
+    reports = out["strategy"].reports
+    assert [r.status for r in reports] == ["ok", "ok", "budget-exhausted"]
+    assert [r.exchanges for r in reports[:2]] == [5, 3]
+    assert reports[1].next_round_set_up  # round 3's keys and shares went out during round 2...
+    assert load_dump(tmp_path, 3) == []  # ...but no site trained for it
+    assert sorted(out["models"]) == [0, 1, 2]
+    assert "privacy budget exhausted" in out["strategy"].stopped
