@@ -406,6 +406,53 @@ def test_round_r_share_bundles_replayed_as_round_r_plus_1_are_refused():
     assert c.last_masked == (3, 1)  # and sent nothing for it
 
 
+def test_share_bundle_mixing_both_rounds_ciphertexts_is_refused():
+    """Round 2's bundle for node 1 with node 2's ciphertext swapped for node 2's round-1
+    ciphertext: it fails authentication under round 2's keys and context; node 1 leaves
+    round 2 before masking anything."""
+    ids = tuple(range(1, 6))
+    clients = {u: SecAggClient(u) for u in ids}
+    runner = PipelinedRunner(clients, M, run_id=3)
+    captured: dict[int, dict[int, ShareBundle]] = {}
+    orig = SecAggServer.collect_shares
+
+    def spy(self, replies):
+        out = orig(self, replies)
+        captured[self.params.round_id] = out
+        return out
+
+    SecAggServer.collect_shares = spy  # type: ignore[method-assign]
+    try:
+        runner.run_round(1, ids, _inputs(ids, 1), next_cohort=ids)
+    finally:
+        SecAggServer.collect_shares = orig  # type: ignore[method-assign]
+    old = dict(captured[1][1].ciphertexts)
+    new = captured[2][1]
+    mixed = dataclasses.replace(new, ciphertexts=tuple((v, old[v] if v == 2 else ct) for v, ct in new.ciphertexts))
+    c = clients[1]
+    with pytest.raises(ShareDecryptionError, match="share ciphertext from node 2 to node 1 failed authentication"):
+        c.handle(mixed, vector=np.zeros(M, dtype=np.uint32))
+    assert c.stage is None and c.pending is None and c.last_masked == (3, 1)
+
+
+def test_abort_after_the_next_setup_went_out_means_a_full_setup():
+    """Round 1 aborts at its consistency check (too few signatures) after round 2's keys
+    were advertised with it: the advance setup is discarded, the clients' pending round 2
+    is replaced by a full setup with fresh keys, and round 2 is exact."""
+    ids = [1, 2, 3, 4, 5]
+    clients = {u: SecAggClient(u) for u in ids}
+    runner = PipelinedRunner(clients, M)
+    r1 = runner.run_round(1, ids, _inputs(ids, 1), next_cohort=ids, dropouts={Stage.CONSISTENCY: {4, 5}})
+    assert isinstance(r1.error, ThresholdError) and "consistency quorum" in str(r1.error)
+    assert r1.exchanges == FULL[:4] and runner.ahead is None
+    held = {u: clients[u].pending_round for u in (1, 2, 3)}
+    assert held == {1: (1, 2), 2: (1, 2), 3: (1, 2)}  # they had advertised round 2's keys
+    vectors = _inputs(ids, 2)
+    r2 = runner.run_round(2, ids, vectors)
+    _check_sum(r2, vectors)
+    assert r2.exchanges == FULL and not r2.pipelined
+
+
 def test_round_accepted_once_even_when_set_up_ahead():
     """A round whose input was sent cannot be set up again, pipelined or not."""
     ids = tuple(range(1, 6))
