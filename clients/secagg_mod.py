@@ -1,7 +1,10 @@
 """Client side: a Flower mod that runs SecAgg+ around the user's unchanged train function.
 
 Add it to a function-style ClientApp with ``@app.train(mods=[secagg_mod])`` (or the
-mixin below for class-based clients). The mod answers the five protocol exchanges; at
+mixin below for class-based clients). The mod answers the protocol exchanges (five in a
+round set up in full, three when the next round's keys rode on the previous round's
+consistency and unmask exchanges: a message then carries a second part, which the mod
+hands to the protocol client's instance of that round, see ``SecAggClient.handle_next``); at
 the masked-input stage (the message that brings the global model and train config) it
 calls the user's train function with the usual train message, turns the reply into the delta
 ``new - global`` plus ``num-examples`` and the train metrics, encodes and masks them,
@@ -146,8 +149,19 @@ def _public_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: the site's train step failed (details in its log)"
 
 
-def _protocol_reply(msg: Message, stage: Stage, reply: wire.Message, names: tuple[list[str], list[str]] | None = None) -> Message:
+def _protocol_reply(
+    msg: Message,
+    stage: Stage,
+    reply: wire.Message,
+    names: tuple[list[str], list[str]] | None = None,
+    ahead: tuple[Stage, wire.Message] | str | None = None,
+) -> Message:
     rec = ConfigRecord({wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(reply, detach_vector=True)})
+    if isinstance(ahead, str):  # the next round's part was refused: the check's name only
+        rec[wire.FIELD_NEXT_ERROR] = ahead
+    elif ahead is not None:
+        rec[wire.FIELD_NEXT_STAGE] = int(ahead[0])
+        rec[wire.FIELD_NEXT_PAYLOAD] = wire.encode(ahead[1])
     if names is not None:  # metric names in slot order, and those left out: names only, never values
         rec[wire.FIELD_METRIC_NAMES] = list(names[0])
         rec[wire.FIELD_METRICS_LEFT_OUT] = list(names[1])
@@ -232,15 +246,43 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         else:
             reply = client.handle(server_msg)
     except Exception as exc:
+        # this round's part was refused: the site leaves this round, and the next
+        # round's part riding on it (if any) is not looked at (an error reply has no content)
         logger.warning("secure aggregation refused a message: %s: %s", type(exc).__name__, exc)
         client.abandon()
         _save_client(context, client)
         return _error_reply(msg, exc)
+    ahead: tuple[Stage, wire.Message] | str | None = None
+    if wire.FIELD_NEXT_PAYLOAD in rec or wire.FIELD_NEXT_STAGE in rec:
+        try:
+            next_stage, next_msg = _next_part(rec)
+            ahead = next_stage, client.handle_next(next_msg, server_msg)
+        except ProtocolError as exc:  # the site leaves the next round only
+            logger.warning("secure aggregation refused the next round's part: %s: %s", type(exc).__name__, exc)
+            ahead = f"{type(exc).__name__}: {exc}"[: wire.MAX_ERROR_TEXT]
+        except Exception as exc:  # e.g. ThresholdError: named by type only
+            logger.warning("secure aggregation could not take the next round's part: %r", exc)
+            ahead = f"{type(exc).__name__}: the site does not take part in the next round (details in its log)"
     _save_client(context, client)
     if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered (never twice)
         site.history = dict(client.history)
         _save_site(context, policy, site)
-    return _protocol_reply(msg, stage, reply, names)
+    return _protocol_reply(msg, stage, reply, names, ahead)
+
+
+def _next_part(rec: ConfigRecord) -> tuple[Stage, wire.Message]:
+    """The pipelined second part of a message: the next round's setup, size-limited by
+    :func:`wire.decode` like any part, and only of a pipelined stage."""
+    raw = rec.get(wire.FIELD_NEXT_STAGE)
+    payload = rec.get(wire.FIELD_NEXT_PAYLOAD)
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw not in {int(s) for s in wire.PIPELINED_STAGES}:
+        raise MalformedMessageError("protocol record's next part names no pipelined stage")
+    if not isinstance(payload, bytes):
+        raise MalformedMessageError("protocol record's next part is not bytes")
+    next_msg = wire.decode(payload)
+    if int(next_msg.stage) != raw:
+        raise MalformedMessageError("protocol record's next stage differs from its payload's")
+    return Stage(raw), next_msg
 
 
 def _on_masked_input(

@@ -1,8 +1,10 @@
 """A drop-in strategy wrapper: any weighted-mean Flower strategy, aggregated securely.
 
-``SecAggStrategy(FedAvg(...))`` runs each round as the five SecAgg+ exchanges (keys, shares, masked input,
-consistency check, unmask) through
-the ``Grid`` (overriding ``start()``), decodes the one aggregate the protocol releases
+``SecAggStrategy(FedAvg(...))`` runs each round as SecAgg+ exchanges through the ``Grid``
+(overriding ``start()``): five (keys, shares, masked input, consistency check, unmask) for
+the first round and after an aborted one, three (masked input, consistency, unmask) once
+pipelined, the next round's keys and shares riding on the consistency and unmask
+exchanges (docs/protocol.md, "Pipelined rounds"). It decodes the one aggregate the protocol releases
 (the weighted-mean model delta, plus the cohort's weighted-mean train metrics), and
 hands it to the wrapped strategy as a single reply, so the wrapped strategy's own
 aggregation and server optimizer (FedAdam, FedAvgM, ...) still apply unchanged.
@@ -73,7 +75,7 @@ from sgs_flower.secagg.errors import (
     ThresholdError,
 )
 from sgs_flower.secagg.server import RoundParams, SecAggServer
-from sgs_flower.secagg.wire import Stage
+from sgs_flower.secagg.wire import ShareBundle, Stage
 from strategies import exchange
 from strategies.config import SecAggConfig
 
@@ -111,6 +113,9 @@ class RoundReport:
     seconds: float = 0.0
     total_weight: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)  # per exchange, server side included
+    exchanges: int = 0  # server -> clients -> server exchanges this round made (5 in full, 3 pipelined)
+    pipelined: bool = False  # its keys and shares travelled on the previous round's exchanges
+    next_round_set_up: bool = False  # the next round's keys and shares travelled on this round's exchanges
     clip_range: float = 0.0  # the round's ranges (float and integer parts of the delta)
     int_clip_range: float = 0.0
     clipped: int = 0  # delta coordinates clipped, summed securely over the survivors
@@ -118,6 +123,21 @@ class RoundReport:
     metric_clipped: dict[str, int] = field(default_factory=dict)  # clients whose metric was clipped
     metrics_dropped: str = ""  # why train metrics were not released, if they were not
     error_bound: float = 0.0  # quantization bound on the released mean, per float coordinate
+
+
+@dataclass
+class _Ahead:
+    """The next round, set up during the current one: its cohort (sampled by the wrapped
+    strategy's ``configure_train`` when it was needed), its protocol server (no model
+    bound yet), and once its keys are shared, the share bundles that go out with its
+    masked-input request."""
+
+    server_round: int
+    cohort: list[int]
+    params: RoundParams
+    server: SecAggServer
+    report: RoundReport
+    bundles: dict[int, ShareBundle] | None = None
 
 
 class SecureAggregationFailed(RuntimeError):
@@ -167,6 +187,8 @@ class SecAggStrategy(Strategy):
         self.config = config if config is not None else SecAggConfig(**overrides)
         self.reports: list[RoundReport] = []
         self.stopped: str = ""  # why training stopped early (the privacy budget), if it did
+        self._ahead: _Ahead | None = None  # the next round, when set up during the current one
+        self._num_rounds = 0
         c = self.config
         self.ranges = (c.clip_range, c.int_clip_range)  # the next round's; adapted after each round
         self._warn_about_metrics()
@@ -253,6 +275,7 @@ class SecAggStrategy(Strategy):
             if res is not None:
                 result.evaluate_metrics_serverapp[0] = res
         aborted_in_a_row = 0
+        self._num_rounds, self._ahead = num_rounds, None
         for server_round in range(1, num_rounds + 1):
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
@@ -260,6 +283,7 @@ class SecAggStrategy(Strategy):
             try:
                 new_arrays, metrics = self.secure_round(grid, server_round, arrays, train_config)
             except BudgetExhaustedError as exc:
+                self._ahead = None  # a round set up ahead is discarded: nobody trains for it
                 self.stopped = str(exc)
                 log(WARNING, "%s", exc)
                 break
@@ -341,12 +365,28 @@ class SecAggStrategy(Strategy):
     def secure_round(
         self, grid: Grid, server_round: int, arrays: ArrayRecord, train_config: ConfigRecord
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """One secure round. Its keys and shares were exchanged during the previous round
+        when that round set it up ahead (three exchanges: masked input, consistency,
+        unmask); otherwise (the first round, after an aborted round, or when the advance
+        setup failed) it sets up in full first (five exchanges). While it runs, it sets
+        the next round up ahead, on its own consistency and unmask exchanges."""
         t0 = time.monotonic()
         inner = self.inner
         self._wait_for_nodes(grid, max(inner.min_available_nodes, inner.min_train_nodes, self.config.min_clients or 3))
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.server_round != server_round:
+            ahead = None
+        # Always asked, for the model and config it sends (and its own bookkeeping, e.g.
+        # FedOpt's current arrays); a round set up ahead keeps the cohort that the same
+        # call sampled for it during the previous round.
         instructions = list(inner.configure_train(server_round, arrays, train_config, grid))
-        cohort = [m.metadata.dst_node_id for m in instructions]
-        report = RoundReport(server_round, "aborted", cohort=sorted(cohort))
+        if ahead is not None and instructions:
+            cohort = list(ahead.cohort)
+            report = ahead.report
+        else:
+            cohort = [m.metadata.dst_node_id for m in instructions]
+            report = RoundReport(server_round, "aborted", cohort=sorted(cohort))
+            ahead = None
         self.reports.append(report)
         a_key, c_key = inner.arrayrecord_key, inner.configrecord_key
         model = instructions[0].content.array_records[a_key] if instructions else arrays
@@ -357,7 +397,7 @@ class SecAggStrategy(Strategy):
         plan = None
         if len(cohort) < 2:
             return self._abort(report, f"round {server_round} not run: {len(cohort)} clients sampled", t0, None)
-        if self.privacy is not None:  # refuses (BudgetExhaustedError) before anything is sent
+        if self.privacy is not None:  # refuses (BudgetExhaustedError) before this round's training
             try:
                 plan = self.privacy.plan(server_round, len(cohort), len(list(grid.get_node_ids())), model_size)
             except BudgetExhaustedError as exc:
@@ -365,14 +405,7 @@ class SecAggStrategy(Strategy):
                 raise
         try:
             spec = self.make_spec(len(cohort), plan, like)
-            min_clients = self.config.min_clients
-            if plan is not None:  # fewer survivors would carry less noise than promised
-                min_clients = max(min_clients or 3, plan.min_survivors)
-            params = RoundParams(
-                run_id=grid.run.run_id, round_id=server_round, cohort=tuple(cohort),
-                vector_length=spec.vector_length(model_size), field_bits=spec.field_bits,
-                degree=self.config.degree, threshold=self.config.threshold, min_clients=min_clients,
-            )
+            params = self._round_params(grid, server_round, cohort, spec, model_size, plan)
             digest = binding_digest(named, dict(cfg), spec.to_config())
             for m in instructions[1:]:
                 if m.content.array_records[a_key] is model and m.content.config_records.get(c_key) is cfg:
@@ -389,7 +422,16 @@ class SecAggStrategy(Strategy):
         except ConfigurationError as exc:
             return self._abort(report, f"round {server_round} not run: {exc}", t0, plan)
 
-        server = SecAggServer(params, bound_digest=digest)
+        if ahead is not None and (ahead.params != params or ahead.bundles is None):
+            log(WARNING, "secure round %s: the setup made during the previous round no longer fits its "
+                "parameters; setting it up in full", server_round)
+            ahead = None
+        if ahead is not None:
+            server = ahead.server
+            server.bind_model(digest)  # masks are keyed with the model this request carries
+            report.pipelined = True
+        else:
+            server = SecAggServer(params, bound_digest=digest)
         # The model travels once, with the masked-input request (where training happens);
         # its digest keys the masks, so a client given another model cannot unmask.
         train_extra: dict[str, ArrayRecord | ConfigRecord] = {
@@ -400,17 +442,30 @@ class SecAggStrategy(Strategy):
         keys_fields = {"arrays-key": a_key, "config-key": c_key, "weight-key": inner.weighted_by_key}
         names: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         report.clip_range, report.int_clip_range = spec.clip_range, spec.int_clip_range
+        nxt: _Ahead | None = None
         try:
-            replies = self._exchange(grid, server_round, Stage.ADVERTISE_KEYS, server.setup_messages(), report)
-            rosters = server.collect_keys(replies)
-            bundles = server.collect_shares(self._exchange(grid, server_round, Stage.SHARE_KEYS, rosters, report))
+            if ahead is not None and ahead.bundles is not None:
+                bundles = ahead.bundles
+            else:
+                replies = self._exchange(grid, server_round, Stage.ADVERTISE_KEYS, server.setup_messages(), report)
+                rosters = server.collect_keys(replies)
+                bundles = server.collect_shares(self._exchange(grid, server_round, Stage.SHARE_KEYS, rosters, report))
             requests = server.collect_masked(
                 self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report, train_extra, keys_fields, names)
             )
-            unmask = server.collect_consistency(
-                self._exchange(grid, server_round, Stage.CONSISTENCY, requests, report)
+            # the next round is set up on this round's consistency and unmask exchanges
+            nxt = self._prepare_ahead(grid, server_round + 1, arrays, train_config, like, model_size)
+            replies, advertised = self._exchange_parts(
+                grid, server_round, Stage.CONSISTENCY, requests, report, nxt, nxt.server.setup_messages() if nxt else None
             )
-            outcome = server.collect_unmask(self._exchange(grid, server_round, Stage.UNMASK, unmask, report))
+            unmask = server.collect_consistency(replies)
+            next_rosters = self._ahead_step(nxt, lambda a: a.server.collect_keys(advertised))
+            if next_rosters is None:
+                nxt = None
+            replies, shared = self._exchange_parts(grid, server_round, Stage.UNMASK, unmask, report, nxt, next_rosters)
+            outcome = server.collect_unmask(replies)
+            if nxt is not None:
+                nxt.bundles = self._ahead_step(nxt, lambda a: a.server.collect_shares(shared))
             report.survivors = list(outcome.survivors)
             metric_names = self._metric_names(names, report.survivors, report) if spec.metric_slots else None
             decoded = decode_update(outcome.total, spec, len(outcome.survivors), model_size, metric_names)
@@ -423,6 +478,9 @@ class SecAggStrategy(Strategy):
         except SecAggError as exc:  # anything else a client could provoke ends the round, not the server
             self._fill(report, server)
             return self._abort(report, f"{type(exc).__name__}: {exc}", t0, plan)
+        if nxt is not None and nxt.bundles is not None:
+            self._ahead = nxt  # used by the next round only if this one succeeds
+            report.next_round_set_up = True
         self._fill(report, server)
         report.total_weight = decoded.total_weight
         if plan is not None and self.privacy is not None:
@@ -455,6 +513,63 @@ class SecAggStrategy(Strategy):
             log(INFO, "secure round %s: dropped %s; client errors: %s", server_round, report.dropped,
                 _group_client_errors(report.client_errors) or "none")
         return new_arrays, new_metrics
+
+    def _round_params(
+        self, grid: Grid, server_round: int, cohort: list[int], spec: UpdateSpec, model_size: int,
+        plan: RoundPlan | None,
+    ) -> RoundParams:
+        min_clients = self.config.min_clients
+        if plan is not None:  # fewer survivors would carry less noise than promised
+            min_clients = max(min_clients or 3, plan.min_survivors)
+        return RoundParams(
+            run_id=grid.run.run_id, round_id=server_round, cohort=tuple(cohort),
+            vector_length=spec.vector_length(model_size), field_bits=spec.field_bits,
+            degree=self.config.degree, threshold=self.config.threshold, min_clients=min_clients,
+        )
+
+    def _prepare_ahead(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, train_config: ConfigRecord,
+        like: list[np.ndarray], model_size: int,
+    ) -> _Ahead | None:
+        """Set round ``server_round`` up during the previous one, or say why not (None).
+
+        Its cohort is what the wrapped strategy's ``configure_train`` samples now (only
+        the node ids are used: the model goes out with its masked-input request). Under
+        DP its budget plan is checked here, and again before it trains."""
+        if server_round > self._num_rounds:
+            return None
+        inner = self.inner
+        need = max(inner.min_available_nodes, inner.min_train_nodes, self.config.min_clients or 3)
+        if len(list(grid.get_node_ids())) < need:
+            return None
+        config = ConfigRecord(dict(train_config))
+        config["server-round"] = server_round
+        cohort = sorted({m.metadata.dst_node_id for m in inner.configure_train(server_round, arrays, config, grid)})
+        if len(cohort) < 2:
+            return None
+        plan = None
+        try:
+            if self.privacy is not None:
+                plan = self.privacy.plan(server_round, len(cohort), len(list(grid.get_node_ids())), model_size)
+            spec = self.make_spec(len(cohort), plan, like)
+            params = self._round_params(grid, server_round, cohort, spec, model_size, plan)
+        except (BudgetExhaustedError, ValueError) as exc:  # ConfigurationError is a ValueError
+            log(INFO, "round %s is not set up ahead: %s", server_round, exc)
+            return None
+        return _Ahead(server_round, cohort, params, SecAggServer(params, bound_digest=None),
+                      RoundReport(server_round, "aborted", cohort=cohort))
+
+    def _ahead_step(self, ahead: _Ahead | None, step: Callable[[_Ahead], Any]) -> Any:
+        """One stage of the round set up ahead; a failure (too few keys or shares) only
+        means that round will set up in full (None)."""
+        if ahead is None:
+            return None
+        try:
+            return step(ahead)
+        except SecAggError as exc:
+            log(INFO, "round %s could not be set up ahead (it will be in full): %s", ahead.server_round, exc)
+            self._fill(ahead.report, ahead.server)
+            return None
 
     def _metric_names(
         self, names: Mapping[int, tuple[tuple[str, ...], tuple[str, ...]]], survivors: list[int], report: RoundReport
@@ -535,36 +650,92 @@ class SecAggStrategy(Strategy):
         names: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
     ) -> dict[int, wire.Message | bytes]:
         """One server -> clients -> server exchange; returns the valid replies by node."""
-        messages = []
-        for node, msg in outgoing.items():
-            rec = ConfigRecord({wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(msg), **(extra_fields or {})})
-            content = RecordDict({wire.RECORD_KEY: rec, **(extra or {})})
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round)))
+        return self._exchange_parts(grid, server_round, stage, outgoing, report, None, None, extra, extra_fields,
+                                    names)[0]
+
+    def _exchange_parts(
+        self,
+        grid: Grid,
+        server_round: int,
+        stage: Stage,
+        outgoing: Mapping[int, wire.Message],
+        report: RoundReport,
+        ahead: _Ahead | None,
+        ahead_parts: Mapping[int, wire.Message] | None,
+        extra: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
+        extra_fields: Mapping[str, str] | None = None,
+        names: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
+    ) -> tuple[dict[int, wire.Message | bytes], dict[int, wire.Message | bytes]]:
+        """One exchange of this round that may also carry the next round's parts: a node
+        in both gets one message of two parts, a node only in the next round's cohort a
+        message of that round's part alone. Returns the valid replies to each round."""
+        parts = dict(ahead_parts or {}) if ahead is not None else {}
+        messages: list[Message] = []
+        kinds: list[tuple[int, Stage | None]] = []  # per message: node, stage of its next-round part
+        for node in sorted(set(outgoing) | set(parts)):
+            if node in outgoing:
+                rec = ConfigRecord({wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(outgoing[node]),
+                                    **(extra_fields or {})})
+                nm = parts.get(node)
+                if nm is not None:
+                    rec[wire.FIELD_NEXT_STAGE] = int(nm.stage)
+                    rec[wire.FIELD_NEXT_PAYLOAD] = wire.encode(nm)
+                content = RecordDict({wire.RECORD_KEY: rec, **(extra or {})})
+                m = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
+                kinds.append((node, nm.stage if nm is not None else None))
+            else:  # a setup-only message for the next round
+                assert ahead is not None
+                nm = parts[node]
+                rec = ConfigRecord({wire.FIELD_STAGE: int(nm.stage), wire.FIELD_PAYLOAD: wire.encode(nm)})
+                m = Message(RecordDict({wire.RECORD_KEY: rec}), dst_node_id=node, message_type=MessageType.TRAIN,
+                            group_id=str(ahead.server_round))
+                kinds.append((node, None))
+            messages.append(m)
         t0 = time.monotonic()
         replies, _ = exchange.send_and_receive(grid, messages, self.config.stage_timeout, self.config.max_poll_interval)
         report.stage_seconds[stage.name] = time.monotonic() - t0
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        report.exchanges += 1
+        # message ids are set when the messages are pushed
+        role = {m.metadata.message_id: kind for m, kind in zip(messages, kinds, strict=True)}
         out: dict[int, wire.Message | bytes] = {}
+        out_next: dict[int, wire.Message | bytes] = {}
         for reply in replies:
-            dst = sent_to.get(reply.metadata.reply_to_message_id)
-            if dst is None:
+            found = role.get(reply.metadata.reply_to_message_id)
+            if found is None:
                 continue
-            node = int(dst)
+            node, next_stage = found
+            mine = node in outgoing
+            target = report if mine else ahead.report  # type: ignore[union-attr]
+            own_stage = stage if mine else parts[node].stage
             if reply.has_error():
-                report.client_errors[node] = f"stage {stage.name}: {reply.error.reason}"
-                log(WARNING, "node %s failed at stage %s: %s", node, stage.name, reply.error.reason)
+                target.client_errors[node] = f"stage {own_stage.name}: {reply.error.reason}"
+                log(WARNING, "node %s failed at stage %s of round %s: %s", node, own_stage.name, target.server_round,
+                    reply.error.reason)
                 continue
             if reply.metadata.src_node_id != node:
-                report.rejected[node] = f"reply for node {node} came from node {reply.metadata.src_node_id}"
+                target.rejected[node] = f"reply for node {node} came from node {reply.metadata.src_node_id}"
                 continue
             try:
-                out[node] = parse_reply(reply)
-                if names is not None:
+                (out if mine else out_next)[node] = parse_reply(reply)
+                if names is not None and mine:
                     names[node] = metric_names_of(reply)
             except ProtocolError as exc:
-                report.rejected[node] = f"{type(exc).__name__}: {exc}"
-                log(WARNING, "node %s sent an invalid %s reply: %s", node, stage.name, exc)
-        return out
+                target.rejected[node] = f"{type(exc).__name__}: {exc}"
+                log(WARNING, "node %s sent an invalid %s reply: %s", node, own_stage.name, exc)
+                continue
+            if next_stage is not None and ahead is not None:
+                try:
+                    part = parse_next_reply(reply)
+                except ProtocolError as exc:
+                    ahead.report.rejected[node] = f"{type(exc).__name__}: {exc}"
+                    continue
+                if isinstance(part, str):
+                    ahead.report.client_errors[node] = f"stage {next_stage.name}: {part}"
+                    log(WARNING, "node %s refused round %s's %s part: %s", node, ahead.server_round,
+                        next_stage.name, part)
+                elif part is not None:
+                    out_next[node] = part
+        return out, out_next
 
 
 def metric_names_of(reply: Message) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -579,6 +750,25 @@ def metric_names_of(reply: Message) -> tuple[tuple[str, ...], tuple[str, ...]]:
             raise MalformedMessageError(f"reply field {key!r} must be a list of short metric names")
         out.append(tuple(str(v) for v in value))
     return out[0], out[1]
+
+
+def parse_next_reply(reply: Message) -> bytes | str | None:
+    """The answer to a message's pipelined part: its payload bytes (decoded and checked
+    by the protocol server), the site's refusal text, or None when it sent neither."""
+    rec = reply.content.config_records.get(wire.RECORD_KEY)
+    if rec is None:
+        return None
+    error = rec.get(wire.FIELD_NEXT_ERROR)
+    payload = rec.get(wire.FIELD_NEXT_PAYLOAD)
+    if error is not None:
+        if not isinstance(error, str) or payload is not None:
+            raise MalformedMessageError(f"reply field {wire.FIELD_NEXT_ERROR!r} must be a short text, alone")
+        return error[: wire.MAX_ERROR_TEXT]
+    if payload is None:
+        return None
+    if not isinstance(payload, bytes):
+        raise MalformedMessageError(f"reply lacks the {wire.RECORD_KEY}.{wire.FIELD_NEXT_PAYLOAD} bytes")
+    return payload
 
 
 def parse_reply(reply: Message) -> wire.Message:

@@ -43,6 +43,7 @@ from sgs_flower.secagg.graph import consistency_quorum, graph_seed, neighbours_o
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander
 from sgs_flower.secagg.wire import (
+    PIPELINED_STAGES,
     PROTOCOL_VERSION,
     AdvertiseKeys,
     ConsistencyRequest,
@@ -374,13 +375,23 @@ class SecAggClient:
     (a fresh one when none is given, which a roster cannot pin); ``policy`` is the
     site's :class:`ClientPolicy`; ``history`` maps each global-model digest the client
     signed a survivor set for to that set (see :class:`AwaitingConsistency`).
+
+    Pipelining: besides the round in progress (``state``) the client holds at most one
+    round being set up ahead of time (``pending``: the next round's keys, advertised
+    during this round's consistency check and shared during its unmask stage, see
+    :meth:`handle_next`). Each message part is dispatched to the instance of its own
+    (run, round) and checked there; a refusal leaves only that round.
     """
 
     node_id: int
     identity: bytes = field(default_factory=identity.generate_identity, repr=False)
     policy: ClientPolicy = field(default_factory=ClientPolicy)
     state: ClientState = field(init=False)
+    pending: AwaitingRoster | AwaitingShares | None = field(default=None, init=False)
     last_masked: tuple[int, int] = (-1, -1)  # (run, round) of the last masked input sent
+    # (run, round, stage) of the last first-part message this client answered: a
+    # pipelined part is accepted only riding on the message just answered
+    answered: tuple[int, int, int] = (-1, -1, 0)
     history: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -390,8 +401,17 @@ class SecAggClient:
     def stage(self) -> Stage | None:
         return _STAGE_OF.get(type(self.state))
 
+    @property
+    def pending_round(self) -> tuple[int, int] | None:
+        """(run, round) of the round being set up ahead of time, if any."""
+        if self.pending is None:
+            return None
+        setup = self.pending.secrets.setup
+        return setup.run_id, setup.round_id
+
     def abandon(self) -> None:
-        """Leave the round in progress (the local training failed): send nothing more."""
+        """Leave the round in progress (the local training failed): send nothing more.
+        A round being set up ahead of time is another round and is kept."""
         self.state = AwaitingSetup(self.node_id)
 
     def handle(
@@ -403,11 +423,72 @@ class SecAggClient:
         model_digest: bytes = b"",
         min_survivors: int = 0,
     ) -> Message:
+        """Answer a message's first part (a message of its own round)."""
         try:
-            return self._handle(msg, vector, bound_digest, model_digest or bound_digest, min_survivors)
+            reply = self._handle(msg, vector, bound_digest, model_digest or bound_digest, min_survivors)
         except (ProtocolError, ThresholdError):
             self.state = AwaitingSetup(self.node_id)
+            self.answered = (-1, -1, 0)
             raise
+        self.answered = (msg.run_id, msg.round_id, int(msg.stage))
+        return reply
+
+    def handle_next(self, msg: Message, riding_on: Message) -> Message:
+        """Answer a pipelined part: the next round's :class:`Setup` riding on this round's
+        :class:`ConsistencyRequest`, or its :class:`KeyRoster` riding on this round's
+        :class:`UnmaskRequest`. ``riding_on`` is the first part of the same message,
+        which :meth:`handle` must just have answered. A refusal leaves the round being
+        set up (never the round in progress) and raises the typed error."""
+        try:
+            return self._handle_next(msg, riding_on)
+        except (ProtocolError, ThresholdError):
+            self.pending = None
+            raise
+
+    def _handle_next(self, msg: Message, riding_on: Message) -> Message:
+        self.check_header(msg)
+        if not isinstance(riding_on, Message) or riding_on.to_server:
+            raise MalformedMessageError("a pipelined part must ride on a server-to-client message")
+        run, rnd = riding_on.run_id, riding_on.round_id
+        if self.answered != (run, rnd, int(riding_on.stage)):
+            raise StaleMessageError(
+                f"pipelined {type(msg).__name__} rides on a {type(riding_on).__name__} of run {run} round {rnd} "
+                f"that node {self.node_id} did not just answer"
+            )
+        if msg.run_id != run or msg.round_id != rnd + 1:
+            raise StaleMessageError(
+                f"pipelined {type(msg).__name__} is for run {msg.run_id} round {msg.round_id}, but it rides on "
+                f"run {run} round {rnd}: only round {rnd + 1} of the same run is set up ahead (replayed or stale)"
+            )
+        carrier = PIPELINED_STAGES.get(msg.stage)
+        if carrier is None:
+            raise StaleMessageError(
+                f"{type(msg).__name__} (stage {msg.stage.name}) cannot ride on another round's message: only "
+                "ADVERTISE_KEYS and SHARE_KEYS are pipelined"
+            )
+        if isinstance(msg, Setup) and self.pending_round == (msg.run_id, msg.round_id):
+            raise StaleMessageError(
+                f"setup for round {msg.round_id} of run {msg.run_id} arrived twice: node {self.node_id} is "
+                "already setting that round up (replayed)"
+            )
+        if riding_on.stage != carrier:
+            raise StaleMessageError(
+                f"pipelined {type(msg).__name__} (stage {msg.stage.name}) must ride on a {carrier.name} "
+                f"request, not on {riding_on.stage.name}"
+            )
+        if isinstance(msg, Setup):
+            self._check_not_masked(msg)
+            pending, advertise = AwaitingSetup(self.node_id).on_setup(msg, self.identity, self.policy)
+            self.pending = pending
+            return advertise
+        assert isinstance(msg, KeyRoster)
+        if not isinstance(self.pending, AwaitingRoster) or self.pending_round != (msg.run_id, msg.round_id):
+            raise StaleMessageError(
+                f"pipelined KeyRoster for round {msg.round_id} of run {msg.run_id} arrived, but node "
+                f"{self.node_id} has not advertised keys for that round (stale, replayed or out of order)"
+            )
+        self.pending, share_keys = self.pending.on_roster(msg, self.identity, self.policy)
+        return share_keys
 
     def check_header(self, msg: Message) -> None:
         """Version, direction and recipient: checked before any stage looks at a payload."""
@@ -425,6 +506,7 @@ class SecAggClient:
         masked-input request of the round in progress; raises what :meth:`handle` would."""
         try:
             self.check_header(msg)
+            self._route(msg)
             self._check_round(msg)
             if not (isinstance(self.state, AwaitingShares) and isinstance(msg, ShareBundle)):
                 raise StaleMessageError(
@@ -434,6 +516,19 @@ class SecAggClient:
         except ProtocolError:
             self.state = AwaitingSetup(self.node_id)
             raise
+
+    def _route(self, msg: Message) -> None:
+        """A first-part message of the round set up ahead of time makes that round the
+        one in progress (the previous round, if still open, is left)."""
+        if self.pending is not None and self.pending_round == (msg.run_id, msg.round_id):
+            self.state, self.pending = self.pending, None
+
+    def _check_not_masked(self, msg: Setup) -> None:
+        if msg.run_id == self.last_masked[0] and msg.round_id <= self.last_masked[1]:
+            raise StaleMessageError(
+                f"setup for round {msg.round_id} of run {msg.run_id} is stale or replayed: node "
+                f"{self.node_id} already sent its input for round {self.last_masked[1]}"
+            )
 
     def _check_round(self, msg: Message) -> Setup:
         st = self.state
@@ -455,13 +550,13 @@ class SecAggClient:
     ) -> Message:
         self.check_header(msg)
         if isinstance(msg, Setup):
-            if msg.run_id == self.last_masked[0] and msg.round_id <= self.last_masked[1]:
-                raise StaleMessageError(
-                    f"setup for round {msg.round_id} of run {msg.run_id} is stale or replayed: node "
-                    f"{self.node_id} already sent its input for round {self.last_masked[1]}"
-                )
+            # a full setup (the first round, or after an aborted one): it replaces any
+            # round set up ahead of time, whose keys are then never used
+            self._check_not_masked(msg)
+            self.pending = None
             self.state, advertise = AwaitingSetup(self.node_id).on_setup(msg, self.identity, self.policy)
             return advertise
+        self._route(msg)
         setup = self._check_round(msg)
         st = self.state
         if isinstance(st, AwaitingRoster) and isinstance(msg, KeyRoster):
@@ -489,31 +584,18 @@ class SecAggClient:
         """Plain data (ints, str, bytes, lists) for a Flower ``ConfigRecord``.
 
         The identity key and policy are not in it: they are the site's, loaded from
-        its node config (or, for a run-scoped identity, kept by the caller)."""
+        its node config (or, for a run-scoped identity, kept by the caller). A round
+        set up ahead of time is kept under keys prefixed ``next.``."""
         out: dict[str, Any] = {
             "node_id": self.node_id,
-            "state": type(self.state).__name__,
             "last_masked": list(self.last_masked),
+            "answered": list(self.answered),
             "history_models": list(self.history),
             "history_sets": list(self.history.values()),
         }
-        st = self.state
-        if isinstance(st, AwaitingSetup):
-            return out
-        sec = st.secrets
-        out.update(setup=encode(sec.setup), c_sk=sec.c_sk, s_sk=sec.s_sk, b_u=sec.b_u)
-        if isinstance(st, AwaitingShares | AwaitingConsistency | AwaitingUnmask):
-            roster = KeyRoster(run_id=sec.setup.run_id, round_id=sec.setup.round_id, recipient=self.node_id,
-                               keys=tuple(st.roster.values()), identities=tuple(sorted(st.identities.items())))
-            out["roster"] = encode(roster)
-        if isinstance(st, AwaitingConsistency | AwaitingUnmask):
-            out["held_nodes"] = list(st.held)
-            out["held_shares"] = [a + b for a, b in st.held.values()]
-        if isinstance(st, AwaitingConsistency):
-            out["model_digest"] = st.model_digest
-            out["min_survivors"] = st.min_survivors
-        if isinstance(st, AwaitingUnmask):
-            out["survivors"] = list(st.survivors)
+        out.update(_instance_dict(self.state, self.node_id, ""))
+        if self.pending is not None:
+            out.update(_instance_dict(self.pending, self.node_id, "next."))
         return out
 
     @classmethod
@@ -524,35 +606,66 @@ class SecAggClient:
         if ident is not None:
             client.identity = ident
         client.last_masked = (int(d["last_masked"][0]), int(d["last_masked"][1]))
+        answered = d.get("answered", [-1, -1, 0])
+        client.answered = (int(answered[0]), int(answered[1]), int(answered[2]))
         client.history = dict(zip(d.get("history_models", []), d.get("history_sets", []), strict=True))
-        name = d["state"]
-        if name == "AwaitingSetup":
-            return client
-        setup = decode(d["setup"])
-        if not isinstance(setup, Setup):
-            raise MalformedMessageError("saved client state holds no setup")
-        seed = graph_seed(setup.run_id, setup.round_id, setup.cohort)
-        _, share_context = keys.round_contexts(setup, seed, b"")
-        sec = _RoundSecrets(setup, seed, share_context, neighbours_of(setup.cohort, setup.degree, seed, client.node_id),
-                            d["c_sk"], d["s_sk"], d["b_u"])
-        if name == "AwaitingRoster":
-            client.state = AwaitingRoster(client.node_id, sec)
-            return client
-        roster_msg = decode(d["roster"])
-        if not isinstance(roster_msg, KeyRoster):
-            raise MalformedMessageError("saved client state holds no roster")
-        roster = {nk.node: nk for nk in roster_msg.keys}
-        table = dict(roster_msg.identities)
-        if name == "AwaitingShares":
-            client.state = AwaitingShares(client.node_id, sec, roster, table)
-            return client
-        n = shamir.SHARE_BYTES
-        held = {int(v): (bytes(s[:n]), bytes(s[n:])) for v, s in zip(d["held_nodes"], d["held_shares"], strict=True)}
-        if name == "AwaitingConsistency":
-            client.state = AwaitingConsistency(client.node_id, sec, roster, table, held,
-                                               bytes(d["model_digest"]), int(d["min_survivors"]))
-            return client
-        if name != "AwaitingUnmask":
-            raise MalformedMessageError("saved client state names an unknown stage")
-        client.state = AwaitingUnmask(client.node_id, sec, roster, table, held, tuple(int(v) for v in d["survivors"]))
+        client.state = _instance_from(d, client.node_id, "")
+        if "next.state" in d:
+            pending = _instance_from(d, client.node_id, "next.")
+            if not isinstance(pending, AwaitingRoster | AwaitingShares):
+                raise MalformedMessageError("saved client state holds a round set up ahead at an impossible stage")
+            client.pending = pending
         return client
+
+
+def _instance_dict(st: ClientState, node_id: int, prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {prefix + "state": type(st).__name__}
+    if isinstance(st, AwaitingSetup):
+        return out
+    sec = st.secrets
+    out.update({prefix + "setup": encode(sec.setup), prefix + "c_sk": sec.c_sk, prefix + "s_sk": sec.s_sk,
+                prefix + "b_u": sec.b_u})
+    if isinstance(st, AwaitingShares | AwaitingConsistency | AwaitingUnmask):
+        roster = KeyRoster(run_id=sec.setup.run_id, round_id=sec.setup.round_id, recipient=node_id,
+                           keys=tuple(st.roster.values()), identities=tuple(sorted(st.identities.items())))
+        out[prefix + "roster"] = encode(roster)
+    if isinstance(st, AwaitingConsistency | AwaitingUnmask):
+        out[prefix + "held_nodes"] = list(st.held)
+        out[prefix + "held_shares"] = [a + b for a, b in st.held.values()]
+    if isinstance(st, AwaitingConsistency):
+        out[prefix + "model_digest"] = st.model_digest
+        out[prefix + "min_survivors"] = st.min_survivors
+    if isinstance(st, AwaitingUnmask):
+        out[prefix + "survivors"] = list(st.survivors)
+    return out
+
+
+def _instance_from(d: dict[str, Any], node_id: int, prefix: str) -> ClientState:
+    name = d[prefix + "state"]
+    if name == "AwaitingSetup":
+        return AwaitingSetup(node_id)
+    setup = decode(d[prefix + "setup"])
+    if not isinstance(setup, Setup):
+        raise MalformedMessageError("saved client state holds no setup")
+    seed = graph_seed(setup.run_id, setup.round_id, setup.cohort)
+    _, share_context = keys.round_contexts(setup, seed, b"")
+    sec = _RoundSecrets(setup, seed, share_context, neighbours_of(setup.cohort, setup.degree, seed, node_id),
+                        d[prefix + "c_sk"], d[prefix + "s_sk"], d[prefix + "b_u"])
+    if name == "AwaitingRoster":
+        return AwaitingRoster(node_id, sec)
+    roster_msg = decode(d[prefix + "roster"])
+    if not isinstance(roster_msg, KeyRoster):
+        raise MalformedMessageError("saved client state holds no roster")
+    roster = {nk.node: nk for nk in roster_msg.keys}
+    table = dict(roster_msg.identities)
+    if name == "AwaitingShares":
+        return AwaitingShares(node_id, sec, roster, table)
+    n = shamir.SHARE_BYTES
+    held = {int(v): (bytes(s[:n]), bytes(s[n:]))
+            for v, s in zip(d[prefix + "held_nodes"], d[prefix + "held_shares"], strict=True)}
+    if name == "AwaitingConsistency":
+        return AwaitingConsistency(node_id, sec, roster, table, held, bytes(d[prefix + "model_digest"]),
+                                   int(d[prefix + "min_survivors"]))
+    if name != "AwaitingUnmask":
+        raise MalformedMessageError("saved client state names an unknown stage")
+    return AwaitingUnmask(node_id, sec, roster, table, held, tuple(int(v) for v in d[prefix + "survivors"]))

@@ -129,17 +129,21 @@ class SecAggServer:
     """Runs one round. Call ``setup_messages`` then ``collect_keys``, ``collect_shares``,
     ``collect_masked`` and ``collect_unmask`` in order, each with the replies received
     (a mapping from the transport's authenticated sender id to the message or its bytes).
+
+    ``bound_digest`` is the digest of the global model and config the round trains on
+    (it keys the masks). A round set up ahead of time (pipelined: its keys travel during
+    the previous round, before its model exists) passes ``None`` and calls
+    :meth:`bind_model` with the digest of the model its masked-input request carries,
+    before :meth:`collect_masked`.
     """
 
-    def __init__(self, params: RoundParams, bound_digest: bytes = b"") -> None:
+    def __init__(self, params: RoundParams, bound_digest: bytes | None = b"") -> None:
         self.params = params
         p = params
         assert p.degree is not None and p.threshold is not None
         self.graph = neighbours(p.cohort, p.degree, p.graph_seed)
-        self.context = keys.round_context(
-            PROTOCOL_VERSION, p.run_id, p.round_id, p.cohort, p.degree, p.threshold,
-            p.field_bits, p.vector_length, p.graph_seed, bound_digest,
-        )  # the server's own view: masks of a client that saw another model will not match
+        self.context: bytes | None = None
+        self.bound_digest: bytes | None = None
         self.share_context = keys.round_context(
             PROTOCOL_VERSION, p.run_id, p.round_id, p.cohort, p.degree, p.threshold,
             p.field_bits, p.vector_length, p.graph_seed, b"",
@@ -155,6 +159,26 @@ class SecAggServer:
         self.u4: set[int] = set()
         self.signatures: dict[int, bytes] = {}
         self._acc: np.ndarray | None = None
+        if bound_digest is not None:
+            self.bind_model(bound_digest)
+
+    def bind_model(self, bound_digest: bytes) -> None:
+        """Bind the masks to the model and config the masked-input request carries (the
+        server's own view: masks of a client that saw another model will not match).
+        Once, and before any masked input is summed."""
+        if self.bound_digest is not None:
+            if self.bound_digest == bound_digest:
+                return
+            raise ConfigurationError(f"round {self.params.round_id} is already bound to another model")
+        if self.stage not in (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT) or self.u3:
+            raise ConfigurationError(f"round {self.params.round_id}: the model is bound before masked inputs, not after")
+        p = self.params
+        assert p.degree is not None and p.threshold is not None
+        self.bound_digest = bytes(bound_digest)
+        self.context = keys.round_context(
+            PROTOCOL_VERSION, p.run_id, p.round_id, p.cohort, p.degree, p.threshold,
+            p.field_bits, p.vector_length, p.graph_seed, self.bound_digest,
+        )
 
     # ------------------------------------------------------------ helpers
     def _expect(self, stage: Stage) -> None:
@@ -296,6 +320,10 @@ class SecAggServer:
 
     def collect_masked(self, replies: Mapping[int, Message | bytes]) -> dict[int, ConsistencyRequest]:
         self._expect(Stage.MASKED_INPUT)
+        if self.context is None:
+            raise ConfigurationError(
+                f"round {self.params.round_id}: bind_model() must bind the round's model before masked inputs"
+            )
         ok = self._accept(replies, self.u2, MaskedInput)
         acc = np.zeros(self.params.vector_length, dtype=self.dtype)
         for node, msg in sorted(ok.items()):
@@ -377,7 +405,7 @@ class SecAggServer:
                 b_shares[v].append((x, s))
             for v, s in msg.key_shares:
                 sk_shares[v].append((x, s))
-        assert self._acc is not None and self.params.threshold is not None
+        assert self._acc is not None and self.params.threshold is not None and self.context is not None
         t = self.params.threshold
         acc = self._acc
         exp = get_expander(self.params.vector_length, self.dtype)

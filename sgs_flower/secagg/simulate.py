@@ -8,16 +8,17 @@ dropouts injected at any stage.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from sgs_flower.secagg.client import SecAggClient
-from sgs_flower.secagg.errors import ProtocolError, ThresholdError
+from sgs_flower.secagg.errors import ProtocolError, SecAggError, ThresholdError
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, encode
 from sgs_flower.secagg.server import RoundOutcome, RoundParams, SecAggServer, decode_checked
-from sgs_flower.secagg.wire import Message, Stage
+from sgs_flower.secagg.wire import Message, ShareBundle, Stage
 from sgs_flower.secagg.wire import decode as decode_message
 from sgs_flower.secagg.wire import encode as encode_message
 
@@ -172,3 +173,170 @@ def simulate_round(
         seconds=seconds,
         upload_bytes={u - 1: b for u, b in upload.items()},
     )
+
+
+# ---------------------------------------------------------------- pipelined rounds
+@dataclass
+class PipelinedRound:
+    """One round of :class:`PipelinedRunner`: its outcome (or the error that aborted it)
+    and the exchanges it made (stage names, in order)."""
+
+    round_id: int
+    cohort: tuple[int, ...]
+    outcome: RoundOutcome | None = None
+    error: SecAggError | None = None
+    exchanges: list[str] = field(default_factory=list)
+    pipelined: bool = False  # its keys and shares travelled during the previous round
+    refused: dict[int, Exception] = field(default_factory=dict)  # this round's parts clients refused
+    ahead_refused: dict[int, Exception] = field(default_factory=dict)  # next round's parts refused
+    ahead_ready: bool = False  # the next round was set up during this one
+
+
+@dataclass
+class _Ahead:
+    server: SecAggServer
+    bundles: dict[int, ShareBundle] = field(default_factory=dict)
+
+
+class PipelinedRunner:
+    """Several SecAgg+ rounds in one process, the key agreement of round r + 1 riding on
+    round r's consistency (its advertisements) and unmask (its shares) exchanges, so a
+    steady-state round makes three exchanges: masked input, consistency, unmask.
+
+    The first round, and any round after an aborted one (or whose advance setup failed),
+    makes the full five. Clients are kept across rounds (``clients``); each round's
+    ``dropouts`` maps a stage to the nodes that are offline from that exchange on (for
+    this round), which includes the next round's parts riding on those exchanges.
+    """
+
+    def __init__(
+        self,
+        clients: Mapping[int, SecAggClient],
+        vector_length: int,
+        *,
+        run_id: int = 1,
+        field_bits: int = 32,
+        degree: int | None = None,
+        threshold: int | None = None,
+        min_clients: int | None = None,
+        wire: bool = False,
+    ) -> None:
+        self.clients = dict(clients)
+        self.vector_length = vector_length
+        self.run_id = run_id
+        self.field_bits = field_bits
+        self.degree, self.threshold, self.min_clients = degree, threshold, min_clients
+        self.wire = wire
+        self.ahead: _Ahead | None = None
+
+    def params(self, round_id: int, cohort: Sequence[int]) -> RoundParams:
+        return RoundParams(
+            run_id=self.run_id, round_id=round_id, cohort=tuple(cohort), vector_length=self.vector_length,
+            field_bits=self.field_bits, degree=self.degree, threshold=self.threshold, min_clients=self.min_clients,
+        )
+
+    def _carry(self, msg: Message) -> Message:
+        return decode_message(encode_message(msg)) if self.wire else msg
+
+    def _exchange(
+        self,
+        rec: PipelinedRound,
+        current: Mapping[int, Message],
+        ahead: Mapping[int, Message],
+        offline: set[int],
+        kw: Callable[[int], dict[str, Any]] | None = None,
+    ) -> tuple[dict[int, Message | bytes], dict[int, Message | bytes]]:
+        """One exchange: each node gets its part of this round, the next round's part,
+        or both in one message; returns the replies to each, by node."""
+        cur: dict[int, Message | bytes] = {}
+        nxt: dict[int, Message | bytes] = {}
+        for node in sorted(set(current) | set(ahead)):
+            if node in offline:
+                continue
+            client = self.clients[node]
+            if node in current:
+                msg = self._carry(current[node])
+                try:
+                    reply = client.handle(msg, **(kw(node) if kw else {}))
+                except (ProtocolError, ThresholdError) as exc:
+                    rec.refused[node] = exc  # the next round's part is not looked at
+                    continue
+                cur[node] = self._carry(reply)
+                if node in ahead:
+                    try:
+                        nxt[node] = self._carry(client.handle_next(self._carry(ahead[node]), msg))
+                    except (ProtocolError, ThresholdError) as exc:
+                        rec.ahead_refused[node] = exc
+            else:  # in the next round's cohort only: a setup-only message in this exchange
+                try:
+                    nxt[node] = self._carry(client.handle(self._carry(ahead[node])))
+                except (ProtocolError, ThresholdError) as exc:
+                    rec.ahead_refused[node] = exc
+        return cur, nxt
+
+    def run_round(
+        self,
+        round_id: int,
+        cohort: Sequence[int],
+        vectors: Mapping[int, np.ndarray],
+        *,
+        next_cohort: Sequence[int] | None = None,
+        dropouts: Mapping[Stage, Collection[int]] | None = None,
+        bound_digest: bytes | None = None,
+    ) -> PipelinedRound:
+        """Run round ``round_id`` over ``cohort``; with ``next_cohort``, set round
+        ``round_id + 1`` up during it. ``bound_digest`` stands for the digest of the
+        round's model (default: one per round)."""
+        rec = PipelinedRound(round_id, tuple(sorted(cohort)))
+        digest = bound_digest if bound_digest is not None else b"model of round %d" % round_id
+        drops = {Stage(s): set(v) for s, v in (dropouts or {}).items()}
+        offline: set[int] = set()
+
+        def exchange(stage: Stage, current: Mapping[int, Message], ahead: Mapping[int, Message] | None = None,
+                     kw: Callable[[int], dict[str, Any]] | None = None):
+            offline.update(drops.get(stage, ()))
+            rec.exchanges.append(stage.name)
+            return self._exchange(rec, current, ahead or {}, offline, kw)
+
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and (ahead.server.params.round_id, ahead.server.params.cohort) != (round_id, rec.cohort):
+            ahead = None  # set up for another round or cohort: discarded, full setup
+        try:
+            if ahead is not None:
+                server, bundles, rec.pipelined = ahead.server, ahead.bundles, True
+            else:
+                server = SecAggServer(self.params(round_id, cohort), bound_digest=None)
+                rosters = server.collect_keys(exchange(Stage.ADVERTISE_KEYS, server.setup_messages())[0])
+                bundles = server.collect_shares(exchange(Stage.SHARE_KEYS, rosters)[0])
+            server.bind_model(digest)  # the model travels with the masked-input request
+            requests = server.collect_masked(exchange(
+                Stage.MASKED_INPUT, bundles,
+                kw=lambda u: {"vector": vectors[u], "bound_digest": digest},
+            )[0])
+            nxt: _Ahead | None = None
+            if next_cohort is not None:
+                try:
+                    nxt = _Ahead(SecAggServer(self.params(round_id + 1, next_cohort), bound_digest=None))
+                except SecAggError:
+                    nxt = None
+            cur, adv = exchange(Stage.CONSISTENCY, requests, nxt.server.setup_messages() if nxt else None)
+            unmask = server.collect_consistency(cur)
+            next_rosters = None
+            if nxt is not None:
+                try:
+                    next_rosters = nxt.server.collect_keys(adv)
+                except SecAggError:
+                    nxt = None
+            cur, shares = exchange(Stage.UNMASK, unmask, next_rosters)
+            rec.outcome = server.collect_unmask(cur)
+            if nxt is not None:
+                try:
+                    nxt.bundles = nxt.server.collect_shares(shares)
+                except SecAggError:
+                    nxt = None
+        except SecAggError as exc:  # aborted: nothing released, the next round sets up in full
+            rec.error = exc
+            return rec
+        self.ahead = nxt
+        rec.ahead_ready = nxt is not None
+        return rec

@@ -10,6 +10,16 @@ Byte format: 4-byte magic, 4-byte big-endian header length, a canonical JSON hea
 (bytes fields as base64), then for a masked input the raw little-endian words of the
 vector. Uploading the vector as raw words of the field's width is what keeps the upload
 at 1.0x the float32 update for a 32-bit field.
+
+Pipelining (``sgs-secagg+/3``): a server-to-client Flower message carries one or two
+*parts*, each a complete message of this module with its own header. The first part
+(``stage`` / ``payload``) belongs to the round the exchange serves; the optional second
+(``next-stage`` / ``next-payload``) sets up the following round ahead of time and may
+only be one of :data:`PIPELINED_STAGES` (a :class:`Setup` riding on a consistency
+request, a :class:`KeyRoster` riding on an unmask request) for the same run and round
++ 1. The client's reply carries the first part's answer in ``payload`` and the second's
+in ``next-payload`` (or, if the site refused it, a short ``next-error`` naming the check).
+Each part is decoded with the same size limits as a single message.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import numpy as np
 
 from sgs_flower.secagg.errors import MalformedMessageError
 
-PROTOCOL_VERSION = "sgs-secagg+/2"
+PROTOCOL_VERSION = "sgs-secagg+/3"
 CRYPTO_SUITE = (
     "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir-GF(2^31-1)+Ed25519(identities)"
 )
@@ -44,6 +54,13 @@ FIELD_VECTOR = "vector"
 # vector's metric slots, in slot order, so the server can label their secure means.
 FIELD_METRIC_NAMES = "metric-names"
 FIELD_METRICS_LEFT_OUT = "metrics-left-out"
+# Pipelining: the second part of a message (the next round's setup), and in a reply its
+# answer or the site's refusal of it (the check's name, never a value of the site's).
+FIELD_NEXT_STAGE = "next-stage"
+FIELD_NEXT_PAYLOAD = "next-payload"
+FIELD_NEXT_ERROR = "next-error"
+MAX_PARTS = 2  # parts per message: this round's, and at most one of the next round's
+MAX_ERROR_TEXT = 1024  # characters of a next-error text kept
 
 # Size limits checked before anything is parsed or allocated. A client's own policy
 # (sgs_flower.secagg.policy) is usually stricter; these bound what decoding may cost.
@@ -60,6 +77,11 @@ class Stage(IntEnum):
     MASKED_INPUT = 3
     CONSISTENCY = 4
     UNMASK = 5
+
+
+#: Stages of round r + 1 that may ride on round r's exchanges (and on which of them):
+#: its keys are advertised during r's consistency check, shared during r's unmask.
+PIPELINED_STAGES = {Stage.ADVERTISE_KEYS: Stage.CONSISTENCY, Stage.SHARE_KEYS: Stage.UNMASK}
 
 
 @dataclass(frozen=True)
