@@ -108,6 +108,8 @@ def run_local(args: argparse.Namespace) -> int:
         )
         if res.result is not None:
             print(json.dumps(res.result, indent=2))
+            for line in round_lines(res.result):
+                print(line, flush=True)
         ledger_ok: bool | None = None
         if res.ledger_path is not None and res.ledger_path.exists():
             ledger_ok, msg = verify_ledger(res.ledger_path)
@@ -143,3 +145,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def round_lines(result: dict[str, Any]) -> list[str]:
+    """One line per round: its seconds, and for secure rounds the number of server-client
+    exchanges and the seconds of each (issue 13: where a deployment's time goes)."""
+    secs = list(result.get("round_seconds") or [])
+    reports = list(result.get("rounds") or [])
+    lines = []
+    for i, t in enumerate(secs):
+        line = f"round {i + 1}: {t:.1f} s"
+        if i < len(reports):
+            rep = reports[i]
+            stages = ", ".join(f"{k.lower()} {float(v):.1f}" for k, v in (rep.get("stage_seconds") or {}).items())
+            line += f", {rep.get('status')}, {rep.get('exchanges', '?')} exchanges ({stages})"
+        lines.append(line)
+    return lines
