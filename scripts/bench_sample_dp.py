@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sgs_flower.app.client_app import private_step
+from sgs_flower.app.client_train import private_step
 from sgs_flower.digits import (
     get_weights,
     load_partition,

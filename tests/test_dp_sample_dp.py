@@ -8,7 +8,7 @@ import warnings
 import pytest
 from opacus.accountants import RDPAccountant
 
-from sgs_flower.app.client_app import private_step
+from sgs_flower.app.client_train import private_step
 from sgs_flower.digits import Net, load_partition, make_loader
 from sgs_flower.dp.sample_dp import (
     RDP_ORDERS,

@@ -141,3 +141,17 @@ def test_strategies_and_clients_do_not_import_each_other() -> None:
     for side, other in (("strategies", "clients"), ("clients", "strategies")):
         offenders = [_rel(p) for p in _modules(side) if _imports_pkg(_imports(p), other)]
         assert offenders == [], f"{side} imports {other}: {offenders}"
+
+
+def test_the_client_app_loads_without_torch_opacus_or_dp_accounting():
+    """In a deployment every message starts a new ``flwr-clientapp`` process that imports
+    the ClientApp; the protocol-only messages (advertise, consistency, unmask) must not
+    pay for torch, Opacus or dp-accounting (seconds each on a small machine). They are
+    imported by the train function and the site accountant, when needed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sgs_flower.app.client_app; "
+            "print(sorted(m for m in ('torch', 'opacus', 'dp_accounting', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
+if TYPE_CHECKING:  # loaded by to_dp_accounting only: see sgs_flower.dp's docstring
+    import dp_accounting
 
 EVENT_SCHEMA = 1
 
@@ -187,6 +188,8 @@ def to_dp_accounting(event: Event) -> dp_accounting.DpEvent:
     Skellam has no dp-accounting event; accountants that support it handle it
     themselves, so asking for it here is an error.
     """
+    import dp_accounting
+
     match event:
         case GaussianEvent(noise_multiplier=z):
             return dp_accounting.GaussianDpEvent(z)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sgs_flower.dp.accounting import make_accountant, round_events
 from sgs_flower.dp.events import event_from_dict, event_to_dict
 from sgs_flower.dp.noise import noise_present, skellam_event
 
@@ -57,6 +56,10 @@ class SiteAccountant:
     events: list[dict[str, Any]] = field(default_factory=list)
 
     def epsilon(self, extra: dict[str, Any] | None = None) -> float:
+        # imported here: dp-accounting (and SciPy) load only when a site accounts a
+        # DP contribution, not in every client process that answers a protocol message
+        from sgs_flower.dp.accounting import make_accountant
+
         acct = make_accountant("rdp")
         for e in [*self.events, *([extra] if extra else [])]:
             acct.compose(event_from_dict(e))
@@ -74,6 +77,8 @@ class SiteAccountant:
                 "the server's distributed-DP noise is below this site's noise floor (sgs-dp-min-noise); "
                 "the site does not contribute"
             )
+        from sgs_flower.dp.accounting import round_events
+
         levels = (1 << (bits_per_coordinate - 1)) - 1
         mech = skellam_event(noise_present(mu_share, min_survivors, min_survivors), float(levels), dim)
         server_event = round_events(
