@@ -61,6 +61,22 @@ def add_local_arguments(ap: argparse.ArgumentParser) -> None:
     )
 
 
+def round_lines(result: dict[str, Any]) -> list[str]:
+    """One line per round: its seconds, and for secure rounds the number of server-client
+    exchanges and the seconds of each (issue 13: where a deployment's time goes)."""
+    secs = list(result.get("round_seconds") or [])
+    reports = list(result.get("rounds") or [])
+    lines = []
+    for i, t in enumerate(secs):
+        line = f"round {i + 1}: {t:.1f} s"
+        if i < len(reports):
+            rep = reports[i]
+            stages = ", ".join(f"{k.lower()} {float(v):.1f}" for k, v in (rep.get("stage_seconds") or {}).items())
+            line += f", {rep.get('status')}, {rep.get('exchanges', '?')} exchanges ({stages})"
+        lines.append(line)
+    return lines
+
+
 def run_local(args: argparse.Namespace) -> int:
     """Start the deployment, run the app once, print the results, stop everything."""
     from sgs_flower.deploy.local import LocalDeployment
@@ -146,18 +162,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     raise SystemExit(main())
 
-
-def round_lines(result: dict[str, Any]) -> list[str]:
-    """One line per round: its seconds, and for secure rounds the number of server-client
-    exchanges and the seconds of each (issue 13: where a deployment's time goes)."""
-    secs = list(result.get("round_seconds") or [])
-    reports = list(result.get("rounds") or [])
-    lines = []
-    for i, t in enumerate(secs):
-        line = f"round {i + 1}: {t:.1f} s"
-        if i < len(reports):
-            rep = reports[i]
-            stages = ", ".join(f"{k.lower()} {float(v):.1f}" for k, v in (rep.get("stage_seconds") or {}).items())
-            line += f", {rep.get('status')}, {rep.get('exchanges', '?')} exchanges ({stages})"
-        lines.append(line)
-    return lines
