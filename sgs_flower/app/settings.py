@@ -24,7 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "fraction-train": 1.0,
     "min-nodes": 3,
     "local-epochs": 2,
-    "lr": 0.1,
+    "lr": 0.05,
     "batch-size": 16,
     "client-momentum": 0.9,
     "partitioning": "iid",
