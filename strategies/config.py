@@ -29,7 +29,7 @@ class SecAggConfig:
       mean, as FedAvg computes it); ``metric_range`` bounds each one unless
       ``metric_ranges`` gives its own (a value beyond is clipped and counted).
     - ``max_poll_interval``: the longest wait (seconds) between two pulls of replies
-      while an exchange is under way; pulls start at 5 ms and grow 1.5x per pull up to
+      while an exchange is under way; pulls start at 5 ms and grow 1.2x per pull up to
       it (:mod:`strategies.exchange`), instead of Flower's fixed 3 s in a deployment.
     - ``max_consecutive_aborts``: this many aborted rounds in a row stop the run with
       :class:`~strategies.SecureAggregationFailed` (a run whose rounds all abort stops

@@ -5,8 +5,9 @@ between pulls (``flwr/superlink/grid/http_grid.py``) and the simulation grid 0.1
 every exchange is rounded up to the next multiple of that interval. A secure round has
 several exchanges, so the rounding is paid several times per round. Here the server
 pushes once and pulls with a geometric back-off: the first pull after ``first_poll``
-seconds, each later wait ``growth`` times the last, never more than ``max_poll``. Most
-replies are therefore seen within a few per cent of their arrival, while the number of
+seconds, each later wait ``growth`` times the last, never more than ``max_poll``. A
+reply is therefore seen within ``growth - 1`` (20 %) of the exchange's elapsed time
+(at most ``max_poll`` late), while the number of
 pulls stays bounded: at most ``log(max_poll / first_poll) / log(growth)`` short ones,
 then one per ``max_poll`` seconds until ``timeout`` (see :func:`poll_schedule`).
 
@@ -24,7 +25,7 @@ from flwr.serverapp import Grid
 
 #: first wait after the push, growth per wait, longest wait (seconds)
 FIRST_POLL = 0.005
-GROWTH = 1.5
+GROWTH = 1.2
 MAX_POLL = 0.5
 
 

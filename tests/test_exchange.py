@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 from strategies import SecAggConfig
-from strategies.exchange import poll_schedule, send_and_receive
+from strategies.exchange import FIRST_POLL, GROWTH, poll_schedule, send_and_receive
 
 
 @dataclass
@@ -67,9 +67,9 @@ def test_replies_are_seen_soon_after_they_arrive():
     took = time.monotonic() - t0
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
     # Flower's deployment grid would have slept 3 s before its second pull; the last
-    # reply arrives at 0.31 s and the wait that covers it is at most 1.5x the last one.
-    assert 0.31 <= took < 0.31 * 1.5 + 0.1
-    assert pulls == grid.pulls <= 12
+    # reply arrives at 0.31 s and the wait that covers it is at most GROWTH x the last one.
+    assert 0.31 <= took < 0.31 * GROWTH + 0.1
+    assert pulls == grid.pulls <= math.ceil(math.log(0.31 / FIRST_POLL) / math.log(GROWTH)) + 3
 
 
 def test_a_missing_reply_ends_the_exchange_at_the_timeout_with_bounded_pulls():
@@ -79,8 +79,8 @@ def test_a_missing_reply_ends_the_exchange_at_the_timeout_with_bounded_pulls():
     took = time.monotonic() - t0
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert 1.5 <= took < 1.8
-    # 5 ms growing 1.5x reaches 0.5 s in ceil(log(100)/log(1.5)) = 12 waits, then flat
-    short = math.ceil(math.log(0.5 / 0.005) / math.log(1.5))
+    # 5 ms growing GROWTH x reaches 0.5 s in ceil(log(100)/log(GROWTH)) waits, then flat
+    short = math.ceil(math.log(0.5 / FIRST_POLL) / math.log(GROWTH))
     assert pulls <= short + math.ceil(1.5 / 0.5) + 1
 
 
