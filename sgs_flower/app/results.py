@@ -188,7 +188,10 @@ def flwr_run(app: Path, home: Path, supernodes: int, cfg: dict[str, Any],
     cmd = [flower_bin("flwr"), "run", str(app), "--stream", "--federation-config",
            f"num-supernodes={supernodes}", "--run-config", config_string(cfg)]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=flwr_env(home), capture_output=True, text=True, timeout=timeout)
+    # cwd=app: flwr (1.41) migrates a [tool.flwr.federations] section of the pyproject.toml
+    # in the *working directory* into FLWR_HOME and comments it out there; run from the
+    # checkout, it rewrote the checkout's own pyproject.toml.
+    proc = subprocess.run(cmd, env=flwr_env(home), capture_output=True, text=True, timeout=timeout, cwd=app)
     return proc, time.monotonic() - t0
 
 
@@ -198,7 +201,7 @@ def run_statuses(home: Path) -> list[dict[str, Any]]:
     --stream`` returns 0 whatever the run's status (flwr 1.41), so this is where a
     failed run shows."""
     proc = subprocess.run([flower_bin("flwr"), "ls", "--format", "json"], env=flwr_env(home),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, cwd=home)
     return list(json.loads(proc.stdout)["runs"])
 
 
