@@ -351,6 +351,12 @@ class SecAggStrategy(Strategy):
         return UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=c.field_bits, metric_slots=0,
                           **plan.spec_fields)
 
+    def _nodes_needed(self) -> int:
+        """SuperNodes that must be connected before a round is sampled: the wrapped
+        strategy's minimums, and never fewer than a secure sum needs."""
+        inner = self.inner
+        return max(inner.min_available_nodes, inner.min_train_nodes, self.config.min_clients or 3)
+
     def _wait_for_nodes(self, grid: Grid, need: int) -> None:
         deadline = time.monotonic() + self.config.node_wait_timeout
         while (have := len(list(grid.get_node_ids()))) < need:
@@ -372,7 +378,7 @@ class SecAggStrategy(Strategy):
         the next round up ahead, on its own consistency and unmask exchanges."""
         t0 = time.monotonic()
         inner = self.inner
-        self._wait_for_nodes(grid, max(inner.min_available_nodes, inner.min_train_nodes, self.config.min_clients or 3))
+        self._wait_for_nodes(grid, self._nodes_needed())
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.server_round != server_round:
             ahead = None
@@ -539,8 +545,7 @@ class SecAggStrategy(Strategy):
         if server_round > self._num_rounds:
             return None
         inner = self.inner
-        need = max(inner.min_available_nodes, inner.min_train_nodes, self.config.min_clients or 3)
-        if len(list(grid.get_node_ids())) < need:
+        if len(list(grid.get_node_ids())) < self._nodes_needed():
             return None
         config = ConfigRecord(dict(train_config))
         config["server-round"] = server_round

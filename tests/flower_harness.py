@@ -156,3 +156,19 @@ class InconsistentModelGrid(ProxyGrid):
 
 def metrics_of(result_metrics: dict[int, MetricRecord]) -> dict[int, dict[str, float]]:
     return {r: {k: float(v) for k, v in m.items()} for r, m in result_metrics.items()}  # type: ignore[arg-type]
+
+
+def dry_run_epsilons(config: Any, n: int, rounds: int) -> list[float]:
+    """The consumers' epsilon after each of ``rounds`` rounds of ``n`` clients on the
+    harness model, from a DP aggregator's accountant alone (no protocol, no ledger):
+    what a test sets a budget between."""
+    from sgs_flower.dp.aggregator import DPAggregator
+
+    dry = DPAggregator(config)
+    model_size = sum(a.numpy().size for a in initial_arrays().values())
+    eps = []
+    for r in range(1, rounds + 1):
+        plan = dry.plan(r, n, n, model_size)
+        dry.release(plan, np.zeros(model_size), n, 0)
+        eps.append(dry.spent().consumer)
+    return eps

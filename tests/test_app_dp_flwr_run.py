@@ -50,17 +50,12 @@ def test_a_run_stopped_by_the_budget_saves_the_model_and_says_so(tmp_path):
     the budget, and a ledger that verifies and stays within the budget."""
     import numpy as np
 
-    from sgs_flower.app.results import copy_app, flwr_run, run_statuses, stop_all
+    from sgs_flower.app.results import run_once
 
-    app, home = copy_app(tmp_path), tmp_path / "flwr-home"
     results, ledger, model = tmp_path / "b.json", tmp_path / "b-ledger.jsonl", tmp_path / "final.npz"
     cfg = {"preset": "central-dp", "num-server-rounds": 6, "tail-rounds": 2, "max-epsilon": 4.0,
            "results-file": str(results), "ledger": str(ledger), "model-file": str(model)}
-    try:
-        proc, _ = flwr_run(app, home, 20, cfg, timeout=900)
-        runs = run_statuses(home)
-    finally:
-        stop_all(home)
+    proc, runs = run_once(tmp_path, 20, cfg)
     log = proc.stdout + proc.stderr
     assert [r["status"] for r in runs] == ["finished:completed"], (runs, log[-3000:])
     data = json.loads(results.read_text())

@@ -38,16 +38,12 @@ def test_an_all_aborting_flwr_run_fails_naming_the_cause(tmp_path):
     the run as failed with our message. (``flwr run --stream`` itself exits 0 whatever
     the run's status in flwr 1.41; the run's status is where a user, or a script,
     sees it: ``flwr ls``.) No results file claims a finished training."""
-    from sgs_flower.app.results import copy_app, flwr_run, run_statuses, stop_all
+    from sgs_flower.app.results import run_once
 
-    app, home, results = copy_app(tmp_path), tmp_path / "flwr-home", tmp_path / "r.json"
+    results = tmp_path / "r.json"
     cfg = {"preset": "secagg", "max-weight": 10, "num-server-rounds": 5, "results-file": str(results),
            "model-file": "", "ledger": ""}
-    try:
-        proc, _ = flwr_run(app, home, 5, cfg, timeout=900)
-        runs = run_statuses(home)
-    finally:
-        stop_all(home)
+    proc, runs = run_once(tmp_path, 5, cfg)
     log = proc.stdout + proc.stderr
     assert [r["status"] for r in runs] == ["finished:failed"], runs
     details = runs[0]["status-details"]

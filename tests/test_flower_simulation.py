@@ -12,6 +12,7 @@ import pytest
 from flower_harness import (
     InconsistentModelGrid,
     RecordingGrid,
+    dry_run_epsilons,
     initial_arrays,
     load_dump,
     recording_client,
@@ -198,7 +199,6 @@ def test_dp_budget_stops_training_and_a_new_server_resumes_the_ledger(tmp_path):
     """Distributed DP through the real Flower path: the budget stops training before it
     is exceeded, the ledger verifies, and a second ServerApp on the same ledger
     continues from the spent epsilon instead of zero."""
-    from sgs_flower.dp.aggregator import DPAggregator
     from sgs_flower.dp.config import DPConfig
     from sgs_flower.dp.ledger_accounting import verify
     from sgs_flower.ledger.ledger import Ledger
@@ -206,14 +206,7 @@ def test_dp_budget_stops_training_and_a_new_server_resumes_the_ledger(tmp_path):
     def dp(max_eps):
         return DPConfig(mode="distributed-dp", clip_norm=1.0, noise_multiplier=2.0, min_survivors=N, max_epsilon=max_eps)
 
-    # the epsilon after 1, 2, 3 rounds, from the accountant alone (dry run, no ledger)
-    dry = DPAggregator(dp(None))
-    model_size = sum(a.numpy().size for a in initial_arrays().values())
-    eps = []
-    for r in (1, 2, 3):
-        plan = dry.plan(r, N, N, model_size)
-        dry.release(plan, np.zeros(model_size), N, 0)
-        eps.append(dry.spent().consumer)
+    eps = dry_run_epsilons(dp(None), N, 3)  # the epsilon after 1, 2, 3 rounds
     ledger = tmp_path / "ledger.jsonl"
     budget = (eps[1] + eps[2]) / 2  # room for exactly two rounds
     run1 = _simulate(lambda: SecAggStrategy(_inner(), dp=dp(budget), ledger=str(ledger)),

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -47,6 +49,25 @@ M = 24
 def _inputs(ids, seed, m=M):
     rng = np.random.default_rng(seed)
     return {u: rng.integers(0, 1 << 32, m, dtype=np.uint64).astype(np.uint32) for u in ids}
+
+
+@contextmanager
+def captured_bundles() -> Iterator[dict[int, dict[int, ShareBundle]]]:
+    """The share bundles each protocol server hands out, by round then recipient, as a
+    lying server would keep them to replay later."""
+    captured: dict[int, dict[int, ShareBundle]] = {}
+    orig = SecAggServer.collect_shares
+
+    def spy(self, replies):
+        out = orig(self, replies)
+        captured[self.params.round_id] = out
+        return out
+
+    SecAggServer.collect_shares = spy  # type: ignore[method-assign]
+    try:
+        yield captured
+    finally:
+        SecAggServer.collect_shares = orig  # type: ignore[method-assign]
 
 
 def _check_sum(res, vectors):
@@ -379,29 +400,16 @@ def test_round_r_share_bundles_replayed_as_round_r_plus_1_are_refused():
     ids = tuple(range(1, 6))
     clients = {u: SecAggClient(u) for u in ids}
     runner = PipelinedRunner(clients, M, run_id=3)
-    # capture round 1's bundles on their way out
-    captured: dict[int, ShareBundle] = {}
-    orig = SecAggServer.collect_shares
-
-    def spy(self, replies):
-        out = orig(self, replies)
-        if self.params.round_id == 1:
-            captured.update(out)
-        return out
-
-    SecAggServer.collect_shares = spy  # type: ignore[method-assign]
-    try:
+    with captured_bundles() as captured:  # round 1's bundles on their way out
         runner.run_round(1, ids, _inputs(ids, 1), next_cohort=ids)
-    finally:
-        SecAggServer.collect_shares = orig  # type: ignore[method-assign]
     c = clients[1]
     assert c.pending_round == (3, 2)
     vec = np.zeros(M, dtype=np.uint32)
     with pytest.raises(StaleMessageError, match="has no round in progress"):
-        c.handle(captured[1], vector=vec)  # as sent: round 1, which is over
+        c.handle(captured[1][1], vector=vec)  # as sent: round 1, which is over
     assert c.pending_round == (3, 2)  # a stale round-1 message does not touch round 2
     with pytest.raises(ShareDecryptionError, match="failed authentication"):
-        c.handle(dataclasses.replace(captured[1], round_id=2), vector=vec)
+        c.handle(dataclasses.replace(captured[1][1], round_id=2), vector=vec)
     assert c.stage is None and c.pending is None  # it left round 2
     assert c.last_masked == (3, 1)  # and sent nothing for it
 
@@ -413,19 +421,8 @@ def test_share_bundle_mixing_both_rounds_ciphertexts_is_refused():
     ids = tuple(range(1, 6))
     clients = {u: SecAggClient(u) for u in ids}
     runner = PipelinedRunner(clients, M, run_id=3)
-    captured: dict[int, dict[int, ShareBundle]] = {}
-    orig = SecAggServer.collect_shares
-
-    def spy(self, replies):
-        out = orig(self, replies)
-        captured[self.params.round_id] = out
-        return out
-
-    SecAggServer.collect_shares = spy  # type: ignore[method-assign]
-    try:
+    with captured_bundles() as captured:
         runner.run_round(1, ids, _inputs(ids, 1), next_cohort=ids)
-    finally:
-        SecAggServer.collect_shares = orig  # type: ignore[method-assign]
     old = dict(captured[1][1].ciphertexts)
     new = captured[2][1]
     mixed = dataclasses.replace(new, ciphertexts=tuple((v, old[v] if v == 2 else ct) for v, ct in new.ciphertexts))
@@ -645,12 +642,18 @@ def test_flower_simulation_dp_budget_is_checked_before_a_pipelined_round_trains(
     """Distributed DP with room for two rounds: round 3 is set up during round 2 (its
     plan fit before round 2's spend was recorded), then its plan is checked again at its
     start and refused: training stops, and no site ever trained for round 3."""
-    from flower_harness import initial_arrays, load_dump, recording_client, run, train_config
+    from flower_harness import (
+        dry_run_epsilons,
+        initial_arrays,
+        load_dump,
+        recording_client,
+        run,
+        train_config,
+    )
     from flwr.app import ArrayRecord, Context, MetricRecord
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import FedAvg
 
-    from sgs_flower.dp.aggregator import DPAggregator
     from sgs_flower.dp.config import DPConfig
     from strategies import SecAggStrategy
 
@@ -660,13 +663,7 @@ def test_flower_simulation_dp_budget_is_checked_before_a_pipelined_round_trains(
         return DPConfig(mode="distributed-dp", clip_norm=1.0, noise_multiplier=2.0, min_survivors=n,
                         max_epsilon=max_eps)
 
-    dry = DPAggregator(dp(None))
-    model_size = sum(a.numpy().size for a in initial_arrays().values())
-    eps = []
-    for r in (1, 2, 3):
-        plan = dry.plan(r, n, n, model_size)
-        dry.release(plan, np.zeros(model_size), n, 0)
-        eps.append(dry.spent().consumer)
+    eps = dry_run_epsilons(dp(None), n, 3)
     budget = (eps[1] + eps[2]) / 2
     out: dict = {"models": {}}
 

@@ -205,6 +205,19 @@ def run_statuses(home: Path) -> list[dict[str, Any]]:
     return list(json.loads(proc.stdout)["runs"])
 
 
+def run_once(work: Path, supernodes: int, cfg: dict[str, Any],
+             timeout: float = 900) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """One ``flwr run`` of a fresh app copy under ``work`` with its own FLWR_HOME: the
+    finished process and the run statuses Flower recorded (:func:`run_statuses`);
+    everything it started is stopped, also on failure."""
+    app, home = copy_app(work), work / "flwr-home"
+    try:
+        proc, _ = flwr_run(app, home, supernodes, cfg, timeout=timeout)
+        return proc, run_statuses(home)
+    finally:
+        stop_all(home)
+
+
 def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: Path) -> dict[str, Any]:
     label = spec.label
     results = out_dir / f"{label}.json"

@@ -46,26 +46,4 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = [
-    "Accountant",
-    "BudgetExhaustedError",
-    "Composed",
-    "DPConfig",
-    "DPConfigError",
-    "EpsilonPair",
-    "GaussianEvent",
-    "NonPrivateEvent",
-    "PldAccountant",
-    "PoissonSampled",
-    "PrivacyAccountant",
-    "PrivacyBudget",
-    "RdpAccountant",
-    "RoundEvents",
-    "SampledWithoutReplacement",
-    "SkellamEvent",
-    "UnsupportedEventError",
-    "event_from_dict",
-    "event_to_dict",
-    "make_accountant",
-    "round_events",
-]
+__all__ = sorted(_WHERE)
