@@ -93,3 +93,24 @@ def test_pyproject_keeps_the_federation_the_readme_command_needs():
     fed = data["tool"]["flwr"]["federations"]
     assert fed["default"] == "local-simulation"
     assert fed["local-simulation"]["options"]["num-supernodes"] == 10
+
+
+def test_results_runs_keep_the_pyprojects_client_resources():
+    """``flwr run --federation-config`` replaces the federation's options as a whole: with
+    ``num-supernodes=N`` alone Flower falls back to 2 CPUs per ClientApp, one Ray actor on
+    a 2-core machine (the DP table once ran so). The runs of scripts/app_results.py pass
+    the pyproject's ``num-cpus`` along; here parsed the way ``flwr run`` parses it."""
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import parse_config_args
+    from flwr.supercore.utils import simulation_config_from_json
+
+    from sgs_flower.app.results import federation_config
+
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    cpus = data["tool"]["flwr"]["federations"]["local-simulation"]["options"]["backend"]["client-resources"]["num-cpus"]
+    parsed = {k.replace("-", "_"): v for k, v in parse_config_args([federation_config(100)]).items()}
+    sim = simulation_config_from_json(parsed)
+    assert sim.num_supernodes == 100
+    assert sim.client_resources_num_cpus == cpus == 1

@@ -96,3 +96,27 @@ def test_calibrated_z_reaches_the_target_and_not_more() -> None:
     acct.history = [(z, 0.2, 100)]
     eps = acct.get_epsilon(1e-5, alphas=list(RDP_ORDERS))
     assert 7.8 <= eps <= 8.0
+
+
+def test_epsilon_from_cached_one_step_rdp_equals_opacus_and_dp_accounting() -> None:
+    """The per-(z, q) cache of one step's RDP changes no number: a history of several
+    (z, q, steps) entries gives Opacus' RDPAccountant's epsilon, and agrees with Google's
+    dp-accounting (an independent implementation of the sampled Gaussian's RDP)."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    from sgs_flower.dp.sample_dp import _epsilon_of, _merged, _rdp_per_step
+
+    history = [(1.1, 0.2, 10), (0.9, 1 / 6, 7), (1.1, 0.2, 30), (2.0, 0.05, 100)]
+    _rdp_per_step.cache_clear()
+    eps = _epsilon_of(_merged(history), 1e-5)
+    eps_again = _epsilon_of(_merged(history), 1e-5)  # from the cache
+    assert _rdp_per_step.cache_info().hits >= 3
+    opacus_acct = RDPAccountant()
+    opacus_acct.history = list(history)
+    assert eps == eps_again == pytest.approx(opacus_acct.get_epsilon(1e-5, alphas=list(RDP_ORDERS)), rel=1e-12)
+    google = RdpAccountant(list(RDP_ORDERS))
+    for z, q, n in history:
+        google.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), n)
+    assert eps == pytest.approx(google.get_epsilon(1e-5), rel=0.02)
+    assert eps > _epsilon_of(_merged(history[:3]), 1e-5)  # more steps, more epsilon

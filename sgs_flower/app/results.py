@@ -181,12 +181,29 @@ def flwr_env(home: Path) -> dict[str, str]:
     }
 
 
+def federation_config(supernodes: int) -> str:
+    """The ``--federation-config`` of a run on ``supernodes`` SuperNodes.
+
+    Why the client resources are repeated here: ``flwr run --federation-config`` replaces
+    the federation's options of ``pyproject.toml`` as a whole (flwr 1.41 and 1.42), so
+    ``num-supernodes=N`` alone falls back to Flower's default of 2 CPUs per ClientApp:
+    one Ray actor on a 2-core machine, every client run one after the other. The
+    pyproject's ``client-resources.num-cpus`` is carried over, so these runs have the
+    parallelism of the README's plain ``flwr run .``.
+    """
+    import tomllib
+
+    fed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["federations"]["local-simulation"]
+    cpus = fed["options"]["backend"]["client-resources"]["num-cpus"]
+    return f"num-supernodes={supernodes} client-resources-num-cpus={cpus}"
+
+
 def flwr_run(app: Path, home: Path, supernodes: int, cfg: dict[str, Any],
              timeout: float = 3600) -> tuple[subprocess.CompletedProcess[str], float]:
     """One ``flwr run <app> --stream`` on ``supernodes`` simulated SuperNodes: the
     finished process (output captured) and its wall seconds."""
     cmd = [flower_bin("flwr"), "run", str(app), "--stream", "--federation-config",
-           f"num-supernodes={supernodes}", "--run-config", config_string(cfg)]
+           federation_config(supernodes), "--run-config", config_string(cfg)]
     t0 = time.monotonic()
     # cwd=app: flwr (1.41) migrates a [tool.flwr.federations] section of the pyproject.toml
     # in the *working directory* into FLWR_HOME and comments it out there; run from the
@@ -253,7 +270,7 @@ def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: P
         "round_seconds": round(sum(secs[1:]) / max(len(secs) - 1, 1), 3),
         "seconds": round(seconds, 1),
         "stopped": data.get("stopped", ""),
-        "command": f"flwr run . --federation-config 'num-supernodes={spec.supernodes}' --run-config '{shown}'",
+        "command": f"flwr run . --federation-config '{federation_config(spec.supernodes)}' --run-config '{shown}'",
     }
     if spec.preset == "sample-dp":
         per_round = [m["dp-epsilon"] for _, m in sorted(data["train_metrics"].items(), key=lambda kv: int(kv[0]))
