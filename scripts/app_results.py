@@ -10,8 +10,11 @@ presets' training keys); ``plain-10``, ``secagg-10``, ``sample-dp-10`` (10 Super
 the sample-dp preset's training keys); or a bare preset (``plain``, ``secagg``,
 ``central-dp``, ``distributed-dp``, ``sample-dp``) on ``--supernodes`` SuperNodes.
 
-Usage: python scripts/app_results.py [--runs LABELS] [--rounds N] [--quick] [--keep DIR]
-``--quick``: distributed-dp alone at 100 SuperNodes, 6 rounds (tail 3), ~2-3 minutes.
+Usage: python scripts/app_results.py [--runs LABELS] [--rounds N] [--quick] [--keep DIR] [--repeat K]
+``--quick``: distributed-dp alone at 100 SuperNodes, 6 rounds (tail 3), under a minute.
+``--repeat K``: the list K times, interleaved; each row's s/round is the mean over the K
+runs, and the sample-dp benchmark lines give the per-run ratios' range. The README's
+benchmark line: ``--runs plain-10,secagg-10,sample-dp-10 --repeat 5``.
 The last line printed is one JSON object: label -> accuracy, epsilon_consumer,
 epsilon_server, supernodes, rounds, seconds (and more).
 """
@@ -37,12 +40,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     ap.add_argument("--rounds", type=int, default=None, help="override every run's num-server-rounds")
     ap.add_argument("--quick", action="store_true", help="distributed-dp alone, 100 SuperNodes, 6 rounds")
     ap.add_argument("--keep", type=Path, default=None, help="keep logs, results, ledgers and PNGs here")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the list this many times, interleaved; s/round is the mean over them")
     args = ap.parse_args(argv)
     runs, rounds = args.runs, args.rounds
     if args.quick:
         runs, rounds = "distributed-dp-100", rounds or 6
     labels = [r.strip() for r in runs.split(",") if r.strip()]
-    rows, failed = run_all(labels, args.supernodes, rounds, args.keep)
+    rows, failed = run_all(labels, args.supernodes, rounds, args.keep, args.repeat)
     for line in table_lines(rows):
         print(line)
     print(json.dumps(rows))

@@ -31,6 +31,8 @@ class SecAggConfig:
     - ``max_poll_interval``: the longest wait (seconds) between two pulls of replies
       while an exchange is under way; pulls start at 5 ms and grow 1.2x per pull up to
       it (:mod:`strategies.exchange`), instead of Flower's fixed 3 s in a deployment.
+      On Flower's in-memory simulation grid, where a pull is a local call, the waits
+      stay at 5 ms.
     - ``max_consecutive_aborts``: this many aborted rounds in a row stop the run with
       :class:`~strategies.SecureAggregationFailed` (a run whose rounds all abort stops
       with it too).

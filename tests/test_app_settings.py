@@ -114,3 +114,20 @@ def test_results_runs_keep_the_pyprojects_client_resources():
     sim = simulation_config_from_json(parsed)
     assert sim.num_supernodes == 100
     assert sim.client_resources_num_cpus == cpus == 1
+
+
+def _row(preset: str, seconds: list[float]) -> dict[str, object]:
+    return {"preset": preset, "supernodes": 10, "rounds": 10, "accuracy": 0.9, "last_round_accuracy": 0.9,
+            "epsilon_consumer": None, "epsilon_server": None, "delta": None, "seconds": 20.0,
+            "round_seconds": sum(seconds) / len(seconds), "round_seconds_runs": seconds}
+
+
+def test_the_benchmark_line_gives_the_mean_ratio_and_each_runs_range():
+    from sgs_flower.app.results import run_all, table_lines
+
+    rows = {"plain-10": _row("plain", [0.14, 0.20]), "sample-dp-10": _row("sample-dp", [0.42, 0.40])}
+    line = [x for x in table_lines(rows) if x.startswith("benchmark")]
+    assert line == ["benchmark: sample-dp round 0.41 s = 2.41x the plain-10 round (0.17 s), same configuration; "
+                    "means of 2 interleaved runs, per-run ratios 2.00-3.00x"]
+    with pytest.raises(ValueError, match="repeat must be >= 1, got 0"):
+        run_all(["plain-10"], 10, None, None, repeat=0)

@@ -87,3 +87,25 @@ def test_a_missing_reply_ends_the_exchange_at_the_timeout_with_bounded_pulls():
 def test_config_rejects_a_poll_interval_out_of_range():
     with pytest.raises(ValueError, match=r"SecAggConfig.max_poll_interval: must be in 0.005..10 seconds, got 0"):
         SecAggConfig(max_poll_interval=0)
+
+
+def test_flowers_in_memory_grid_is_polled_at_the_first_interval_throughout():
+    """In a simulation a pull is a local call and the engine looks for messages every
+    0.1 s: a reply seen late can cost a further 0.1 s, so the waits stay at 5 ms there;
+    any other grid keeps the configured cap."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    from strategies.exchange import IN_MEMORY_MAX_POLL, max_poll_for
+
+    class FastInMemoryGrid(DelayedGrid, InMemoryGrid):  # Flower's class, this test's replies
+        pass
+
+    in_memory = FastInMemoryGrid([0.3])
+    assert max_poll_for(in_memory, 0.5) == IN_MEMORY_MAX_POLL == FIRST_POLL
+    assert max_poll_for(DelayedGrid([0.3]), 0.5) == 0.5
+    t0 = time.monotonic()
+    replies, pulls = send_and_receive(in_memory, [object()], timeout=5.0)  # type: ignore[arg-type]
+    took = time.monotonic() - t0
+    assert len(replies) == 1
+    assert 0.3 <= took < 0.3 + 0.03  # geometric polling would see it up to 0.06 s late
+    assert pulls >= 0.3 / (2 * FIRST_POLL)  # many short pulls, not ~20 growing ones
