@@ -453,22 +453,24 @@ class SecAggStrategy(Strategy):
             if ahead is not None and ahead.bundles is not None:
                 bundles = ahead.bundles
             else:
-                replies = self._exchange(grid, server_round, Stage.ADVERTISE_KEYS, server.setup_messages(), report)
+                replies, _ = self._exchange(grid, server_round, Stage.ADVERTISE_KEYS, server.setup_messages(), report)
                 rosters = server.collect_keys(replies)
-                bundles = server.collect_shares(self._exchange(grid, server_round, Stage.SHARE_KEYS, rosters, report))
+                bundles = server.collect_shares(self._exchange(grid, server_round, Stage.SHARE_KEYS, rosters, report)[0])
             requests = server.collect_masked(
-                self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report, train_extra, keys_fields, names)
+                self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report, train_extra, keys_fields, names)[0]
             )
             # the next round is set up on this round's consistency and unmask exchanges
             nxt = self._prepare_ahead(grid, server_round + 1, arrays, train_config, like, model_size)
-            replies, advertised = self._exchange_parts(
-                grid, server_round, Stage.CONSISTENCY, requests, report, nxt, nxt.server.setup_messages() if nxt else None
+            replies, advertised = self._exchange(
+                grid, server_round, Stage.CONSISTENCY, requests, report,
+                ahead=nxt, ahead_parts=nxt.server.setup_messages() if nxt else None,
             )
             unmask = server.collect_consistency(replies)
             next_rosters = self._ahead_step(nxt, lambda a: a.server.collect_keys(advertised))
             if next_rosters is None:
                 nxt = None
-            replies, shared = self._exchange_parts(grid, server_round, Stage.UNMASK, unmask, report, nxt, next_rosters)
+            replies, shared = self._exchange(grid, server_round, Stage.UNMASK, unmask, report, ahead=nxt,
+                                             ahead_parts=next_rosters)
             outcome = server.collect_unmask(replies)
             if nxt is not None:
                 nxt.bundles = self._ahead_step(nxt, lambda a: a.server.collect_shares(shared))
@@ -653,27 +655,14 @@ class SecAggStrategy(Strategy):
         extra: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
         extra_fields: Mapping[str, str] | None = None,
         names: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
-    ) -> dict[int, wire.Message | bytes]:
-        """One server -> clients -> server exchange; returns the valid replies by node."""
-        return self._exchange_parts(grid, server_round, stage, outgoing, report, None, None, extra, extra_fields,
-                                    names)[0]
-
-    def _exchange_parts(
-        self,
-        grid: Grid,
-        server_round: int,
-        stage: Stage,
-        outgoing: Mapping[int, wire.Message],
-        report: RoundReport,
-        ahead: _Ahead | None,
-        ahead_parts: Mapping[int, wire.Message] | None,
-        extra: Mapping[str, ArrayRecord | ConfigRecord] | None = None,
-        extra_fields: Mapping[str, str] | None = None,
-        names: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
+        *,
+        ahead: _Ahead | None = None,
+        ahead_parts: Mapping[int, wire.Message] | None = None,
     ) -> tuple[dict[int, wire.Message | bytes], dict[int, wire.Message | bytes]]:
-        """One exchange of this round that may also carry the next round's parts: a node
-        in both gets one message of two parts, a node only in the next round's cohort a
-        message of that round's part alone. Returns the valid replies to each round."""
+        """One server -> clients -> server exchange of this round, which may also carry
+        the next round's parts (``ahead``): a node in both gets one message of two parts,
+        a node only in the next round's cohort a message of that round's part alone.
+        Returns the valid replies to each round (the second empty without ``ahead``)."""
         parts = dict(ahead_parts or {}) if ahead is not None else {}
         messages: list[Message] = []
         kinds: list[tuple[int, Stage | None]] = []  # per message: node, stage of its next-round part
