@@ -29,8 +29,11 @@ between messages; the model is never stored there.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,12 +49,12 @@ from flwr.app import (
 )
 from flwr.common.constant import ErrorCode
 
-from sgs_flower.dp.rotation import padded_length
-from sgs_flower.dp.site import SiteAccountant, SiteBudgetError, SiteState
+from sgs_flower.dp.site import SiteAccountant, SiteBudgetError, SiteState, default_state_file
 from sgs_flower.pipeline import (
     EncodedUpdate,
     UpdateSpec,
     binding_digest,
+    encode_failure,
     encode_update,
     int_size_of,
     metric_slot_names,
@@ -67,15 +70,29 @@ from sgs_flower.secagg.errors import (
     ProtocolError,
     SecAggError,
 )
-from sgs_flower.secagg.identity import generate_identity
+from sgs_flower.secagg.identity import generate_identity, identity_public
+from sgs_flower.secagg.model_memory import (
+    memory_entry,
+    model_sketch,
+    near_sets,
+    remember,
+    sketch_bytes,
+    sketch_from_bytes,
+)
 from sgs_flower.secagg.policy import ClientPolicy, site_policy
 from sgs_flower.secagg.wire import Stage
 
 logger = logging.getLogger("sgs_flower.client")
 
 STATE_KEY = "sgs.secagg.client"  # the protocol state machine (a few hundred bytes)
+PENDING_KEY = "sgs.secagg.pending-model"  # sketch of the model trained on, until the survivor set is signed
+NAMES_KEY = "sgs.secagg.metric-names"  # the metric names of the last usable train reply
+MEMORY_STATE = "memory"  # sgs-state-file value: remember only for this run
 IDENTITY_KEY = "sgs.secagg.identity"  # a run-scoped identity, when the site configured none
 SITE_KEY = "sgs.secagg.site"  # SiteState, when the site configured no state file
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:/+-]{0,63}")
+_PROTOCOL_RECORDS = {wire.RECORD_KEY, wire.SPEC_KEY, wire.VECTOR_KEY}
 
 CallNext = Callable[[Message, Context], Message]
 # (delta, metrics, weight, spec, context) -> encoded words; the DP mixin swaps this in.
@@ -102,16 +119,40 @@ def _identity(context: Context, policy: ClientPolicy) -> bytes:
     return key
 
 
-def _load_site(context: Context, policy: ClientPolicy) -> SiteState:
+def _state_file(context: Context, policy: ClientPolicy, ident: bytes) -> Path | None:
+    """The site's state file: its own, else the default one (named by its identity key's
+    fingerprint when it configured one, else by its node id); None for ``memory``."""
+    if policy.state_file == MEMORY_STATE:
+        return None
     if policy.state_file:
-        return SiteState.load(policy.state_file)
+        return Path(policy.state_file)
+    if policy.identity_key is not None:
+        name = "identity-" + hashlib.sha256(identity_public(ident)).hexdigest()[:24]
+    else:
+        name = f"node-{int(context.node_id)}"
+    return default_state_file(name)
+
+
+def _load_site(context: Context, policy: ClientPolicy, ident: bytes) -> SiteState:
+    path = _state_file(context, policy, ident)
+    if path is not None:
+        if path.exists():
+            return SiteState.load(path)
+        site = SiteState()
+        site.save(path)  # its sketch key must be the same at every later message
+        return site
     rec = context.state.config_records.get(SITE_KEY)
-    return SiteState.from_json(str(rec["json"])) if rec is not None else SiteState()
+    if rec is not None:
+        return SiteState.from_json(str(rec["json"]))
+    site = SiteState()
+    context.state[SITE_KEY] = ConfigRecord({"json": site.to_json()})  # keep the run's sketch key
+    return site
 
 
-def _save_site(context: Context, policy: ClientPolicy, site: SiteState) -> None:
-    if policy.state_file:
-        site.save(policy.state_file)
+def _save_site(context: Context, policy: ClientPolicy, ident: bytes, site: SiteState) -> None:
+    path = _state_file(context, policy, ident)
+    if path is not None:
+        site.save(path)
     else:
         context.state[SITE_KEY] = ConfigRecord({"json": site.to_json()})
 
@@ -212,7 +253,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         return call_next(msg, context)
     ident = _identity(context, policy)
     try:
-        site = _load_site(context, policy)
+        site = _load_site(context, policy, ident)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         # never start afresh here: that would forget the site's privacy spend and the
         # survivor sets it signed; the site's operator must repair or move the file
@@ -237,12 +278,8 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         names: tuple[list[str], list[str]] | None = None
         if stage == Stage.MASKED_INPUT:
             client.expect_masked_input(server_msg)
-            masked = _on_masked_input(msg, context, client, server_msg, rec, call_next, encoder, policy, site)
-            if isinstance(masked, Message):
-                client.abandon()
-                _save_client(context, client)
-                return masked  # the user's train function failed: its error goes back
-            reply, names = masked
+            reply, names = _on_masked_input(msg, context, client, server_msg, rec, call_next, encoder, policy, site,
+                                            ident)
         else:
             reply = client.handle(server_msg)
     except Exception as exc:
@@ -264,9 +301,15 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
             logger.warning("secure aggregation could not take the next round's part: %r", exc)
             ahead = f"{type(exc).__name__}: the site does not take part in the next round (details in its log)"
     _save_client(context, client)
-    if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered (never twice)
+    if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered (never twice), with the model's sketch
         site.history = dict(client.history)
-        _save_site(context, policy, site)
+        pending = context.state.config_records.get(PENDING_KEY)
+        if pending is not None and str(pending["digest"]) in site.history:
+            digest = bytes.fromhex(str(pending["digest"]))
+            sketch = sketch_from_bytes(bytes(pending["sketch"]))  # type: ignore[arg-type]
+            entry = memory_entry(digest, site.history[digest.hex()], sketch, float(pending["step"]))  # type: ignore[arg-type]
+            site.models = remember(site.models, entry)
+        _save_site(context, policy, ident, site)
     return _protocol_reply(msg, stage, reply, names, ahead)
 
 
@@ -285,6 +328,38 @@ def _next_part(rec: ConfigRecord) -> tuple[Stage, wire.Message]:
     return Stage(raw), next_msg
 
 
+def _record_names(rec: ConfigRecord, msg: Message) -> tuple[str, str, str]:
+    """The server-chosen names of the model's ArrayRecord, the train ConfigRecord and the
+    weight metric, checked before training: each a plain name; the two records present
+    in the request, distinct, and not protocol records (a name the user's train step
+    does not expect would make it fail, and a failure must not depend on the site)."""
+    names = []
+    for field in ("arrays-key", "config-key", "weight-key"):
+        value = rec.get(field)
+        if not isinstance(value, str) or not _NAME.fullmatch(value):
+            raise MalformedMessageError(
+                f"protocol record field {field!r} must be a name of 1..64 letters, digits or ' ._:/+-'"
+            )
+        names.append(value)
+    a_key, c_key, w_key = names
+    if {a_key, c_key} & _PROTOCOL_RECORDS or a_key == c_key:
+        raise MalformedMessageError("arrays-key and config-key must name two different records, not protocol records")
+    if a_key not in msg.content.array_records:
+        raise MalformedMessageError(f"arrays-key {a_key!r} names no ArrayRecord of the masked-input request")
+    if c_key not in msg.content.config_records:
+        raise MalformedMessageError(f"config-key {c_key!r} names no ConfigRecord of the masked-input request")
+    return a_key, c_key, w_key
+
+
+class _Unusable(Exception):
+    """The site's update cannot be used; carried inside the masked vector, never as an
+    error reply (``reason`` is one of :data:`FAILURE_REASONS`)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 def _on_masked_input(
     msg: Message,
     context: Context,
@@ -295,13 +370,24 @@ def _on_masked_input(
     encoder: Encoder,
     policy: ClientPolicy,
     site: SiteState,
-) -> tuple[wire.Message, tuple[list[str], list[str]]] | Message:
-    a_key, c_key, w_key = (_text_field(rec, k) for k in ("arrays-key", "config-key", "weight-key"))
-    if a_key not in msg.content.array_records or wire.SPEC_KEY not in msg.content.config_records:
-        raise MalformedMessageError("masked-input request lacks the global model or the update spec")
+    ident: bytes,
+) -> tuple[wire.Message, tuple[list[str], list[str]]]:
+    """Check everything the server chose, train, encode, mask.
+
+    Every check that can refuse runs before training on what the server sent and the
+    site's own policy and state (so it fails the same way whatever the site's data).
+    After training nothing is refused: a train step that raised, a malformed reply, a
+    weight out of range or a non-finite value makes the site send :func:`encode_failure`
+    instead, a vector of the same length at the same stage with the reason counted
+    inside it (outside DP) or a noisy flag (under DP)."""
+    a_key, c_key, w_key = _record_names(rec, msg)
+    if wire.SPEC_KEY not in msg.content.config_records:
+        raise MalformedMessageError("masked-input request lacks the update spec")
     model = msg.content.array_records[a_key]
-    cfg = msg.content.config_records.get(c_key, ConfigRecord())
+    cfg = msg.content.config_records[c_key]
     spec = UpdateSpec.from_config(dict(msg.content.config_records[wire.SPEC_KEY]))
+    if policy.require_distributed_dp and spec.dp_mode != "distributed":
+        raise PolicyError("this site requires distributed DP (sgs-require-dp) and the round's spec has none")
     named = [(k, v.numpy()) for k, v in model.items()]
     model_size = int(sum(a.size for _, a in named))
     if spec.dp_mode == "none" and spec.int_size != int_size_of([a for _, a in named]):
@@ -312,62 +398,114 @@ def _on_masked_input(
     # what the site remembers so that one model is never aggregated twice.
     m_digest = model_digest(named)
     digest = binding_digest(m_digest, dict(cfg), spec.to_config())
+    sketch = model_sketch((a for _, a in named), bytes.fromhex(site.sketch_key))
     if spec.dp_mode == "distributed":
-        dim = padded_length(model_size) if spec.rotation_seed >= 0 else model_size
         accountant = SiteAccountant(policy.dp_min_noise_multiplier, policy.dp_max_epsilon, policy.dp_delta,
                                     list(site.dp_events))
-        eps = accountant.admit(spec.noise_mu_share, spec.min_survivors, spec.bits_per_coordinate or 32, dim,
-                               spec.max_cohort)
+        eps = accountant.admit(spec.dp_contribution(model_size))
         site.dp_events = accountant.events
-        _save_site(context, policy, site)  # spent before the masked input leaves the site
+        _save_site(context, policy, ident, site)  # spent before the masked input leaves the site
         logger.info("distributed DP: this site's epsilon against the server is now %.4g (delta %g)", eps, policy.dp_delta)
     # The user's train function sees the ordinary train message of a plain round.
     train_msg = Message(content=RecordDict({a_key: model, c_key: cfg}), metadata=msg.metadata)  # type: ignore[call-overload]
+    names = _remembered_names(context, spec)
+    step = 0.0
     try:
-        out = call_next(train_msg, context)
-    except Exception as exc:  # the user's code failed: this client drops out of the round
-        logger.warning("train function failed; leaving the secure round: %r", exc)
-        return _error_reply(msg, exc, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
-    if out.has_error():
-        return Message(out.error, reply_to=msg)
-    arrays = list(out.content.array_records.values())
-    metric_recs = list(out.content.metric_records.values())
-    if len(arrays) != 1 or len(metric_recs) != 1:
-        raise EncodingError(
-            f"train reply must hold exactly one ArrayRecord and one MetricRecord, got "
-            f"{len(arrays)} and {len(metric_recs)}"
-        )
-    new, metrics = arrays[0], metric_recs[0]
-    if list(new.keys()) != list(model.keys()):
-        raise EncodingError("train reply's arrays do not match the global model's keys")
-    if w_key not in metrics:
-        raise EncodingError(f"train reply's metrics lack '{w_key}', the weight of this client's update")
-    raw_weight = metrics[w_key]
-    if not isinstance(raw_weight, int | float) or float(raw_weight) != int(raw_weight):
-        raise EncodingError(f"'{w_key}' must be a whole number, got {raw_weight!r}")
-    # Its range (1..max_weight) is checked by the encoder, which also sets it to 1 under DP.
-    weight = int(raw_weight)
-    # Float entries, then integer ones (BatchNorm counters): each part has its own range.
-    delta = model_delta([n.numpy() for n in new.values()], [g for _, g in named])
-    # Every numeric metric but the weight takes a slot (sorted by name); under DP none does.
-    other: dict[str, Any] = {k: v for k, v in metrics.items() if k != w_key}
-    names = metric_slot_names(other, spec)
-    scalar_metrics: dict[str, Any] = {k: float(v) for k, v in other.items() if k in names[0]}
-    if names[1] and spec.metric_slots:
-        logger.warning("train metrics %s are not aggregated: more than metric_slots=%d numeric metrics, or not "
-                       "numbers (the server is told their names)", names[1], spec.metric_slots)
-    encoded = encoder(delta, scalar_metrics, weight, spec, context)
+        delta, scalar_metrics, weight, names = _train_and_check(train_msg, context, call_next, model, named, w_key, spec)
+        step = float(np.linalg.norm(delta))
+        try:
+            encoded = encoder(delta, scalar_metrics, weight, spec, context)
+        except EncodingError as exc:  # the weight was checked: a non-finite value of the update or a metric
+            raise _Unusable("non-finite update or metric", str(exc)) from exc
+    except _Unusable as exc:
+        logger.warning("this site's update cannot be used this round (%s): %s; it sends the protocol's "
+                       "'unusable' vector instead, so the server learns only how many sites failed", exc.reason, exc)
+        encoded = encode_failure(spec, model_size, exc.reason)
     if encoded.clipped:
         logger.warning(
             "%d of %d update coordinates exceeded the round's range (clip_range=%g, int_clip_range=%g) and were "
             "clipped before masking (the server sees the cohort's count and widens the range)",
-            encoded.clipped, delta.size, spec.clip_range, spec.int_clip_range,
+            encoded.clipped, model_size, spec.clip_range, spec.int_clip_range,
         )
     if spec.dp_mode != "none":
         names = ([], [])
+    near = near_sets(site.models, sketch, step, policy.min_model_change)
     masked = client.handle(server_msg, vector=encoded.vector, bound_digest=digest, model_digest=m_digest,
-                           min_survivors=spec.min_survivors if spec.dp_mode == "distributed" else 0)
+                           min_survivors=spec.min_survivors if spec.dp_mode == "distributed" else 0,
+                           near_sets=near)
+    context.state[PENDING_KEY] = ConfigRecord({"digest": m_digest.hex(), "sketch": sketch_bytes(sketch), "step": step})
     return masked, names
+
+
+def _remembered_names(context: Context, spec: UpdateSpec) -> tuple[list[str], list[str]]:
+    """The metric names a site whose update is unusable reports: those of its last usable
+    train reply, split into slots under this round's spec, as a usable reply would be.
+    (A site that fails in its first round of a run has none to report: see
+    docs/threat_model.md.)"""
+    rec = context.state.config_records.get(NAMES_KEY)
+    if rec is None:
+        return [], []
+    template: dict[str, Any] = {str(n): 0.0 for n in rec["numeric"]} | {str(n): "" for n in rec["other"]}  # type: ignore[union-attr]
+    slots, left_out = metric_slot_names(template, spec)
+    return list(slots), list(left_out)
+
+
+def _remember_names(context: Context, metrics: dict[str, Any], w_key: str) -> None:
+    numeric = sorted(k for k, v in metrics.items() if k != w_key and isinstance(v, int | float)
+                     and not isinstance(v, bool))
+    other = sorted(k for k in metrics if k != w_key and k not in numeric)
+    context.state[NAMES_KEY] = ConfigRecord({"numeric": numeric, "other": other})
+
+
+def _train_and_check(
+    train_msg: Message,
+    context: Context,
+    call_next: CallNext,
+    model: ArrayRecord,
+    named: list[tuple[str, np.ndarray]],
+    w_key: str,
+    spec: UpdateSpec,
+) -> tuple[np.ndarray, dict[str, Any], int, tuple[list[str], list[str]]]:
+    """The user's training and the checks of its reply; raises :class:`_Unusable`."""
+    try:
+        out = call_next(train_msg, context)
+    except Exception as exc:  # the user's code failed: this site sends an unusable vector
+        raise _Unusable("train step raised", repr(exc)) from exc
+    if out.has_error():
+        raise _Unusable("train step raised", f"the train function replied with an error: {out.error.reason}")
+    arrays = list(out.content.array_records.values())
+    metric_recs = list(out.content.metric_records.values())
+    if len(arrays) != 1 or len(metric_recs) != 1:
+        raise _Unusable("train reply malformed", f"train reply must hold exactly one ArrayRecord and one "
+                        f"MetricRecord, got {len(arrays)} and {len(metric_recs)}")
+    new, metrics = arrays[0], metric_recs[0]
+    if list(new.keys()) != list(model.keys()):
+        raise _Unusable("train reply malformed", "train reply's arrays do not match the global model's keys")
+    # Every numeric metric but the weight takes a slot (sorted by name); under DP none does.
+    other: dict[str, Any] = {k: v for k, v in metrics.items() if k != w_key}
+    names = metric_slot_names(other, spec)
+    _remember_names(context, dict(metrics), w_key)
+    if names[1] and spec.metric_slots:
+        logger.warning("train metrics %s are not aggregated: more than metric_slots=%d numeric metrics, or not "
+                       "numbers (the server is told their names)", names[1], spec.metric_slots)
+    if w_key not in metrics:
+        raise _Unusable("train reply malformed", f"train reply's metrics lack '{w_key}', the weight of its update")
+    raw_weight = metrics[w_key]
+    max_weight = spec.max_weight if spec.dp_mode == "none" else None
+    if (isinstance(raw_weight, bool) or not isinstance(raw_weight, int | float) or not np.isfinite(raw_weight)
+            or float(raw_weight) != int(raw_weight)):
+        raise _Unusable("train reply malformed", f"'{w_key}' must be a whole number, got {raw_weight!r}")
+    weight = int(raw_weight)
+    if max_weight is not None and not 1 <= weight <= max_weight:  # under DP every client has weight 1
+        raise _Unusable("weight outside 1..max_weight", f"'{w_key}' = {weight} is outside 1..{max_weight} "
+                        "(max_weight); raise max-weight on the server")
+    # Float entries, then integer ones (BatchNorm counters): each part has its own range.
+    try:
+        delta = model_delta([n.numpy() for n in new.values()], [g for _, g in named])
+    except EncodingError as exc:
+        raise _Unusable("train reply malformed", str(exc)) from exc
+    scalar_metrics: dict[str, Any] = {k: float(v) for k, v in other.items() if k in names[0]}
+    return delta, scalar_metrics, weight if spec.dp_mode == "none" else 1, (list(names[0]), list(names[1]))
 
 
 class SecAggClientMixin:

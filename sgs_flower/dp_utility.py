@@ -211,7 +211,7 @@ def run_mode(mode: str, study: Study, ledger_dir: Path | None = None) -> Row:
                 row.clipped_clients += 1
             noise = None
             if spec.dp_mode == "distributed":  # the library's Skellam share, from a seeded generator
-                noise = skellam_share(spec.encoded_size(model_size), spec.noise_mu_share, noise_rng)
+                noise = skellam_share(spec.dp_dimension(model_size), spec.noise_mu_share, noise_rng)
             encoded = encode_update(delta, {}, 1, spec, rng=rng, integer_noise=noise)
             row.clipped_coordinates += encoded.clipped if agg is None else 0
             vectors[cid + 1] = encoded.vector

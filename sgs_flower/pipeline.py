@@ -25,7 +25,8 @@ import numpy as np
 from sgs_flower.dp.clipping import clip_l2
 from sgs_flower.dp.noise import secure_rng, skellam_share
 from sgs_flower.dp.rotation import padded_length, rotate, unrotate
-from sgs_flower.secagg.errors import ConfigurationError, EncodingError
+from sgs_flower.dp.site import DPContribution
+from sgs_flower.secagg.errors import ConfigurationError, EncodingError, MalformedMessageError
 from sgs_flower.secagg.quantize import (
     CHUNK,
     EncodedUpdate,
@@ -47,6 +48,17 @@ HIST_LOW = -3
 HIST_BINS = 16
 MAX_METRIC_SLOTS = 64
 DEFAULT_MAX_WEIGHT = 1_000_000
+
+# Why a site's update could not be used, counted inside the masked vector (outside DP)
+# instead of answered as an error: whether a site fails can depend on its data (a weight
+# above max_weight, a NaN loss), and an error reply would tell the server that bit
+# about one site (issue 18). One counter word per reason, summed over the survivors.
+FAILURE_REASONS = (
+    "train step raised",
+    "train reply malformed",
+    "weight outside 1..max_weight",
+    "non-finite update or metric",
+)
 
 
 @dataclass(frozen=True)
@@ -127,8 +139,37 @@ class UpdateSpec:
 
     @property
     def counters(self) -> int:
-        """Raw counter words: two range histograms, two clip counts, one per metric slot."""
-        return 0 if self.dp_mode != "none" else 2 * HIST_BINS + 2 + self.metric_slots
+        """Raw counter words: two range histograms, two clip counts, one per metric slot,
+        one per :data:`FAILURE_REASONS`."""
+        return 0 if self.dp_mode != "none" else 2 * HIST_BINS + 2 + self.metric_slots + len(FAILURE_REASONS)
+
+    @property
+    def flag_words(self) -> int:
+        """Under DP, one coordinate after the delta: 0 for a usable update, the clip norm
+        for a site whose update could not be used. Both have L2 norm <= the clip norm, so
+        the sensitivity is unchanged, and the flag's sum carries the round's noise: the
+        server learns a noisy count of failed sites, never whether one site failed."""
+        return 1 if self.dp_mode != "none" else 0
+
+    @property
+    def flag_value(self) -> float:
+        return min(self.l2_clip, self.clip_range)
+
+    def dp_dimension(self, model_size: int) -> int:
+        """Coordinates of the DP-protected vector: the (padded) delta and the flag."""
+        return self.encoded_size(model_size) + self.flag_words
+
+    def dp_contribution(self, model_size: int) -> DPContribution:
+        """What a site's distributed-DP contribution under this spec carries, from every
+        field that changes it (see :mod:`sgs_flower.dp.site`): the site computes its
+        noise multiplier and its spend from this, never from the spec's claims."""
+        if self.dp_mode != "distributed":
+            raise ConfigurationError(f"no distributed-DP contribution under dp_mode={self.dp_mode!r}")
+        return DPContribution(
+            levels=self.quantization.levels, clip_range=self.clip_range, l2_clip=self.l2_clip,
+            dim=self.dp_dimension(model_size), mu_share=self.noise_mu_share, min_survivors=self.min_survivors,
+            cohort=self.max_cohort,
+        )
 
     def range_of(self, metric: str) -> float:
         """The fixed-point range of one train metric (its own, else ``metric_range``)."""
@@ -140,7 +181,7 @@ class UpdateSpec:
 
     def vector_length(self, model_size: int) -> int:
         """Words in the masked vector: model delta, metrics, counters, weight, count."""
-        return self.encoded_size(model_size) + self.metric_slots + self.counters + 2
+        return self.encoded_size(model_size) + self.flag_words + self.metric_slots + self.counters + 2
 
     def to_config(self) -> dict[str, Any]:
         """Plain values for a Flower ConfigRecord (lists of str, numbers)."""
@@ -152,6 +193,16 @@ class UpdateSpec:
 
     @classmethod
     def from_config(cls, d: Mapping[str, Any]) -> UpdateSpec:
+        """The spec as the server sent it. A field this version does not know, or one it
+        lacks, is refused: every field may change what a site's contribution reveals or
+        how much noise it carries, so a site never ignores one it cannot interpret."""
+        known = set(_CONFIG_FIELDS)
+        unknown, missing = sorted(set(d) - known), sorted(known - set(d))
+        if unknown or missing:
+            raise MalformedMessageError(
+                f"update spec from the server has unknown fields {unknown} or lacks {missing}; this site "
+                "refuses a spec it cannot fully interpret (client and server versions must match)"
+            )
         try:
             names, values = list(d["metric_range_names"]), list(d["metric_range_values"])
             if len(names) != len(values):
@@ -165,10 +216,13 @@ class UpdateSpec:
                 noise_headroom=int(d["noise_headroom"]),
                 bits_per_coordinate=int(d["bits_per_coordinate"]), dp_mode=str(d["dp_mode"]),
                 l2_clip=float(d["l2_clip"]), noise_mu_share=float(d["noise_mu_share"]),
-                rotation_seed=int(d["rotation_seed"]), min_survivors=int(d.get("min_survivors", 0)),
+                rotation_seed=int(d["rotation_seed"]), min_survivors=int(d["min_survivors"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigurationError(f"malformed update spec from the server: {exc!r}") from exc
+            raise MalformedMessageError(f"malformed update spec from the server: {exc!r}") from exc
+
+
+_CONFIG_FIELDS = tuple(UpdateSpec(clip_range=1.0, max_cohort=1).to_config())
 
 
 def flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -332,10 +386,7 @@ def encode_update(
     """
     x = prepare_delta(delta, spec)
     if spec.dp_mode != "none":
-        weight = 1
-        if spec.dp_mode == "distributed" and integer_noise is None:
-            integer_noise = skellam_share(x.size, spec.noise_mu_share, secure_rng())
-        return encode_parts([x], weight, spec.quantization, rng, [integer_noise])
+        return _encode_dp(x, 0.0, spec, rng, integer_noise)
     if not 0 <= spec.int_size <= x.size:
         raise EncodingError(f"the spec's int_size {spec.int_size} exceeds the update's {x.size} coordinates")
     n_float = x.size - spec.int_size
@@ -356,12 +407,60 @@ def encode_update(
     enc = encode_parts([xf, xi, m], weight, spec.quantization, rng, tail_words=spec.counters)
     counters = np.concatenate([
         magnitude_histogram(xf, c), magnitude_histogram(xi_raw, spec.int_clip_range),
-        np.array(enc.clipped_parts[:2], dtype=np.int64), metric_clipped,
+        np.array(enc.clipped_parts[:2], dtype=np.int64), metric_clipped, np.zeros(len(FAILURE_REASONS), np.int64),
     ])
-    cap = ((1 << (spec.field_bits - 1)) - 1) // spec.max_cohort  # the cohort's sum cannot wrap
-    start = x.size + spec.metric_slots
-    enc.vector[start : start + spec.counters] = to_field(np.minimum(counters, cap), spec.field_bits)
+    _write_counters(enc.vector, counters, spec, x.size)
     return EncodedUpdate(enc.vector, enc.clipped_parts[0] + enc.clipped_parts[1], enc.clipped_parts)
+
+
+def _write_counters(vector: np.ndarray, counters: np.ndarray, spec: UpdateSpec, body: int) -> None:
+    cap = ((1 << (spec.field_bits - 1)) - 1) // spec.max_cohort  # the cohort's sum cannot wrap
+    start = body + spec.metric_slots
+    vector[start : start + spec.counters] = to_field(np.minimum(counters, cap), spec.field_bits)
+
+
+def _encode_dp(
+    x: np.ndarray, flag: float, spec: UpdateSpec, rng: np.random.Generator | None, integer_noise: np.ndarray | None
+) -> EncodedUpdate:
+    """The DP vector: the clipped delta, the flag coordinate, weight 1, and under
+    distributed DP the site's Skellam share over both (``spec.dp_dimension`` values)."""
+    noises: list[np.ndarray | None] = [None, None]
+    if spec.dp_mode == "distributed":
+        if integer_noise is None:
+            integer_noise = skellam_share(x.size + 1, spec.noise_mu_share, secure_rng())
+        if np.shape(integer_noise) != (x.size + 1,):
+            raise EncodingError(f"noise share has shape {np.shape(integer_noise)}, the DP vector has {x.size + 1} values")
+        noises = [integer_noise[: x.size], integer_noise[x.size :]]
+    return encode_parts([x, np.array([flag])], 1, spec.quantization, rng, noises)
+
+
+def encode_failure(
+    spec: UpdateSpec,
+    model_size: int,
+    reason: str,
+    rng: np.random.Generator | None = None,
+    integer_noise: np.ndarray | None = None,
+) -> EncodedUpdate:
+    """What a site sends when its update cannot be used (see :data:`FAILURE_REASONS`):
+    a vector of the same length as a real one, masked and answered at the same stage,
+    so the server cannot tell from the reply that this site failed.
+
+    Outside DP: a zero delta, weight 0 (it does not count in the mean), count 1, and the
+    reason's counter at 1. Under DP: a zero delta, weight 1 (every client counts once),
+    the flag at the clip norm, and the site's noise share as always: the others'
+    noise floor assumed every survivor's share."""
+    if reason not in FAILURE_REASONS:
+        raise ValueError(f"unknown failure reason {reason!r}")
+    size = spec.encoded_size(model_size)
+    if spec.dp_mode != "none":
+        return _encode_dp(np.zeros(size), spec.flag_value, spec, rng, integer_noise)
+    dtype_vector = encode_parts([np.zeros(0)], 1, spec.quantization, rng).vector.dtype
+    vector = np.zeros(spec.vector_length(model_size), dtype=dtype_vector)
+    counters = np.zeros(spec.counters, dtype=np.int64)
+    counters[spec.counters - len(FAILURE_REASONS) + FAILURE_REASONS.index(reason)] = 1
+    _write_counters(vector, counters, spec, size)
+    vector[-1] = 1  # the count coordinate: this site is a survivor; its weight word stays 0
+    return EncodedUpdate(vector, 0, (0, 0))
 
 
 @dataclass(frozen=True)
@@ -375,6 +474,9 @@ class DecodedUpdate:
     clipped: tuple[int, int] = (0, 0)  # coordinates clipped (float part, integer part), all survivors
     metric_clipped: tuple[int, ...] = ()  # clients whose metric in each slot was clipped
     histograms: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # see magnitude_histogram
+    failures: tuple[tuple[str, int], ...] = ()  # outside DP: survivors whose update could not be used, by reason
+    failed_estimate: float = 0.0  # survivors whose update could not be used (under DP a noisy count)
+    failed_std: float = 0.0  # the std of that count's noise (distributed DP; 0 where it is exact)
     error_bound: float = 0.0  # this round's quantization bound on the float part's mean
     int_error_bound: float = 0.0
 
@@ -397,34 +499,49 @@ def decode_update(
     dec = decode_checked(total, q, survivors)
     k, t = spec.metric_slots, spec.counters
     body = dec.weighted_sum[: dec.weighted_sum.size - t]
+    flag_sum = float(np.sum(body[body.size - spec.flag_words :])) if spec.flag_words else 0.0
+    body = body[: body.size - spec.flag_words]
     wsum = body[: body.size - k].copy()
     slot_sums = body[body.size - k :]
     bound = q.error_bound_for(dec.total_weight, survivors)
+    weight = max(dec.total_weight, 1)  # 0 only when no survivor's update could be used
     if spec.dp_mode != "none":
         if spec.rotation_seed >= 0:
             if model_size is None:
                 raise ConfigurationError("decoding a rotated update needs the model size")
             wsum = unrotate(wsum, spec.rotation_seed, model_size)
-        return DecodedUpdate(mean_delta=wsum / dec.total_weight, metrics={}, total_weight=dec.total_weight,
-                             count=dec.count, weighted_delta_sum=wsum, error_bound=bound)
+        return DecodedUpdate(mean_delta=wsum / weight, metrics={}, total_weight=dec.total_weight,
+                             count=dec.count, weighted_delta_sum=wsum, error_bound=bound,
+                             failed_estimate=flag_sum / spec.flag_value, failed_std=_flag_noise_std(spec, survivors))
     c = spec.clip_range
     if spec.int_size:
         wsum[wsum.size - spec.int_size :] *= spec.int_clip_range / c
-    slot_means = tuple(float(v) / dec.total_weight for v in slot_sums)
+    slot_means = tuple(float(v) / weight for v in slot_sums)
     raw = from_field(np.asarray(total[total.size - 2 - t : total.size - 2]), spec.field_bits)
     hist_f, hist_i = raw[:HIST_BINS], raw[HIST_BINS : 2 * HIST_BINS]
     clipped = (int(raw[2 * HIST_BINS]), int(raw[2 * HIST_BINS + 1]))
-    metric_clipped = tuple(int(v) for v in raw[2 * HIST_BINS + 2 :])
+    metric_clipped = tuple(int(v) for v in raw[2 * HIST_BINS + 2 : 2 * HIST_BINS + 2 + k])
+    failed = [int(v) for v in raw[2 * HIST_BINS + 2 + k :]]
+    failures = tuple((r, n) for r, n in zip(FAILURE_REASONS, failed, strict=True) if n)
     metrics: dict[str, float] = {}
     if metric_names is not None:
         for i, name in enumerate(metric_names[:k]):
             metrics[name] = slot_means[i] * spec.range_of(name) / c
     return DecodedUpdate(
-        mean_delta=wsum / dec.total_weight, metrics=metrics, total_weight=dec.total_weight, count=dec.count,
+        mean_delta=wsum / weight, metrics=metrics, total_weight=dec.total_weight, count=dec.count,
         weighted_delta_sum=wsum, slot_means=slot_means, clipped=clipped, metric_clipped=metric_clipped,
         histograms=(tuple(int(v) for v in hist_f), tuple(int(v) for v in hist_i)),
         error_bound=bound, int_error_bound=bound * spec.int_clip_range / c,
+        failures=failures, failed_estimate=float(sum(failed)),
     )
+
+
+def _flag_noise_std(spec: UpdateSpec, survivors: int) -> float:
+    """Std of the distributed noise on the summed flag, in units of one failed site:
+    ``survivors`` Skellam shares, over the fixed point of one flag."""
+    if spec.dp_mode != "distributed":
+        return 0.0
+    return float(np.sqrt(2.0 * survivors * spec.noise_mu_share) / (spec.quantization.scale * spec.flag_value))
 
 
 def next_range(current: float, histogram: Sequence[int], coordinates: int, target_fraction: float) -> float:

@@ -123,6 +123,10 @@ class RoundReport:
     metric_clipped: dict[str, int] = field(default_factory=dict)  # clients whose metric was clipped
     metrics_dropped: str = ""  # why train metrics were not released, if they were not
     error_bound: float = 0.0  # quantization bound on the released mean, per float coordinate
+    # survivors whose update could not be used (the reason is counted inside the masked
+    # vector, never sent as an error reply): by reason outside DP; under DP a noisy count
+    failures: dict[str, int] = field(default_factory=dict)
+    failed_estimate: float = 0.0
 
 
 @dataclass
@@ -491,13 +495,18 @@ class SecAggStrategy(Strategy):
             report.next_round_set_up = True
         self._fill(report, server)
         report.total_weight = decoded.total_weight
+        unusable = self._unusable(report, decoded, plan)
         if plan is not None and self.privacy is not None:
             # noise (central), account and write the ledger BEFORE the aggregate is used
+            # (also when it is then not applied: the server has computed the sum)
             mean_delta = self.privacy.release(plan, decoded.weighted_delta_sum, decoded.count,
                                               len(cohort) - decoded.count)
         else:
             mean_delta = decoded.mean_delta
-            self._range_report(report, spec, decoded, like)
+            if not unusable:
+                self._range_report(report, spec, decoded, like)
+        if unusable:
+            return self._abort(report, unusable, t0, plan, record=plan is None)
         # each entry in its own dtype and shape (integer counters rounded, 0-d kept 0-d)
         new_named = apply_delta(like, mean_delta)
         aggregate = ArrayRecord({k: Array(a) for (k, _), a in zip(named, new_named, strict=True)})
@@ -628,12 +637,41 @@ class SecAggStrategy(Strategy):
             log(INFO, "secure round %s: next round's range +-%g (integer entries +-%g)", report.server_round,
                 *self.ranges)
 
+    def _unusable(self, report: RoundReport, decoded: DecodedUpdate, plan: RoundPlan | None) -> str:
+        """Why this round's aggregate must not be applied (empty: it can be): no
+        survivor's update could be used, or under DP most could not (a noisy count).
+        Survivors that failed are counted inside the masked vector by reason, so the
+        server learns how many failed and why, never which site."""
+        n = len(report.survivors)
+        report.failures = dict(decoded.failures)
+        report.failed_estimate = decoded.failed_estimate
+        if plan is None:
+            if not report.failures:
+                return ""
+            reasons = ", ".join(f"{k} x {r}" for r, k in report.failures.items())
+            if decoded.total_weight == 0:
+                return f"no survivor's update could be used ({reasons}; the sites' logs say more)"
+            log(WARNING, "secure round %s: %d of %d survivors' updates could not be used and count with weight 0 "
+                "(%s; the sites' logs say more)", report.server_round, sum(report.failures.values()), n, reasons)
+            return ""
+        # Under distributed DP the count carries the round's noise (std ``failed_std``): only
+        # a count beyond half the survivors by 4 std is taken as most sites having failed.
+        est, std = decoded.failed_estimate, decoded.failed_std
+        if est - 4 * std > n / 2:
+            return (f"about {est:.1f} (noise std {std:.2g}) of {n} survivors' updates could not be used (a "
+                    "noisy count under DP; the sites' logs say why): the aggregate is not applied")
+        if est - 3 * std >= 1:
+            log(WARNING, "secure round %s: about %.1f (noise std %.2g) of %d survivors' updates could not be used "
+                "(a noisy count under DP); they count as zero updates", report.server_round, est, std, n)
+        return ""
+
     def _fill(self, report: RoundReport, server: SecAggServer) -> None:
         report.dropped = {n: s.name for n, s in server.dropped.items()}
         report.rejected.update({n: f"{type(e).__name__}: {e}" for n, e in server.rejected.items()})
 
     def _abort(
-        self, report: RoundReport, reason: str, t0: float, plan: RoundPlan | None, status: str = "aborted"
+        self, report: RoundReport, reason: str, t0: float, plan: RoundPlan | None, status: str = "aborted",
+        record: bool = True,
     ) -> tuple[None, None]:
         report.status = status
         if report.client_errors:
@@ -641,7 +679,7 @@ class SecAggStrategy(Strategy):
         report.reason = reason
         report.seconds = time.monotonic() - t0
         log(WARNING, "secure round %s %s, global model unchanged: %s", report.server_round, status, reason)
-        if self.privacy is not None:
+        if self.privacy is not None and record:
             self.privacy.abort(plan, report.server_round, len(report.cohort), len(report.survivors), f"{status}: {reason}")
         return None, None
 

@@ -59,3 +59,11 @@ def cohort_factory():
 @pytest.fixture
 def random_key() -> bytes:
     return os.urandom(32)
+
+
+@pytest.fixture(autouse=True)
+def _site_state_dir(tmp_path_factory, monkeypatch):
+    """Each test's sites keep their default state files (sgs_flower.dp.site.default_state_file)
+    in a folder of their own, never in the user's FLWR_HOME: a site remembers the models it
+    signed for across runs, and two tests must not see each other's memory."""
+    monkeypatch.setenv("SGS_STATE_DIR", str(tmp_path_factory.mktemp("sgs-sites")))

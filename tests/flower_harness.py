@@ -22,6 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from clients import secagg_mod
+from sgs_flower.secagg import wire
+from sgs_flower.secagg.wire import Stage
 from sgs_flower.app import client_app as app_client
 from sgs_flower.digits import Net
 
@@ -45,14 +47,29 @@ def run(server_main: Callable[[Grid, Context], None], client: ClientApp, n: int)
     run_simulation(server_app=server, client_app=client, num_supernodes=n, backend_config=BACKEND)
 
 
-def recording_client(dump: Path, fail: Callable[[int, int], bool] | None = None) -> ClientApp:
+def recording_client(
+    dump: Path,
+    fail: Callable[[int, int], bool] | None = None,
+    crash: Callable[[int, int], bool] | None = None,
+) -> ClientApp:
     """The app's own train function, plus: it writes each plaintext update to ``dump``
-    (so a test can compute the plaintext aggregate the server never sees), and it
-    raises for (partition, round) pairs where ``fail`` says so, *after* the client has
-    shared its keys (training runs at the masked-input stage)."""
+    (so a test can compute the plaintext aggregate the server never sees). Where
+    ``fail(partition, round)`` says so, the user's train function raises (the site then
+    sends the protocol's unusable vector: no error reply, see ``secagg_mod``); where
+    ``crash`` says so, the node itself crashes at the masked-input stage, after it has
+    shared its keys (a mod outside ``secagg_mod`` raises: Flower answers with an error,
+    and the server counts the node as dropped)."""
     app = ClientApp()
 
-    @app.train(mods=[secagg_mod])
+    def crash_mod(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
+        rec = msg.content.config_records.get(wire.RECORD_KEY)
+        if crash is not None and rec is not None and rec.get(wire.FIELD_STAGE) == int(Stage.MASKED_INPUT):
+            pid = int(context.node_config["partition-id"])
+            if crash(pid, int(msg.content["config"]["server-round"])):
+                raise RuntimeError("simulated crash of this node")
+        return call_next(msg, context)
+
+    @app.train(mods=[crash_mod, secagg_mod])
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
         rnd = int(msg.content["config"]["server-round"])

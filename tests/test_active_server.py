@@ -401,32 +401,46 @@ def test_site_budget_refuses_past_its_epsilon(tmp_path):
     assert sites[1].trained == refused_at - 1
 
 
-def test_error_replies_carry_no_site_values_and_the_site_leaves_the_round():
-    """Attack 5: a server-chosen weight key makes the weight the train loss."""
+def finish_mod_round(sites: dict[int, ModSite], server: SecAggServer, reqs) -> np.ndarray:
+    unmask = server.collect_consistency({u: _reply(sites[u].send(Stage.CONSISTENCY, r)) for u, r in reqs.items()})
+    return server.collect_unmask({u: _reply(sites[u].send(Stage.UNMASK, r)) for u, r in unmask.items()}).total
+
+
+def test_a_server_chosen_weight_key_gives_an_unusable_vector_never_an_error():
+    """Attack 5: a server-chosen weight key makes the weight the train loss. Whether a
+    loss is a whole number is the site's data, so no site answers with an error (one bit
+    per site): each sends a masked vector of the usual length, and the server's sum says
+    only that 5 updates were unusable and why; the mean is over none of them."""
     sites = {u: ModSite(u) for u in range(1, N_MOD + 1)}
     spec = _spec()
-    bundles = _through_shares(sites, spec)
+    ids = tuple(sorted(sites))
+    params = RoundParams(run_id=1, round_id=3, cohort=ids, vector_length=spec.vector_length(15))
     extra, fields = _masked_extra(spec)
     fields["weight-key"] = "train_loss"
-    out = sites[1].send(Stage.MASKED_INPUT, bundles[1], extra, fields)
-    assert out.has_error()
-    assert "EncodingError" in out.error.reason
-    assert "0.123" not in out.error.reason and "1.123" not in out.error.reason
-    # the site left the round: the same request again is stale, not a second training
-    fields["weight-key"] = "num-examples"
-    again = sites[1].send(Stage.MASKED_INPUT, bundles[1], extra, fields)
-    assert again.has_error() and "StaleMessageError" in again.error.reason
-    assert sites[1].trained == 1
+    server = SecAggServer(params, bound_digest=binding_digest(list(MODEL.items()), {"lr": 0.1}, spec.to_config()))
+    rosters = server.collect_keys({u: _reply(sites[u].send(Stage.ADVERTISE_KEYS, m)) for u, m in server.setup_messages().items()})
+    bundles = server.collect_shares({u: _reply(sites[u].send(Stage.SHARE_KEYS, m)) for u, m in rosters.items()})
+    replies = {u: sites[u].send(Stage.MASKED_INPUT, m, extra, fields) for u, m in bundles.items()}
+    assert not any(r.has_error() for r in replies.values())
+    assert {len(_reply(r).vector) for r in replies.values()} == {spec.vector_length(15)}  # type: ignore[attr-defined]
+    reqs = server.collect_masked({u: _reply(r) for u, r in replies.items()})
+    dec = decode_update(finish_mod_round(sites, server, reqs), spec, N_MOD, 15, ["train_loss"])
+    assert dec.total_weight == 0 and dec.failures == (("train reply malformed", N_MOD),)
+    assert all(s.trained == 1 for s in sites.values())
 
 
-def test_max_weight_probe_carries_no_num_examples():
+def test_max_weight_probe_gets_the_same_reply_from_every_site():
+    """A max_weight below some sites' num-examples: no site refuses (the answer would be
+    one bit of its data); sites of 11..15 examples at max_weight 13 all send masked
+    vectors, and the sum counts two unusable updates (weights 14 and 15), not whose."""
     sites = {u: ModSite(u) for u in range(1, N_MOD + 1)}
-    spec = _spec(max_weight=2)  # below every site's num-examples
-    bundles = _through_shares(sites, spec)
-    extra, fields = _masked_extra(spec)
-    out = sites[3].send(Stage.MASKED_INPUT, bundles[3], extra, fields)
-    assert out.has_error()
-    assert "13" not in out.error.reason  # site 3 has 13 examples
+    spec = _spec(max_weight=13)
+    server, reqs = mod_round_to_consistency(sites, spec)
+    dec = decode_update(finish_mod_round(sites, server, reqs), spec, N_MOD, 15, ["train_loss"])
+    assert dec.failures == (("weight outside 1..max_weight", 2),)
+    assert dec.total_weight == 11 + 12 + 13
+    np.testing.assert_allclose(dec.mean_delta, (11 * 0.01 + 12 * 0.02 + 13 * 0.03) / 36,
+                               atol=2 * spec.quantization.error_bound_for(36, 5) + 1e-7)  # float32 deltas
 
 
 def test_one_model_is_not_aggregated_over_two_survivor_sets(tmp_path):

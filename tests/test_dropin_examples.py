@@ -237,7 +237,7 @@ def test_every_round_aborting_stops_the_run_naming_the_cause():
     assert isinstance(err, SecureAggregationFailed)
     msg = str(err)
     assert "2 secure rounds in a row aborted" in msg
-    assert f"client errors: {N} x stage MASKED_INPUT: EncodingError" in msg
+    assert f"no survivor's update could be used ({N} x weight outside 1..max_weight" in msg
     assert [r.status for r in out["strategy"].reports] == ["aborted", "aborted"]
     models = out["models"]
     assert sorted(models) == [0, 1]  # the run stopped in round 2, before its evaluation
@@ -268,4 +268,4 @@ def test_an_all_aborting_simulation_exits_non_zero_naming_the_cause():
     assert proc.returncode != 0, out[-3000:]
     assert "SecureAggregationFailed" in out
     assert "2 secure rounds in a row aborted (max_consecutive_aborts=2)" in out
-    assert f"client errors: {N} x stage MASKED_INPUT: EncodingError" in out
+    assert f"no survivor's update could be used ({N} x weight outside 1..max_weight" in out

@@ -588,7 +588,7 @@ def _flower(tmp_path, rounds, fail=None, n=5):
                        evaluate_fn=keep)
         out["strategy"] = strategy
 
-    run(main, recording_client(tmp_path, fail=fail), n)
+    run(main, recording_client(tmp_path, crash=fail), n)
     return out
 
 

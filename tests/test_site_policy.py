@@ -9,7 +9,8 @@ import stat
 import pytest
 
 from sgs_flower.cli import main
-from sgs_flower.dp.site import SiteAccountant, SiteBudgetError, SiteState, spec_noise_multiplier
+from sgs_flower.dp.site import DPContribution, SiteAccountant, SiteBudgetError, SiteState
+from sgs_flower.pipeline import UpdateSpec
 from sgs_flower.secagg import identity
 from sgs_flower.secagg.errors import ConfigurationError, PolicyError
 from sgs_flower.secagg.identity import Roster
@@ -80,11 +81,23 @@ def test_policy_minimum_degree_follows_the_cohort_size():
 
 
 def test_site_noise_multiplier_matches_the_server_calibration():
-    """The client's reading of a spec's noise is the server's calibration inverted."""
+    """The client's reading of an honest spec's noise is the server's calibration
+    inverted, less the stochastic rounding's sqrt(d) that the site counts too."""
+    import math
+
     from sgs_flower.dp.aggregator import ddp_quantization
 
     q = ddp_quantization(noise_multiplier=1.7, clip_norm=1.0, cohort=20, min_survivors=15, field_bits=32)
-    assert spec_noise_multiplier(q.mu_share, 15, q.bits_per_coordinate) == pytest.approx(1.7, rel=1e-9)
+    spec = UpdateSpec(clip_range=1.0, max_cohort=20, max_weight=1, field_bits=32, dp_mode="distributed",
+                      l2_clip=1.0, noise_mu_share=q.mu_share, bits_per_coordinate=q.bits_per_coordinate,
+                      noise_headroom=q.noise_headroom, min_survivors=15)
+    c = spec.dp_contribution(100)
+    assert c.levels == q.levels and c.dim == 101  # 100 coordinates and the flag
+    assert c.noise_multiplier == pytest.approx(1.7 * q.levels / (q.levels + math.sqrt(101)), rel=1e-9)
+
+
+def _contribution(mu: float, levels: int = (1 << 15) - 1) -> DPContribution:
+    return DPContribution(levels=levels, clip_range=1.0, l2_clip=1.0, dim=100, mu_share=mu, min_survivors=10, cohort=10)
 
 
 def test_site_accountant_matches_a_direct_dp_accounting_reference():
@@ -96,15 +109,15 @@ def test_site_accountant_matches_a_direct_dp_accounting_reference():
     acct = SiteAccountant(min_noise_multiplier=0.5, max_epsilon=0.0, delta=1e-5)
     levels = (1 << 15) - 1
     mu = (3.0 * levels) ** 2 / (2 * 10)
-    eps1 = acct.admit(mu, 10, 16, 100, 10)
-    eps2 = acct.admit(mu, 10, 16, 100, 10)
+    eps1 = acct.admit(_contribution(mu))
+    eps2 = acct.admit(_contribution(mu))
     assert eps2 > eps1 > 0
     ref = make_accountant("rdp")
     for e in acct.events:
         ref.compose(event_from_dict(e))
     assert eps2 == pytest.approx(ref.get_epsilon(1e-5), rel=1e-12)
     with pytest.raises(SiteBudgetError, match="noise floor"):
-        acct.admit(mu / 100, 10, 16, 100, 10)  # noise multiplier 0.3 < 0.5
+        acct.admit(_contribution(mu / 100))  # noise multiplier 0.3 < 0.5
     assert len(acct.events) == 2
 
 
@@ -112,7 +125,9 @@ def test_site_state_file_round_trips_and_refuses_unknown_formats(tmp_path):
     s = SiteState({"ab": "cd"}, [{"kind": "x"}])
     s.save(tmp_path / "s.json")
     assert SiteState.load(tmp_path / "s.json") == s
-    assert SiteState.load(tmp_path / "missing.json") == SiteState()
+    fresh = SiteState.load(tmp_path / "missing.json")
+    assert (fresh.history, fresh.dp_events, fresh.models) == ({}, [], [])
+    assert len(bytes.fromhex(fresh.sketch_key)) == 32 and fresh.sketch_key != s.sketch_key
     (tmp_path / "bad.json").write_text('{"version": 9}')
     with pytest.raises(ValueError, match="unknown format"):
         SiteState.load(tmp_path / "bad.json")

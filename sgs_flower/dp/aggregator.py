@@ -45,6 +45,12 @@ NOISE_SIGMAS = 12.0
 MAX_MU_SHARE = 1e10
 
 
+def dp_dimension(model_size: int, rotate: bool) -> int:
+    """Coordinates of the DP vector that carry noise: the (padded) delta and the flag of
+    ``UpdateSpec.flag_words`` (a site whose update could not be used sets it)."""
+    return (padded_length(model_size) if rotate else model_size) + 1
+
+
 @dataclass(frozen=True)
 class DDPQuantization:
     bits_per_coordinate: int
@@ -140,7 +146,7 @@ class DPAggregator:
             return events, fields, scale
         min_surv = self.min_survivors(cohort)
         q = ddp_quantization(z, dp.clip_norm, cohort, min_surv, self.field_bits)
-        dim = padded_length(model_size) if dp.rotate else model_size
+        dim = dp_dimension(model_size, dp.rotate)
         noise = noise_present(q.mu_share, min_surv, min_surv)
         mech = skellam_event(noise, dp.clip_norm * q.scale, dim)
         fields = dict(
@@ -207,8 +213,7 @@ class DPAggregator:
             noise_rec: dict[str, Any] = {"mechanism": "gaussian", "noise_multiplier": plan.noise_multiplier, "std": std}
         else:
             present = noise_present(plan.spec_fields["noise_mu_share"], survivors, plan.min_survivors)
-            dim = padded_length(plan.model_size) if dp.rotate else plan.model_size
-            mech = skellam_event(present, dp.clip_norm * plan.scale, dim)
+            mech = skellam_event(present, dp.clip_norm * plan.scale, dp_dimension(plan.model_size, dp.rotate))
             events = round_events(mech, server_adds_noise=False, sampling=dp.sampling,
                                   population=plan.population, cohort_size=plan.cohort)
             noisy = summed

@@ -8,11 +8,19 @@ accountant (dp-accounting RDP over the Skellam mechanism, the same events the se
 ledger uses), and refuses to contribute once its own budget would be exceeded. The
 server may ask for more noise, never less.
 
-The noise of a spec is read back as a noise multiplier: with fixed point
-``levels = 2^(p-1) - 1`` per clip norm and ``m`` minimum survivors each adding a
-Skellam share of parameter ``mu``, the sum's noise std in clip-norm units is
-``sqrt(2 m mu) / levels``. The client enforces ``m`` itself: it signs no survivor set
-smaller than that (see the consistency check), so the noise it counted on is present.
+The site computes the guarantee itself, in its own units, from every field of the
+round's spec that changes it (:class:`DPContribution`, built by
+``UpdateSpec.dp_contribution``): the fixed point the encoder will really use (its
+levels, from the field width, the word width and the cohort bounds: a spec that says
+"as many bits as fit" gets the levels that fit, not an assumed 32), the per-coordinate
+range *and* the L2 clip (a range far above the clip lets a site send more than the clip:
+the sensitivity is ``scale * min(l2_clip, clip_range * sqrt(d))``), the stochastic
+rounding (``+ sqrt(d)``), and the ``m`` minimum survivors whose Skellam shares of
+parameter ``mu`` make up the noise. The effective noise multiplier of the released sum
+is ``sqrt(2 m mu) / sensitivity``. The client enforces ``m`` itself: it signs no survivor
+set smaller than that (see the consistency check), so the noise it counted on is present
+(as long as the other survivors add their shares: colluding sites that add none lower it,
+the usual assumption of distributed DP).
 """
 
 from __future__ import annotations
@@ -20,12 +28,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sgs_flower.dp.events import event_from_dict, event_to_dict
-from sgs_flower.dp.noise import noise_present, skellam_event
+from sgs_flower.dp.noise import noise_present, rounded_l2_bound, skellam_event
 
 
 class SiteBudgetError(ValueError):
@@ -33,13 +42,35 @@ class SiteBudgetError(ValueError):
     than its budget. The message names the rule, not the site's spend."""
 
 
-def spec_noise_multiplier(mu_share: float, min_survivors: int, bits_per_coordinate: int) -> float:
-    """Noise multiplier of the sum of ``min_survivors`` Skellam shares of ``mu_share``
-    at a fixed point of ``bits_per_coordinate`` bits per clip norm."""
-    if mu_share <= 0 or min_survivors < 1 or not 2 <= bits_per_coordinate <= 64:
-        return 0.0
-    levels = (1 << (bits_per_coordinate - 1)) - 1
-    return math.sqrt(2.0 * min_survivors * mu_share) / levels
+@dataclass(frozen=True)
+class DPContribution:
+    """What one distributed-DP contribution of this site carries, in integer units."""
+
+    levels: int  # the encoder's fixed-point levels per clip_range
+    clip_range: float  # per-coordinate range of the encoder
+    l2_clip: float  # L2 clip of the (rotated) delta
+    dim: int  # coordinates that carry noise (padded delta and flag)
+    mu_share: float  # this site's Skellam parameter
+    min_survivors: int  # fewest survivors whose shares make up the noise
+    cohort: int
+
+    @property
+    def scaled_clip(self) -> float:
+        """The largest L2 norm of one contribution before rounding, in integer units."""
+        scale = self.levels / self.clip_range
+        return scale * min(self.l2_clip, self.clip_range * math.sqrt(self.dim))
+
+    @property
+    def sensitivity(self) -> float:
+        """... and after stochastic rounding (each coordinate moves by less than 1)."""
+        return rounded_l2_bound(self.scaled_clip, self.dim)
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Std of the noise in the sum of ``min_survivors`` shares over the sensitivity."""
+        if self.mu_share <= 0 or self.min_survivors < 1 or self.levels < 1 or self.dim < 1:
+            return 0.0
+        return math.sqrt(2.0 * self.min_survivors * self.mu_share) / self.sensitivity
 
 
 @dataclass
@@ -65,24 +96,22 @@ class SiteAccountant:
             acct.compose(event_from_dict(e))
         return float(acct.get_epsilon(self.delta)) if self.events or extra else 0.0
 
-    def admit(
-        self, mu_share: float, min_survivors: int, bits_per_coordinate: int, dim: int, cohort: int
-    ) -> float:
+    def admit(self, contribution: DPContribution) -> float:
         """Check one contribution against the floor and the budget and record it;
         returns the site's epsilon against the server after it. Raises
         :class:`SiteBudgetError` without recording anything when it refuses."""
-        z = spec_noise_multiplier(mu_share, min_survivors, bits_per_coordinate)
-        if z < self.min_noise_multiplier:
+        c = contribution
+        if c.noise_multiplier < self.min_noise_multiplier:
             raise SiteBudgetError(
-                "the server's distributed-DP noise is below this site's noise floor (sgs-dp-min-noise); "
+                "the server's distributed-DP noise is below this site's noise floor (sgs-dp-min-noise), "
+                "computed from the whole update spec (range, clip, widths, rounding, survivors); "
                 "the site does not contribute"
             )
         from sgs_flower.dp.accounting import round_events
 
-        levels = (1 << (bits_per_coordinate - 1)) - 1
-        mech = skellam_event(noise_present(mu_share, min_survivors, min_survivors), float(levels), dim)
+        mech = skellam_event(noise_present(c.mu_share, c.min_survivors, c.min_survivors), c.scaled_clip, c.dim)
         server_event = round_events(
-            mech, server_adds_noise=False, sampling="fixed", population=cohort, cohort_size=cohort
+            mech, server_adds_noise=False, sampling="fixed", population=c.cohort, cohort_size=c.cohort
         ).server
         record = event_to_dict(server_event)
         eps = self.epsilon(record)
@@ -98,22 +127,33 @@ class SiteAccountant:
 @dataclass
 class SiteState:
     """What a site remembers across rounds and runs: the survivor set it signed per
-    global model (so one model is never aggregated twice over different sets) and its
-    distributed-DP events. Kept in a JSON file when the site names one
-    (``sgs-state-file``), else only for the current run."""
+    global model (so one model is never aggregated twice over different sets), a sketch
+    of each such model (so a near copy of one is not either: see
+    :mod:`sgs_flower.secagg.model_memory`, and ``sketch_key``, the site's secret for
+    those sketches) and its distributed-DP events. Kept in a JSON file: by default
+    :func:`default_state_file`, or the site's ``sgs-state-file``; only for the current
+    run when the site sets ``sgs-state-file=memory``."""
 
     history: dict[str, str] = field(default_factory=dict)
     dp_events: list[dict[str, Any]] = field(default_factory=list)
+    models: list[dict[str, Any]] = field(default_factory=list)
+    sketch_key: str = field(default_factory=lambda: os.urandom(32).hex())
 
     def to_json(self) -> str:
-        return json.dumps({"version": 1, "history": self.history, "dp_events": self.dp_events})
+        return json.dumps({"version": 2, "history": self.history, "dp_events": self.dp_events,
+                           "models": self.models, "sketch_key": self.sketch_key})
 
     @classmethod
     def from_json(cls, text: str) -> SiteState:
         data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != 1:
+        if not isinstance(data, dict) or data.get("version") not in (1, 2):
             raise ValueError("site state file has an unknown format")
-        return cls(dict(data["history"]), list(data["dp_events"]))
+        if data["version"] == 1:  # before model sketches: a new sketch key, nothing remembered yet
+            return cls(dict(data["history"]), list(data["dp_events"]))
+        key = str(data["sketch_key"])
+        if len(bytes.fromhex(key)) != 32:
+            raise ValueError("site state file holds a malformed sketch key")
+        return cls(dict(data["history"]), list(data["dp_events"]), list(data["models"]), key)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SiteState:
@@ -127,3 +167,22 @@ class SiteState:
         tmp = p.with_name(p.name + ".tmp")
         tmp.write_text(self.to_json())
         os.replace(tmp, p)
+
+
+STATE_DIR_VAR = "SGS_STATE_DIR"
+
+
+def default_state_file(site_name: str, environ: Mapping[str, str] | None = None) -> Path:
+    """Where a site keeps its state when its policy names no file: ``$SGS_STATE_DIR``,
+    else ``$FLWR_HOME/sgs-flower/sites``, else ``~/.flwr/sgs-flower/sites``, one file per
+    site (``site_name``: its identity key's fingerprint, or its node id).
+
+    Why a default on disk: kept only in the run's ``Context.state``, the memory of what a
+    site signed and spent is gone in the next run, and the same model under a new run id
+    could be aggregated again over another cohort (issue 18)."""
+    env = os.environ if environ is None else environ
+    if env.get(STATE_DIR_VAR):
+        base = Path(env[STATE_DIR_VAR])
+    else:
+        base = Path(env.get("FLWR_HOME") or Path.home() / ".flwr") / "sgs-flower" / "sites"
+    return base / f"{site_name}.json"

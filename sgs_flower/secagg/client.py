@@ -190,13 +190,16 @@ class AwaitingShares:
     identities: dict[int, bytes]
 
     def on_shares(
-        self, msg: ShareBundle, vector: np.ndarray, bound_digest: bytes, model_digest: bytes, min_survivors: int
+        self, msg: ShareBundle, vector: np.ndarray, bound_digest: bytes, model_digest: bytes, min_survivors: int,
+        near_sets: frozenset[str] = frozenset(),
     ) -> tuple[AwaitingConsistency, MaskedInput]:
         """Mask the input. ``bound_digest`` is the digest of the global model and config
         this client trained on: it keys the masks (see :func:`keys.round_contexts`).
         ``model_digest`` (the model alone) is remembered so that the client signs one
         survivor set per model; ``min_survivors`` is the fewest survivors its noise
-        share was calibrated for (distributed DP; 0 otherwise)."""
+        share was calibrated for (distributed DP; 0 otherwise). ``near_sets`` are the
+        survivor sets the site signed for models near this one (see
+        :mod:`sgs_flower.secagg.model_memory`): it may sign only such a set now."""
         u, sec = self.node_id, self.secrets
         setup = sec.setup
         held: dict[int, tuple[bytes, bytes]] = {}
@@ -225,7 +228,8 @@ class AwaitingShares:
         context, _ = keys.round_contexts(setup, sec.seed, bound_digest)
         masked = mask_input(vector, sec, {v: self.roster[v] for v in held}, u, context)
         reply = MaskedInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked)
-        nxt = AwaitingConsistency(u, sec, self.roster, self.identities, held, model_digest, min_survivors)
+        nxt = AwaitingConsistency(u, sec, self.roster, self.identities, held, model_digest, min_survivors,
+                                  tuple(sorted(near_sets)))
         return nxt, reply
 
 
@@ -258,6 +262,7 @@ class AwaitingConsistency:
     held: dict[int, tuple[bytes, bytes]]
     model_digest: bytes
     min_survivors: int
+    near_sets: tuple[str, ...] = ()
 
     def on_consistency(
         self, msg: ConsistencyRequest, ident: bytes, history: dict[str, str]
@@ -270,6 +275,12 @@ class AwaitingConsistency:
             raise PolicyError(
                 "this global model was already aggregated over another survivor set: a second sum "
                 "over a different set would reveal the difference; refused"
+            )
+        if any(s != signed for s in self.near_sets):
+            raise PolicyError(
+                "this global model is a near copy of one already aggregated over another survivor set "
+                "(closer than sgs-min-model-change times this site's update): a second sum over a different "
+                "set would reveal the difference; refused"
             )
         history[key] = signed
         while len(history) > HISTORY_LIMIT:
@@ -422,10 +433,11 @@ class SecAggClient:
         bound_digest: bytes = b"",
         model_digest: bytes = b"",
         min_survivors: int = 0,
+        near_sets: frozenset[str] = frozenset(),
     ) -> Message:
         """Answer a message's first part (a message of its own round)."""
         try:
-            reply = self._handle(msg, vector, bound_digest, model_digest or bound_digest, min_survivors)
+            reply = self._handle(msg, vector, bound_digest, model_digest or bound_digest, min_survivors, near_sets)
         except (ProtocolError, ThresholdError):
             self.state = AwaitingSetup(self.node_id)
             self.answered = (-1, -1, 0)
@@ -546,7 +558,8 @@ class SecAggClient:
         return setup
 
     def _handle(
-        self, msg: Message, vector: np.ndarray | None, bound_digest: bytes, model_digest: bytes, min_survivors: int
+        self, msg: Message, vector: np.ndarray | None, bound_digest: bytes, model_digest: bytes, min_survivors: int,
+        near_sets: frozenset[str] = frozenset(),
     ) -> Message:
         self.check_header(msg)
         if isinstance(msg, Setup):
@@ -565,7 +578,7 @@ class SecAggClient:
         if isinstance(st, AwaitingShares) and isinstance(msg, ShareBundle):
             if vector is None:
                 raise MalformedMessageError("the masked-input stage needs the client's input vector")
-            self.state, masked = st.on_shares(msg, vector, bound_digest, model_digest, min_survivors)
+            self.state, masked = st.on_shares(msg, vector, bound_digest, model_digest, min_survivors, near_sets)
             self.last_masked = (setup.run_id, setup.round_id)
             return masked
         if isinstance(st, AwaitingConsistency) and isinstance(msg, ConsistencyRequest):
@@ -635,6 +648,7 @@ def _instance_dict(st: ClientState, node_id: int, prefix: str) -> dict[str, Any]
     if isinstance(st, AwaitingConsistency):
         out[prefix + "model_digest"] = st.model_digest
         out[prefix + "min_survivors"] = st.min_survivors
+        out[prefix + "near_sets"] = list(st.near_sets)
     if isinstance(st, AwaitingUnmask):
         out[prefix + "survivors"] = list(st.survivors)
     return out
@@ -665,7 +679,8 @@ def _instance_from(d: dict[str, Any], node_id: int, prefix: str) -> ClientState:
             for v, s in zip(d[prefix + "held_nodes"], d[prefix + "held_shares"], strict=True)}
     if name == "AwaitingConsistency":
         return AwaitingConsistency(node_id, sec, roster, table, held, bytes(d[prefix + "model_digest"]),
-                                   int(d[prefix + "min_survivors"]))
+                                   int(d[prefix + "min_survivors"]),
+                                   tuple(str(v) for v in d.get(prefix + "near_sets", [])))
     if name != "AwaitingUnmask":
         raise MalformedMessageError("saved client state names an unknown stage")
     return AwaitingUnmask(node_id, sec, roster, table, held, tuple(int(v) for v in d[prefix + "survivors"]))

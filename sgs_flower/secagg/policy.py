@@ -30,7 +30,11 @@ NODE_CONFIG_KEYS = {
     "sgs-min-degree": "smallest neighbour count; 0 = the protocol default for the cohort size",
     "sgs-identity-key": "file with this site's Ed25519 identity key (sgs-flower identity new)",
     "sgs-roster": "file of the federation's identity public keys; pins who may be in a cohort",
-    "sgs-state-file": "file where the site remembers its contributions and privacy spend across runs",
+    "sgs-state-file": "file where the site remembers its contributions and privacy spend across runs "
+                      "(default: one under $SGS_STATE_DIR or $FLWR_HOME/sgs-flower/sites; 'memory': this run only)",
+    "sgs-min-model-change": "refuse another survivor set for a model closer than this times the site's update "
+                            "norm to one it already signed for (default 0.05; 0: exact copies only)",
+    "sgs-require-dp": "refuse rounds without distributed DP (default false)",
     "sgs-dp-min-noise": "distributed DP: smallest noise multiplier this site accepts (default 0.5)",
     "sgs-dp-max-epsilon": "distributed DP: this site's budget against the server; 0 = account only",
     "sgs-dp-delta": "distributed DP: delta of this site's accounting (default 1e-5)",
@@ -48,7 +52,9 @@ class ClientPolicy:
     min_degree: int = 0
     roster: Roster | None = None
     identity_key: bytes | None = None  # None: a key made for this run (cannot be pinned)
-    state_file: str | None = None
+    state_file: str | None = None  # None: the default file (dp.site.default_state_file); "memory": this run only
+    min_model_change: float = 0.05
+    require_distributed_dp: bool = False
     dp_min_noise_multiplier: float = 0.5
     dp_max_epsilon: float = 0.0
     dp_delta: float = 1e-5
@@ -64,6 +70,8 @@ class ClientPolicy:
             raise ConfigurationError(f"sgs-min-degree must be >= 0, got {self.min_degree}")
         if not (self.dp_min_noise_multiplier >= 0 and math.isfinite(self.dp_min_noise_multiplier)):
             raise ConfigurationError("sgs-dp-min-noise must be a finite number >= 0")
+        if not (self.min_model_change >= 0 and math.isfinite(self.min_model_change)):
+            raise ConfigurationError("sgs-min-model-change must be a finite number >= 0")
         if not self.dp_max_epsilon >= 0:
             raise ConfigurationError("sgs-dp-max-epsilon must be >= 0 (0: account only)")
         if not 0 < self.dp_delta < 1:
@@ -118,6 +126,8 @@ class ClientPolicy:
             roster=Roster.load(roster_path) if roster_path else None,
             identity_key=read_identity(key_path) if key_path else None,
             state_file=get("sgs-state-file", str, "") or None,
+            min_model_change=get("sgs-min-model-change", float, 0.05),
+            require_distributed_dp=get("sgs-require-dp", bool, False),
             dp_min_noise_multiplier=get("sgs-dp-min-noise", float, 0.5),
             dp_max_epsilon=get("sgs-dp-max-epsilon", float, 0.0),
             dp_delta=get("sgs-dp-delta", float, 1e-5),

@@ -447,12 +447,13 @@ def decode_checked(total: np.ndarray, config: QuantizationConfig, survivors: int
     """Decode the unmasked sum and check its integrity coordinates.
 
     Every client sets the count coordinate to 1, so it must sum to the number of
-    survivors. If it does not, some clients masked under a different context (the
+    survivors (a site whose update could not be used sends weight 0, so the weight
+    total may be anything from 0 to survivors * max_weight). If it does not, some clients masked under a different context (the
     server sent them a different model or config) and the "sum" is garbage: nothing is
     released.
     """
     out = decode(total, config)
-    if out.count != survivors or not survivors <= out.total_weight <= survivors * config.max_weight:
+    if out.count != survivors or not 0 <= out.total_weight <= survivors * config.max_weight:
         raise InconsistentAggregateError(
             f"aggregate integrity check failed: count coordinate {out.count} for {survivors} survivors, "
             f"weight total {out.total_weight}; clients masked under different contexts (e.g. the server "
