@@ -21,7 +21,14 @@ import json
 import numpy as np
 import torch
 
-from sgs_flower.digits import get_weights, load_partition, make_loader, make_model, set_weights, train
+from sgs_flower.digits import (
+    get_weights,
+    load_partition,
+    make_loader,
+    make_model,
+    set_weights,
+    train,
+)
 from sgs_flower.pipeline import flatten, unflatten
 
 

@@ -22,10 +22,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from clients import secagg_mod
-from sgs_flower.secagg import wire
-from sgs_flower.secagg.wire import Stage
 from sgs_flower.app import client_app as app_client
 from sgs_flower.digits import Net
+from sgs_flower.secagg import wire
+from sgs_flower.secagg.wire import Stage
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
