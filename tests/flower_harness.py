@@ -47,7 +47,8 @@ def run(server_main: Callable[[Grid, Context], None], client: ClientApp, n: int)
 
 def recording_client(dump: Path, fail: Callable[[int, int], bool] | None = None) -> ClientApp:
     """The app's own train function, plus: it writes each plaintext update to ``dump``
-    (so a test can compute the plaintext aggregate the server never sees), and it
+    (so a test can compute the plaintext aggregate the server never sees), with the
+    learning rate its train config carried, and it
     raises for (partition, round) pairs where ``fail`` says so, *after* the client has
     shared its keys (training runs at the masked-input stage)."""
     app = ClientApp()
@@ -56,6 +57,7 @@ def recording_client(dump: Path, fail: Callable[[int, int], bool] | None = None)
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
         rnd = int(msg.content["config"]["server-round"])
+        lr = float(msg.content["config"]["lr"])  # type: ignore[arg-type]
         if fail is not None and fail(pid, rnd):
             raise RuntimeError(f"partition {pid} fails in round {rnd}")
         reply = app_client.train(msg, context)
@@ -63,7 +65,7 @@ def recording_client(dump: Path, fail: Callable[[int, int], bool] | None = None)
         weight = int(reply.content["metrics"]["num-examples"])
         loss = float(reply.content["metrics"]["train_loss"])
         with (dump / f"r{rnd}_p{pid}.pkl").open("wb") as f:
-            pickle.dump({"arrays": arrays, "weight": weight, "loss": loss, "node": int(context.node_id)}, f)
+            pickle.dump({"arrays": arrays, "weight": weight, "loss": loss, "node": int(context.node_id), "lr": lr}, f)
         return reply
 
     return app
