@@ -9,6 +9,13 @@ exchanges (docs/protocol.md, "Pipelined rounds"). It decodes the one aggregate t
 hands it to the wrapped strategy as a single reply, so the wrapped strategy's own
 aggregation and server optimizer (FedAdam, FedAvgM, ...) still apply unchanged.
 
+The wrapped strategy's hooks run once per round, as in Flower's own loop, pipelined or
+not: ``configure_train(r, model_r, ...)`` when round r starts (after round r-1's
+aggregate exists), ``aggregate_train`` on the secure aggregate (with no reply when the
+round aborted), then ``configure_evaluate`` and ``aggregate_evaluate``. A pipelined
+round's cohort, which must be known during the previous round, is drawn by
+:meth:`SecAggStrategy.sample_cohort` without calling any hook (see its docstring).
+
 The server never sees an individual update, ``num-examples`` or train metric: they all
 travel inside the masked vector. Strategies that need individual updates (Krum,
 median, trimmed mean, Bulyan, q-FedAvg) are refused at construction.
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import io
 import logging
+import random
 import time
 import warnings
 from collections import Counter
@@ -131,10 +139,11 @@ class RoundReport:
 
 @dataclass
 class _Ahead:
-    """The next round, set up during the current one: its cohort (sampled by the wrapped
-    strategy's ``configure_train`` when it was needed), its protocol server (no model
-    bound yet), and once its keys are shared, the share bundles that go out with its
-    masked-input request."""
+    """The next round, set up during the current one: its cohort (drawn by
+    :meth:`SecAggStrategy.sample_cohort`, not by the wrapped strategy's
+    ``configure_train``, which runs once, when that round starts), its protocol server
+    (no model bound yet), and once its keys are shared, the share bundles that go out
+    with its masked-input request."""
 
     server_round: int
     cohort: list[int]
@@ -310,11 +319,13 @@ class SecAggStrategy(Strategy):
                 result.train_metrics_clientapp[server_round] = metrics
             evaluate_config["server-round"] = server_round
             messages = list(self.inner.configure_evaluate(server_round, arrays, evaluate_config, grid))
+            replies: list[Message] = []
             if messages:
                 replies, _ = exchange.send_and_receive(grid, messages, timeout, self.config.max_poll_interval)
-                if (agg := self.inner.aggregate_evaluate(server_round, replies)) is not None:
-                    log(INFO, "\t└──> Aggregated MetricRecord: %s", agg)
-                    result.evaluate_metrics_clientapp[server_round] = agg
+            # asked every round, with no reply when nothing was sent, as Flower's loop does
+            if (agg := self.inner.aggregate_evaluate(server_round, replies)) is not None:
+                log(INFO, "\t└──> Aggregated MetricRecord: %s", agg)
+                result.evaluate_metrics_clientapp[server_round] = agg
             if evaluate_fn is not None:
                 log(INFO, "Global evaluation")
                 res = evaluate_fn(server_round, arrays)
@@ -386,13 +397,19 @@ class SecAggStrategy(Strategy):
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.server_round != server_round:
             ahead = None
-        # Always asked, for the model and config it sends (and its own bookkeeping, e.g.
-        # FedOpt's current arrays); a round set up ahead keeps the cohort that the same
-        # call sampled for it during the previous round.
+        # The round's one configure_train call, made now that its model exists: for the
+        # model and config it sends and the strategy's own bookkeeping (FedOpt keeps the
+        # arrays it is given as the model its aggregate_train steps from; a subclass may
+        # step a learning-rate schedule). A round set up ahead keeps the cohort that
+        # sample_cohort drew for it during the previous round; the nodes this call
+        # sampled are then not used.
         instructions = list(inner.configure_train(server_round, arrays, train_config, grid))
         if ahead is not None and instructions:
             cohort = list(ahead.cohort)
             report = ahead.report
+            if {m.metadata.dst_node_id for m in instructions} != set(cohort):
+                log(INFO, "secure round %s: its cohort of %d was sampled during round %s (set up ahead); "
+                    "configure_train's own sample is not used", server_round, len(cohort), server_round - 1)
         else:
             cohort = [m.metadata.dst_node_id for m in instructions]
             report = RoundReport(server_round, "aborted", cohort=sorted(cohort))
@@ -464,7 +481,7 @@ class SecAggStrategy(Strategy):
                 self._exchange(grid, server_round, Stage.MASKED_INPUT, bundles, report, train_extra, keys_fields, names)[0]
             )
             # the next round is set up on this round's consistency and unmask exchanges
-            nxt = self._prepare_ahead(grid, server_round + 1, arrays, train_config, like, model_size)
+            nxt = self._prepare_ahead(grid, server_round + 1, like, model_size)
             replies, advertised = self._exchange(
                 grid, server_round, Stage.CONSISTENCY, requests, report,
                 ahead=nxt, ahead_parts=nxt.server.setup_messages() if nxt else None,
@@ -544,25 +561,45 @@ class SecAggStrategy(Strategy):
             degree=self.config.degree, threshold=self.config.threshold, min_clients=min_clients,
         )
 
+    def sample_cohort(self, server_round: int, grid: Grid) -> list[int]:
+        """The cohort of round ``server_round`` when it is set up ahead, during the
+        previous round (after that round's masked inputs are summed); [] sets it up in
+        full instead.
+
+        Drawn as ``FedAvg.configure_train`` samples, with the wrapped strategy's own
+        parameters: ``max(int(fraction_train * connected), min_train_nodes)`` of the
+        connected nodes, uniformly without replacement (Python's ``random``, as Flower's
+        ``sample_nodes``), and none below ``min_available_nodes``, but without calling
+        ``configure_train``. That call needs the round's model, which exists only after
+        the previous round's aggregate; calling it early (with the previous model) would
+        run its side effects twice per round, or, kept as the round's only call, hand
+        FedOpt the wrong model to step from. So ``configure_train`` runs once, when the
+        round starts, and a pipelined round ignores the nodes it sampled. A strategy that
+        chooses nodes itself in ``configure_train`` has that choice honoured in rounds
+        set up in full; to pipeline with it, override this method (a subclass of
+        ``SecAggStrategy``) with the same choice."""
+        inner = self.inner
+        nodes = list(grid.get_node_ids())  # one snapshot: never waits mid-round
+        if inner.fraction_train == 0.0 or len(nodes) < self._nodes_needed():
+            return []
+        size = max(int(len(nodes) * inner.fraction_train), inner.min_train_nodes)
+        return sorted(random.sample(nodes, size)) if size <= len(nodes) else []
+
     def _prepare_ahead(
-        self, grid: Grid, server_round: int, arrays: ArrayRecord, train_config: ConfigRecord,
-        like: list[np.ndarray], model_size: int,
+        self, grid: Grid, server_round: int, like: list[np.ndarray], model_size: int,
     ) -> _Ahead | None:
         """Set round ``server_round`` up during the previous one, or say why not (None).
 
-        Its cohort is what the wrapped strategy's ``configure_train`` samples now (only
-        the node ids are used: the model goes out with its masked-input request). Under
-        DP its budget plan is checked here, and again before it trains."""
+        Its cohort comes from :meth:`sample_cohort` (no hook of the wrapped strategy is
+        called; its model and config go out with its masked-input request, from its one
+        ``configure_train`` call when it starts). Under DP its budget plan is checked
+        here, and again before it trains."""
         if server_round > self._num_rounds:
             return None
-        inner = self.inner
-        if len(list(grid.get_node_ids())) < self._nodes_needed():
-            return None
-        config = ConfigRecord(dict(train_config))
-        config["server-round"] = server_round
-        cohort = sorted({m.metadata.dst_node_id for m in inner.configure_train(server_round, arrays, config, grid)})
+        cohort = sorted(set(self.sample_cohort(server_round, grid)))
         if len(cohort) < 2:
             return None
+        log(INFO, "round %s: cohort of %d nodes drawn for its setup ahead", server_round, len(cohort))
         plan = None
         try:
             if self.privacy is not None:
@@ -681,6 +718,10 @@ class SecAggStrategy(Strategy):
         log(WARNING, "secure round %s %s, global model unchanged: %s", report.server_round, status, reason)
         if self.privacy is not None and record:
             self.privacy.abort(plan, report.server_round, len(report.cohort), len(report.survivors), f"{status}: {reason}")
+        # Asked once per round as in Flower's loop, here with no reply: nothing was
+        # released (FedAvg and its optimizers return None and change no state). Whatever
+        # it returns is not used: an aborted round leaves the global model unchanged.
+        self.inner.aggregate_train(report.server_round, [])
         return None, None
 
     def _exchange(

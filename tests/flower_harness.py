@@ -53,12 +53,13 @@ def recording_client(
     crash: Callable[[int, int], bool] | None = None,
 ) -> ClientApp:
     """The app's own train function, plus: it writes each plaintext update to ``dump``
-    (so a test can compute the plaintext aggregate the server never sees). Where
-    ``fail(partition, round)`` says so, the user's train function raises (the site then
-    sends the protocol's unusable vector: no error reply, see ``secagg_mod``); where
-    ``crash`` says so, the node itself crashes at the masked-input stage, after it has
-    shared its keys (a mod outside ``secagg_mod`` raises: Flower answers with an error,
-    and the server counts the node as dropped)."""
+    (so a test can compute the plaintext aggregate the server never sees), with the
+    learning rate its train config carried. Where ``fail(partition, round)`` says so,
+    the user's train function raises (the site then sends the protocol's unusable
+    vector: no error reply, see ``secagg_mod``); where ``crash`` says so, the node
+    itself crashes at the masked-input stage, after it has shared its keys (a mod
+    outside ``secagg_mod`` raises: Flower answers with an error, and the server counts
+    the node as dropped)."""
     app = ClientApp()
 
     def crash_mod(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
@@ -73,6 +74,7 @@ def recording_client(
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
         rnd = int(msg.content["config"]["server-round"])
+        lr = float(msg.content["config"]["lr"])  # type: ignore[arg-type]
         if fail is not None and fail(pid, rnd):
             raise RuntimeError(f"partition {pid} fails in round {rnd}")
         reply = app_client.train(msg, context)
@@ -80,7 +82,7 @@ def recording_client(
         weight = int(reply.content["metrics"]["num-examples"])
         loss = float(reply.content["metrics"]["train_loss"])
         with (dump / f"r{rnd}_p{pid}.pkl").open("wb") as f:
-            pickle.dump({"arrays": arrays, "weight": weight, "loss": loss, "node": int(context.node_id)}, f)
+            pickle.dump({"arrays": arrays, "weight": weight, "loss": loss, "node": int(context.node_id), "lr": lr}, f)
         return reply
 
     return app

@@ -36,6 +36,44 @@ def _inner(cls=FedAvg, n=N, **kw):
     return cls(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n, **kw)
 
 
+class ScheduledFedAvg(FedAvg):
+    """A FedAvg subclass with a side effect in configure_train, as Flower's
+    advanced-pytorch example: it steps a learning-rate schedule (lr = 0.1 * 0.5**k after
+    k calls) carried in the train config, and notes the round of each call."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls: list[int] = []
+
+    def configure_train(self, server_round, arrays, config, grid):
+        config["lr"] = 0.1 * 0.5 ** len(self.calls)
+        self.calls.append(server_round)
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+class CountingFedAdam(FedAdam):
+    """FedAdam noting the round of each configure_train call and, at each
+    aggregate_train, whether the arrays it steps from (current_arrays, which its
+    configure_train keeps) are the model that round's configure_train was given."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls: list[int] = []
+        self.given: dict[int, list[np.ndarray]] = {}
+        self.steps_from_given: dict[int, bool] = {}
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.calls.append(server_round)
+        self.given[server_round] = [a.numpy().copy() for a in arrays.values()]
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        current = list((self.current_arrays or {}).values())
+        self.steps_from_given[server_round] = len(current) == len(self.given[server_round]) and all(
+            np.array_equal(c, g) for c, g in zip(current, self.given[server_round], strict=True))
+        return super().aggregate_train(server_round, replies)
+
+
 def _bound(cfg: SecAggConfig, n: int = N) -> float:
     """The documented worst case over all weights in 1..max_weight (each round's report
     carries the tighter bound for its actual total weight)."""
@@ -95,11 +133,45 @@ def test_secure_fedavg_equals_plaintext_fedavg_every_round(tmp_path, monkeypatch
     assert _maxdiff(plain["models"][3], secure["models"][3]) <= 1e-3
 
 
-def test_secure_fedadam_applies_its_optimizer_to_the_secure_aggregate(tmp_path, monkeypatch):
+def test_lr_schedule_in_configure_train_steps_once_per_pipelined_round(tmp_path, monkeypatch):
+    """A configure_train with a side effect (a learning-rate schedule) through pipelined
+    rounds: it runs once per round (round r+1's cohort is drawn during round r without
+    it), each round's sites train with the schedule's lr, and the models are plain
+    FedAvg's with the same schedule, compared as in the FedAvg test above."""
     cfg = SecAggConfig()
-    secure = _simulate(lambda: SecAggStrategy(_inner(FedAdam, eta=0.01), cfg), recording_client(tmp_path))
+    secure = _simulate(lambda: SecAggStrategy(_inner(ScheduledFedAvg), cfg), recording_client(tmp_path))
+    strategy = secure["strategy"]
+    reports = strategy.reports
+    assert [r.status for r in reports] == ["ok", "ok", "ok"]
+    assert [r.exchanges for r in reports] == [5, 3, 3]
+    assert strategy.inner.calls == [1, 2, 3]
+    assert all(r.clipped == 0 for r in reports)
+    f32 = 1e-6
+    for rnd in (1, 2, 3):
+        updates = load_dump(tmp_path, rnd)
+        assert len(updates) == N
+        assert {u["lr"] for u in updates} == {0.1 * 0.5 ** (rnd - 1)}  # 0.1, 0.05, 0.025
+        assert _maxdiff(secure["models"][rnd], weighted_mean(updates)) <= reports[rnd - 1].error_bound + f32
     monkeypatch.setenv("SGS_NODE_CONFIG", "sgs-require-secagg=false")  # these sites opt in to plain rounds
-    plain = _simulate(lambda: _inner(FedAdam, eta=0.01), app_client.app)
+    plain = _simulate(lambda: _inner(ScheduledFedAvg), app_client.app)
+    assert plain["strategy"].calls == [1, 2, 3]  # Flower's own loop: once per round
+    assert _maxdiff(plain["models"][1], secure["models"][1]) <= reports[0].error_bound + f32
+    assert _maxdiff(plain["models"][3], secure["models"][3]) <= 1e-3
+
+
+def test_secure_fedadam_applies_its_optimizer_to_the_secure_aggregate(tmp_path, monkeypatch):
+    """Also: pipelined rounds call its configure_train once per round, when the round's
+    model exists, so FedAdam steps from the model that round's sites trained from."""
+    cfg = SecAggConfig()
+    secure = _simulate(lambda: SecAggStrategy(_inner(CountingFedAdam, eta=0.01), cfg), recording_client(tmp_path))
+    inner = secure["strategy"].inner
+    assert [r.exchanges for r in secure["strategy"].reports] == [5, 3, 3]
+    assert inner.calls == [1, 2, 3]
+    assert inner.steps_from_given == {1: True, 2: True, 3: True}
+    assert all(_maxdiff(inner.given[r], secure["models"][r - 1]) == 0.0 for r in (1, 2, 3))  # the released models
+    monkeypatch.setenv("SGS_NODE_CONFIG", "sgs-require-secagg=false")  # these sites opt in to plain rounds
+    plain = _simulate(lambda: _inner(CountingFedAdam, eta=0.01), app_client.app)
+    assert plain["strategy"].calls == [1, 2, 3] and plain["strategy"].steps_from_given == {1: True, 2: True, 3: True}
     init = [a.numpy() for a in initial_arrays().values()]
     # FedAdam moved the model away from plain averaging...
     fedavg_step = weighted_mean(load_dump(tmp_path, 1))

@@ -4,8 +4,9 @@ Round r + 1's keys are advertised during round r's consistency exchange and its 
 during round r's unmask exchange, so a steady-state round makes three exchanges
 (masked input, consistency, unmask). These tests check that the sum stays exact, that
 dropouts between rounds give a correct sum or a clean abort, that a lying server cannot
-pass one round's key material off as another's, and that the real Flower path (strategy
-and mod) counts 5 exchanges for a round set up in full and 3 for a pipelined one.
+pass one round's key material off as another's, that the real Flower path (strategy
+and mod) counts 5 exchanges for a round set up in full and 3 for a pipelined one, and
+that the wrapped strategy's hooks run once per round, pipelined or not.
 """
 
 from __future__ import annotations
@@ -687,3 +688,252 @@ def test_flower_simulation_dp_budget_is_checked_before_a_pipelined_round_trains(
     assert load_dump(tmp_path, 3) == []  # ...but no site trained for it
     assert sorted(out["models"]) == [0, 1, 2]
     assert "privacy budget exhausted" in out["strategy"].stopped
+
+
+# ---------------------------------------------------------------- 6: the wrapped strategy's hooks
+# SecAggStrategy.start() through an in-process Grid: each pushed message is answered at
+# once by its node's site (the real secagg_mod in front of a small deterministic train
+# function), so the same sites also run plain Flower's own Strategy.start for comparison.
+def _hooked(base):
+    """``base`` (a FedAvg-family class) counting its hook calls per round, stepping a
+    learning-rate schedule in configure_train (lr = 0.1 * 0.5**k, k = earlier calls, as
+    Flower's advanced-pytorch example does), and noting, at each aggregate_train, whether
+    FedOpt's current_arrays is the model that round's configure_train was given."""
+
+    class Hooked(base):  # type: ignore[misc, valid-type]
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.calls: dict[str, list[int]] = {h: [] for h in HOOKS}
+            self.given: dict[int, list[np.ndarray]] = {}
+            self.steps_from_given: dict[int, bool] = {}
+
+        def configure_train(self, server_round, arrays, config, grid):
+            config["lr"] = 0.1 * 0.5 ** len(self.calls["configure_train"])
+            self.calls["configure_train"].append(server_round)
+            self.given[server_round] = [a.numpy().copy() for a in arrays.values()]
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def aggregate_train(self, server_round, replies):
+            self.calls["aggregate_train"].append(server_round)
+            current = getattr(self, "current_arrays", None)
+            if isinstance(current, dict):  # FedOpt: {key: ndarray}, set by configure_train
+                given = self.given[server_round]
+                self.steps_from_given[server_round] = all(
+                    np.array_equal(c, g) for c, g in zip(current.values(), given, strict=True))
+            return super().aggregate_train(server_round, replies)
+
+        def configure_evaluate(self, server_round, arrays, config, grid):
+            self.calls["configure_evaluate"].append(server_round)
+            return super().configure_evaluate(server_round, arrays, config, grid)
+
+        def aggregate_evaluate(self, server_round, replies):
+            self.calls["aggregate_evaluate"].append(server_round)
+            return super().aggregate_evaluate(server_round, replies)
+
+    return Hooked
+
+
+HOOKS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
+HOOK_MODEL = {"w": np.linspace(-0.5, 0.5, 12, dtype=np.float32).reshape(3, 4), "b": np.zeros(3, dtype=np.float32)}
+
+
+class HookSite:
+    """One SuperNode in process: trains x -> x + lr * (target - x) with the lr its train
+    config carries (a contraction, so a model error of one round does not grow), and
+    records the round, lr and model of every train message it gets."""
+
+    def __init__(self, node: int, secure: bool, fail_rounds: tuple[int, ...] = ()) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.node, self.secure, self.fail_rounds = node, secure, fail_rounds
+        self.context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+        self.received: list[tuple[int, float, list[np.ndarray]]] = []
+        self.evaluated: list[int] = []
+
+    def train(self, msg, context):
+        from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+        cfg = msg.content["config"]
+        rnd, lr = int(cfg["server-round"]), float(cfg["lr"])
+        arrays = msg.content["arrays"]
+        self.received.append((rnd, lr, [a.numpy().copy() for a in arrays.values()]))
+        if rnd in self.fail_rounds:
+            raise RuntimeError(f"site {self.node} fails in round {rnd}")
+        target = 0.2 * self.node - 0.6
+        new = ArrayRecord({k: Array((a.numpy() + lr * (target - a.numpy())).astype(np.float32))
+                           for k, a in arrays.items()})
+        metrics = MetricRecord({"num-examples": 10 + self.node, "train_loss": 1.0 / self.node})
+        return Message(RecordDict({"arrays": new, "metrics": metrics}), reply_to=msg)
+
+    def handle(self, msg):
+        from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+        from clients.secagg_mod import secagg_mod
+
+        if msg.metadata.message_type == MessageType.EVALUATE:
+            self.evaluated.append(int(msg.content["config"]["server-round"]))
+            metrics = MetricRecord({"num-examples": 10 + self.node, "eval_loss": 0.5})
+            return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+        cfg = msg.content.config_records.get("config")
+        if self.secure and cfg is not None and int(cfg.get("server-round", 0)) in self.fail_rounds:
+            # the node crashes at its masked-input stage: an error reply, a dropout (a train
+            # function that raises would not do: secagg_mod sends an unusable vector then)
+            from flwr.app import Error
+            from flwr.common.constant import ErrorCode
+
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="simulated crash"), reply_to=msg)
+        return secagg_mod(msg, self.context, self.train) if self.secure else self.train(msg, self.context)
+
+
+def _local_grid(sites):
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    from flwr.serverapp import Grid
+
+    class LocalGrid(Grid):
+        def __init__(self) -> None:
+            self.replies: dict = {}
+
+        @property
+        def run(self):
+            return SimpleNamespace(run_id=1)
+
+        def set_run(self, run_id):  # pragma: no cover - strategies do not call it
+            raise NotImplementedError
+
+        def create_message(self, *a, **k):  # pragma: no cover
+            raise NotImplementedError
+
+        def get_node_ids(self):
+            return list(sites)
+
+        def get_nodes(self):  # pragma: no cover
+            raise NotImplementedError
+
+        def push_messages(self, messages):
+            ids = []
+            for m in messages:
+                m.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do
+                self.replies[m.metadata.message_id] = sites[m.metadata.dst_node_id].handle(m)
+                ids.append(m.metadata.message_id)
+            return ids
+
+        def pull_messages(self, message_ids):
+            return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return self.pull_messages(self.push_messages(messages))
+
+    return LocalGrid()
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower messages built outside a running app need a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _run_hooked(base, secure: bool, rounds: int = 3, n: int = 5, fail=None, **kw):
+    """``rounds`` rounds of ``_hooked(base)`` over ``n`` in-process sites, through
+    SecAggStrategy (``secure``) or plain Flower's own Strategy.start; returns the
+    global model after each round, the strategies and the sites."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+
+    from strategies import SecAggConfig, SecAggStrategy
+
+    sites = {u: HookSite(u, secure, fail(u) if fail else ()) for u in range(1, n + 1)}
+    inner = _hooked(base)(min_train_nodes=n, min_available_nodes=n, min_evaluate_nodes=n, **kw)
+    strategy = SecAggStrategy(inner, SecAggConfig()) if secure else inner
+    models: dict[int, list[np.ndarray]] = {}
+
+    def keep(rnd, arrays):
+        models[rnd] = [a.numpy().copy() for a in arrays.values()]
+        return MetricRecord({"round": rnd})
+
+    strategy.start(grid=_local_grid(sites), initial_arrays=ArrayRecord({k: Array(v) for k, v in HOOK_MODEL.items()}),
+                   num_rounds=rounds, train_config=ConfigRecord({"lr": 1.0}), evaluate_fn=keep)
+    return models, strategy, inner, sites
+
+
+def _schedule(rounds):
+    return [0.1 * 0.5 ** (r - 1) for r in range(1, rounds + 1)]
+
+
+def test_hooks_run_once_per_round_and_the_lr_schedule_steps_once(task_identity, recwarn):
+    """A FedAvg subclass stepping its lr schedule in configure_train, with federated
+    evaluation: over four rounds (three pipelined) every hook runs once per round, each
+    round's sites get the schedule's lr and the previous round's global model, and the
+    secure models equal plain Flower's (the same subclass through Strategy.start) within
+    the summed quantization bounds."""
+    from flwr.serverapp.strategy import FedAvg
+
+    rounds = 4
+    models, secure, inner, sites = _run_hooked(FedAvg, True, rounds, fraction_evaluate=1.0)
+    reports = secure.reports
+    assert [r.status for r in reports] == ["ok"] * rounds
+    assert [r.exchanges for r in reports] == [5, 3, 3, 3]
+    assert [r.pipelined for r in reports] == [False, True, True, True]
+    want = list(range(1, rounds + 1))
+    assert inner.calls == {h: want for h in HOOKS}
+    for site in sites.values():
+        assert [(r, lr) for r, lr, _ in site.received] == list(zip(want, _schedule(rounds), strict=True))
+        assert site.evaluated == want
+        for rnd, _, model in site.received:  # trained from the model the previous round released
+            prev = models[rnd - 1]
+            assert all(np.array_equal(a, b) for a, b in zip(model, prev, strict=True))
+
+    plain_models, _, plain_inner, plain_sites = _run_hooked(FedAvg, False, rounds, fraction_evaluate=1.0)
+    assert plain_inner.calls == {h: want for h in HOOKS}
+    assert [(r, lr) for r, lr, _ in plain_sites[1].received] == [(r, lr) for r, lr, _ in sites[1].received]
+    bound = 0.0
+    for rnd in want:
+        bound += reports[rnd - 1].error_bound  # the map is a contraction: errors at most add up
+        diff = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(models[rnd], plain_models[rnd],
+                                                                                    strict=True))
+        assert 0 < diff <= bound + 1e-6, (rnd, diff, bound)
+
+
+def test_fedadam_steps_from_the_model_its_round_sent_and_matches_plain_fedadam(task_identity):
+    """FedOpt keeps the arrays configure_train is given and steps from them in
+    aggregate_train: with one configure_train call per round, made when the round
+    starts, that is the model the round's sites trained from, and the secure FedAdam
+    run equals plain Flower's FedAdam round by round."""
+    from flwr.serverapp.strategy import FedAdam
+
+    kw = {"fraction_evaluate": 0.0, "eta": 0.01}
+    models, secure, inner, sites = _run_hooked(FedAdam, True, **kw)
+    assert [r.exchanges for r in secure.reports] == [5, 3, 3]
+    assert inner.calls == {h: [1, 2, 3] for h in HOOKS}
+    assert inner.steps_from_given == {1: True, 2: True, 3: True}
+    plain_models, _, plain_inner, _ = _run_hooked(FedAdam, False, **kw)
+    assert plain_inner.steps_from_given == {1: True, 2: True, 3: True}
+    init = list(HOOK_MODEL.values())
+    bound = 0.0
+    for rnd in (1, 2, 3):
+        bound += secure.reports[rnd - 1].error_bound
+        # FedAdam moved the model (by about eta per coordinate and round, far beyond the bound)...
+        assert max(float(np.max(np.abs(a - b))) for a, b in zip(models[rnd], models[rnd - 1], strict=True)) > 5e-3
+        # ...as it does on plaintext: within the summed bounds (measured: at most a third of them)
+        diff = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(models[rnd], plain_models[rnd],
+                                                                                    strict=True))
+        assert diff <= bound, (rnd, diff, bound)
+    assert all(np.array_equal(a, b) for a, b in zip(sites[1].received[0][2], init, strict=True))
+
+
+def test_aborted_round_still_runs_each_hook_once_and_the_next_sets_up_in_full(task_identity):
+    """Three of five sites crash at their round-2 masked input: round 2 aborts (model unchanged),
+    aggregate_train is asked with no reply (as Flower's loop asks it with failures
+    only), the schedule still steps once per round, and round 3 makes five exchanges."""
+    from flwr.serverapp.strategy import FedAvg
+
+    models, secure, inner, sites = _run_hooked(FedAvg, True, fail=lambda u: (2,) if u <= 3 else (),
+                                               fraction_evaluate=0.0)
+    assert [r.status for r in secure.reports] == ["ok", "aborted", "ok"]
+    assert [r.exchanges for r in secure.reports] == [5, 1, 5]
+    assert inner.calls == {h: [1, 2, 3] for h in HOOKS}
+    assert all(np.array_equal(a, b) for a, b in zip(models[2], models[1], strict=True))
+    assert [(r, lr) for r, lr, _ in sites[5].received] == list(zip([1, 2, 3], _schedule(3), strict=True))
