@@ -18,10 +18,19 @@ The mod assumes the server may lie. It follows the site's :class:`ClientPolicy`
 - the site's Ed25519 identity key comes from its node config (``sgs-identity-key``);
   without one, a key is made for the run and kept in ``Context.state`` (a roster cannot
   pin such a key: see the README's threat model);
-- under distributed DP the site checks the server's noise against its own floor and
-  budget (``sgs_flower.dp.site``) before it trains;
+- under distributed DP the site computes the noise of the released sum from the whole
+  spec, in its own units, and checks it against its own floor and budget
+  (``sgs_flower.dp.site``) before it trains;
+- every check that can refuse runs before training, on what the server sent (record
+  names, spec) and the site's own policy: whether a site errs must not depend on its
+  data. After training nothing is refused: a failed or unusable update is sent as the
+  protocol's unusable vector (``pipeline.encode_failure``), counted inside the sum;
 - error replies name the check that failed, never a value of the site's: the full
-  message goes to the local log only; after any refusal the site leaves the round.
+  message goes to the local log only; after any refusal the site leaves the round;
+- the survivor sets it signed, sketches of the models it signed them for (no second
+  set for a near copy, ``sgs_flower.secagg.model_memory``) and its DP spend live in a
+  state file that outlasts the run (``sgs-state-file``, by default one per site under
+  ``$SGS_STATE_DIR`` or ``$FLWR_HOME/sgs-flower/sites``).
 
 Protocol state (keys and shares, a few hundred bytes) lives in ``Context.state``
 between messages; the model is never stored there.
@@ -413,10 +422,12 @@ def _on_masked_input(
     try:
         delta, scalar_metrics, weight, names = _train_and_check(train_msg, context, call_next, model, named, w_key, spec)
         step = float(np.linalg.norm(delta))
+        if not np.isfinite(step) or not all(np.isfinite(v) for v in scalar_metrics.values()):
+            raise _Unusable("non-finite update or metric", "the update or a train metric holds NaN or inf")
         try:
             encoded = encoder(delta, scalar_metrics, weight, spec, context)
-        except EncodingError as exc:  # the weight was checked: a non-finite value of the update or a metric
-            raise _Unusable("non-finite update or metric", str(exc)) from exc
+        except Exception as exc:  # a custom encoder's failure may depend on the data too: never an error reply
+            raise _Unusable("the site's encoder raised", repr(exc)) from exc
     except _Unusable as exc:
         logger.warning("this site's update cannot be used this round (%s): %s; it sends the protocol's "
                        "'unusable' vector instead, so the server learns only how many sites failed", exc.reason, exc)

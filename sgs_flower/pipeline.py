@@ -58,6 +58,7 @@ FAILURE_REASONS = (
     "train reply malformed",
     "weight outside 1..max_weight",
     "non-finite update or metric",
+    "the site's encoder raised",
 )
 
 

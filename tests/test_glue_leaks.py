@@ -405,3 +405,43 @@ def test_server_chosen_record_names_are_checked_before_training(field, value, wh
     out = sites[1].send(Stage.MASKED_INPUT, bundles[1], extra, fields)
     assert out.has_error() and out.error.reason.startswith("MalformedMessageError") and why in out.error.reason
     assert sites[1].trained == 0
+
+
+# ---------------------------------------------------------------- every preset's spec
+def _preset_spec(preset: str, n: int = N_MOD) -> UpdateSpec:
+    """The spec each preset's server sends (sample-dp's is secagg's: its noise is the
+    clients' DP-SGD)."""
+    if preset == "central-dp":
+        return _spec(n=n, max_weight=1, metric_slots=0, dp_mode="central", l2_clip=1.0)
+    if preset == "distributed-dp":
+        return _dp_spec(max_cohort=n, min_survivors=n - 1, noise_mu_share=(FLOOR * 1.5 * 32767) ** 2 / (2 * (n - 1)))
+    return _spec(n=n)
+
+
+PRESETS = ["secagg", "sample-dp", "central-dp", "distributed-dp"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_presets_spec_gives_the_same_replies_for_different_data(preset):
+    shapes = {}
+    for kind in ("ok", "nan", "raise"):
+        sites = {u: DataSite(u, "ok") for u in range(1, N_MOD + 1)}
+        server, reqs = mod_round_to_consistency(sites, _preset_spec(preset), round_id=1)
+        finish_mod_round(sites, server, reqs)
+        sites[1].kind = kind
+        spec = _preset_spec(preset)
+        bundles = _through_shares(sites, spec)
+        extra, fields = _masked_extra(spec, {k: v + 1.0 for k, v in MODEL.items()})
+        shapes[kind] = _reply_shape(sites[1].send(Stage.MASKED_INPUT, bundles[1], extra, fields))
+    assert shapes["ok"][0] == "ok" and shapes["nan"] == shapes["raise"] == shapes["ok"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_presets_spec_refuses_the_one_ulp_difference(preset):
+    sites = {u: ModSite(u) for u in range(1, 7)}
+    server, reqs = mod_round_to_consistency(sites, _preset_spec(preset, 6), round_id=3)
+    finish_mod_round(sites, server, reqs)
+    five = {u: sites[u] for u in range(1, 6)}
+    _server2, reqs2 = mod_round_to_consistency(five, _preset_spec(preset, 5), round_id=4, model=_nudged(MODEL))
+    errors = [five[u].send(Stage.CONSISTENCY, r) for u, r in reqs2.items()]
+    assert all(e.has_error() and "near copy" in e.error.reason for e in errors)
