@@ -445,3 +445,23 @@ def test_every_presets_spec_refuses_the_one_ulp_difference(preset):
     _server2, reqs2 = mod_round_to_consistency(five, _preset_spec(preset, 5), round_id=4, model=_nudged(MODEL))
     errors = [five[u].send(Stage.CONSISTENCY, r) for u, r in reqs2.items()]
     assert all(e.has_error() and "near copy" in e.error.reason for e in errors)
+
+
+def test_under_distributed_dp_differencing_beyond_near_copies_recovers_only_noise():
+    """The documented limit, under the distributed-dp preset: the same attack with a
+    model moved beyond the near-copy distance runs, but each sum carries the noise of
+    the sites' floor, so the difference gives site 6's update (0.06 per coordinate)
+    buried in noise of std about sqrt(2) x z x clip: nothing beyond the site's noise."""
+    sites = {u: ModSite(u) for u in range(1, 7)}
+    spec6, spec5 = _preset_spec("distributed-dp", 6), _preset_spec("distributed-dp", 5)
+    server, reqs = mod_round_to_consistency(sites, spec6, round_id=3)
+    first = decode_update(finish_mod_round(sites, server, reqs), spec6, 6, MODEL_SIZE)
+    five = {u: sites[u] for u in range(1, 6)}
+    server2, reqs2 = mod_round_to_consistency(five, spec5, round_id=4, model=_nudged(MODEL, 0.5))
+    second = decode_update(finish_mod_round(five, server2, reqs2), spec5, 5, MODEL_SIZE)
+    d6 = first.weighted_delta_sum - second.weighted_delta_sum
+    z = spec5.dp_contribution(MODEL_SIZE).noise_multiplier
+    assert z >= FLOOR
+    rms_error = float(np.sqrt(np.mean((d6 - 0.06) ** 2)))
+    assert rms_error > 0.5 * z * spec5.l2_clip  # std sqrt(2) z clip, per coordinate, in clip units
+    assert rms_error > 5 * 0.06  # the update is far below the noise
