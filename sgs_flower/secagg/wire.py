@@ -36,7 +36,9 @@ import numpy as np
 
 from sgs_flower.secagg.errors import MalformedMessageError
 
-PROTOCOL_VERSION = "sgs-secagg+/3"
+# /4: the masked vector's layout changed (failure counters outside DP, the flag coordinate
+# under DP: issue 18), so a /3 peer is refused at its first message, not at the vector.
+PROTOCOL_VERSION = "sgs-secagg+/4"
 CRYPTO_SUITE = (
     "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir-GF(2^31-1)+Ed25519(identities)"
 )
