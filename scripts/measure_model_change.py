@@ -1,5 +1,5 @@
 """How far an honest global model moves per round, next to each site's own update
-(the scale of the near-copy rule, ``sgs-min-model-change``, default 0.05).
+(the scale of the near-copy rule, ``sgs-min-model-change``, default 0.01).
 
 A site refuses to sign a second survivor set for a model closer than ``min_change x``
 its own update norm to one it already signed for (sgs_flower/secagg/model_memory.py).

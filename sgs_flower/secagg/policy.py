@@ -33,7 +33,7 @@ NODE_CONFIG_KEYS = {
     "sgs-state-file": "file where the site remembers its contributions and privacy spend across runs "
                       "(default: one under $SGS_STATE_DIR or $FLWR_HOME/sgs-flower/sites; 'memory': this run only)",
     "sgs-min-model-change": "refuse another survivor set for a model closer than this times the site's update "
-                            "norm to one it already signed for (default 0.05; 0: exact copies only)",
+                            "norm to one it already signed for (default 0.01; 0: exact copies only)",
     "sgs-require-dp": "refuse rounds without distributed DP (default false)",
     "sgs-dp-min-noise": "distributed DP: smallest noise multiplier this site accepts (default 0.5)",
     "sgs-dp-max-epsilon": "distributed DP: this site's budget against the server; 0 = account only",
@@ -53,7 +53,7 @@ class ClientPolicy:
     roster: Roster | None = None
     identity_key: bytes | None = None  # None: a key made for this run (cannot be pinned)
     state_file: str | None = None  # None: the default file (dp.site.default_state_file); "memory": this run only
-    min_model_change: float = 0.05
+    min_model_change: float = 0.01
     require_distributed_dp: bool = False
     dp_min_noise_multiplier: float = 0.5
     dp_max_epsilon: float = 0.0
@@ -126,7 +126,7 @@ class ClientPolicy:
             roster=Roster.load(roster_path) if roster_path else None,
             identity_key=read_identity(key_path) if key_path else None,
             state_file=get("sgs-state-file", str, "") or None,
-            min_model_change=get("sgs-min-model-change", float, 0.05),
+            min_model_change=get("sgs-min-model-change", float, 0.01),
             require_distributed_dp=get("sgs-require-dp", bool, False),
             dp_min_noise_multiplier=get("sgs-dp-min-noise", float, 0.5),
             dp_max_epsilon=get("sgs-dp-max-epsilon", float, 0.0),
