@@ -42,6 +42,7 @@ from sgs_flower.secagg.graph import (
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander, reduce_mod
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, decode
 from sgs_flower.secagg.wire import (
+    MAX_RETRIES,
     PROTOCOL_VERSION,
     AdvertiseKeys,
     ConsistencyRequest,
@@ -49,7 +50,6 @@ from sgs_flower.secagg.wire import (
     KeyRoster,
     MaskedInput,
     Message,
-    MAX_RETRIES,
     NeighbourKeys,
     RetryInput,
     RetryRequest,
