@@ -729,6 +729,12 @@ def model_digest(arrays: Sequence[tuple[str, np.ndarray]]) -> bytes:
     return h.digest()
 
 
+def spec_digest(spec: UpdateSpec) -> bytes:
+    """SHA-256 of a spec as one party holds it: keys a retry's masks (with the round's
+    mask context), so sites given different retry specs mask with keys that do not cancel."""
+    return hashlib.sha256(b"sgs-flower/spec/v1" + _canonical(spec.to_config())).digest()
+
+
 def binding_digest(
     arrays: Sequence[tuple[str, np.ndarray]] | bytes, config: Mapping[str, Any], spec_config: Mapping[str, Any]
 ) -> bytes:
