@@ -55,6 +55,9 @@ HIST_LOW = -3
 HIST_BINS = 16
 MAX_METRIC_SLOTS = 64
 DEFAULT_MAX_WEIGHT = 1_000_000
+# Round 1's weight scale when none is configured (at most max_weight): num-examples up to
+# 8,192 need no retry in round 1; later rounds take the cohort's covering scale.
+DEFAULT_WEIGHT_SCALE = 1 << 13
 
 # Why a site's update could not be used, counted inside the masked vector (outside DP)
 # instead of answered as an error: whether a site fails can depend on its data (a weight
@@ -637,15 +640,18 @@ def covering_weight_scale(max_weight: int, histogram: Sequence[int]) -> int:
     return max_weight
 
 
-def retry_spec(spec: UpdateSpec, decoded: DecodedUpdate, weight_slack: int = 1) -> tuple[UpdateSpec | None, list[str]]:
+def retry_spec(
+    spec: UpdateSpec, decoded: DecodedUpdate, target_error: float = 2.0**-14
+) -> tuple[UpdateSpec | None, list[str]]:
     """Server side, outside DP: the spec a retry of this round's masked input needs, and
     why; ``(None, [])`` when the aggregate may be released.
 
     A retry is needed when a coordinate lay beyond its part's range (the new range covers
     every summed value, from the magnitude histogram, and is at least twice the old one),
-    when a weight exceeded the weight scale, or when the scale is more than
-    ``weight_slack`` times the covering scale (the precision bound would grow); the new
-    scale is the covering one (:func:`covering_weight_scale`)."""
+    when a weight exceeded the weight scale, or when the round's quantization bound is
+    above ``target_error`` times the range while a finer weight scale covers every
+    weight. A retry always takes the covering weight scale
+    (:func:`covering_weight_scale`): the precision it gives costs nothing more."""
     if spec.dp_mode != "none" or decoded.total_weight <= 0:
         return None, []
     reasons: list[str] = []
@@ -658,14 +664,13 @@ def retry_spec(spec: UpdateSpec, decoded: DecodedUpdate, weight_slack: int = 1) 
         reasons.append(f"{decoded.clipped[1]} integer coordinates beyond +-{spec.int_clip_range:g}")
     need = covering_weight_scale(spec.max_weight, decoded.weight_histogram)
     if decoded.weights_over_scale:
-        ws = max(need, min(2 * ws, spec.max_weight))
         reasons.append(f"{decoded.weights_over_scale} weights above the weight scale {spec.weight_unit}")
-    elif ws > weight_slack * need:
-        ws = need
-        reasons.append(f"weight scale {spec.weight_unit} coarser than the cohort's weights need ({need})")
+    elif ws > need and decoded.error_bound > target_error * spec.clip_range:
+        reasons.append(f"quantization bound {decoded.error_bound:.3g} above {target_error:.3g} x the range at weight "
+                       f"scale {spec.weight_unit}; the cohort's weights need {need}")
     if not reasons:
         return None, []
-    return replace(spec, clip_range=c, int_clip_range=ci, weight_scale=ws), reasons
+    return replace(spec, clip_range=c, int_clip_range=ci, weight_scale=need), reasons
 
 
 def check_retry_spec(base: UpdateSpec, earlier: Sequence[UpdateSpec], new: UpdateSpec) -> None:

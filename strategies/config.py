@@ -28,11 +28,13 @@ class SecAggConfig:
       before it needed.
     - ``max_weight``: the largest ``num-examples`` a client may report (default 10^6).
       ``weight_scale`` is round 1's weight scale S (coordinates carry ``(w / S) * x``;
-      ``None``: ``max_weight``); later rounds take the smallest power of two above the
-      previous cohort's weights (a securely summed weight histogram), and a round whose
-      S is above ``weight_scale_slack`` times that, or below a survivor's weight,
-      retries, so the quantization bound does not grow when ``num-examples`` is small
-      (docs/protocol.md, "The weight scale").
+      ``None``: 2^13 = 8,192, or ``max_weight`` if smaller); later rounds take the smallest power of two above the
+      last rounds' weights (a securely summed weight histogram). A round retries when a
+      survivor's weight is above its S, or when its quantization bound is above
+      ``target_error`` times the range (default 2^-14) while a finer S covers every
+      weight: whatever ``num-examples`` is next to ``max_weight``, a released bound is
+      at most ``target_error`` times the range (round 1 at the initial S) and from round
+      2 on, in the steady state, ``2 n c / L`` (docs/protocol.md, "The weight scale").
     - ``metric_slots``: how many numeric train metrics are aggregated (their weighted
       mean, as FedAvg computes it); ``metric_range`` bounds each one unless
       ``metric_ranges`` gives its own (a value beyond is clipped and counted).
@@ -62,7 +64,7 @@ class SecAggConfig:
     range_memory: int = 3
     range_margin: float = 2.0
     weight_scale: int | None = None
-    weight_scale_slack: int = 4
+    target_error: float = 2.0**-14
     max_consecutive_aborts: int = 3
     max_poll_interval: float = 0.5
 
@@ -104,8 +106,8 @@ class SecAggConfig:
         if ws is not None and not (1 <= ws <= self.max_weight and (ws & (ws - 1) == 0 or ws == self.max_weight)):
             raise bad("weight_scale", f"must be a power of two in 1..max_weight={self.max_weight} or max_weight, "
                       f"got {ws}")
-        if self.weight_scale_slack < 1:
-            raise bad("weight_scale_slack", f"must be >= 1, got {self.weight_scale_slack}")
+        if not 0 < self.target_error < 1:
+            raise bad("target_error", f"must be in (0, 1) (a fraction of the range), got {self.target_error}")
         if not 0.005 <= self.max_poll_interval <= 10.0:
             raise bad("max_poll_interval", f"must be in 0.005..10 seconds, got {self.max_poll_interval}")
         if self.max_consecutive_aborts < 1:

@@ -64,6 +64,7 @@ from sgs_flower.dp.aggregator import DPAggregator, RoundPlan
 from sgs_flower.dp.budget import BudgetExhaustedError
 from sgs_flower.dp.config import DPConfig
 from sgs_flower.pipeline import (
+    DEFAULT_WEIGHT_SCALE,
     DecodedUpdate,
     UpdateSpec,
     adapted_range,
@@ -222,8 +223,10 @@ class SecAggStrategy(Strategy):
         self._num_rounds = 0
         c = self.config
         self.ranges = (c.clip_range, c.int_clip_range)  # the next round's; adapted after each round
-        self.weight_scale = c.weight_scale or 0  # the next round's (0: max_weight); from the weight histogram
+        # the next round's weight scale; from the weight histogram after each round
+        self.weight_scale = c.weight_scale or min(DEFAULT_WEIGHT_SCALE, c.max_weight)
         self._needed: list[tuple[float, float]] = []  # the ranges each recent round needed (covering ranges)
+        self._weights_needed: list[int] = []  # the covering weight scale of each recent round
         self._warn_about_metrics()
         self.privacy: DPAggregator | None = None
         if dp is not None and dp.mode in ("central-dp", "distributed-dp"):
@@ -680,7 +683,7 @@ class SecAggStrategy(Strategy):
         sum to release; raises :class:`_StillOutOfRange` if values still lay beyond the
         range after the last retry (nothing is released)."""
         while True:
-            new, why = retry_spec(spec, decoded, self.config.weight_scale_slack)
+            new, why = retry_spec(spec, decoded, self.config.target_error)
             if new is None:
                 return spec, decoded
             if server.retries >= wire.MAX_RETRIES:
@@ -728,7 +731,8 @@ class SecAggStrategy(Strategy):
                 "SecAggConfig(metric_ranges={%r: ...})", report.server_round, name, k, spec.range_of(name), name)
         report.weight_scale = spec.weight_unit
         if decoded.total_weight > 0:  # the weight histogram counts only usable updates
-            self.weight_scale = covering_weight_scale(spec.max_weight, decoded.weight_histogram)
+            self._weights_needed.append(covering_weight_scale(spec.max_weight, decoded.weight_histogram))
+            self.weight_scale = max(self._weights_needed[-self.config.range_memory:])
         if self.config.adaptive_range:
             # what this round needed (every summed value below it), then the next round's range:
             # a margin over the largest need of the last ``range_memory`` rounds, so one quiet
