@@ -24,7 +24,10 @@ The mod assumes the server may lie. It follows the site's :class:`ClientPolicy`
   message goes to the local log only; after any refusal the site leaves the round.
 
 Protocol state (keys and shares, a few hundred bytes) lives in ``Context.state``
-between messages; the model is never stored there.
+between messages. The global model is never stored there; the site's own update (its
+delta, weight and metrics) is, from its masked input until the next round's (or its
+last retry), so that a retry of the masked input (``Stage.RETRY``, docs/protocol.md
+"Retry") re-encodes it at a wider range or another weight scale without retraining.
 """
 
 from __future__ import annotations

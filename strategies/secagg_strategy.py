@@ -4,7 +4,9 @@
 (overriding ``start()``): five (keys, shares, masked input, consistency check, unmask) for
 the first round and after an aborted one, three (masked input, consistency, unmask) once
 pipelined, the next round's keys and shares riding on the consistency and unmask
-exchanges (docs/protocol.md, "Pipelined rounds"). It decodes the one aggregate the protocol releases
+exchanges (docs/protocol.md, "Pipelined rounds"), plus one exchange per retry of the
+masked input when the unmasked sum counts values beyond the range or weights beyond the
+weight scale (nothing is released before every value fits: docs/protocol.md, "Retry"). It decodes the one aggregate the protocol releases
 (the weighted-mean model delta, plus the cohort's weighted-mean train metrics), and
 hands it to the wrapped strategy as a single reply, so the wrapped strategy's own
 aggregation and server optimizer (FedAdam, FedAvgM, ...) still apply unchanged.

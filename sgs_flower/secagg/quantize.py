@@ -15,7 +15,9 @@ coordinates carry the weight ``w`` and a count of 1; the server decodes
 - Fast: one pass over the update in cache-sized blocks (see :func:`encode_parts`); the
   rounding randomness is an AES-256-CTR keystream under a fresh key.
 - Clipping to [-c, c] is explicit: the number of clipped coordinates is returned and
-  reported, never applied silently.
+  reported, never applied silently. With ``wrap=True`` (the non-DP pipeline) values
+  beyond the range are not clipped at all but encoded linearly mod 2^b and counted: a
+  sum holding any is never released (it is retried at a wider range).
 - No wrap-around: the configuration is refused unless
   ``max_cohort * max_weight * (L + headroom) < 2^(b-1)``, the condition for the
   two's-complement sum to decode exactly. DP noise added in the integer domain reserves
