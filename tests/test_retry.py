@@ -375,3 +375,101 @@ def test_the_mod_keeps_only_one_update_and_drops_it_after_the_last_retry():
         nxt = dataclasses.replace(spec, clip_range=c)
         server.collect_retry({u: _reply(r) for u, r in _send_retry(sites, server, nxt).items()}, _spec_digest(nxt))
     assert not any("sgs.secagg.kept-delta" in s.context.state.array_records for s in sites.values())
+
+
+# ---------------------------------------------------------------- the strategy, in process
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower messages built outside a running app need a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class StrategySite:
+    """One in-process SuperNode behind the real mod: ``x -> x + step(node, round)``;
+    ``crash_retry`` makes the node crash (an error reply) at the retry stage."""
+
+    def __init__(self, node: int, step, crash_retry: bool = False) -> None:
+        self.node, self.step, self.crash_retry = node, step, crash_retry
+        self.context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+
+    def train(self, msg, context):
+        rnd = int(msg.content["config"]["server-round"])
+        new = ArrayRecord({k: Array((a.numpy() + self.step(self.node, rnd, a.numpy().shape)).astype(np.float32))
+                           for k, a in msg.content["arrays"].items()})
+        return Message(RecordDict({"arrays": new, "metrics": MetricRecord({"num-examples": 10 + self.node})}),
+                       reply_to=msg)
+
+    def handle(self, msg):
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode
+
+        from clients.secagg_mod import secagg_mod
+
+        rec = msg.content.config_records.get(wire.RECORD_KEY)
+        if self.crash_retry and rec is not None and rec.get(wire.FIELD_STAGE) == int(Stage.RETRY):
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="simulated crash"), reply_to=msg)
+        return secagg_mod(msg, self.context, self.train)
+
+
+def _strategy_run(step, rounds=2, crash_retry=()):
+    from flwr.serverapp.strategy import FedAvg
+    from test_pipelined_rounds import _local_grid
+
+    from strategies import SecAggStrategy
+
+    sites = {u: StrategySite(u, step, u in crash_retry) for u in range(1, 6)}
+    strategy = SecAggStrategy(FedAvg(fraction_evaluate=0.0, min_train_nodes=5, min_available_nodes=5))
+    models = {}
+
+    def keep(rnd, arrays):
+        models[rnd] = {k: v.numpy().copy() for k, v in arrays.items()}
+        return MetricRecord({"round": rnd})
+
+    init = ArrayRecord({"w": Array(np.zeros((4, 5), dtype=np.float32))})
+    try:
+        strategy.start(grid=_local_grid(sites), initial_arrays=init, num_rounds=rounds,
+                       train_config=ConfigRecord({"lr": 1.0}), evaluate_fn=keep)
+    except Exception as exc:  # SecureAggregationFailed when every round aborts
+        models["error"] = exc
+    return strategy.reports, models
+
+
+def _outlier(value):
+    def step(node, rnd, shape):
+        d = np.full(shape, 0.01 * node, dtype=np.float32)
+        if node == 1 and rnd == 1:
+            d.flat[0] = value
+        return d
+    return step
+
+
+def test_the_strategy_retries_and_releases_fedavgs_model(task_identity, caplog):
+    reports, models = _strategy_run(_outlier(5.0))
+    assert [r.status for r in reports] == ["ok", "ok"]
+    assert [r.retries for r in reports] == [1, 0] and [r.exchanges for r in reports] == [6, 3]
+    assert reports[0].retry_reasons == ["1 coordinates beyond +-1"] and reports[0].clip_range == 8.0
+    assert reports[0].weight_scale == 16 and reports[1].weight_scale == 16  # weights 11..15
+    w = np.arange(11, 16, dtype=np.float64)
+    expect = np.full(20, float(np.sum(w * 0.01 * np.arange(1, 6)) / w.sum()))
+    expect[0] += 11 * (5.0 - 0.01) / w.sum()
+    np.testing.assert_allclose(models[1]["w"].ravel(), expect, atol=reports[0].error_bound + 1e-6)
+    assert "retry 1 of the masked input (1 coordinates beyond +-1) at range +-8" in caplog.text
+    assert reports[1].clip_range >= 8.0  # the next range covers what round 1 needed
+
+
+def test_a_round_still_out_of_range_after_the_retries_is_not_released(task_identity):
+    reports, models = _strategy_run(_outlier(1e12))
+    r1 = reports[0]
+    assert r1.status == "out-of-range" and r1.retries == MAX_RETRIES and r1.exchanges == 5 + MAX_RETRIES
+    assert "still holds values beyond the range" in r1.reason
+    assert np.array_equal(models[1]["w"], np.zeros((4, 5), np.float32))  # nothing was released
+    assert reports[1].status == "ok"  # the next round starts at the wider range
+
+
+def test_a_survivor_missing_at_the_retry_aborts_the_round(task_identity):
+    reports, models = _strategy_run(_outlier(5.0), crash_retry=(3,))
+    assert reports[0].status == "aborted" and "survivors [3] did not answer retry 1" in reports[0].reason
+    assert np.array_equal(models[1]["w"], np.zeros((4, 5), np.float32))
