@@ -473,3 +473,23 @@ def test_a_survivor_missing_at_the_retry_aborts_the_round(task_identity):
     reports, models = _strategy_run(_outlier(5.0), crash_retry=(3,))
     assert reports[0].status == "aborted" and "survivors [3] did not answer retry 1" in reports[0].reason
     assert np.array_equal(models[1]["w"], np.zeros((4, 5), np.float32))
+
+
+def test_a_site_whose_update_was_unusable_sends_its_unusable_vector_again(task_identity):
+    """Site 2's train step raises in round 1 (it sends the unusable vector, issue 18);
+    the round retries for site 1's outlier: site 2 answers the retry like every site,
+    with its unusable vector re-made under the retry spec, and the released mean is over
+    the four others."""
+    def step(node, rnd, shape):
+        if node == 2 and rnd == 1:
+            raise RuntimeError("site 2's training fails")
+        return _outlier(5.0)(node, rnd, shape)
+
+    reports, models = _strategy_run(step, rounds=1)
+    r1 = reports[0]
+    assert r1.status == "ok" and r1.retries == 1 and r1.failures == {"train step raised": 1}
+    w = np.array([11, 13, 14, 15], dtype=np.float64)
+    nodes = np.array([1, 3, 4, 5])
+    expect = np.full(20, float(np.sum(w * 0.01 * nodes) / w.sum()))
+    expect[0] += 11 * (5.0 - 0.01) / w.sum()
+    np.testing.assert_allclose(models[1]["w"].ravel(), expect, atol=r1.error_bound + 1e-6)
