@@ -33,12 +33,16 @@ The mod assumes the server may lie. It follows the site's :class:`ClientPolicy`
   ``$SGS_STATE_DIR`` or ``$FLWR_HOME/sgs-flower/sites``).
 
 Protocol state (keys and shares, a few hundred bytes) lives in ``Context.state``
-between messages; the model is never stored there.
+between messages. The global model is never stored there; the site's own update (its
+delta, weight and metrics) is, from its masked input until the next round's (or its
+last retry), so that a retry of the masked input (``Stage.RETRY``, docs/protocol.md
+"Retry") re-encodes it at a wider range or another weight scale without retraining.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -63,12 +67,14 @@ from sgs_flower.pipeline import (
     EncodedUpdate,
     UpdateSpec,
     binding_digest,
+    check_retry_spec,
     encode_failure,
     encode_update,
     int_size_of,
     metric_slot_names,
     model_delta,
     model_digest,
+    spec_digest,
 )
 from sgs_flower.secagg import wire
 from sgs_flower.secagg.client import SecAggClient
@@ -78,6 +84,7 @@ from sgs_flower.secagg.errors import (
     PolicyError,
     ProtocolError,
     SecAggError,
+    StaleMessageError,
 )
 from sgs_flower.secagg.identity import generate_identity, identity_public
 from sgs_flower.secagg.model_memory import (
@@ -96,6 +103,8 @@ logger = logging.getLogger("sgs_flower.client")
 STATE_KEY = "sgs.secagg.client"  # the protocol state machine (a few hundred bytes)
 PENDING_KEY = "sgs.secagg.pending-model"  # sketch of the model trained on, until the survivor set is signed
 NAMES_KEY = "sgs.secagg.metric-names"  # the metric names of the last usable train reply
+KEPT_KEY = "sgs.secagg.kept"  # the round's update (metrics, weight, spec), kept for a retry of its masked input
+KEPT_DELTA_KEY = "sgs.secagg.kept-delta"  # ... and its delta (outside DP only)
 MEMORY_STATE = "memory"  # sgs-state-file value: remember only for this run
 IDENTITY_KEY = "sgs.secagg.identity"  # a run-scoped identity, when the site configured none
 SITE_KEY = "sgs.secagg.site"  # SiteState, when the site configured no state file
@@ -216,7 +225,7 @@ def _protocol_reply(
         rec[wire.FIELD_METRIC_NAMES] = list(names[0])
         rec[wire.FIELD_METRICS_LEFT_OUT] = list(names[1])
     content = RecordDict({wire.RECORD_KEY: rec})
-    if isinstance(reply, wire.MaskedInput):
+    if isinstance(reply, wire.MaskedInput | wire.RetryInput):
         # raw words (no np.save round trip); Flower still chunks the Array for transport
         vec = reply.vector.astype(reply.vector.dtype.newbyteorder("<"), copy=False)
         raw = Array(dtype=vec.dtype.str, shape=(vec.size,), stype=wire.RAW_STYPE, data=vec.tobytes())
@@ -289,6 +298,8 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
             client.expect_masked_input(server_msg)
             reply, names = _on_masked_input(msg, context, client, server_msg, rec, call_next, encoder, policy, site,
                                             ident)
+        elif stage == Stage.RETRY:
+            reply = _on_retry(msg, context, client, server_msg, encoder)
         else:
             reply = client.handle(server_msg)
     except Exception as exc:
@@ -419,6 +430,10 @@ def _on_masked_input(
     train_msg = Message(content=RecordDict({a_key: model, c_key: cfg}), metadata=msg.metadata)  # type: ignore[call-overload]
     names = _remembered_names(context, spec)
     step = 0.0
+    failed = ""
+    delta = np.zeros(0)
+    scalar_metrics: dict[str, Any] = {}
+    weight = 0
     try:
         delta, scalar_metrics, weight, names = _train_and_check(train_msg, context, call_next, model, named, w_key, spec)
         step = float(np.linalg.norm(delta))
@@ -432,10 +447,11 @@ def _on_masked_input(
         logger.warning("this site's update cannot be used this round (%s): %s; it sends the protocol's "
                        "'unusable' vector instead, so the server learns only how many sites failed", exc.reason, exc)
         encoded = encode_failure(spec, model_size, exc.reason)
+        failed = exc.reason
     if encoded.clipped:
         logger.warning(
-            "%d of %d update coordinates exceeded the round's range (clip_range=%g, int_clip_range=%g) and were "
-            "clipped before masking (the server sees the cohort's count and widens the range)",
+            "%d of %d update coordinates exceeded the round's range (clip_range=%g, int_clip_range=%g); they are "
+            "counted inside the masked vector and the server retries at a wider range before releasing anything",
             encoded.clipped, model_size, spec.clip_range, spec.int_clip_range,
         )
     if spec.dp_mode != "none":
@@ -445,7 +461,75 @@ def _on_masked_input(
                            min_survivors=spec.min_survivors if spec.dp_mode == "distributed" else 0,
                            near_sets=near)
     context.state[PENDING_KEY] = ConfigRecord({"digest": m_digest.hex(), "sketch": sketch_bytes(sketch), "step": step})
+    _keep(context, server_msg, spec, model_size, failed, delta if not failed else None, scalar_metrics, weight)
     return masked, names
+
+
+def _keep(
+    context: Context, server_msg: wire.Message, spec: UpdateSpec, model_size: int, failed: str,
+    delta: np.ndarray | None, metrics: dict[str, Any], weight: int,
+) -> None:
+    """Keep this round's update until the next round's masked input, for a retry of its
+    masked input (re-encoded, never retrained). Under DP only the spec is kept (a retry
+    is refused there); a site whose update was unusable keeps only the reason."""
+    kept = ConfigRecord({
+        "run": int(server_msg.run_id), "round": int(server_msg.round_id), "spec": json.dumps(spec.to_config()),
+        "retries": "[]", "failed": failed, "model-size": model_size, "weight": int(weight),
+        "metric-names": list(metrics), "metric-values": [float(v) for v in metrics.values()],
+    })
+    context.state[KEPT_KEY] = kept
+    if KEPT_DELTA_KEY in context.state.array_records:
+        del context.state[KEPT_DELTA_KEY]
+    if delta is not None and spec.dp_mode == "none":
+        context.state[KEPT_DELTA_KEY] = ArrayRecord({"delta": Array(np.ascontiguousarray(delta))})
+
+
+def _on_retry(
+    msg: Message, context: Context, client: SecAggClient, server_msg: wire.Message, encoder: Encoder
+) -> wire.Message:
+    """A retry of this round's masked input (docs/protocol.md, "Retry"): every check runs
+    on what the server sent and the site's own state (never its data) before anything is
+    encoded; then the kept update is re-encoded under the retry spec (or the unusable
+    vector again, for a site whose update was unusable) and masked under the retry's
+    context. Nothing after the checks can fail, so the reply's kind never depends on
+    the site's data."""
+    client.expect_retry(server_msg)
+    kept = context.state.config_records.get(KEPT_KEY)
+    if kept is None or (int(kept["run"]), int(kept["round"])) != (server_msg.run_id, server_msg.round_id):  # type: ignore[arg-type]
+        raise StaleMessageError(f"this site keeps no update of round {server_msg.round_id} to retry")
+    if wire.SPEC_KEY not in msg.content.config_records:
+        raise MalformedMessageError("retry request lacks the retry spec")
+    new = UpdateSpec.from_config(dict(msg.content.config_records[wire.SPEC_KEY]))
+    base = UpdateSpec.from_config(json.loads(str(kept["spec"])))
+    earlier = [UpdateSpec.from_config(d) for d in json.loads(str(kept["retries"]))]
+    check_retry_spec(base, earlier, new)
+    model_size = int(kept["model-size"])  # type: ignore[arg-type]
+    failed = str(kept["failed"])
+    delta_rec = context.state.array_records.get(KEPT_DELTA_KEY)
+    if not failed and delta_rec is None:
+        raise StaleMessageError("this site no longer keeps its update of this round")
+    encoded: EncodedUpdate | None = None
+    if not failed:
+        assert delta_rec is not None
+        delta = delta_rec["delta"].numpy()
+        names_raw, values_raw = kept["metric-names"], kept["metric-values"]
+        assert isinstance(names_raw, list) and isinstance(values_raw, list)
+        metrics = {str(k): float(v) for k, v in zip(names_raw, values_raw, strict=True)}  # type: ignore[arg-type]
+        try:
+            encoded = encoder(delta, metrics, int(kept["weight"]), new, context)  # type: ignore[arg-type]
+        except Exception as exc:  # the first encoding succeeded; whatever happens, never an error reply
+            logger.warning("re-encoding this site's update for the retry failed: %r", exc)
+            failed = "the site's encoder raised"
+    if encoded is None:
+        encoded = encode_failure(new, model_size, failed)
+    reply = client.handle(server_msg, vector=encoded.vector, bound_digest=spec_digest(new))
+    retries = [*json.loads(str(kept["retries"])), new.to_config()]
+    kept["retries"] = json.dumps(retries)
+    if len(retries) >= wire.MAX_RETRIES and KEPT_DELTA_KEY in context.state.array_records:
+        del context.state[KEPT_DELTA_KEY]
+    logger.info("answered retry %d of round %s at range +-%g (integer entries +-%g), weight scale %d",
+                len(retries), server_msg.round_id, new.clip_range, new.int_clip_range, new.weight_unit)
+    return reply
 
 
 def _remembered_names(context: Context, spec: UpdateSpec) -> tuple[list[str], list[str]]:

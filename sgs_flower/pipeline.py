@@ -17,7 +17,7 @@ import json
 import logging
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,14 @@ from sgs_flower.dp.clipping import clip_l2
 from sgs_flower.dp.noise import secure_rng, skellam_share
 from sgs_flower.dp.rotation import padded_length, rotate, unrotate
 from sgs_flower.dp.site import DPContribution
-from sgs_flower.secagg.errors import ConfigurationError, EncodingError, MalformedMessageError
+from sgs_flower.secagg.errors import (
+    ConfigurationError,
+    EncodingError,
+    InconsistentRequestError,
+    MalformedMessageError,
+    PolicyError,
+    StaleMessageError,
+)
 from sgs_flower.secagg.quantize import (
     CHUNK,
     EncodedUpdate,
@@ -48,6 +55,9 @@ HIST_LOW = -3
 HIST_BINS = 16
 MAX_METRIC_SLOTS = 64
 DEFAULT_MAX_WEIGHT = 1_000_000
+# Round 1's weight scale when none is configured (at most max_weight): num-examples up to
+# 8,192 need no retry in round 1; later rounds take the cohort's covering scale.
+DEFAULT_WEIGHT_SCALE = 1 << 13
 
 # Why a site's update could not be used, counted inside the masked vector (outside DP)
 # instead of answered as an error: whether a site fails can depend on its data (a weight
@@ -60,6 +70,19 @@ FAILURE_REASONS = (
     "non-finite update or metric",
     "the site's encoder raised",
 )
+
+# At most this many retries of a round's masked input (docs/protocol.md, "Retry"): the
+# site refuses more. Each re-encodes the same update at wider ranges or another weight
+# scale, masked with the round's secrets under a domain-separated context.
+MAX_RETRIES = 2
+# The fields a retry's spec may change; every other field must equal the round's.
+RETRY_FIELDS = ("clip_range", "int_clip_range", "weight_scale")
+
+
+def weight_bins(max_weight: int) -> int:
+    """Bins of the weight histogram: ``count(w > 2^k)`` for k = 0 .. bins - 1, enough to
+    find the smallest power of two >= every weight up to ``max_weight``."""
+    return (max_weight - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -79,7 +102,11 @@ class UpdateSpec:
       name; the names travel in plaintext beside it, the values never do).
       ``metric_range`` bounds each metric unless ``metric_ranges`` names its own bound.
     - ``max_cohort`` / ``max_weight``: bound the sum, so the field cannot wrap around.
-      Outside DP each coordinate carries ``(w / max_weight) * x`` (scaled weights).
+      Outside DP each coordinate carries ``(w / weight_scale) * x`` (scaled weights);
+      ``weight_scale`` (a power of two or ``max_weight``; 0 means ``max_weight``) is
+      chosen by the server from the cohort's securely summed weight histogram, so the
+      precision does not depend on how small ``num-examples`` is next to ``max_weight``.
+      A weight above it is encoded linearly (wrapping), counted, and never released.
     """
 
     clip_range: float
@@ -93,6 +120,7 @@ class UpdateSpec:
     int_clip_range: float = 1024.0
     noise_headroom: int = 0
     bits_per_coordinate: int = 0  # 0: the most the field admits
+    weight_scale: int = 0  # S: outside DP a client of weight w encodes (w / S) * x; 0 = max_weight
     # user-level DP (DESIGN.md section 4), set by the server's DPAggregator
     dp_mode: str = "none"  # "none", "central" or "distributed"
     l2_clip: float = 0.0  # clients clip their (rotated) delta to this L2 norm
@@ -121,6 +149,12 @@ class UpdateSpec:
                 raise ConfigurationError("train metrics cannot be released under DP: set metric_slots=0")
             if self.max_weight != 1:
                 raise ConfigurationError("DP weighs every client equally (the sensitivity argument): max_weight must be 1")
+        ws = self.weight_scale
+        if ws and not (1 <= ws <= self.max_weight and (ws & (ws - 1) == 0 or ws == self.max_weight)):
+            raise ConfigurationError(
+                f"weight_scale must be a power of two in 1..max_weight={self.max_weight} or max_weight itself "
+                f"(0: max_weight), got {ws}"
+            )
         if self.dp_mode == "distributed" and not self.noise_mu_share > 0:
             raise ConfigurationError(f"distributed DP needs noise_mu_share > 0, got {self.noise_mu_share}")
         if self.dp_mode == "distributed" and not 1 <= self.min_survivors <= self.max_cohort:
@@ -136,13 +170,22 @@ class UpdateSpec:
             field_bits=self.field_bits, noise_headroom=self.noise_headroom,
             bits_per_coordinate=self.bits_per_coordinate or None,
             weight_scaled=self.dp_mode == "none" and self.max_weight > 1,
+            weight_scale=self.weight_scale if self.dp_mode == "none" else 0,
         )
+
+    @property
+    def weight_unit(self) -> int:
+        """The weight scale S in effect (``max_weight`` when ``weight_scale`` is 0)."""
+        return self.weight_scale or self.max_weight
 
     @property
     def counters(self) -> int:
         """Raw counter words: two range histograms, two clip counts, one per metric slot,
-        one per :data:`FAILURE_REASONS`."""
-        return 0 if self.dp_mode != "none" else 2 * HIST_BINS + 2 + self.metric_slots + len(FAILURE_REASONS)
+        one per :data:`FAILURE_REASONS`, the weight histogram (:func:`weight_bins`) and
+        the count of weights above the weight scale."""
+        if self.dp_mode != "none":
+            return 0
+        return 2 * HIST_BINS + 2 + self.metric_slots + len(FAILURE_REASONS) + weight_bins(self.max_weight) + 1
 
     @property
     def flag_words(self) -> int:
@@ -218,6 +261,7 @@ class UpdateSpec:
                 bits_per_coordinate=int(d["bits_per_coordinate"]), dp_mode=str(d["dp_mode"]),
                 l2_clip=float(d["l2_clip"]), noise_mu_share=float(d["noise_mu_share"]),
                 rotation_seed=int(d["rotation_seed"]), min_survivors=int(d["min_survivors"]),
+                weight_scale=int(d["weight_scale"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedMessageError(f"malformed update spec from the server: {exc!r}") from exc
@@ -405,13 +449,20 @@ def encode_update(
         m[i] = float(np.clip(value, -r, r)) * (c / r)
     # The delta's parts and the metrics are encoded as parts of one vector: no
     # concatenated copy of the model.
-    enc = encode_parts([xf, xi, m], weight, spec.quantization, rng, tail_words=spec.counters)
+    # Out-of-range values wrap (linear encoding, counted), never clip: see encode_parts.
+    enc = encode_parts([xf, xi, m], weight, spec.quantization, rng, tail_words=spec.counters, wrap=True)
     counters = np.concatenate([
         magnitude_histogram(xf, c), magnitude_histogram(xi_raw, spec.int_clip_range),
         np.array(enc.clipped_parts[:2], dtype=np.int64), metric_clipped, np.zeros(len(FAILURE_REASONS), np.int64),
+        weight_histogram(weight, spec.max_weight), np.array([weight > spec.weight_unit], dtype=np.int64),
     ])
     _write_counters(enc.vector, counters, spec, x.size)
     return EncodedUpdate(enc.vector, enc.clipped_parts[0] + enc.clipped_parts[1], enc.clipped_parts)
+
+
+def weight_histogram(weight: int, max_weight: int) -> np.ndarray:
+    """``out[k]`` = 1 if ``weight > 2^k``, k = 0 .. :func:`weight_bins` - 1."""
+    return np.array([weight > (1 << k) for k in range(weight_bins(max_weight))], dtype=np.int64)
 
 
 def _write_counters(vector: np.ndarray, counters: np.ndarray, spec: UpdateSpec, body: int) -> None:
@@ -458,7 +509,7 @@ def encode_failure(
     dtype_vector = encode_parts([np.zeros(0)], 1, spec.quantization, rng).vector.dtype
     vector = np.zeros(spec.vector_length(model_size), dtype=dtype_vector)
     counters = np.zeros(spec.counters, dtype=np.int64)
-    counters[spec.counters - len(FAILURE_REASONS) + FAILURE_REASONS.index(reason)] = 1
+    counters[2 * HIST_BINS + 2 + spec.metric_slots + FAILURE_REASONS.index(reason)] = 1
     _write_counters(vector, counters, spec, size)
     vector[-1] = 1  # the count coordinate: this site is a survivor; its weight word stays 0
     return EncodedUpdate(vector, 0, (0, 0))
@@ -480,6 +531,8 @@ class DecodedUpdate:
     failed_std: float = 0.0  # the std of that count's noise (distributed DP; 0 where it is exact)
     error_bound: float = 0.0  # this round's quantization bound on the float part's mean
     int_error_bound: float = 0.0
+    weight_histogram: tuple[int, ...] = ()  # survivors with weight > 2^k, k = 0.. (outside DP)
+    weights_over_scale: int = 0  # survivors whose weight exceeded the spec's weight scale
 
 
 def decode_update(
@@ -522,7 +575,11 @@ def decode_update(
     hist_f, hist_i = raw[:HIST_BINS], raw[HIST_BINS : 2 * HIST_BINS]
     clipped = (int(raw[2 * HIST_BINS]), int(raw[2 * HIST_BINS + 1]))
     metric_clipped = tuple(int(v) for v in raw[2 * HIST_BINS + 2 : 2 * HIST_BINS + 2 + k])
-    failed = [int(v) for v in raw[2 * HIST_BINS + 2 + k :]]
+    at = 2 * HIST_BINS + 2 + k
+    failed = [int(v) for v in raw[at : at + len(FAILURE_REASONS)]]
+    at += len(FAILURE_REASONS)
+    w_hist = tuple(int(v) for v in raw[at : at + weight_bins(spec.max_weight)])
+    over_scale = int(raw[at + len(w_hist)])
     failures = tuple((r, n) for r, n in zip(FAILURE_REASONS, failed, strict=True) if n)
     metrics: dict[str, float] = {}
     if metric_names is not None:
@@ -534,6 +591,7 @@ def decode_update(
         histograms=(tuple(int(v) for v in hist_f), tuple(int(v) for v in hist_i)),
         error_bound=bound, int_error_bound=bound * spec.int_clip_range / c,
         failures=failures, failed_estimate=float(sum(failed)),
+        weight_histogram=w_hist, weights_over_scale=over_scale,
     )
 
 
@@ -563,6 +621,94 @@ def next_range(current: float, histogram: Sequence[int], coordinates: int, targe
     return current * 2.0 ** (HIST_LOW + HIST_BINS)
 
 
+def covering_range(current: float, histogram: Sequence[int]) -> float:
+    """The smallest histogram threshold ``current * 2^k`` (k >= HIST_LOW) that no value
+    reached: every summed |x| lies below it. Past the top bin (values beyond
+    ``current * 2^(HIST_LOW + HIST_BINS - 1)``) the next power, a lower bound only: the
+    retry's own histogram then says more."""
+    for j, count in enumerate(histogram):
+        if count == 0:
+            return current * 2.0 ** (HIST_LOW + j)
+    return current * 2.0 ** (HIST_LOW + len(histogram))
+
+
+def covering_weight_scale(max_weight: int, histogram: Sequence[int]) -> int:
+    """The smallest power of two >= every survivor's weight (from the securely summed
+    ``count(w > 2^k)``), at most ``max_weight``: within a factor 2 of the largest weight."""
+    for k, count in enumerate(histogram):
+        if count == 0:
+            return min(1 << k, max_weight)
+    return max_weight
+
+
+def retry_spec(
+    spec: UpdateSpec, decoded: DecodedUpdate, target_error: float = 2.0**-14
+) -> tuple[UpdateSpec | None, list[str]]:
+    """Server side, outside DP: the spec a retry of this round's masked input needs, and
+    why; ``(None, [])`` when the aggregate may be released.
+
+    A retry is needed when a coordinate lay beyond its part's range (the new range covers
+    every summed value, from the magnitude histogram, and is at least twice the old one),
+    when a weight exceeded the weight scale, or when the round's quantization bound is
+    above ``target_error`` times the range while a finer weight scale covers every
+    weight. A retry always takes the covering weight scale
+    (:func:`covering_weight_scale`): the precision it gives costs nothing more."""
+    if spec.dp_mode != "none" or decoded.total_weight <= 0:
+        return None, []
+    reasons: list[str] = []
+    c, ci, ws = spec.clip_range, spec.int_clip_range, spec.weight_unit
+    if decoded.clipped[0]:
+        c = max(2 * c, covering_range(c, decoded.histograms[0]))
+        reasons.append(f"{decoded.clipped[0]} coordinates beyond +-{spec.clip_range:g}")
+    if decoded.clipped[1]:
+        ci = max(2 * ci, covering_range(ci, decoded.histograms[1]))
+        reasons.append(f"{decoded.clipped[1]} integer coordinates beyond +-{spec.int_clip_range:g}")
+    need = covering_weight_scale(spec.max_weight, decoded.weight_histogram)
+    if decoded.weights_over_scale:
+        reasons.append(f"{decoded.weights_over_scale} weights above the weight scale {spec.weight_unit}")
+    elif ws > need and decoded.error_bound > target_error * spec.clip_range:
+        reasons.append(f"quantization bound {decoded.error_bound:.3g} above {target_error:.3g} x the range at weight "
+                       f"scale {spec.weight_unit}; the cohort's weights need {need}")
+    if not reasons:
+        return None, []
+    return replace(spec, clip_range=c, int_clip_range=ci, weight_scale=need), reasons
+
+
+def check_retry_spec(base: UpdateSpec, earlier: Sequence[UpdateSpec], new: UpdateSpec) -> None:
+    """Site side: refuse a retry spec unless it is one this site may answer.
+
+    Only outside DP; at most :data:`MAX_RETRIES` per round; only :data:`RETRY_FIELDS`
+    may differ from the round's spec; no range narrower than the previous attempt's;
+    and not the ranges and weight scale of any earlier attempt (a repeat would only give
+    the server another rounding of the same sum). Raises a typed :class:`ProtocolError`.
+    """
+    if base.dp_mode != "none":
+        raise PolicyError("a retry of the masked input is refused under DP: the round's noise was drawn once")
+    if len(earlier) >= MAX_RETRIES:
+        raise PolicyError(f"this round's masked input was already retried {len(earlier)} times "
+                          f"(at most {MAX_RETRIES}); refused")
+    for name in _CONFIG_FIELDS:
+        if name in RETRY_FIELDS:
+            continue
+        if new.to_config()[name] != base.to_config()[name]:
+            raise InconsistentRequestError(
+                f"a retry may change only {', '.join(RETRY_FIELDS)}; its spec changes {name!r}: refused"
+            )
+    last = earlier[-1] if earlier else base
+    if new.clip_range < last.clip_range or new.int_clip_range < last.int_clip_range:
+        raise PolicyError("a retry's range may only widen (never narrower than the previous attempt's); refused")
+    key = (new.clip_range, new.int_clip_range, new.weight_unit)
+    if any((a.clip_range, a.int_clip_range, a.weight_unit) == key for a in (base, *earlier)):
+        raise StaleMessageError("a retry repeats the ranges and weight scale of an earlier attempt; refused")
+
+
+def adapted_range(needed: Sequence[float], current: float, margin: float = 2.0) -> float:
+    """The next round's range: ``margin`` times the largest range the last rounds needed
+    (each the :func:`covering_range` of its round), never narrower than that, whatever
+    one round's histogram says; ``current`` when nothing was recorded."""
+    return margin * max(needed) if needed else current
+
+
 def _raw_bytes(arr: np.ndarray) -> memoryview | bytes:
     """The array's memory as hashlib reads it: a zero-copy view of a contiguous array
     (``tobytes()`` would copy the whole model once more per digest), the same bytes;
@@ -587,6 +733,12 @@ def model_digest(arrays: Sequence[tuple[str, np.ndarray]]) -> bytes:
         h.update(struct.pack(">I", len(meta)) + meta)
         h.update(_raw_bytes(arr))
     return h.digest()
+
+
+def spec_digest(spec: UpdateSpec) -> bytes:
+    """SHA-256 of a spec as one party holds it: keys a retry's masks (with the round's
+    mask context), so sites given different retry specs mask with keys that do not cancel."""
+    return hashlib.sha256(b"sgs-flower/spec/v1" + _canonical(spec.to_config())).digest()
 
 
 def binding_digest(

@@ -18,13 +18,23 @@ class SecAggConfig:
     of the neighbours; never fewer than 3 clients in a sum.
 
     - ``clip_range`` / ``int_clip_range``: round 1's per-coordinate ranges of the float
-      and integer parts of the model delta. With ``adaptive_range`` (the default) each
-      later round's ranges come from the previous round's securely summed magnitude
-      histograms, so that at most ``target_clipped_fraction`` would have been clipped,
-      with a factor 2 of headroom. Round 1 clips whatever lies beyond the initial ranges
-      (counted, logged and in the round's report).
-    - ``max_weight``: the largest ``num-examples`` a client may report (default 10^6);
-      it costs no precision bits, see the README's quantization bound.
+      and integer parts of the model delta. Nothing is ever clipped silently: a round
+      whose unmasked sum counts values beyond the range retries its masked input at a
+      range that covers them (one exchange, the same updates re-encoded; at most
+      ``wire.MAX_RETRIES``), and is not released otherwise. With ``adaptive_range`` (the
+      default) each later round's ranges are ``range_margin`` times the largest range the
+      last ``range_memory`` rounds needed (from their securely summed magnitude
+      histograms), so a quiet round never narrows the range below what the rounds
+      before it needed.
+    - ``max_weight``: the largest ``num-examples`` a client may report (default 10^6).
+      ``weight_scale`` is round 1's weight scale S (coordinates carry ``(w / S) * x``;
+      ``None``: 2^13 = 8,192, or ``max_weight`` if smaller); later rounds take the smallest power of two above the
+      last rounds' weights (a securely summed weight histogram). A round retries when a
+      survivor's weight is above its S, or when its quantization bound is above
+      ``target_error`` times the range (default 2^-14) while a finer S covers every
+      weight: whatever ``num-examples`` is next to ``max_weight``, a released bound is
+      at most ``target_error`` times the range (round 1 at the initial S) and from round
+      2 on, in the steady state, ``2 n c / L`` (docs/protocol.md, "The weight scale").
     - ``metric_slots``: how many numeric train metrics are aggregated (their weighted
       mean, as FedAvg computes it); ``metric_range`` bounds each one unless
       ``metric_ranges`` gives its own (a value beyond is clipped and counted).
@@ -51,7 +61,10 @@ class SecAggConfig:
     metric_ranges: Mapping[str, float] = field(default_factory=dict)
     int_clip_range: float = 1024.0
     adaptive_range: bool = True
-    target_clipped_fraction: float = 1e-5
+    range_memory: int = 3
+    range_margin: float = 2.0
+    weight_scale: int | None = None
+    target_error: float = 2.0**-14
     max_consecutive_aborts: int = 3
     max_poll_interval: float = 0.5
 
@@ -84,8 +97,17 @@ class SecAggConfig:
         for name, r in self.metric_ranges.items():
             if not r > 0:
                 raise bad("metric_ranges", f"the range of {name!r} must be > 0, got {r}")
-        if not 0 <= self.target_clipped_fraction < 1:
-            raise bad("target_clipped_fraction", f"must be in [0, 1), got {self.target_clipped_fraction}")
+        if self.range_memory < 1:
+            raise bad("range_memory", f"must be >= 1 round, got {self.range_memory}")
+        if not self.range_margin >= 1:
+            raise bad("range_margin", f"must be >= 1 (a range below what a round needed would retry), got "
+                      f"{self.range_margin}")
+        ws = self.weight_scale
+        if ws is not None and not (1 <= ws <= self.max_weight and (ws & (ws - 1) == 0 or ws == self.max_weight)):
+            raise bad("weight_scale", f"must be a power of two in 1..max_weight={self.max_weight} or max_weight, "
+                      f"got {ws}")
+        if not 0 < self.target_error < 1:
+            raise bad("target_error", f"must be in (0, 1) (a fraction of the range), got {self.target_error}")
         if not 0.005 <= self.max_poll_interval <= 10.0:
             raise bad("max_poll_interval", f"must be in 0.005..10 seconds, got {self.max_poll_interval}")
         if self.max_consecutive_aborts < 1:

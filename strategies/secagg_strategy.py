@@ -4,7 +4,9 @@
 (overriding ``start()``): five (keys, shares, masked input, consistency check, unmask) for
 the first round and after an aborted one, three (masked input, consistency, unmask) once
 pipelined, the next round's keys and shares riding on the consistency and unmask
-exchanges (docs/protocol.md, "Pipelined rounds"). It decodes the one aggregate the protocol releases
+exchanges (docs/protocol.md, "Pipelined rounds"), plus one exchange per retry of the
+masked input when the unmasked sum counts values beyond the range or weights beyond the
+weight scale (nothing is released before every value fits: docs/protocol.md, "Retry"). It decodes the one aggregate the protocol releases
 (the weighted-mean model delta, plus the cohort's weighted-mean train metrics), and
 hands it to the wrapped strategy as a single reply, so the wrapped strategy's own
 aggregation and server optimizer (FedAdam, FedAvgM, ...) still apply unchanged.
@@ -64,13 +66,18 @@ from sgs_flower.dp.aggregator import DPAggregator, RoundPlan
 from sgs_flower.dp.budget import BudgetExhaustedError
 from sgs_flower.dp.config import DPConfig
 from sgs_flower.pipeline import (
+    DEFAULT_WEIGHT_SCALE,
     DecodedUpdate,
     UpdateSpec,
+    adapted_range,
     apply_delta,
     binding_digest,
+    covering_range,
+    covering_weight_scale,
     decode_update,
     int_size_of,
-    next_range,
+    retry_spec,
+    spec_digest,
 )
 from sgs_flower.secagg import wire
 from sgs_flower.secagg.errors import (
@@ -135,6 +142,12 @@ class RoundReport:
     # vector, never sent as an error reply): by reason outside DP; under DP a noisy count
     failures: dict[str, int] = field(default_factory=dict)
     failed_estimate: float = 0.0
+    # retries of the masked input (docs/protocol.md, "Retry"): out-of-range values or a
+    # weight scale that did not fit the cohort's weights; the released aggregate is the
+    # last attempt's (clip_range, int_clip_range and weight_scale are its)
+    retries: int = 0
+    retry_reasons: list[str] = field(default_factory=list)
+    weight_scale: int = 0  # S: coordinates carried (w / S) * x (outside DP)
 
 
 @dataclass
@@ -151,6 +164,14 @@ class _Ahead:
     server: SecAggServer
     report: RoundReport
     bundles: dict[int, ShareBundle] | None = None
+
+
+class _StillOutOfRange(SecAggError):
+    """Values still lay beyond the range after the last retry: nothing is released."""
+
+    def __init__(self, text: str, spec: UpdateSpec, decoded: DecodedUpdate) -> None:
+        super().__init__(text)
+        self.spec, self.decoded = spec, decoded
 
 
 class SecureAggregationFailed(RuntimeError):
@@ -204,6 +225,10 @@ class SecAggStrategy(Strategy):
         self._num_rounds = 0
         c = self.config
         self.ranges = (c.clip_range, c.int_clip_range)  # the next round's; adapted after each round
+        # the next round's weight scale; from the weight histogram after each round
+        self.weight_scale = c.weight_scale or min(DEFAULT_WEIGHT_SCALE, c.max_weight)
+        self._needed: list[tuple[float, float]] = []  # the ranges each recent round needed (covering ranges)
+        self._weights_needed: list[int] = []  # the covering weight scale of each recent round
         self._warn_about_metrics()
         self.privacy: DPAggregator | None = None
         if dp is not None and dp.mode in ("central-dp", "distributed-dp"):
@@ -358,7 +383,8 @@ class SecAggStrategy(Strategy):
         if plan is None:
             return UpdateSpec(
                 clip_range=self.ranges[0], int_clip_range=self.ranges[1], max_cohort=cohort_size,
-                max_weight=c.max_weight, field_bits=c.field_bits, metric_slots=c.metric_slots,
+                max_weight=c.max_weight, weight_scale=min(self.weight_scale, c.max_weight), field_bits=c.field_bits,
+                metric_slots=c.metric_slots,
                 metric_range=c.metric_range, metric_ranges=tuple(sorted(c.metric_ranges.items())),
                 int_size=int_size_of(like) if like is not None else 0,
             )
@@ -498,6 +524,13 @@ class SecAggStrategy(Strategy):
             report.survivors = list(outcome.survivors)
             metric_names = self._metric_names(names, report.survivors, report) if spec.metric_slots else None
             decoded = decode_update(outcome.total, spec, len(outcome.survivors), model_size, metric_names)
+            if plan is None:
+                spec, decoded = self._retry(grid, server_round, server, spec, decoded, report, model_size,
+                                            metric_names)
+        except _StillOutOfRange as exc:
+            self._fill(report, server)
+            self._range_report(report, exc.spec, exc.decoded, like)
+            return self._abort(report, str(exc), t0, plan, status="out-of-range")
         except InconsistentAggregateError as exc:
             self._fill(report, server)
             return self._abort(report, str(exc), t0, plan, status="inconsistent")
@@ -641,6 +674,42 @@ class SecAggStrategy(Strategy):
         log(WARNING, "secure round %s: no train metrics released: %s", report.server_round, report.metrics_dropped)
         return None
 
+    def _retry(
+        self, grid: Grid, server_round: int, server: SecAggServer, spec: UpdateSpec, decoded: DecodedUpdate,
+        report: RoundReport, model_size: int, metric_names: list[str] | None,
+    ) -> tuple[UpdateSpec, DecodedUpdate]:
+        """Retry the masked input (at most ``wire.MAX_RETRIES`` times) while the unmasked sum
+        holds values beyond the range or weights above the weight scale, or the scale is
+        too coarse for the cohort's weights; one exchange each, with the same survivors,
+        their kept updates re-encoded (never retrained). Returns the spec and the decoded
+        sum to release; raises :class:`_StillOutOfRange` if values still lay beyond the
+        range after the last retry (nothing is released)."""
+        while True:
+            new, why = retry_spec(spec, decoded, self.config.target_error)
+            if new is None:
+                return spec, decoded
+            if server.retries >= wire.MAX_RETRIES:
+                if decoded.clipped[0] or decoded.clipped[1] or decoded.weights_over_scale:
+                    raise _StillOutOfRange(
+                        f"after {server.retries} retries the unmasked sum still holds values beyond the range "
+                        f"({'; '.join(why)}): nothing is released; the next round starts at the wider range",
+                        spec, decoded,
+                    )
+                return spec, decoded  # only precision left: the reported bound holds
+            report.retries += 1
+            report.retry_reasons.append("; ".join(why))
+            log(WARNING if decoded.clipped[0] or decoded.clipped[1] or decoded.weights_over_scale else INFO,
+                "secure round %s: retry %d of the masked input (%s) at range +-%g (integer entries +-%g), weight "
+                "scale %d: nothing is released before every value fits", server_round, report.retries,
+                "; ".join(why), new.clip_range, new.int_clip_range, new.weight_unit)
+            requests = server.retry_messages()
+            replies, _ = self._exchange(grid, server_round, Stage.RETRY, requests, report,
+                                        {wire.SPEC_KEY: ConfigRecord(new.to_config())})
+            outcome = server.collect_retry(replies, spec_digest(new))
+            spec = new
+            report.clip_range, report.int_clip_range = spec.clip_range, spec.int_clip_range
+            decoded = decode_update(outcome.total, spec, len(outcome.survivors), model_size, metric_names)
+
     def _range_report(self, report: RoundReport, spec: UpdateSpec, decoded: DecodedUpdate, like: list[np.ndarray]) -> None:
         """Log what clipping did this round and adapt the ranges for the next one."""
         n = len(report.survivors)
@@ -652,27 +721,35 @@ class SecAggStrategy(Strategy):
         report.metric_clipped = {
             name: decoded.metric_clipped[i] for i, name in enumerate(decoded.metrics) if decoded.metric_clipped[i]
         }
-        log(INFO, "secure round %s: %d of %d coordinates clipped (%.4g%%) at range +-%g (integer entries +-%g); "
-            "quantization error <= %.3g per coordinate", report.server_round, report.clipped,
-            n * (float_size + int_size), 100 * report.clipped_fraction, spec.clip_range, spec.int_clip_range,
+        log(INFO, "secure round %s: %d of %d coordinates beyond the range +-%g (integer entries +-%g), weight "
+            "scale %d, %d retries; quantization error <= %.3g per coordinate", report.server_round, report.clipped,
+            n * (float_size + int_size), spec.clip_range, spec.int_clip_range, spec.weight_unit, report.retries,
             decoded.error_bound)
         if report.clipped:
-            log(WARNING, "secure round %s: %d coordinates were clipped: this round's aggregate differs from "
-                "FedAvg's by more than the quantization error%s", report.server_round, report.clipped,
-                "; the range adapts for the next round" if self.config.adaptive_range else
-                " (adaptive_range is off: raise SecAggConfig.clip_range)")
+            log(WARNING, "secure round %s: %d coordinates lay beyond the range even after %d retries: nothing is "
+                "released this round", report.server_round, report.clipped, report.retries)
         for name, k in report.metric_clipped.items():
             log(WARNING, "secure round %s: train metric %r of %d clients lay beyond +-%g and was clipped; set "
                 "SecAggConfig(metric_ranges={%r: ...})", report.server_round, name, k, spec.range_of(name), name)
+        report.weight_scale = spec.weight_unit
+        if decoded.total_weight > 0:  # the weight histogram counts only usable updates
+            self._weights_needed.append(covering_weight_scale(spec.max_weight, decoded.weight_histogram))
+            self.weight_scale = max(self._weights_needed[-self.config.range_memory:])
         if self.config.adaptive_range:
-            t = self.config.target_clipped_fraction
+            # what this round needed (every summed value below it), then the next round's range:
+            # a margin over the largest need of the last ``range_memory`` rounds, so one quiet
+            # round never narrows the range below what the rounds before it needed
+            self._needed.append((
+                covering_range(spec.clip_range, decoded.histograms[0]) if float_size else spec.clip_range,
+                covering_range(spec.int_clip_range, decoded.histograms[1]) if int_size else spec.int_clip_range,
+            ))
+            recent = self._needed[-self.config.range_memory:]
             self.ranges = (
-                next_range(spec.clip_range, decoded.histograms[0], n * float_size, t) if float_size else spec.clip_range,
-                next_range(spec.int_clip_range, decoded.histograms[1], n * int_size, t) if int_size
-                else spec.int_clip_range,
+                adapted_range([f for f, _ in recent], spec.clip_range, self.config.range_margin),
+                adapted_range([i for _, i in recent], spec.int_clip_range, self.config.range_margin),
             )
-            log(INFO, "secure round %s: next round's range +-%g (integer entries +-%g)", report.server_round,
-                *self.ranges)
+            log(INFO, "secure round %s: next round's range +-%g (integer entries +-%g), weight scale %d",
+                report.server_round, *self.ranges, self.weight_scale or spec.max_weight)
 
     def _unusable(self, report: RoundReport, decoded: DecodedUpdate, plan: RoundPlan | None) -> str:
         """Why this round's aggregate must not be applied (empty: it can be): no
@@ -766,7 +843,7 @@ class SecAggStrategy(Strategy):
             messages.append(m)
         t0 = time.monotonic()
         replies, _ = exchange.send_and_receive(grid, messages, self.config.stage_timeout, self.config.max_poll_interval)
-        report.stage_seconds[stage.name] = time.monotonic() - t0
+        report.stage_seconds[stage.name] = report.stage_seconds.get(stage.name, 0.0) + time.monotonic() - t0
         report.exchanges += 1
         # message ids are set when the messages are pushed
         role = {m.metadata.message_id: kind for m, kind in zip(messages, kinds, strict=True)}

@@ -21,6 +21,7 @@ within their bound of FedAvg's weighted means.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from collections.abc import Callable
@@ -137,6 +138,84 @@ def opacus_train(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
+class QuickstartNet(nn.Module):
+    """quickstart-pytorch's CNN (LeNet-5 shape, CIFAR-10 sized inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+IMAGES = 1300  # per partition, as the issue's run
+
+
+def quickstart_train(msg: Message, context: Context) -> Message:
+    """quickstart-pytorch style: one local epoch of Adam (lr 0.1, batch 32) on 1,300
+    stand-in CIFAR-10 images (random 3x32x32 tensors, seeded by partition); at this
+    learning rate some coordinates move by more than the default range of 1 in round 1."""
+    pid = _pid(context)
+    torch.set_num_threads(1)
+    torch.manual_seed(pid)
+    net = QuickstartNet()
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    x, y = torch.randn(IMAGES, 3, 32, 32), torch.randint(0, 10, (IMAGES,))
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net.train()
+    total, batches = 0.0, 0
+    for i in range(0, IMAGES, 32):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x[i : i + 32]), y[i : i + 32])
+        loss.backward()
+        opt.step()
+        total, batches = total + float(loss), batches + 1
+    metrics = {"train_loss": total / batches, "num-examples": IMAGES}
+    return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def bn_train(msg: Message, context: Context) -> Message:
+    """The BatchNorm CNN of :func:`torch_train`, one epoch of SGD (lr 0.05) on 2,000
+    stand-in examples, in four rounds: BatchNorm's running statistics and the weights
+    grow round over round (the case whose range used to narrow, then clip)."""
+    pid = _pid(context)
+    torch.set_num_threads(1)
+    torch.manual_seed(pid)
+    net = BNNet()
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    x, y = torch.randn(2000, 3, 8, 8) * (1 + pid), torch.randint(0, 10, (2000,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    net.train()
+    total = 0.0
+    for i in range(0, 2000, 100):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x[i : i + 100]), y[i : i + 100])
+        loss.backward()
+        opt.step()
+        total += float(loss)
+    metrics = {"train_loss": total / 20, "num-examples": len(x)}
+    return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+def numpy_one_example_train(msg: Message, context: Context) -> Message:
+    """quickstart-numpy as Flower ships it: every client reports ``num-examples`` = 1."""
+    out = numpy_train(msg, context)
+    metrics = dict(out.content["metrics"])
+    metrics["num-examples"] = 1
+    return Message(RecordDict({"arrays": out.content["arrays"], "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
 def drop_in(train: Callable[[Message, Context], Message]) -> ClientApp:
     app = ClientApp()
     app.train(mods=[secagg_mod])(train)  # the client half of the two-line drop-in
@@ -148,6 +227,8 @@ def initial(kind: str) -> ArrayRecord:
     if kind == "numpy":
         rng = np.random.default_rng(0)
         return ArrayRecord({"w": Array(rng.normal(size=(20, 10)).astype(np.float32)), "b": Array(np.zeros(10))})
+    if kind == "lenet":
+        return ArrayRecord(QuickstartNet().state_dict())
     return ArrayRecord((BNNet() if kind == "torch" else nn.Linear(20, 4)).state_dict())
 
 
@@ -189,6 +270,81 @@ def plain_fedavg_round1(kind: str, train: Callable[[Message, Context], Message])
     assert arrays is not None and metrics is not None
     return {"models": {1: {k: v.numpy() for k, v in arrays.items()}},
             "metrics": {1: metrics}}
+
+
+def plain_fedavg(kind: str, train: Callable[[Message, Context], Message], rounds: int) -> dict[int, dict[str, np.ndarray]]:
+    """Plain FedAvg over ``rounds`` rounds: each round the five train functions' plaintext
+    replies (same seeds) go to Flower's own ``FedAvg.aggregate_train``, whose model is
+    the next round's (in process, as :func:`plain_fedavg_round1`)."""
+    fedavg = FedAvg(fraction_evaluate=0.0)
+    arrays = initial(kind)
+    models = {}
+    for rnd in range(1, rounds + 1):
+        replies = []
+        for pid in range(N):
+            ctx = Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": N},
+                          state=RecordDict(), run_config={})
+            msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd})}),
+                          dst_node_id=pid + 1, message_type=MessageType.TRAIN, group_id=str(rnd))
+            replies.append(train(msg, ctx))
+        new, _ = fedavg.aggregate_train(rnd, replies)
+        assert new is not None
+        # as the model travels: each entry in its own dtype (FedAvg's mean of a counter is a float)
+        arrays = ArrayRecord({k: Array(np.asarray(np.rint(v.numpy()) if np.issubdtype(arrays[k].numpy().dtype,
+                                                                                     np.integer) else v.numpy())
+                                       .astype(arrays[k].numpy().dtype)) for k, v in new.items()})
+        models[rnd] = {k: v.numpy() for k, v in new.items()}
+    return models
+
+
+def _rounds_vs_fedavg(kind: str, train: Callable[[Message, Context], Message], rounds: int = 4) -> dict[str, Any]:
+    """Issue 19's acceptance: the secure run and plain FedAvg round by round."""
+    secure = simulate(kind, train, secure=True, rounds=rounds)
+    assert "error" not in secure, secure.get("error")
+    reports = secure["strategy"].reports
+    assert [r.status for r in reports] == ["ok"] * rounds, [r.reason for r in reports]
+    assert all(r.clipped == 0 for r in reports)  # no released aggregate had a value beyond its range
+    plain = plain_fedavg(kind, train, rounds)
+    diffs = []
+    for rnd in range(1, rounds + 1):
+        s, p = secure["models"][rnd], plain[rnd]
+        diffs.append(max(float(np.max(np.abs(s[k].astype(np.float64) - p[k].astype(np.float64)))) if s[k].size
+                         else 0.0 for k in s if np.issubdtype(s[k].dtype, np.floating)))
+    print(f"{kind}: max |secure - FedAvg| per round {diffs}; retries {[r.retries for r in reports]} "
+          f"({[r.retry_reasons for r in reports]}); ranges {[r.clip_range for r in reports]}; weight scales "
+          f"{[r.weight_scale for r in reports]}; bounds {[r.error_bound for r in reports]}; exchanges "
+          f"{[r.exchanges for r in reports]}")
+    assert diffs[0] <= 1e-4, diffs
+    assert reports[0].error_bound <= 1e-4
+    assert diffs[-1] < 0.05, diffs
+    return {"diffs": diffs, "reports": reports}
+
+
+def test_quickstart_pytorch_1300_images_four_rounds_as_fedavg():
+    """The issue's first case: 50 coordinates used to be clipped in round 1 (difference
+    0.70). Round 1 now retries its masked input at a range that covers them."""
+    out = _rounds_vs_fedavg("lenet", quickstart_train)
+    r1 = out["reports"][0]
+    assert r1.retries >= 1 and any("beyond +-1" in why for why in r1.retry_reasons)
+    assert r1.exchanges == 5 + r1.retries
+    assert all(r.exchanges == 3 + r.retries for r in out["reports"][1:])  # pipelined, a retry costs one exchange
+
+
+def test_batchnorm_cnn_four_rounds_as_fedavg_range_never_narrows_into_clipping():
+    out = _rounds_vs_fedavg("torch", bn_train)
+    ranges = [r.clip_range for r in out["reports"]]
+    assert all(b >= a / 2 for a, b in itertools.pairwise(ranges))  # no sudden narrowing
+
+
+def test_quickstart_numpy_with_one_example_per_client_four_rounds_as_fedavg():
+    """num-examples = 1 with max_weight = 10^6: round 1 at the initial weight scale 8,192
+    is within 2^-14 of the range (no retry needed), later rounds at the scale the
+    cohort's weight histogram gives, 1: the bound of weights of 10^6."""
+    out = _rounds_vs_fedavg("numpy", numpy_one_example_train)
+    reports = out["reports"]
+    assert reports[0].weight_scale == 8192 and reports[0].error_bound <= 2.0**-14
+    assert all(r.weight_scale == 1 and r.error_bound <= 1e-8 for r in reports[1:])
+    assert [r.exchanges for r in reports] == [5, 3, 3, 3]  # no retry
 
 
 def _compare(kind: str, train: Callable[[Message, Context], Message], metric_names: set[str]) -> None:

@@ -226,6 +226,8 @@ def message_server_main(
             out["secure_statuses"] = [r.status for r in reps]
             out["secure_round_seconds"] = [r.seconds for r in reps]
             out["stage_seconds"] = [r.stage_seconds for r in reps]
+            out["exchanges"] = [r.exchanges for r in reps]
+            out["retries"] = [r.retries for r in reps]
 
     return main
 
@@ -381,6 +383,9 @@ def compare(n: int, m: int, rounds: int, variants: list[str], verbose: bool, pro
         "round1_seconds": {v: results[v]["round_end"][1] for v in variants},
         "simulation_seconds": {v: results[v]["simulation_seconds"] for v in variants},
         "ours_secure_statuses": results["ours"].get("secure_statuses"),
+        # exchanges per round (5 in full, 3 pipelined) and retries of the masked input (none without clipping)
+        "ours_exchanges": results["ours"].get("exchanges"),
+        "ours_retries": results["ours"].get("retries"),
         # seconds per exchange of our protocol, mean over rounds 2.. (round 1 warms up the actors)
         "ours_stage_seconds": mean_stage_seconds(results["ours"].get("stage_seconds", [])),
         "flower_num_shares": results["flower"].get("flower_num_shares"),
@@ -396,6 +401,7 @@ def compare(n: int, m: int, rounds: int, variants: list[str], verbose: bool, pro
     print(f"final model vs plain FedAvg: ours max |diff| {out['ours_max_abs_diff_vs_plain']:.3g}, "
           f"Flower SecAgg+ {out['flower_max_abs_diff_vs_plain']:.3g} (plain vs exact float64 "
           f"{out['plain_max_abs_diff_vs_exact']:.3g})", file=sys.stderr)
+    print(f"ours, exchanges per round {out['ours_exchanges']}, retries {out['ours_retries']}", file=sys.stderr)
     stages = out["ours_stage_seconds"]
     if stages:
         print("ours, seconds per exchange: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())

@@ -43,6 +43,7 @@ from sgs_flower.secagg.graph import consistency_quorum, graph_seed, neighbours_o
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander
 from sgs_flower.secagg.wire import (
+    MAX_RETRIES,
     PIPELINED_STAGES,
     PROTOCOL_VERSION,
     AdvertiseKeys,
@@ -52,6 +53,8 @@ from sgs_flower.secagg.wire import (
     MaskedInput,
     Message,
     NeighbourKeys,
+    RetryInput,
+    RetryRequest,
     Setup,
     ShareBundle,
     ShareKeys,
@@ -229,7 +232,7 @@ class AwaitingShares:
         masked = mask_input(vector, sec, {v: self.roster[v] for v in held}, u, context)
         reply = MaskedInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked)
         nxt = AwaitingConsistency(u, sec, self.roster, self.identities, held, model_digest, min_survivors,
-                                  tuple(sorted(near_sets)))
+                                  tuple(sorted(near_sets)), context)
         return nxt, reply
 
 
@@ -263,6 +266,7 @@ class AwaitingConsistency:
     model_digest: bytes
     min_survivors: int
     near_sets: tuple[str, ...] = ()
+    mask_context: bytes = b""  # what the masks were keyed with (a retry derives its context from it)
 
     def on_consistency(
         self, msg: ConsistencyRequest, ident: bytes, history: dict[str, str]
@@ -287,7 +291,7 @@ class AwaitingConsistency:
             history.pop(next(iter(history)))
         signature = identity.sign(ident, keys.consistency_statement(sec.share_context, u3))
         reply = ConsistencySignature(run_id=msg.run_id, round_id=msg.round_id, sender=u, signature=signature)
-        return AwaitingUnmask(u, sec, self.roster, self.identities, self.held, u3), reply
+        return AwaitingUnmask(u, sec, self.roster, self.identities, self.held, u3, self.mask_context), reply
 
 
 def check_survivor_set(
@@ -331,8 +335,9 @@ class AwaitingUnmask:
     identities: dict[int, bytes]
     held: dict[int, tuple[bytes, bytes]]
     survivors: tuple[int, ...]
+    mask_context: bytes = b""
 
-    def on_unmask(self, msg: UnmaskRequest) -> tuple[AwaitingSetup, UnmaskResponse]:
+    def on_unmask(self, msg: UnmaskRequest) -> tuple[Unmasked, UnmaskResponse]:
         u, sec = self.node_id, self.secrets
         if tuple(sorted(msg.survivors)) != self.survivors or len(msg.survivors) != len(self.survivors):
             raise InconsistentRequestError(
@@ -364,10 +369,60 @@ class AwaitingUnmask:
             self_mask_shares=tuple((v, self.held[v][1]) for v in sorted(self.held) if v in members),
             key_shares=tuple((v, self.held[v][0]) for v in sorted(self.held) if v not in members),
         )
-        return AwaitingSetup(u), reply
+        return Unmasked(u, sec, self.roster, self.survivors, self.mask_context), reply
 
 
-ClientState = AwaitingSetup | AwaitingRoster | AwaitingShares | AwaitingConsistency | AwaitingUnmask
+@dataclass
+class Unmasked:
+    """Has unmasked for the survivor set it signed. The round is over for everything but
+    a retry of its masked input (at most ``MAX_RETRIES``, each attempt numbered in
+    order): the same update re-encoded under a retry spec, masked with pairwise masks
+    among the same survivors and a self mask, all keyed from this round's secrets under
+    :func:`keys.retry_context`. The server holds this site's self-mask seed now, so
+    what hides its retry vector is the pairwise masks with its surviving neighbours,
+    whose keys no honest site revealed (each revealed key shares only for neighbours
+    outside the signed set, and answers one unmask request), as in the round itself."""
+
+    node_id: int
+    secrets: _RoundSecrets
+    roster: dict[int, NeighbourKeys]
+    survivors: tuple[int, ...]
+    mask_context: bytes
+    attempts: int = 0
+
+    def check_retry(self, msg: RetryRequest) -> None:
+        u = self.node_id
+        if tuple(sorted(msg.survivors)) != self.survivors or len(msg.survivors) != len(self.survivors):
+            raise InconsistentRequestError(
+                f"retry request names another survivor set than the one node {u} signed and unmasked for; refused"
+            )
+        if self.attempts >= MAX_RETRIES:
+            raise PolicyError(f"node {u} already answered {self.attempts} retries of this round (at most "
+                              f"{MAX_RETRIES}); refused")
+        if msg.attempt != self.attempts + 1:
+            raise StaleMessageError(
+                f"retry attempt {msg.attempt} arrived, node {u} expects attempt {self.attempts + 1} (replayed or "
+                "out of order)"
+            )
+        if not self.mask_context:
+            raise StaleMessageError(f"node {u} holds no mask context for this round's retry")
+
+    def on_retry(self, msg: RetryRequest, vector: np.ndarray, spec_digest: bytes) -> tuple[Unmasked, RetryInput]:
+        self.check_retry(msg)
+        sec, u = self.secrets, self.node_id
+        dtype = dtype_for_bits(sec.setup.field_bits)
+        if not isinstance(vector, np.ndarray) or vector.dtype != dtype or vector.shape != (sec.setup.vector_length,):
+            raise MalformedMessageError(f"retry input must be {dtype} of shape ({sec.setup.vector_length},)")
+        context = keys.retry_context(self.mask_context, msg.attempt, spec_digest)
+        members = set(self.survivors)
+        # the survivors among its neighbours all shared with it (checked before it signed)
+        peers = {v: nk for v, nk in self.roster.items() if v in members and v in sec.neighbours and v != u}
+        masked = mask_input(vector, sec, peers, u, context)
+        nxt = Unmasked(u, sec, self.roster, self.survivors, self.mask_context, msg.attempt)
+        return nxt, RetryInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked)
+
+
+ClientState = AwaitingSetup | AwaitingRoster | AwaitingShares | AwaitingConsistency | AwaitingUnmask | Unmasked
 _STAGE_OF = {
     AwaitingRoster: Stage.SHARE_KEYS,
     AwaitingShares: Stage.MASKED_INPUT,
@@ -529,6 +584,28 @@ class SecAggClient:
             self.state = AwaitingSetup(self.node_id)
             raise
 
+    def expect_retry(self, msg: Message) -> Unmasked:
+        """Check, before the site re-encodes anything, that ``msg`` is a retry request this
+        client may answer: a :class:`RetryRequest` of the round it unmasked, for the set it
+        signed, the next attempt, within ``MAX_RETRIES``; raises a typed error otherwise
+        (and leaves the round)."""
+        try:
+            self.check_header(msg)
+            if not isinstance(msg, RetryRequest):
+                raise StaleMessageError(f"{type(msg).__name__} is not a retry request")
+            self._check_round(msg)
+            st = self.state
+            if not isinstance(st, Unmasked):
+                raise StaleMessageError(
+                    f"retry request for round {msg.round_id} arrived while node {self.node_id} is at stage "
+                    f"{self.stage.name if self.stage else 'idle'}: a retry comes only after this site unmasked"
+                )
+            st.check_retry(msg)
+            return st
+        except ProtocolError:
+            self.state = AwaitingSetup(self.node_id)
+            raise
+
     def _route(self, msg: Message) -> None:
         """A first-part message of the round set up ahead of time makes that round the
         one in progress (the previous round, if still open, is left)."""
@@ -544,7 +621,7 @@ class SecAggClient:
 
     def _check_round(self, msg: Message) -> Setup:
         st = self.state
-        if isinstance(st, AwaitingSetup):
+        if isinstance(st, AwaitingSetup) or (isinstance(st, Unmasked) and not isinstance(msg, RetryRequest)):
             raise StaleMessageError(
                 f"{type(msg).__name__} for round {msg.round_id} of run {msg.run_id} arrived, but node "
                 f"{self.node_id} has no round in progress (stale, replayed or out of order)"
@@ -587,6 +664,11 @@ class SecAggClient:
         if isinstance(st, AwaitingUnmask) and isinstance(msg, UnmaskRequest):
             self.state, response = st.on_unmask(msg)
             return response
+        if isinstance(st, Unmasked) and isinstance(msg, RetryRequest):
+            if vector is None:
+                raise MalformedMessageError("a retry needs the client's re-encoded input vector")
+            self.state, retried = st.on_retry(msg, vector, bound_digest)
+            return retried
         raise StaleMessageError(
             f"{type(msg).__name__} (stage {msg.stage.name}) is not valid while node {self.node_id} "
             f"is at stage {self.stage.name if self.stage else 'idle'}"
@@ -638,9 +720,10 @@ def _instance_dict(st: ClientState, node_id: int, prefix: str) -> dict[str, Any]
     sec = st.secrets
     out.update({prefix + "setup": encode(sec.setup), prefix + "c_sk": sec.c_sk, prefix + "s_sk": sec.s_sk,
                 prefix + "b_u": sec.b_u})
-    if isinstance(st, AwaitingShares | AwaitingConsistency | AwaitingUnmask):
+    if isinstance(st, AwaitingShares | AwaitingConsistency | AwaitingUnmask | Unmasked):
         roster = KeyRoster(run_id=sec.setup.run_id, round_id=sec.setup.round_id, recipient=node_id,
-                           keys=tuple(st.roster.values()), identities=tuple(sorted(st.identities.items())))
+                           keys=tuple(st.roster.values()),
+                           identities=tuple(sorted(getattr(st, "identities", {}).items())))
         out[prefix + "roster"] = encode(roster)
     if isinstance(st, AwaitingConsistency | AwaitingUnmask):
         out[prefix + "held_nodes"] = list(st.held)
@@ -649,8 +732,12 @@ def _instance_dict(st: ClientState, node_id: int, prefix: str) -> dict[str, Any]
         out[prefix + "model_digest"] = st.model_digest
         out[prefix + "min_survivors"] = st.min_survivors
         out[prefix + "near_sets"] = list(st.near_sets)
-    if isinstance(st, AwaitingUnmask):
+    if isinstance(st, AwaitingConsistency | AwaitingUnmask | Unmasked):
+        out[prefix + "mask_context"] = st.mask_context
+    if isinstance(st, AwaitingUnmask | Unmasked):
         out[prefix + "survivors"] = list(st.survivors)
+    if isinstance(st, Unmasked):
+        out[prefix + "attempts"] = st.attempts
     return out
 
 
@@ -674,13 +761,18 @@ def _instance_from(d: dict[str, Any], node_id: int, prefix: str) -> ClientState:
     table = dict(roster_msg.identities)
     if name == "AwaitingShares":
         return AwaitingShares(node_id, sec, roster, table)
+    mask_context = bytes(d.get(prefix + "mask_context", b""))
+    if name == "Unmasked":
+        return Unmasked(node_id, sec, roster, tuple(int(v) for v in d[prefix + "survivors"]), mask_context,
+                        int(d[prefix + "attempts"]))
     n = shamir.SHARE_BYTES
     held = {int(v): (bytes(s[:n]), bytes(s[n:]))
             for v, s in zip(d[prefix + "held_nodes"], d[prefix + "held_shares"], strict=True)}
     if name == "AwaitingConsistency":
         return AwaitingConsistency(node_id, sec, roster, table, held, bytes(d[prefix + "model_digest"]),
                                    int(d[prefix + "min_survivors"]),
-                                   tuple(str(v) for v in d.get(prefix + "near_sets", [])))
+                                   tuple(str(v) for v in d.get(prefix + "near_sets", [])), mask_context)
     if name != "AwaitingUnmask":
         raise MalformedMessageError("saved client state names an unknown stage")
-    return AwaitingUnmask(node_id, sec, roster, table, held, tuple(int(v) for v in d[prefix + "survivors"]))
+    return AwaitingUnmask(node_id, sec, roster, table, held, tuple(int(v) for v in d[prefix + "survivors"]),
+                          mask_context)

@@ -37,6 +37,7 @@ LABEL_COMMIT = b"sgs-flower/self-mask-commitment/v1"
 LABEL_CONTEXT = b"sgs-flower/round-context/v1"
 LABEL_ADVERTISE = b"sgs-flower/advertise-signature/v2"
 LABEL_CONSISTENCY = b"sgs-flower/consistency-signature/v2"
+LABEL_RETRY = b"sgs-flower/retry-context/v1"
 
 
 def node_bytes(node_id: int) -> bytes:
@@ -88,6 +89,19 @@ def round_contexts(setup: Any, seed: bytes, bound_digest: bytes) -> tuple[bytes,
         setup.field_bits, setup.vector_length, seed,
     )
     return round_context(*args, bound_digest), round_context(*args, b"")
+
+
+def retry_context(mask_context: bytes, attempt: int, spec_digest: bytes) -> bytes:
+    """The mask context of a retry of the masked input: the round's mask context (model
+    digest included), the attempt number and the digest of the retry's spec, under their
+    own label. Masks derived from it are independent of the round's (HKDF with another
+    ``info``), and two sites given different retry specs mask with keys that do not
+    cancel."""
+    h = hashlib.sha256(LABEL_RETRY)
+    h.update(struct.pack(">I", len(mask_context)) + mask_context)
+    h.update(struct.pack(">I", attempt))
+    h.update(struct.pack(">I", len(spec_digest)) + spec_digest)
+    return h.digest()
 
 
 def generate_private_key() -> X25519PrivateKey:

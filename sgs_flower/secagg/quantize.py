@@ -15,7 +15,9 @@ coordinates carry the weight ``w`` and a count of 1; the server decodes
 - Fast: one pass over the update in cache-sized blocks (see :func:`encode_parts`); the
   rounding randomness is an AES-256-CTR keystream under a fresh key.
 - Clipping to [-c, c] is explicit: the number of clipped coordinates is returned and
-  reported, never applied silently.
+  reported, never applied silently. With ``wrap=True`` (the non-DP pipeline) values
+  beyond the range are not clipped at all but encoded linearly mod 2^b and counted: a
+  sum holding any is never released (it is retried at a wider range).
 - No wrap-around: the configuration is refused unless
   ``max_cohort * max_weight * (L + headroom) < 2^(b-1)``, the condition for the
   two's-complement sum to decode exactly. DP noise added in the integer domain reserves
@@ -27,6 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +66,7 @@ class QuantizationConfig:
     bits_per_coordinate: int | None = None
     noise_headroom: int = 0
     weight_scaled: bool = False
+    weight_scale: int = 0  # scaled weights: coordinates carry (w / weight_scale) * x; 0 = max_weight
 
     def __post_init__(self) -> None:
         if not (self.clip_range > 0 and np.isfinite(self.clip_range)):
@@ -75,6 +79,9 @@ class QuantizationConfig:
             raise ConfigurationError(f"field_bits must be in 8..64, got {self.field_bits}")
         if self.noise_headroom < 0:
             raise ConfigurationError(f"noise_headroom must be >= 0, got {self.noise_headroom}")
+        if not 0 <= self.weight_scale <= self.max_weight:
+            raise ConfigurationError(f"weight_scale must be in 1..max_weight={self.max_weight} (0: max_weight), "
+                                     f"got {self.weight_scale}")
         if self.max_cohort * self.max_weight + self.noise_headroom >= 1 << (self.field_bits - 1):
             raise OverflowRiskError(
                 f"the weight sum of {self.max_cohort} clients of weight {self.max_weight} does not fit "
@@ -104,11 +111,17 @@ class QuantizationConfig:
         return self.levels / self.clip_range
 
     @property
+    def weight_unit(self) -> int:
+        """S: a client of weight w encodes ``(w / S) * x`` (scaled weights); at most one
+        level per coordinate while ``w <= S``, which is what the field is sized for."""
+        return self.weight_scale or self.max_weight
+
+    @property
     def error_bound(self) -> float:
         """Max |decoded - true weighted mean| per coordinate, when nothing was clipped,
         for any weights in 1..max_weight (see :meth:`error_bound_for` for a known total)."""
         if self.weight_scaled:
-            return self.max_weight * self.clip_range / self.levels
+            return self.weight_unit * self.clip_range / self.levels
         return self.clip_range / self.levels
 
     def error_bound_for(self, total_weight: int, survivors: int) -> float:
@@ -116,13 +129,15 @@ class QuantizationConfig:
 
         Unscaled: each client's rounding error is below one level, and a weighted mean of
         such errors is too: ``c / L``. Scaled: the sum of ``n`` rounding errors (each below
-        one level) is divided by ``sum(w) / max_weight``: ``n * max_weight * c / (L * sum(w))``,
-        which equals ``c / L`` when every client has the maximum weight and grows as the
-        weights fall below it.
+        one level) is divided by ``sum(w) / S`` (``S`` = :attr:`weight_unit`):
+        ``n * S * c / (L * sum(w))``, which equals ``c / L`` when every client has weight
+        ``S``. The strategy keeps ``S`` within a factor 2 of the cohort's largest weight
+        (docs/protocol.md, "The weight scale"), so the bound does not grow when
+        ``num-examples`` is small relative to ``max_weight``.
         """
         if not self.weight_scaled or total_weight <= 0:
             return self.clip_range / self.levels
-        return survivors * self.max_weight * self.clip_range / (self.levels * total_weight)
+        return survivors * self.weight_unit * self.clip_range / (self.levels * total_weight)
 
 
 @dataclass(frozen=True)
@@ -268,6 +283,26 @@ def _bounded_scale(clip_range: float, levels: int, frac_bits: int) -> np.float64
     return scale
 
 
+def _wrapped_levels(
+    x: np.ndarray, level_scale: np.float64, modulus: np.float64, bits: int, stream: Keystream, dtype: np.dtype[Any]
+) -> np.ndarray:
+    """Values beyond the range, encoded linearly: ``stochastic_round(x * s) mod 2^b``.
+
+    ``fmod`` is exact in float64, so the only rounding before the stochastic one is the
+    product's own (2^-53 relative; none below 2^53 levels). The result is reduced to
+    [-2^(b-1), 2^(b-1)) before rounding, which commutes with the reduction mod 2^b."""
+    y = np.fmod(np.asarray(x, dtype=np.float64) * level_scale, modulus)
+    half = modulus / 2
+    y = np.where(y >= half, y - modulus, np.where(y < -half, y + modulus, y))
+    lo = np.floor(y)
+    u = stream.words(y.size).astype(np.float64) / np.float64(2.0**32)
+    q = lo.astype(np.int64) + (u < (y - lo)).astype(np.int64)
+    words = q.view(np.uint64)
+    if bits < 64:
+        words = words & np.uint64((1 << bits) - 1)
+    return words.astype(dtype)
+
+
 def encode_parts(
     parts: Sequence[np.ndarray],
     weight: int,
@@ -275,8 +310,17 @@ def encode_parts(
     rng: np.random.Generator | None = None,
     integer_noise: Sequence[np.ndarray | None] | None = None,
     tail_words: int = 0,
+    wrap: bool = False,
 ) -> EncodedUpdate:
     """:func:`encode` of the concatenation of ``parts``, without concatenating them.
+
+    ``wrap``: a value beyond the range is not clipped but encoded linearly and wrapped
+    mod 2^b (still counted in ``clipped``): the cohort's sum then stays a function of
+    the cohort's *linear* sum (garbage where it wraps), so a round re-encoded at a
+    wider range reveals nothing that a sum of clipped values would (the clipped
+    excesses of the few sites beyond the range). A sum with any such value must not
+    be released (see :func:`sgs_flower.pipeline.retry_spec`). Under scaled weights a
+    weight above :attr:`QuantizationConfig.weight_unit` is likewise encoded linearly.
 
     ``tail_words`` zero words are reserved after the parts and before the weight and
     count coordinates, for the caller to fill with raw (unscaled, unweighted) counters.
@@ -309,11 +353,19 @@ def encode_parts(
     levels = config.levels
     f = _fraction_bits(levels.bit_length())
     scale = _bounded_scale(config.clip_range, levels, f)
+    c = np.float64(config.clip_range)
+    c_fast = c  # values within +-c_fast take the fast path (|q| <= levels)
     if config.weight_scaled:
         # fl(scale * r) <= scale for r <= 1 (monotone rounding): |q| <= levels still holds
-        scale = np.float64(scale * (np.float64(w) / np.float64(config.max_weight)))
+        ratio = np.float64(w) / np.float64(config.weight_unit)
+        scale = np.float64(scale * ratio)
         word_w = dtype.type(1)
-    c = np.float64(config.clip_range)
+        if ratio > 1:  # a weight above the scale: in range only below c / ratio (else wrapped, counted)
+            if not wrap:
+                raise EncodingError(f"weight {w} exceeds the weight scale {config.weight_unit}")
+            c_fast = np.float64(c / ratio)
+    level_scale = np.float64(scale / np.float64(2.0**f))
+    modulus = np.float64(2.0**bits)
     block = max(1, min(CHUNK, total))
     stream = _rounding_stream(rng, block)
     y_buf = np.empty(block, dtype=np.int64)
@@ -326,23 +378,28 @@ def encode_parts(
             stop = min(start + block, x.size)
             n = stop - start
             xb, y = x[start:stop], y_buf[:n]
-            if xb.min() >= -c and xb.max() <= c:  # a NaN fails both comparisons
+            outside: np.ndarray | None = None
+            if xb.min() >= -c_fast and xb.max() <= c_fast:  # a NaN fails both comparisons
                 np.multiply(xb, scale, out=y, casting="unsafe")
             else:
                 if not np.all(np.isfinite(xb)):
                     bad = sum(int(np.count_nonzero(~np.isfinite(p))) for p in xs)
                     raise EncodingError(f"update holds {bad} non-finite values (NaN or inf)")
                 clipped += int(np.count_nonzero(np.abs(xb) > c))
+                if wrap:
+                    outside = np.flatnonzero(np.abs(xb) > c_fast)
                 if clip_buf is None:
                     clip_buf = np.empty(block, dtype=np.float64)
                 cb = clip_buf[:n]
-                np.clip(xb, -c, c, out=cb)
+                np.clip(xb, -c_fast, c_fast, out=cb)
                 np.multiply(cb, scale, out=y, casting="unsafe")
             dest = out[pos + start : pos + stop]
             # q lands in the field words directly (int64 -> word: two's complement wrap);
             # weighting and noise are then word arithmetic mod 2^32 (or 2^64), which
             # commutes with the wrap and is cheaper than the same in int64.
             _round_block(y, stream.words(n), f, out=dest)
+            if outside is not None and outside.size:
+                dest[outside] = _wrapped_levels(xb[outside], level_scale, modulus, bits, stream, dtype)
             if word_w != 1:
                 np.multiply(dest, word_w, out=dest)
             if nz is not None:
@@ -378,6 +435,6 @@ def decode(total: np.ndarray, config: QuantizationConfig) -> DecodedAggregate:
     weight, count = int(ints[-2]), int(ints[-1])
     weighted_sum = ints[:-EXTRA_COORDINATES].astype(np.float64) / config.scale
     if config.weight_scaled:
-        weighted_sum *= config.max_weight
+        weighted_sum *= config.weight_unit
     mean = weighted_sum / weight if weight > 0 else np.full_like(weighted_sum, np.nan)
     return DecodedAggregate(mean, weighted_sum, weight, count)

@@ -42,6 +42,7 @@ from sgs_flower.secagg.graph import (
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander, reduce_mod
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, decode
 from sgs_flower.secagg.wire import (
+    MAX_RETRIES,
     PROTOCOL_VERSION,
     AdvertiseKeys,
     ConsistencyRequest,
@@ -50,6 +51,8 @@ from sgs_flower.secagg.wire import (
     MaskedInput,
     Message,
     NeighbourKeys,
+    RetryInput,
+    RetryRequest,
     Setup,
     ShareBundle,
     ShareKeys,
@@ -159,6 +162,8 @@ class SecAggServer:
         self.u4: set[int] = set()
         self.signatures: dict[int, bytes] = {}
         self._acc: np.ndarray | None = None
+        self._seeds: dict[int, bytes] | None = None  # survivors' self-mask seeds, once unmasked (for retries)
+        self.retries = 0
         if bound_digest is not None:
             self.bind_model(bound_digest)
 
@@ -411,6 +416,7 @@ class SecAggServer:
         exp = get_expander(self.params.vector_length, self.dtype)
         streams: list[tuple[bytes, int]] = []
         p = self.params
+        seeds: dict[int, bytes] = {}
         for v in sorted(self.u3):
             if len(b_shares[v]) < t:
                 raise ThresholdError(
@@ -420,6 +426,7 @@ class SecAggServer:
             b_v = shamir.combine(b_shares[v], t)
             if keys.self_mask_commitment(b_v, p.run_id, p.round_id, v) != self.advertised[v].self_mask_commitment:
                 raise ReconstructionError(f"self-mask seed of node {v} does not match its commitment: a bad share")
+            seeds[v] = b_v
             streams.append((keys.self_mask_key(b_v, self.context, v), -1))
         for v in sorted(dropped_after_sharing):
             if len(sk_shares[v]) < t:
@@ -439,7 +446,59 @@ class SecAggServer:
         exp.accumulate(acc, streams)
         reduce_mod(acc, p.field_bits)
         self._acc = None
+        self._seeds = seeds
         self.stage = Stage.ADVERTISE_KEYS
+        return RoundOutcome(acc, tuple(sorted(self.u3)), dict(self.dropped), dict(self.rejected))
+
+    # ------------------------------------------------------------ retry (docs/protocol.md, "Retry")
+    def retry_messages(self) -> dict[int, RetryRequest]:
+        """After :meth:`collect_unmask`: ask every survivor to re-encode its update under a
+        retry spec (which the caller sends beside these messages) and mask it again."""
+        if self._seeds is None:
+            raise StaleMessageError(f"round {self.params.round_id}: a retry comes only after the unmask stage")
+        if self.retries >= MAX_RETRIES:
+            raise ConfigurationError(f"round {self.params.round_id}: at most {MAX_RETRIES} retries (sites refuse more)")
+        self.stage = Stage.RETRY
+        p = self.params
+        survivors = tuple(sorted(self.u3))
+        return {
+            v: RetryRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors,
+                            attempt=self.retries + 1)
+            for v in survivors
+        }
+
+    def collect_retry(self, replies: Mapping[int, Message | bytes], spec_digest: bytes) -> RoundOutcome:
+        """Sum the survivors' retry vectors and remove their self masks (keyed from the
+        seeds reconstructed at unmask, under the retry's context); the pairwise masks
+        cancel because the survivor set is the signed one. Every survivor must answer:
+        the pairwise masks of a missing one cannot be removed (no honest site reveals a
+        survivor's key), so a missing reply aborts the round (nothing released)."""
+        self._expect(Stage.RETRY)
+        assert self._seeds is not None and self.context is not None
+        self.retries += 1
+        attempt = self.retries
+        ok = self._accept(replies, set(self.u3), RetryInput)
+        self.stage = Stage.ADVERTISE_KEYS
+        p = self.params
+        acc = np.zeros(p.vector_length, dtype=self.dtype)
+        missing = sorted(self.u3 - set(ok))
+        for node, msg in sorted(ok.items()):
+            assert isinstance(msg, RetryInput)
+            vec = msg.vector
+            if not isinstance(vec, np.ndarray) or vec.dtype != self.dtype or vec.shape != (p.vector_length,):
+                self.rejected[node] = MalformedMessageError(f"node {node}'s retry vector has the wrong dtype or shape")
+                missing.append(node)
+                continue
+            np.add(acc, vec, out=acc)
+        if missing:
+            raise ThresholdError(
+                f"round {p.round_id} aborted: survivors {sorted(missing)} did not answer retry {attempt}; a retry "
+                "needs every survivor (their pairwise masks cannot be removed); no aggregate is released"
+            )
+        context = keys.retry_context(self.context, attempt, spec_digest)
+        streams = [(keys.self_mask_key(b_v, context, v), -1) for v, b_v in sorted(self._seeds.items())]
+        get_expander(p.vector_length, self.dtype).accumulate(acc, streams)
+        reduce_mod(acc, p.field_bits)
         return RoundOutcome(acc, tuple(sorted(self.u3)), dict(self.dropped), dict(self.rejected))
 
 

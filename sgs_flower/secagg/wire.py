@@ -79,6 +79,11 @@ class Stage(IntEnum):
     MASKED_INPUT = 3
     CONSISTENCY = 4
     UNMASK = 5
+    RETRY = 6  # only after UNMASK, only when the unmasked sum held out-of-range values
+
+
+#: Retries of one round's masked input a site answers at most (docs/protocol.md, "Retry").
+MAX_RETRIES = 2
 
 
 #: Stages of round r + 1 that may ride on round r's exchanges (and on which of them):
@@ -178,6 +183,21 @@ class UnmaskRequest(Message):
     to_server: ClassVar[bool] = False
 
 
+@dataclass(frozen=True)
+class RetryRequest(Message):
+    """After UNMASK: re-encode the same update under the retry spec that travels beside
+    this message (only ranges and the weight scale may change) and mask it again, for the
+    same survivor set, under the round's secrets and a context domain-separated by the
+    attempt number and the retry spec's digest. ``attempt`` counts from 1."""
+
+    recipient: int
+    survivors: tuple[int, ...]
+    attempt: int
+    version: str = PROTOCOL_VERSION
+    stage: ClassVar[Stage] = Stage.RETRY
+    to_server: ClassVar[bool] = False
+
+
 # ---------------------------------------------------------------- client -> server
 @dataclass(frozen=True)
 class AdvertiseKeys(Message):
@@ -234,11 +254,22 @@ class UnmaskResponse(Message):
     to_server: ClassVar[bool] = True
 
 
+@dataclass(frozen=True, eq=False)
+class RetryInput(Message):
+    """The re-encoded update, masked for the retry (see :class:`RetryRequest`)."""
+
+    sender: int
+    vector: np.ndarray = field(repr=False)
+    version: str = PROTOCOL_VERSION
+    stage: ClassVar[Stage] = Stage.RETRY
+    to_server: ClassVar[bool] = True
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls
     for cls in (
-        Setup, KeyRoster, ShareBundle, ConsistencyRequest, UnmaskRequest,
-        AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySignature, UnmaskResponse,
+        Setup, KeyRoster, ShareBundle, ConsistencyRequest, UnmaskRequest, RetryRequest,
+        AdvertiseKeys, ShareKeys, MaskedInput, ConsistencySignature, UnmaskResponse, RetryInput,
     )
 }
 
@@ -249,7 +280,7 @@ _INT_FIELDS = {
     # field -> largest value accepted (checked before any use sizes anything)
     "run_id": (1 << 64) - 1, "round_id": (1 << 64) - 1, "sender": (1 << 64) - 1,
     "recipient": (1 << 64) - 1, "degree": MAX_LIST_ITEMS, "threshold": MAX_LIST_ITEMS,
-    "field_bits": 64, "vector_length": MAX_VECTOR_WORDS,
+    "field_bits": 64, "vector_length": MAX_VECTOR_WORDS, "attempt": 64,
 }
 _NODE_LIST_FIELDS = ("cohort", "survivors")
 _BYTES_FIELDS = ("c_pk", "s_pk", "self_mask_commitment", "identity_key", "signature")
@@ -421,6 +452,6 @@ def decode(data: bytes, vector: np.ndarray | None = None) -> Message:
             kw[f.name] = _vector(v, name, tail, vector)
         else:  # pragma: no cover - every field is handled above
             raise MalformedMessageError(f"unexpected field {name}")
-    if cls is not MaskedInput and tail:
+    if cls not in (MaskedInput, RetryInput) and tail:
         raise MalformedMessageError(f"{cls.__name__} carries {len(tail)} unexpected trailing bytes")
     return cls(**kw)
