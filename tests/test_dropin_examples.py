@@ -22,6 +22,7 @@ within their bound of FedAvg's weighted means.
 from __future__ import annotations
 
 import itertools
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -86,25 +87,30 @@ class BNNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def torch_train(msg: Message, context: Context) -> Message:
-    """quickstart-pytorch style: load the state dict, one epoch of SGD, return it."""
-    pid = _pid(context)
-    torch.manual_seed(pid)
+def _bn_sgd_epoch(msg: Message, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int) -> Message:
+    """The user's code of the BatchNorm apps: load the state dict, one epoch of SGD over
+    (x, y) in batches, return the state dict and the mean batch loss."""
     net = BNNet()
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
-    x, y = torch.randn(8000, 3, 8, 8), torch.randint(0, 10, (8000,))  # 8,000 stand-in examples
-    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
     net.train()
     total = 0.0
-    for i in range(0, 8000, 500):
+    for i in range(0, len(x), batch):
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x[i : i + 500]), y[i : i + 500])
+        loss = nn.functional.cross_entropy(net(x[i : i + batch]), y[i : i + batch])
         loss.backward()
         opt.step()
         total += float(loss)
-    metrics = {"train_loss": total / 16, "num-examples": len(x)}
+    metrics = {"train_loss": total / math.ceil(len(x) / batch), "num-examples": len(x)}
     return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
+
+
+def torch_train(msg: Message, context: Context) -> Message:
+    """quickstart-pytorch style: load the state dict, one epoch of SGD, return it."""
+    torch.manual_seed(_pid(context))
+    x, y = torch.randn(8000, 3, 8, 8), torch.randint(0, 10, (8000,))  # 8,000 stand-in examples
+    return _bn_sgd_epoch(msg, x, y, lr=0.01, batch=500)
 
 
 def opacus_train(msg: Message, context: Context) -> Message:
@@ -191,21 +197,8 @@ def bn_train(msg: Message, context: Context) -> Message:
     pid = _pid(context)
     torch.set_num_threads(1)
     torch.manual_seed(pid)
-    net = BNNet()
-    net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
     x, y = torch.randn(2000, 3, 8, 8) * (1 + pid), torch.randint(0, 10, (2000,))
-    opt = torch.optim.SGD(net.parameters(), lr=0.05)
-    net.train()
-    total = 0.0
-    for i in range(0, 2000, 100):
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x[i : i + 100]), y[i : i + 100])
-        loss.backward()
-        opt.step()
-        total += float(loss)
-    metrics = {"train_loss": total / 20, "num-examples": len(x)}
-    return Message(RecordDict({"arrays": ArrayRecord(net.state_dict()), "metrics": MetricRecord(metrics)}),
-                   reply_to=msg)
+    return _bn_sgd_epoch(msg, x, y, lr=0.05, batch=100)
 
 
 def numpy_one_example_train(msg: Message, context: Context) -> Message:
