@@ -16,6 +16,7 @@ cohort's weights; a lying server against the retry.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -368,13 +369,16 @@ def test_the_mod_keeps_only_one_update_and_drops_it_after_the_last_retry():
     sites = {u: OutlierSite(u) for u in range(1, N_MOD + 1)}
     spec = _spec(weight_scale=16)
     server, _ = _unmasked_round(sites, spec)
-    assert all("sgs.secagg.kept-delta" in s.context.state.array_records for s in sites.values())
+    files = [Path(str(s.context.state.config_records["sgs.secagg.kept"]["delta-file"])) for s in sites.values()]
+    assert all(f.exists() for f in files)
+    assert not any(s.context.state.array_records for s in sites.values())  # the delta never travels in the context
     c = spec.clip_range
     for _ in range(MAX_RETRIES):
         c *= 2
         nxt = dataclasses.replace(spec, clip_range=c)
         server.collect_retry({u: _reply(r) for u, r in _send_retry(sites, server, nxt).items()}, _spec_digest(nxt))
-    assert not any("sgs.secagg.kept-delta" in s.context.state.array_records for s in sites.values())
+    assert not any(f.exists() for f in files)
+    assert all(s.context.state.config_records["sgs.secagg.kept"]["delta-file"] == "" for s in sites.values())
 
 
 # ---------------------------------------------------------------- the strategy, in process
