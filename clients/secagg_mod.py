@@ -45,6 +45,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ PENDING_KEY = "sgs.secagg.pending-model"  # sketch of the model trained on, unti
 NAMES_KEY = "sgs.secagg.metric-names"  # the metric names of the last usable train reply
 KEPT_KEY = "sgs.secagg.kept"  # the round's update (metrics, weight, spec), kept for a retry of its masked input
 KEPT_DELTA_SUFFIX = ".kept-delta.npy"  # ... and its delta (outside DP only), in a file beside the site's state
+STALE_DELTA_SECONDS = 3600.0  # a kept delta this old is left over from an earlier run
 MEMORY_STATE = "memory"  # sgs-state-file value: remember only for this run
 IDENTITY_KEY = "sgs.secagg.identity"  # a run-scoped identity, when the site configured none
 SITE_KEY = "sgs.secagg.site"  # SiteState, when the site configured no state file
@@ -475,7 +477,20 @@ def _kept_delta_file(context: Context, policy: ClientPolicy, ident: bytes) -> Pa
     model-sized delta there was copied at every consistency and unmask message (at
     m = 5e6 and 50 sites those two exchanges went from 0.25 and 0.45 s to 1.3 and 1.6 s)."""
     state = _state_file(context, policy, ident) or default_state_file(f"node-{int(context.node_id)}")
-    return state.with_name(f"{state.stem}.run-{int(context.run_id)}{KEPT_DELTA_SUFFIX}")
+    return state.with_name(f"{state.stem}{KEPT_DELTA_SUFFIX}")
+
+
+def _collect_stale_deltas(folder: Path, keep: Path) -> None:
+    """Delete kept deltas in ``folder`` older than an hour, other than ``keep``: a run's
+    last round leaves its sites' files (no message says no retry will come), and in a
+    simulation every run's nodes have new ids, so new names."""
+    cutoff = time.time() - STALE_DELTA_SECONDS
+    for f in folder.glob(f"*{KEPT_DELTA_SUFFIX}"):
+        try:
+            if f != keep and f.stat().st_mtime < cutoff:
+                f.unlink(missing_ok=True)
+        except OSError:  # another site's process removed it first
+            continue
 
 
 def _drop_kept_delta(path: str) -> None:
@@ -498,6 +513,7 @@ def _keep(
     if keep_delta:
         assert delta is not None
         delta_file.parent.mkdir(parents=True, exist_ok=True)
+        _collect_stale_deltas(delta_file.parent, delta_file)
         tmp = delta_file.with_name(delta_file.name + ".tmp")
         with tmp.open("wb") as f:
             np.save(f, np.ascontiguousarray(delta), allow_pickle=False)

@@ -497,3 +497,24 @@ def test_a_site_whose_update_was_unusable_sends_its_unusable_vector_again(task_i
     expect = np.full(20, float(np.sum(w * 0.01 * nodes) / w.sum()))
     expect[0] += 11 * (5.0 - 0.01) / w.sum()
     np.testing.assert_allclose(models[1]["w"].ravel(), expect, atol=r1.error_bound + 1e-6)
+
+
+def test_kept_deltas_left_by_an_earlier_run_are_collected_after_an_hour():
+    """A run's last round leaves each site's kept delta (no message says no retry will
+    come); the next masked input in that folder deletes those older than an hour, and
+    never a fresh one (another site's of the round in progress)."""
+    import os
+    import time
+
+    from sgs_flower.dp.site import default_state_file
+
+    folder = default_state_file("x").parent
+    folder.mkdir(parents=True, exist_ok=True)
+    stale, fresh = folder / "node-99.kept-delta.npy", folder / "node-98.kept-delta.npy"
+    for f in (stale, fresh):
+        f.write_bytes(b"left over")
+    hours_ago = time.time() - 7200
+    os.utime(stale, (hours_ago, hours_ago))
+    sites = {u: OutlierSite(u) for u in range(1, N_MOD + 1)}
+    _unmasked_round(sites, _spec(weight_scale=16))
+    assert not stale.exists() and fresh.exists()
