@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Runnable from a checkout without installing the package.
@@ -55,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     print(f"bench_vs_flower: n={n} clients, m={m:,} float32 parameters, {rounds} rounds, "
           f"variants {variants}, Ray num_cpus={BACKEND['init_args']['num_cpus']}", file=sys.stderr)
-    out = compare(n, m, rounds, variants, args.verbose, args.profile, Path(__file__).resolve())
+    # the sites' state files and kept deltas (n x m x 4 bytes) go to a folder removed at the end
+    with tempfile.TemporaryDirectory(prefix="sgs-bench-sites-") as sites:
+        os.environ["SGS_STATE_DIR"] = sites
+        out = compare(n, m, rounds, variants, args.verbose, args.profile, Path(__file__).resolve())
     print(json.dumps(out))
     return 0
 
