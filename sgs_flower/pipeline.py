@@ -34,6 +34,7 @@ from sgs_flower.secagg.errors import (
     PolicyError,
     StaleMessageError,
 )
+from sgs_flower.secagg.prg import dtype_for_bits
 from sgs_flower.secagg.quantize import (
     CHUNK,
     EncodedUpdate,
@@ -43,6 +44,7 @@ from sgs_flower.secagg.quantize import (
     to_field,
 )
 from sgs_flower.secagg.server import decode_checked
+from sgs_flower.secagg.wire import MAX_RETRIES  # retries of a round's masked input a site answers
 
 logger = logging.getLogger("sgs_flower.pipeline")
 
@@ -71,10 +73,6 @@ FAILURE_REASONS = (
     "the site's encoder raised",
 )
 
-# At most this many retries of a round's masked input (docs/protocol.md, "Retry"): the
-# site refuses more. Each re-encodes the same update at wider ranges or another weight
-# scale, masked with the round's secrets under a domain-separated context.
-MAX_RETRIES = 2
 # The fields a retry's spec may change; every other field must equal the round's.
 RETRY_FIELDS = ("clip_range", "int_clip_range", "weight_scale")
 
@@ -186,6 +184,12 @@ class UpdateSpec:
         if self.dp_mode != "none":
             return 0
         return 2 * HIST_BINS + 2 + self.metric_slots + len(FAILURE_REASONS) + weight_bins(self.max_weight) + 1
+
+    @property
+    def failure_counters_at(self) -> int:
+        """Index, within the counters, of the first :data:`FAILURE_REASONS` counter (after
+        the two range histograms, the two clip counts and the metric clip counts)."""
+        return 2 * HIST_BINS + 2 + self.metric_slots
 
     @property
     def flag_words(self) -> int:
@@ -506,10 +510,9 @@ def encode_failure(
     size = spec.encoded_size(model_size)
     if spec.dp_mode != "none":
         return _encode_dp(np.zeros(size), spec.flag_value, spec, rng, integer_noise)
-    dtype_vector = encode_parts([np.zeros(0)], 1, spec.quantization, rng).vector.dtype
-    vector = np.zeros(spec.vector_length(model_size), dtype=dtype_vector)
+    vector = np.zeros(spec.vector_length(model_size), dtype=dtype_for_bits(spec.field_bits))
     counters = np.zeros(spec.counters, dtype=np.int64)
-    counters[2 * HIST_BINS + 2 + spec.metric_slots + FAILURE_REASONS.index(reason)] = 1
+    counters[spec.failure_counters_at + FAILURE_REASONS.index(reason)] = 1
     _write_counters(vector, counters, spec, size)
     vector[-1] = 1  # the count coordinate: this site is a survivor; its weight word stays 0
     return EncodedUpdate(vector, 0, (0, 0))
@@ -574,8 +577,8 @@ def decode_update(
     raw = from_field(np.asarray(total[total.size - 2 - t : total.size - 2]), spec.field_bits)
     hist_f, hist_i = raw[:HIST_BINS], raw[HIST_BINS : 2 * HIST_BINS]
     clipped = (int(raw[2 * HIST_BINS]), int(raw[2 * HIST_BINS + 1]))
-    metric_clipped = tuple(int(v) for v in raw[2 * HIST_BINS + 2 : 2 * HIST_BINS + 2 + k])
-    at = 2 * HIST_BINS + 2 + k
+    at = spec.failure_counters_at
+    metric_clipped = tuple(int(v) for v in raw[2 * HIST_BINS + 2 : at])
     failed = [int(v) for v in raw[at : at + len(FAILURE_REASONS)]]
     at += len(FAILURE_REASONS)
     w_hist = tuple(int(v) for v in raw[at : at + weight_bins(spec.max_weight)])
@@ -601,24 +604,6 @@ def _flag_noise_std(spec: UpdateSpec, survivors: int) -> float:
     if spec.dp_mode != "distributed":
         return 0.0
     return float(np.sqrt(2.0 * survivors * spec.noise_mu_share) / (spec.quantization.scale * spec.flag_value))
-
-
-def next_range(current: float, histogram: Sequence[int], coordinates: int, target_fraction: float) -> float:
-    """The next round's range from this round's securely summed magnitude histogram.
-
-    The smallest threshold ``current * 2^k`` (k >= HIST_LOW) that at most
-    ``target_fraction`` of the ``coordinates`` reached, doubled for headroom (updates
-    change between rounds): a geometric step, as adaptive clipping takes, but sized from
-    the histogram, so one round is enough to stop clipping. Past the top threshold the
-    range grows by the largest step, 2^(HIST_LOW + HIST_BINS).
-    """
-    if coordinates <= 0 or len(histogram) != HIST_BINS:
-        return current
-    allowed = target_fraction * coordinates
-    for j, count in enumerate(histogram):
-        if count <= allowed:
-            return current * 2.0 ** (HIST_LOW + j + 1)
-    return current * 2.0 ** (HIST_LOW + HIST_BINS)
 
 
 def covering_range(current: float, histogram: Sequence[int]) -> float:
@@ -687,10 +672,11 @@ def check_retry_spec(base: UpdateSpec, earlier: Sequence[UpdateSpec], new: Updat
     if len(earlier) >= MAX_RETRIES:
         raise PolicyError(f"this round's masked input was already retried {len(earlier)} times "
                           f"(at most {MAX_RETRIES}); refused")
+    new_config, base_config = new.to_config(), base.to_config()
     for name in _CONFIG_FIELDS:
         if name in RETRY_FIELDS:
             continue
-        if new.to_config()[name] != base.to_config()[name]:
+        if new_config[name] != base_config[name]:
             raise InconsistentRequestError(
                 f"a retry may change only {', '.join(RETRY_FIELDS)}; its spec changes {name!r}: refused"
             )

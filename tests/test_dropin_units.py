@@ -8,10 +8,11 @@ from flwr.serverapp.strategy import FedAvg
 
 from sgs_flower.pipeline import (
     HIST_LOW,
+    adapted_range,
     apply_delta,
+    covering_range,
     magnitude_histogram,
     model_delta,
-    next_range,
     unflatten,
 )
 from strategies import SecAggStrategy
@@ -29,11 +30,11 @@ def test_zero_d_integer_entries_stay_zero_d_arrays_of_their_dtype():
     assert back[1].dtype == np.int64 and int(back[1]) == 39 and back[0].dtype == np.float32
 
 
-def test_histogram_and_next_range_stop_clipping_after_one_round():
+def test_histogram_and_the_adapted_range_stop_clipping_after_one_round():
     x = np.concatenate([np.full(10, 5.0), np.full(1000, 0.01)])
     h = magnitude_histogram(x, 1.0)
     assert h[-HIST_LOW] == 10  # ten values >= 1.0 * 2^0 (the clipped ones)
-    r = next_range(1.0, h, x.size, 0.0)
+    r = adapted_range([covering_range(1.0, h)], 1.0)  # the next round's range, as the strategy sets it
     assert r >= 5.0 and r <= 16.0  # wide enough for 5.0, not wasteful
     assert magnitude_histogram(x, r)[-HIST_LOW] == 0  # the next round clips nothing
 
