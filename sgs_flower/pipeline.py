@@ -25,7 +25,7 @@ import numpy as np
 from sgs_flower.dp.clipping import clip_l2
 from sgs_flower.dp.noise import secure_rng, skellam_share
 from sgs_flower.dp.rotation import padded_length, rotate, unrotate
-from sgs_flower.dp.site import DPContribution
+from sgs_flower.dp.site import DP_FLAG_WORDS, DPContribution, dp_dimension
 from sgs_flower.secagg.errors import (
     ConfigurationError,
     EncodingError,
@@ -197,15 +197,18 @@ class UpdateSpec:
         for a site whose update could not be used. Both have L2 norm <= the clip norm, so
         the sensitivity is unchanged, and the flag's sum carries the round's noise: the
         server learns a noisy count of failed sites, never whether one site failed."""
-        return 1 if self.dp_mode != "none" else 0
+        return DP_FLAG_WORDS if self.dp_mode != "none" else 0
 
     @property
     def flag_value(self) -> float:
         return min(self.l2_clip, self.clip_range)
 
     def dp_dimension(self, model_size: int) -> int:
-        """Coordinates of the DP-protected vector: the (padded) delta and the flag."""
-        return self.encoded_size(model_size) + self.flag_words
+        """Coordinates of the DP-protected vector: the (padded) delta and the flag (the
+        delta alone outside DP, where there is no flag)."""
+        if self.dp_mode == "none":
+            return self.encoded_size(model_size)
+        return dp_dimension(model_size, self.rotation_seed >= 0)
 
     def dp_contribution(self, model_size: int) -> DPContribution:
         """What a site's distributed-DP contribution under this spec carries, from every

@@ -31,7 +31,7 @@ from sgs_flower.dp.config import DPConfig
 from sgs_flower.dp.events import GaussianEvent
 from sgs_flower.dp.ledger_accounting import record_abort, record_round, resume_accountant
 from sgs_flower.dp.noise import noise_present, secure_rng, skellam_event, skellam_share_mu
-from sgs_flower.dp.rotation import padded_length
+from sgs_flower.dp.site import dp_dimension
 from sgs_flower.ledger.ledger import Ledger, RoundEntry
 from sgs_flower.secagg.errors import OverflowRiskError
 from sgs_flower.secagg.wire import CRYPTO_SUITE, PROTOCOL_VERSION
@@ -43,12 +43,6 @@ NOISE_SIGMAS = 12.0
 # 1.2x too large at 2.8e14, exact to 0.5 % up to 1e11). The fixed point is therefore no
 # finer than needed to keep each client's Skellam parameter at or below this.
 MAX_MU_SHARE = 1e10
-
-
-def dp_dimension(model_size: int, rotate: bool) -> int:
-    """Coordinates of the DP vector that carry noise: the (padded) delta and the flag of
-    ``UpdateSpec.flag_words`` (a site whose update could not be used sets it)."""
-    return (padded_length(model_size) if rotate else model_size) + 1
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,22 @@ from typing import Any
 
 from sgs_flower.dp.events import event_from_dict, event_to_dict
 from sgs_flower.dp.noise import noise_present, rounded_l2_bound, skellam_event
+from sgs_flower.dp.rotation import padded_length
 
 
 class SiteBudgetError(ValueError):
     """The spec's noise is below this site's floor, or contributing would spend more
     than its budget. The message names the rule, not the site's spend."""
+
+
+# The DP vector's coordinates after the (padded) delta: the flag a site whose update could
+# not be used sets (``UpdateSpec.flag_words``). Sites and server count it in ``dim``.
+DP_FLAG_WORDS = 1
+
+
+def dp_dimension(model_size: int, rotate: bool) -> int:
+    """Coordinates of the DP vector that carry noise: the (padded) delta and the flag."""
+    return (padded_length(model_size) if rotate else model_size) + DP_FLAG_WORDS
 
 
 @dataclass(frozen=True)
