@@ -63,6 +63,8 @@ from flwr.app import (
 )
 from flwr.common.constant import ErrorCode
 
+from clients import confidential_site
+from sgs_flower.confidential.masked_model import Layout, RoundContext, flat_model, layout_of, seal
 from sgs_flower.dp.site import SiteAccountant, SiteBudgetError, SiteState, default_state_file
 from sgs_flower.pipeline import (
     EncodedUpdate,
@@ -256,6 +258,8 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
     except SecAggError as exc:  # the site's own configuration is broken: say so, do not train
         logger.error("secure aggregation: bad site policy: %s", exc)
         return _error_reply(msg, PolicyError(f"this site's secure-aggregation policy is invalid ({type(exc).__name__})"))
+    if confidential_site.KEY_RECORD in msg.content.config_records:
+        return _on_key_message(msg, context, policy)
     if wire.RECORD_KEY not in msg.content.config_records:
         if policy.require_secure_aggregation:
             logger.warning("refused a plain train message: this site requires secure aggregation")
@@ -295,7 +299,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
             reply, names = _on_masked_input(msg, context, client, server_msg, rec, call_next, encoder, policy, site,
                                             state_path)
         elif stage == Stage.RETRY:
-            reply = _on_retry(msg, context, client, server_msg, encoder)
+            reply = _on_retry(msg, context, client, server_msg, encoder, policy, state_path)
         else:
             reply = client.handle(server_msg)
     except Exception as exc:
@@ -327,6 +331,16 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
             site.models = remember(site.models, entry)
         _save_site(context, state_path, site)
     return _protocol_reply(msg, stage, reply, names, ahead)
+
+
+def _on_key_message(msg: Message, context: Context, policy: ClientPolicy) -> Message:
+    """A model-key request (model-confidential mode): answered without training."""
+    try:
+        ident = _identity(context, policy)
+        return confidential_site.on_key_message(msg, context, ident, policy, _state_file(context, policy, ident))
+    except Exception as exc:
+        logger.warning("model-key request refused: %s: %s", type(exc).__name__, exc)
+        return _error_reply(msg, exc)
 
 
 def _next_part(rec: ConfigRecord) -> tuple[Stage, wire.Message]:
@@ -399,11 +413,20 @@ def _on_masked_input(
     a_key, c_key, w_key = _record_names(rec, msg)
     if wire.SPEC_KEY not in msg.content.config_records:
         raise MalformedMessageError("masked-input request lacks the update spec")
-    model = msg.content.array_records[a_key]
+    wire_model = msg.content.array_records[a_key]
     cfg = msg.content.config_records[c_key]
     spec = UpdateSpec.from_config(dict(msg.content.config_records[wire.SPEC_KEY]))
     if policy.require_distributed_dp and spec.dp_mode != "distributed":
         raise PolicyError("this site requires distributed DP (sgs-require-dp) and the round's spec has none")
+    if policy.require_confidential and not spec.model_key:
+        raise PolicyError("this site requires the model-confidential mode (sgs-require-confidential) and the "
+                          "round's spec names no model key")
+    key_state = None
+    model = wire_model
+    if spec.model_key:  # the model the user's code trains on: unmasked here, MAC and freshness checked
+        key_state = confidential_site.load_key_state(context, state_path, policy)
+        model, key_state = confidential_site.open_model(wire_model, spec, server_msg.run_id, key_state)
+        confidential_site.save_key_state(context, state_path, key_state)
     named = [(k, v.numpy()) for k, v in model.items()]
     model_size = int(sum(a.size for _, a in named))
     if spec.dp_mode == "none" and spec.int_size != int_size_of([a for _, a in named]):
@@ -412,7 +435,7 @@ def _on_masked_input(
         raise PolicyError("the round's vector exceeds this site's limit (sgs-max-vector)")
     # The model is hashed once: its digest keys the masks (with config and spec) and is
     # what the site remembers so that one model is never aggregated twice.
-    m_digest = model_digest(named)
+    m_digest = model_digest(named if model is wire_model else [(k, v.numpy()) for k, v in wire_model.items()])
     digest = binding_digest(m_digest, dict(cfg), spec.to_config())
     sketch = model_sketch((a for _, a in named), bytes.fromhex(site.sketch_key))
     if spec.dp_mode == "distributed":
@@ -435,6 +458,8 @@ def _on_masked_input(
         step = float(np.linalg.norm(delta))
         if not np.isfinite(step) or not all(np.isfinite(v) for v in scalar_metrics.values()):
             raise _Unusable("non-finite update or metric", "the update or a train metric holds NaN or inf")
+        if spec.model_key:  # this mode sums whole models (the server's rule is the identity)
+            delta = delta + flat_model([a for _, a in named])
         try:
             encoded = encoder(delta, scalar_metrics, weight, spec, context)
         except Exception as exc:  # a custom encoder's failure may depend on the data too: never an error reply
@@ -452,13 +477,17 @@ def _on_masked_input(
         )
     if spec.dp_mode != "none":
         names = ([], [])
+    layout = layout_of(named)
+    if key_state is not None:
+        seal(encoded.vector, key_state.key, RoundContext(server_msg.run_id, server_msg.round_id, spec, layout), 0,
+             int(context.node_id), model_size)
     near = near_sets(site.models, sketch, step, policy.min_model_change)
     masked = client.handle(server_msg, vector=encoded.vector, bound_digest=digest, model_digest=m_digest,
                            min_survivors=spec.min_survivors if spec.dp_mode == "distributed" else 0,
                            near_sets=near)
     context.state[PENDING_KEY] = ConfigRecord({"digest": m_digest.hex(), "sketch": sketch_bytes(sketch), "step": step})
     _keep(context, server_msg, spec, model_size, failed, delta if not failed else None, scalar_metrics, weight,
-          _kept_delta_file(context, state_path))
+          _kept_delta_file(context, state_path), layout)
     return masked, names
 
 
@@ -495,7 +524,7 @@ def _drop_kept_delta(path: str) -> None:
 
 def _keep(
     context: Context, server_msg: wire.Message, spec: UpdateSpec, model_size: int, failed: str,
-    delta: np.ndarray | None, metrics: dict[str, Any], weight: int, delta_file: Path,
+    delta: np.ndarray | None, metrics: dict[str, Any], weight: int, delta_file: Path, layout: Layout = (),
 ) -> None:
     """Keep this round's update until the next round's masked input, for a retry of its
     masked input (re-encoded, never retrained). Under DP only the spec is kept (a retry
@@ -518,11 +547,13 @@ def _keep(
         "retries": "[]", "failed": failed, "model-size": model_size, "weight": int(weight),
         "metric-names": list(metrics), "metric-values": [float(v) for v in metrics.values()],
         "delta-file": str(delta_file) if keep_delta else "",
+        "layout": json.dumps([list(e) for e in layout]),  # the model-confidential mode seals a retry with it
     })
 
 
 def _on_retry(
-    msg: Message, context: Context, client: SecAggClient, server_msg: wire.Message, encoder: Encoder
+    msg: Message, context: Context, client: SecAggClient, server_msg: wire.Message, encoder: Encoder,
+    policy: ClientPolicy, state_path: Path | None,
 ) -> wire.Message:
     """A retry of this round's masked input (docs/protocol.md, "Retry"): every check runs
     on what the server sent and the site's own state (never its data) before anything is
@@ -558,6 +589,14 @@ def _on_retry(
             failed = "the site's encoder raised"
     if encoded is None:
         encoded = encode_failure(new, model_size, failed)
+    if new.model_key:  # sealed under the key again, with this attempt's masks and MAC
+        key_state = confidential_site.load_key_state(context, state_path, policy)
+        if key_state.key_id != new.model_key:
+            raise StaleMessageError("this site no longer holds the round's model key")
+        layout: Layout = tuple((str(k), tuple(int(d) for d in shape), str(dt))
+                               for k, shape, dt in json.loads(str(kept["layout"])))
+        seal(encoded.vector, key_state.key, RoundContext(server_msg.run_id, server_msg.round_id, new, layout),
+             len(earlier) + 1, int(context.node_id), model_size)
     reply = client.handle(server_msg, vector=encoded.vector, bound_digest=spec_digest(new))
     retries = [*json.loads(str(kept["retries"])), new.to_config()]
     kept["retries"] = json.dumps(retries)

@@ -1,5 +1,5 @@
 """The ``sgs-flower`` command line: ledger verification and plotting, site identities,
-local deployment.
+unmasking a model-confidential run's model, local deployment.
 
 ``ledger`` exit codes: 0 = OK, 1 = the ledger is bad (the message names the first bad
 record), 2 = usage error or unreadable file. ``deploy local`` exits 0 when the run
@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     pub = isub.add_parser("public", help="print the public key of a key file (one roster line)")
     pub.add_argument("file", type=Path)
     pub.add_argument("--name", default="", help="site name written after the key")
+    um = sub.add_parser("unmask", help="recover the plaintext model of a model-confidential run with a site's key")
+    um.add_argument("masked", type=Path, help="the masked model (.npz) the server saved")
+    um.add_argument("output", type=Path, help="where to write the plaintext model (.npz, one entry per array)")
+    um.add_argument("--key", type=Path, required=True,
+                    help="the site's model-key file (<its state file>.model-key.json), or a folder to search")
     deploy = sub.add_parser("deploy", help="run the app on a local Flower deployment")
     dsub = deploy.add_subparsers(dest="deploy_command", required=True)
     from sgs_flower.deploy.cli import DESCRIPTION, add_local_arguments
@@ -61,9 +66,46 @@ def _identity(args: argparse.Namespace) -> int:
         return 2
 
 
+def _unmask(args: argparse.Namespace) -> int:
+    """Exit 0 with the model written; 1 when the file fails its MAC or the key does not
+    fit; 2 on unreadable input."""
+    import numpy as np
+
+    from sgs_flower.confidential.masked_model import MaskedModel
+    from sgs_flower.confidential.release import find_key_file, unmask_file
+    from sgs_flower.secagg.errors import SecAggError
+
+    try:
+        key = args.key
+        if key.is_dir():
+            with np.load(args.masked, allow_pickle=False) as f:
+                masked = MaskedModel.from_arrays({k: f[k] for k in f.files})
+            found = find_key_file(masked, key)
+            if found is None:
+                print(f"error: no model-key file under {key} holds key {masked.key_id}", file=sys.stderr)
+                return 1
+            key = found
+        arrays = unmask_file(args.masked, key)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, SecAggError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"error: cannot read {args.masked} or {args.key}: {exc}", file=sys.stderr)
+        return 2
+    except SecAggError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.output, **arrays)  # type: ignore[arg-type]
+    print(f"unmasked {len(arrays)} arrays with {key} -> {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (also used by the console script)."""
     args = _parser().parse_args(argv)
+    if args.command == "unmask":
+        return _unmask(args)
     if args.command == "identity":
         return _identity(args)
     if args.command == "deploy":

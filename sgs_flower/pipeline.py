@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -56,6 +57,9 @@ logger = logging.getLogger("sgs_flower.pipeline")
 HIST_LOW = -3
 HIST_BINS = 16
 MAX_METRIC_SLOTS = 64
+# Linear-MAC words of the model-confidential mode: a forged aggregate passes each with
+# probability at most 1/2 (a change in the top bit only), so 48 words give 2^-48.
+TAG_WORDS = 48
 DEFAULT_MAX_WEIGHT = 1_000_000
 # Round 1's weight scale when none is configured (at most max_weight): num-examples up to
 # 8,192 need no retry in round 1; later rounds take the cohort's covering scale.
@@ -125,6 +129,10 @@ class UpdateSpec:
     noise_mu_share: float = 0.0  # distributed: each client's Skellam parameter (integer units)
     rotation_seed: int = -1  # distributed: public seed of the randomized Hadamard rotation; -1 = none
     min_survivors: int = 0  # distributed: fewest survivors the noise shares are calibrated for
+    # model-confidential mode (sgs_flower.confidential): the id of the sites' model key;
+    # "" = off. Then the vector carries the site's whole new model (not the delta) and
+    # TAG_WORDS linear-MAC words after the metric slots, all under the key's masks.
+    model_key: str = ""
 
     def __post_init__(self) -> None:
         if not self.metric_range > 0:
@@ -159,6 +167,14 @@ class UpdateSpec:
             raise ConfigurationError(
                 f"distributed DP needs min_survivors in 1..max_cohort={self.max_cohort}, got {self.min_survivors}"
             )
+        if self.model_key:
+            if self.dp_mode != "none":
+                raise ConfigurationError(
+                    "the model-confidential mode does not combine with DP yet: its vector carries whole models, "
+                    "which the DP clip (on updates) does not bound"
+                )
+            if not re.fullmatch(r"[0-9a-f]{32}", self.model_key):
+                raise ConfigurationError(f"model_key must be 32 hex digits (a key id), got {self.model_key!r}")
         self.quantization  # validates the field and cohort bounds  # noqa: B018
 
     @property
@@ -184,6 +200,12 @@ class UpdateSpec:
         if self.dp_mode != "none":
             return 0
         return 2 * HIST_BINS + 2 + self.metric_slots + len(FAILURE_REASONS) + weight_bins(self.max_weight) + 1
+
+    @property
+    def tag_words(self) -> int:
+        """Words of the model key's linear MAC (model-confidential mode only), after the
+        metric slots: see :mod:`sgs_flower.confidential.masked_model`."""
+        return TAG_WORDS if self.model_key else 0
 
     @property
     def failure_counters_at(self) -> int:
@@ -232,7 +254,7 @@ class UpdateSpec:
 
     def vector_length(self, model_size: int) -> int:
         """Words in the masked vector: model delta, metrics, counters, weight, count."""
-        return self.encoded_size(model_size) + self.flag_words + self.metric_slots + self.counters + 2
+        return self.encoded_size(model_size) + self.flag_words + self.metric_slots + self.tag_words + self.counters + 2
 
     def to_config(self) -> dict[str, Any]:
         """Plain values for a Flower ConfigRecord (lists of str, numbers)."""
@@ -268,7 +290,7 @@ class UpdateSpec:
                 bits_per_coordinate=int(d["bits_per_coordinate"]), dp_mode=str(d["dp_mode"]),
                 l2_clip=float(d["l2_clip"]), noise_mu_share=float(d["noise_mu_share"]),
                 rotation_seed=int(d["rotation_seed"]), min_survivors=int(d["min_survivors"]),
-                weight_scale=int(d["weight_scale"]),
+                weight_scale=int(d["weight_scale"]), model_key=str(d["model_key"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedMessageError(f"malformed update spec from the server: {exc!r}") from exc
@@ -457,7 +479,7 @@ def encode_update(
     # The delta's parts and the metrics are encoded as parts of one vector: no
     # concatenated copy of the model.
     # Out-of-range values wrap (linear encoding, counted), never clip: see encode_parts.
-    enc = encode_parts([xf, xi, m], weight, spec.quantization, rng, tail_words=spec.counters, wrap=True)
+    enc = encode_parts([xf, xi, m], weight, spec.quantization, rng, tail_words=spec.tag_words + spec.counters, wrap=True)
     counters = np.concatenate([
         magnitude_histogram(xf, c), magnitude_histogram(xi_raw, spec.int_clip_range),
         np.array(enc.clipped_parts[:2], dtype=np.int64), metric_clipped, np.zeros(len(FAILURE_REASONS), np.int64),
@@ -474,7 +496,7 @@ def weight_histogram(weight: int, max_weight: int) -> np.ndarray:
 
 def _write_counters(vector: np.ndarray, counters: np.ndarray, spec: UpdateSpec, body: int) -> None:
     cap = ((1 << (spec.field_bits - 1)) - 1) // spec.max_cohort  # the cohort's sum cannot wrap
-    start = body + spec.metric_slots
+    start = body + spec.metric_slots + spec.tag_words
     vector[start : start + spec.counters] = to_field(np.minimum(counters, cap), spec.field_bits)
 
 
@@ -558,7 +580,7 @@ def decode_update(
     q = spec.quantization
     dec = decode_checked(total, q, survivors)
     k, t = spec.metric_slots, spec.counters
-    body = dec.weighted_sum[: dec.weighted_sum.size - t]
+    body = dec.weighted_sum[: dec.weighted_sum.size - t - spec.tag_words]
     flag_sum = float(np.sum(body[body.size - spec.flag_words :])) if spec.flag_words else 0.0
     body = body[: body.size - spec.flag_words]
     wsum = body[: body.size - k].copy()
@@ -578,7 +600,9 @@ def decode_update(
         wsum[wsum.size - spec.int_size :] *= spec.int_clip_range / c
     slot_means = tuple(float(v) / weight for v in slot_sums)
     raw = from_field(np.asarray(total[total.size - 2 - t : total.size - 2]), spec.field_bits)
-    hist_f, hist_i = raw[:HIST_BINS], raw[HIST_BINS : 2 * HIST_BINS]
+    hist_f, hist_i = raw[:HIST_BINS].copy(), raw[HIST_BINS : 2 * HIST_BINS].copy()
+    if spec.model_key:  # the in-range bins are under the model key's masks: unknown (-1), never 0
+        hist_f[:-HIST_LOW] = hist_i[:-HIST_LOW] = -1
     clipped = (int(raw[2 * HIST_BINS]), int(raw[2 * HIST_BINS + 1]))
     at = spec.failure_counters_at
     metric_clipped = tuple(int(v) for v in raw[2 * HIST_BINS + 2 : at])

@@ -43,6 +43,10 @@ class SecAggConfig:
       it (:mod:`strategies.exchange`), instead of Flower's fixed 3 s in a deployment.
       On Flower's in-memory simulation grid, where a pull is a local call, the waits
       stay at 5 ms.
+    - ``confidential``: the model-confidential mode (:mod:`sgs_flower.confidential`): the
+      sites agree on a model key the server never learns; the global model exists on the
+      server only masked under it, ``clip_range`` then bounds the model's coordinates
+      (not its change). Only FedAvg's rule (the identity on the masked sum) is possible.
     - ``max_consecutive_aborts``: this many aborted rounds in a row stop the run with
       :class:`~strategies.SecureAggregationFailed` (a run whose rounds all abort stops
       with it too).
@@ -67,6 +71,7 @@ class SecAggConfig:
     target_error: float = 2.0**-14
     max_consecutive_aborts: int = 3
     max_poll_interval: float = 0.5
+    confidential: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:

@@ -62,6 +62,13 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, log_strategy_start_info
 
+from sgs_flower.confidential.masked_model import (
+    WORDS_KEY,
+    Layout,
+    MaskedModel,
+    layout_of,
+    zeros_like_layout,
+)
 from sgs_flower.dp.aggregator import DPAggregator, RoundPlan
 from sgs_flower.dp.budget import BudgetExhaustedError
 from sgs_flower.dp.config import DPConfig
@@ -93,8 +100,23 @@ from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.wire import ShareBundle, Stage
 from strategies import exchange
 from strategies.config import SecAggConfig
+from strategies.model_key_phase import ensure_model_key
 
 _NEEDS_INDIVIDUAL_UPDATES = (Krum, MultiKrum, FedMedian, FedTrimmedAvg, Bulyan, QFedAvg)
+
+
+def _check_confidential(inner: FedAvg, dp: DPConfig | None) -> None:
+    """Refuse what the model-confidential mode cannot do: any server step that needs the
+    plaintext model (the server holds only the masked sum, on which it can only add)."""
+    if type(inner).aggregate_train is not FedAvg.aggregate_train:
+        raise ConfigurationError(
+            f"{type(inner).__name__} applies its own server update (momentum, adaptive steps such as FedAdam's "
+            "square roots), which needs the plaintext model; the model-confidential mode can only apply FedAvg's "
+            "rule (the new model is the weighted mean of the sites' models). Wrap FedAvg or FedProx.")
+    if dp is not None and dp.mode != "none":
+        raise ConfigurationError(
+            f"DP mode {dp.mode!r} does not combine with the model-confidential mode yet: central DP adds its noise "
+            "to the plaintext aggregate, and distributed DP's clip bounds updates while this mode sums whole models")
 
 
 def check_wrappable(strategy: Strategy) -> FedAvg:
@@ -230,6 +252,11 @@ class SecAggStrategy(Strategy):
         self._needed: list[tuple[float, float]] = []  # the ranges each recent round needed (covering ranges)
         self._weights_needed: list[int] = []  # the covering weight scale of each recent round
         self._warn_about_metrics()
+        self.model_key = ""  # model-confidential mode: the sites' model key id, once agreed
+        self._keyed: set[int] = set()  # nodes known to hold it
+        self._layout: Layout = ()  # the plaintext model's entries (names, shapes, dtypes)
+        if self.config.confidential:
+            _check_confidential(self.inner, dp)
         self.privacy: DPAggregator | None = None
         if dp is not None and dp.mode in ("central-dp", "distributed-dp"):
             self.privacy = DPAggregator(dp, field_bits=self.config.field_bits, ledger_path=ledger,
@@ -302,6 +329,15 @@ class SecAggStrategy(Strategy):
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
         log(INFO, "")
+        if self.config.confidential:
+            if evaluate_fn is not None:
+                raise ConfigurationError(
+                    "evaluate_fn (server-side evaluation) needs the plaintext global model, which the server never "
+                    "holds in the model-confidential mode; evaluate on the sites (fraction_evaluate > 0)")
+            if initial_arrays.get(WORDS_KEY) is None:
+                self._layout = layout_of([(k, v.numpy()) for k, v in initial_arrays.items()])
+            else:
+                self._layout = MaskedModel.from_arrays({k: v.numpy() for k, v in initial_arrays.items()}).layout
         train_config = ConfigRecord() if train_config is None else train_config
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result = Result(arrays=initial_arrays)
@@ -384,9 +420,9 @@ class SecAggStrategy(Strategy):
             return UpdateSpec(
                 clip_range=self.ranges[0], int_clip_range=self.ranges[1], max_cohort=cohort_size,
                 max_weight=c.max_weight, weight_scale=min(self.weight_scale, c.max_weight), field_bits=c.field_bits,
-                metric_slots=c.metric_slots,
+                metric_slots=0 if c.confidential else c.metric_slots,
                 metric_range=c.metric_range, metric_ranges=tuple(sorted(c.metric_ranges.items())),
-                int_size=int_size_of(like) if like is not None else 0,
+                int_size=int_size_of(like) if like is not None else 0, model_key=self.model_key,
             )
         # Under DP: unweighted, no released metrics or counters, the DP plan's clip and fixed point.
         return UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=c.field_bits, metric_slots=0,
@@ -445,11 +481,15 @@ class SecAggStrategy(Strategy):
         model = instructions[0].content.array_records[a_key] if instructions else arrays
         cfg = instructions[0].content.config_records.get(c_key, ConfigRecord()) if instructions else ConfigRecord()
         named = [(k, v.numpy()) for k, v in model.items()]
-        like = [a for _, a in named]
+        # in the model-confidential mode ``model`` is the masked model (or round 1's initial
+        # model); the vector's layout follows the plaintext model's entries
+        like = zeros_like_layout(self._layout) if self.config.confidential else [a for _, a in named]
         model_size = int(sum(a.size for a in like))
         plan = None
         if len(cohort) < 2:
             return self._abort(report, f"round {server_round} not run: {len(cohort)} clients sampled", t0, None)
+        if self.config.confidential:
+            self._key_cohort(grid, cohort)
         if self.privacy is not None:  # refuses (BudgetExhaustedError) before this round's training
             try:
                 plan = self.privacy.plan(server_round, len(cohort), len(list(grid.get_node_ids())), model_size)
@@ -524,9 +564,10 @@ class SecAggStrategy(Strategy):
             report.survivors = list(outcome.survivors)
             metric_names = self._metric_names(names, report.survivors, report) if spec.metric_slots else None
             decoded = decode_update(outcome.total, spec, len(outcome.survivors), model_size, metric_names)
+            total = outcome.total
             if plan is None:
-                spec, decoded = self._retry(grid, server_round, server, spec, decoded, report, model_size,
-                                            metric_names)
+                spec, decoded, total = self._retry(grid, server_round, server, spec, decoded, report, model_size,
+                                                   metric_names, total)
         except _StillOutOfRange as exc:
             self._fill(report, server)
             self._range_report(report, exc.spec, exc.decoded, like)
@@ -557,6 +598,8 @@ class SecAggStrategy(Strategy):
                 self._range_report(report, spec, decoded, like)
         if unusable:
             return self._abort(report, unusable, t0, plan, record=plan is None)
+        if self.config.confidential:
+            return self._masked_result(report, server_round, grid, spec, total, t0, len(cohort))
         # each entry in its own dtype and shape (integer counters rounded, 0-d kept 0-d)
         new_named = apply_delta(like, mean_delta)
         aggregate = ArrayRecord({k: Array(a) for (k, _), a in zip(named, new_named, strict=True)})
@@ -676,8 +719,8 @@ class SecAggStrategy(Strategy):
 
     def _retry(
         self, grid: Grid, server_round: int, server: SecAggServer, spec: UpdateSpec, decoded: DecodedUpdate,
-        report: RoundReport, model_size: int, metric_names: list[str] | None,
-    ) -> tuple[UpdateSpec, DecodedUpdate]:
+        report: RoundReport, model_size: int, metric_names: list[str] | None, total: np.ndarray,
+    ) -> tuple[UpdateSpec, DecodedUpdate, np.ndarray]:
         """Retry the masked input (at most ``wire.MAX_RETRIES`` times) while the unmasked sum
         holds values beyond the range or weights above the weight scale, or the scale is
         too coarse for the cohort's weights; one exchange each, with the same survivors,
@@ -687,7 +730,7 @@ class SecAggStrategy(Strategy):
         while True:
             new, why = retry_spec(spec, decoded, self.config.target_error)
             if new is None:
-                return spec, decoded
+                return spec, decoded, total
             if server.retries >= wire.MAX_RETRIES:
                 if decoded.clipped[0] or decoded.clipped[1] or decoded.weights_over_scale:
                     raise _StillOutOfRange(
@@ -695,7 +738,7 @@ class SecAggStrategy(Strategy):
                         f"({'; '.join(why)}): nothing is released; the next round starts at the wider range",
                         spec, decoded,
                     )
-                return spec, decoded  # only precision left: the reported bound holds
+                return spec, decoded, total  # only precision left: the reported bound holds
             report.retries += 1
             report.retry_reasons.append("; ".join(why))
             log(WARNING if decoded.clipped[0] or decoded.clipped[1] or decoded.weights_over_scale else INFO,
@@ -708,7 +751,40 @@ class SecAggStrategy(Strategy):
             outcome = server.collect_retry(replies, spec_digest(new))
             spec = new
             report.clip_range, report.int_clip_range = spec.clip_range, spec.int_clip_range
-            decoded = decode_update(outcome.total, spec, len(outcome.survivors), model_size, metric_names)
+            total = outcome.total
+            decoded = decode_update(total, spec, len(outcome.survivors), model_size, metric_names)
+
+    def _key_cohort(self, grid: Grid, cohort: list[int]) -> None:
+        """Model-confidential mode: make sure the cohort holds the sites' model key (the
+        key phase, :mod:`strategies.model_key_phase`; no exchange when it already does).
+        The first time every connected node is asked, so later cohorts need none."""
+        missing = set(cohort) - self._keyed
+        if not missing:
+            return
+        ask = set(grid.get_node_ids()) | missing if not self.model_key else missing
+        res = ensure_model_key(grid, ask, grid.run.run_id, self.config.stage_timeout, self.config.max_poll_interval,
+                               want=self.model_key)
+        self.model_key = res.key_id
+        self._keyed |= res.holders
+        if not self.model_key:
+            raise ConfigurationError(f"no site could make the model key: {res.errors}")
+
+    def _masked_result(
+        self, report: RoundReport, server_round: int, grid: Grid, spec: UpdateSpec, total: np.ndarray,
+        t0: float, cohort_size: int,
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """Model-confidential mode: the new global model is the masked sum itself (FedAvg's
+        rule, the weighted mean, is taken at the sites when they unmask it)."""
+        masked = MaskedModel(words=np.asarray(total), run_id=grid.run.run_id, round_id=server_round,
+                             attempt=report.retries, survivors=tuple(sorted(report.survivors)),
+                             key_id=self.model_key, spec=spec, layout=self._layout)
+        report.status = "ok"
+        report.seconds = time.monotonic() - t0
+        log(INFO, "secure round %s: %d/%d clients aggregated (total weight %d) in %.2f s; the new global model is "
+            "held masked under model key %s", server_round, len(report.survivors), cohort_size, report.total_weight,
+            report.seconds, self.model_key)
+        arrays = ArrayRecord({k: Array(v) for k, v in masked.to_arrays().items()})
+        return arrays, MetricRecord({self.inner.weighted_by_key: report.total_weight})
 
     def _range_report(self, report: RoundReport, spec: UpdateSpec, decoded: DecodedUpdate, like: list[np.ndarray]) -> None:
         """Log what clipping did this round and adapt the ranges for the next one."""
@@ -744,9 +820,12 @@ class SecAggStrategy(Strategy):
                 covering_range(spec.int_clip_range, decoded.histograms[1]) if int_size else spec.int_clip_range,
             ))
             recent = self._needed[-self.config.range_memory:]
+            # model-confidential: the in-range bins are masked, so a need is never below the
+            # range: the range only widens (no margin, else it would double every round)
+            margin = 1.0 if self.config.confidential else self.config.range_margin
             self.ranges = (
-                adapted_range([f for f, _ in recent], spec.clip_range, self.config.range_margin),
-                adapted_range([i for _, i in recent], spec.int_clip_range, self.config.range_margin),
+                adapted_range([f for f, _ in recent], spec.clip_range, margin),
+                adapted_range([i for _, i in recent], spec.int_clip_range, margin),
             )
             log(INFO, "secure round %s: next round's range +-%g (integer entries +-%g), weight scale %d",
                 report.server_round, *self.ranges, self.weight_scale or spec.max_weight)

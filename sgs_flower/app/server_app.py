@@ -77,6 +77,7 @@ def make_strategy(s: Settings, initial: ArrayRecord) -> Strategy:
     cfg = SecAggConfig(  # every numeric train metric is aggregated securely (metric slots)
         clip_range=float(s["clip-range"]), field_bits=int(s["field-bits"]), max_weight=int(s["max-weight"]),
         min_clients=int(s["min-clients"]) or None, stage_timeout=float(s["stage-timeout"]),
+        confidential=bool(s["confidential"]),
     )
     ledger = str(Path(s["ledger"]).expanduser().resolve()) if s["ledger"] else None
     if ledger:
@@ -133,6 +134,9 @@ def main(grid: Grid, context: Context) -> None:
     train_config = ConfigRecord(
         {"lr": float(s["lr"]), "local-epochs": int(s["local-epochs"]), "batch-size": int(s["batch-size"])}
     )
+    if s["confidential"]:
+        _confidential_run(s, grid, strategy, initial, train_config)
+        return
     result = strategy.start(
         grid=grid, initial_arrays=initial, num_rounds=int(s["num-server-rounds"]),
         train_config=train_config, evaluate_fn=central_evaluate,
@@ -177,6 +181,37 @@ def main(grid: Grid, context: Context) -> None:
         if privacy is not None:
             spent = privacy.spent()
             out["epsilon"] = {"consumer": spent.consumer, "server": spent.server, "delta": privacy.dp.delta}
+        path = Path(s["results-file"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1, default=str))
+
+
+def _confidential_run(s: Settings, grid: Grid, strategy: Strategy, initial: ArrayRecord,
+                      train_config: ConfigRecord) -> None:
+    """The model-confidential preset: the server never holds the model, so it cannot
+    evaluate it; it saves the masked model (``sgs-flower unmask`` recovers it with a
+    site's key file) and reports the secure rounds."""
+    assert isinstance(strategy, SecAggStrategy)
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(s["num-server-rounds"]),
+                            train_config=train_config)
+    model_files = [Path(p) for p in (s["model-file"],) if p]
+    if s["results-file"]:
+        model_files.append(Path(s["results-file"]).with_suffix(".masked.npz"))
+    for path in model_files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **{k: v.numpy() for k, v in result.arrays.items()})  # type: ignore[arg-type]
+    log(INFO, "the global model is held masked under model key %s%s; a site recovers it with "
+        "'sgs-flower unmask --key <its model-key file> MASKED.npz OUT.npz'", strategy.model_key,
+        f" and saved to {', '.join(map(str, model_files))}" if model_files else " (set model-file to save it)")
+    if s["results-file"]:
+        out = {
+            "preset": s["preset"], "settings": s.values, "confidential": True, "model_key": strategy.model_key,
+            "masked_model": str(model_files[-1]),
+            "evaluate_metrics": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
+            "train_metrics": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
+            "rounds": [vars(r) for r in strategy.reports],
+            "round_seconds": [r.seconds for r in strategy.reports],
+        }
         path = Path(s["results-file"])
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1, default=str))

@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "tail-rounds": 1,
     "proximal-mu": 0.01,
     "secure-aggregation": True,
+    "confidential": False,
     "clip-range": 1.0,
     "field-bits": 32,
     "max-weight": 1_000_000,
@@ -126,5 +127,12 @@ def _validate(v: dict[str, Any]) -> None:
             raise bad(key, "must be >= 1")
     if not 0 < float(v["fraction-train"]) <= 1:
         raise bad("fraction-train", "must be in (0, 1]")
+    if v["confidential"]:
+        if not v["secure-aggregation"] or v["dp-mode"] != "none":
+            raise bad("confidential", "the model-confidential mode runs on secure aggregation without DP: set "
+                      "secure-aggregation=true and dp-mode='none'")
+        if v["server-optimizer"] not in ("fedavg", "fedprox"):
+            raise bad("confidential", "the server holds only the masked model and can only apply FedAvg's rule: "
+                      "set server-optimizer to 'fedavg' or 'fedprox'")
     if v["dp-mode"] in ("central", "distributed") and not v["secure-aggregation"]:
         raise bad("dp-mode", "central and distributed DP run on top of secure aggregation; set secure-aggregation=true")

@@ -56,6 +56,18 @@ class PolicyError(ProtocolError):
     and drops out of the round; the message names the rule, never a value of the site's."""
 
 
+class ModelIntegrityError(ProtocolError):
+    """Model-confidential mode: a masked model failed the sites' MAC (changed words, a
+    false survivor list, spec, layout or round, another key) or is older than one this
+    site already unmasked; the site refuses to train on it."""
+
+
+class ModelKeyError(PolicyError):
+    """Model-confidential mode: a model-key message this site must refuse (a key from an
+    identity off its roster, a second key for the same roster, an envelope for another
+    site, a round under a key it does not hold)."""
+
+
 class SignatureError(ProtocolError):
     """A signature did not verify under the identity key it claims: a forged or
     tampered advertisement or consistency signature."""

@@ -35,6 +35,7 @@ NODE_CONFIG_KEYS = {
     "sgs-min-model-change": "refuse another survivor set for a model closer than this times the site's update "
                             "norm to one it already signed for (default 0.01; 0: exact copies only)",
     "sgs-require-dp": "refuse rounds without distributed DP (default false)",
+    "sgs-require-confidential": "refuse rounds outside the model-confidential mode (default false)",
     "sgs-dp-min-noise": "distributed DP: smallest noise multiplier this site accepts (default 0.5)",
     "sgs-dp-max-epsilon": "distributed DP: this site's budget against the server; 0 = account only",
     "sgs-dp-delta": "distributed DP: delta of this site's accounting (default 1e-5)",
@@ -55,6 +56,7 @@ class ClientPolicy:
     state_file: str | None = None  # None: the default file (dp.site.default_state_file); "memory": this run only
     min_model_change: float = 0.01
     require_distributed_dp: bool = False
+    require_confidential: bool = False
     dp_min_noise_multiplier: float = 0.5
     dp_max_epsilon: float = 0.0
     dp_delta: float = 1e-5
@@ -128,6 +130,7 @@ class ClientPolicy:
             state_file=get("sgs-state-file", str, "") or None,
             min_model_change=get("sgs-min-model-change", float, 0.01),
             require_distributed_dp=get("sgs-require-dp", bool, False),
+            require_confidential=get("sgs-require-confidential", bool, False),
             dp_min_noise_multiplier=get("sgs-dp-min-noise", float, 0.5),
             dp_max_epsilon=get("sgs-dp-max-epsilon", float, 0.0),
             dp_delta=get("sgs-dp-delta", float, 1e-5),
