@@ -79,7 +79,8 @@ def on_key_message(msg: Message, context: Context, ident: bytes, policy: ClientP
         save_key_state(context, state_path, state)
         logger.info("model key %s wrapped for nodes %s", state.key_id, [a.node for a in recipients])
         return _reply(msg, {"key-id": state.key_id, "leader": mk.announce(state, ident, node, run_id).identity,
-                            "envelopes": [e for e, _ in envelopes], "signatures": [s for _, s in envelopes]})
+                            "envelopes": [e for e, _, _ in envelopes], "signatures": [s for _, s, _ in envelopes],
+                            "refused": [r for _, _, r in envelopes]})
     if op == "install":
         try:
             kid, leader = str(rec["key-id"]), bytes(rec["leader"])  # type: ignore[arg-type]

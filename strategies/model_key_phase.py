@@ -110,12 +110,17 @@ def ensure_model_key(grid: Grid, nodes: Iterable[int], run_id: int, timeout: flo
     result.key_id = kid
     result.holders.add(leader)
     envelopes, signatures = list(rec["envelopes"]), list(rec["signatures"])  # type: ignore[arg-type]
-    if recipients and (len(envelopes) != len(recipients) or len(signatures) != len(recipients)):
+    refused = list(rec["refused"])  # type: ignore[arg-type]
+    if recipients and not len(envelopes) == len(signatures) == len(refused) == len(recipients):
         raise ConfigurationError("the model-key leader returned the wrong number of envelopes")
+    for n, why in zip(recipients, refused, strict=True):
+        if why:
+            result.errors[n] = f"leader node {leader} refused: {why}"
+            log(WARNING, "model key: leader node %s refused node %s: %s", leader, n, why)
     if recipients:
         fields = {n: {"op": "install", "key-id": kid, "leader": rec["leader"], "envelope": e, "signature": s}
-                  for n, e, s in zip(recipients, envelopes, signatures, strict=True)}
-        installed = _exchange(grid, _messages(recipients, fields, "model-key"), timeout, max_poll, result)
+                  for n, e, s, why in zip(recipients, envelopes, signatures, refused, strict=True) if not why}
+        installed = _exchange(grid, _messages(sorted(fields), fields, "model-key"), timeout, max_poll, result)
         result.holders.update(n for n, r in installed.items() if r.get("key-id") == kid)
     log(INFO, "model key %s: held by %d of %d nodes asked (%d exchanges)", kid, len(result.holders), len(nodes),
         result.exchanges)

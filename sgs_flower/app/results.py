@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sgs_flower.app.settings import load_preset
 from sgs_flower.deploy.base import MARKER_ENV, free_port
 from sgs_flower.deploy.flower import flower_bin
@@ -253,6 +255,8 @@ def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: P
     if not results.exists():
         raise RuntimeError(f"run {label}: no results (exit {proc.returncode}); see {out_dir / (label + '.log')}")
     data = json.loads(results.read_text())
+    if data.get("confidential"):
+        _unmask_and_evaluate(data, home)
     acc = data["accuracy"]
     secs = data["round_seconds"]
     eps = data.get("epsilon", {})
@@ -287,6 +291,30 @@ def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: P
     plot_run(data, ledger if user_dp else None, out_dir / f"{label}.png",
              f"{label}: {spec.supernodes} SuperNodes")
     return row
+
+
+def _unmask_and_evaluate(data: dict[str, Any], home: Path) -> None:
+    """A model-confidential run: the server saved only the masked model. Unmask it as a
+    site would (``sgs-flower unmask`` with a site's key file, found under the sites'
+    state folder of this FLWR_HOME) and evaluate it on the held-out digits."""
+    from sgs_flower.confidential.masked_model import MaskedModel
+    from sgs_flower.confidential.release import find_key_file, unmask_file
+    from sgs_flower.digits import evaluate, make_model, set_weights, train_test_split
+
+    masked_path = Path(data["masked_model"])
+    with np.load(masked_path, allow_pickle=False) as f:
+        masked = MaskedModel.from_arrays({k: f[k] for k in f.files})
+    key = find_key_file(masked, home / "sgs-flower" / "sites")
+    if key is None:
+        raise RuntimeError(f"no site key file under {home / 'sgs-flower' / 'sites'} holds key {masked.key_id}")
+    arrays = unmask_file(masked_path, key)
+    net = make_model(data["settings"]["model"])
+    set_weights(net, list(arrays.values()))
+    _, test = train_test_split()
+    _, acc = evaluate(net, test)
+    data["final_accuracy"] = acc
+    data["accuracy"] = {str(masked.round_id): acc}
+    data["unmasked_with"] = str(key)
 
 
 def stop_all(home: Path) -> None:

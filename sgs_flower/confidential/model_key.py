@@ -167,30 +167,39 @@ def _envelope_statement(run_id: int, kid: str, recipient: bytes, envelope: bytes
     return LABEL_ENVELOPE + struct.pack(">Q", run_id) + kid.encode() + recipient + envelope
 
 
+def _refusal(a: Announcement, run_id: int, roster: Roster | None, own_roster: str) -> str:
+    if not a.verify(run_id):
+        return f"node {a.node}'s model-key announcement is not signed by its identity"
+    if roster is not None and a.identity not in roster:
+        return f"node {a.node}'s identity is not on this site's roster: no model key for it"
+    if a.roster != own_roster:
+        return f"node {a.node} pins another roster than this site: no model key for it"
+    return ""
+
+
 def wrap_for(state: KeyState, ident: bytes, run_id: int, recipients: list[Announcement],
-             roster: Roster | None) -> tuple[KeyState, list[tuple[bytes, bytes]]]:
+             roster: Roster | None) -> tuple[KeyState, list[tuple[bytes, bytes, str]]]:
     """Leader side: check every recipient's announcement, make the key if none is held,
-    and return (new state, [(envelope, signature)] in the recipients' order)."""
-    for a in recipients:
-        if not a.verify(run_id):
-            raise ModelKeyError(f"node {a.node}'s model-key announcement is not signed by its identity")
-        if roster is not None and a.identity not in roster:
-            raise ModelKeyError(f"node {a.node}'s identity is not on this site's roster: no model key for it")
-        if a.roster != state.roster:
-            raise ModelKeyError(f"node {a.node} pins another roster than this site: no model key for it")
+    and return (new state, [(envelope, signature, refusal)] in the recipients' order): a
+    recipient the leader refuses gets empty bytes and the reason, the others their
+    envelope (one bad announcement does not stop the rest)."""
     if not state.key:
         state = KeyState(kx_private=state.kx_private, roster=state.roster, key=os.urandom(KEY_BYTES),
                          newest=dict(state.newest))
     kid = state.key_id
-    out: list[tuple[bytes, bytes]] = []
+    out: list[tuple[bytes, bytes, str]] = []
     for a in recipients:
+        why = _refusal(a, run_id, roster, state.roster)
+        if why:
+            out.append((b"", b"", why))
+            continue
         eph = X25519PrivateKey.generate()
         shared = eph.exchange(X25519PublicKey.from_public_bytes(a.kx_pk))
         nonce = os.urandom(12)
         aad = kid.encode() + a.identity + state.roster.encode()
         ct = AESGCM(_wrap_key(shared, kid, a.identity, state.roster)).encrypt(nonce, state.key, aad)
         envelope = public_bytes(eph) + nonce + ct
-        out.append((envelope, identity.sign(ident, _envelope_statement(run_id, kid, a.identity, envelope))))
+        out.append((envelope, identity.sign(ident, _envelope_statement(run_id, kid, a.identity, envelope)), ""))
     return state, out
 
 
