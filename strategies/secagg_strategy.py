@@ -321,10 +321,17 @@ class SecAggStrategy(Strategy):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        *,
+        first_round: int = 1,
     ) -> Result:
         """Flower's ``Strategy.start`` loop (same logs, same ``Result``), each training
         round a secure round. Raises :class:`SecureAggregationFailed` when
-        ``max_consecutive_aborts`` rounds in a row abort, or every round did."""
+        ``max_consecutive_aborts`` rounds in a row abort, or every round did.
+
+        ``first_round`` (ours, not Flower's): the rounds are numbered ``first_round`` ..
+        ``first_round + num_rounds - 1``. A site contributes once per (run, round), so a
+        second ``start`` in the same run (a benchmark alternating strategies, a training
+        continued in the same ServerApp) must number its rounds after the first's."""
         log(INFO, "Starting %s strategy with secure aggregation (SecAgg+):", type(self.inner).__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
@@ -349,10 +356,13 @@ class SecAggStrategy(Strategy):
             if res is not None:
                 result.evaluate_metrics_serverapp[0] = res
         aborted_in_a_row = 0
-        self._num_rounds, self._ahead = num_rounds, None
-        for server_round in range(1, num_rounds + 1):
+        if first_round < 1:
+            raise ValueError(f"first_round must be >= 1, got {first_round}")
+        last = first_round + num_rounds - 1
+        self._num_rounds, self._ahead = last, None
+        for server_round in range(first_round, last + 1):
             log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", server_round, num_rounds)
+            log(INFO, "[ROUND %s/%s]", server_round, last)
             train_config["server-round"] = server_round
             try:
                 new_arrays, metrics = self.secure_round(grid, server_round, arrays, train_config)

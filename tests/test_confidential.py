@@ -216,7 +216,7 @@ def _own_input(grid: TamperGrid, a: ArrayRecord, node: int) -> ArrayRecord:
     """The victim's own masked input of round 1, sent back as 'the model' (with the
     public facts of a real masked model, so only the MAC can tell)."""
     m = _masked(a)
-    (victim, words), = grid.inputs.items()
+    (_victim, words), = grid.inputs.items()
     return _record(mm.MaskedModel(words.astype(m.words.dtype), m.run_id, m.round_id, m.attempt, m.survivors,
                                   m.key_id, m.spec, m.layout))
 
@@ -248,7 +248,7 @@ def test_what_a_replay_gives_the_server_is_masked_too():
     never unmasked a newer one, e.g. a new site) sends a sum under fresh masks."""
     ss = sites()
     grid = DirectGrid(ss)
-    st, res = run(grid, rounds=2)
+    _st, res = run(grid, rounds=2)
     m = _masked(res.arrays)
     again = mm.MaskedModel.from_arrays({k: v.numpy() for k, v in res.arrays.items()})
     assert np.array_equal(m.words, again.words)
@@ -308,12 +308,12 @@ def test_key_from_an_identity_off_the_roster_is_refused(tmp_path):
     grid = DirectGrid(ss)
     victim, rogue = ss[1], ss[N + 1]  # the rogue's identity is not on the roster
     status = grid.send_and_receive([_key_msg(1, {"op": "status"})])
-    ann = list(status)[0].content.config_records[KEY_RECORD]
+    ann = next(iter(status)).content.config_records[KEY_RECORD]
     rogue_state = mk.KeyState.fresh(mk.roster_digest(_site_policy(victim).roster))
     a = mk.Announcement.from_record(dict(ann))
     _, env = mk.wrap_for(rogue_state, keys[N], 1, [a], None)  # the server wraps a key it knows
-    reply = list(grid.send_and_receive([_key_msg(1, {"op": "install", "key-id": mk.key_id(
-        b"", ""), "leader": identity.identity_public(keys[N]), "envelope": env[0][0], "signature": env[0][1]})]))[0]
+    reply = next(iter(grid.send_and_receive([_key_msg(1, {"op": "install", "key-id": mk.key_id(
+        b"", ""), "leader": identity.identity_public(keys[N]), "envelope": env[0][0], "signature": env[0][1]})])))
     assert reply.has_error() and reply.error.reason.startswith(
         "ModelKeyError: the model key comes from an identity that is not on this site's roster")
     del rogue
@@ -330,17 +330,17 @@ def test_a_site_never_replaces_its_key_and_dropping_sites_changes_nothing(tmp_pa
     assert second.key_id == first.key_id and second.holders == {3, 4, 5}
     # a second, different key (another roster site made one) is refused by a holder
     other = mk.KeyState.fresh(mk.roster_digest(_site_policy(ss[4]).roster))
-    ann = mk.Announcement.from_record(dict(list(grid.send_and_receive([_key_msg(4, {"op": "status"})]))[0]
+    ann = mk.Announcement.from_record(dict(next(iter(grid.send_and_receive([_key_msg(4, {"op": "status"})])))
                                            .content.config_records[KEY_RECORD]))
     made, env = mk.wrap_for(other, keys[0], 1, [ann], _site_policy(ss[4]).roster)  # site 1's identity, new key
-    reply = list(grid.send_and_receive([_key_msg(4, {"op": "install", "key-id": made.key_id,
+    reply = next(iter(grid.send_and_receive([_key_msg(4, {"op": "install", "key-id": made.key_id,
                                                      "leader": identity.identity_public(keys[0]),
-                                                     "envelope": env[0][0], "signature": env[0][1]})]))[0]
+                                                     "envelope": env[0][0], "signature": env[0][1]})])))
     assert reply.has_error() and "already holds a different model key" in reply.error.reason
     # an envelope made for site 4, delivered to site 5: refused
-    reply = list(grid.send_and_receive([_key_msg(5, {"op": "install", "key-id": made.key_id,
+    reply = next(iter(grid.send_and_receive([_key_msg(5, {"op": "install", "key-id": made.key_id,
                                                      "leader": identity.identity_public(keys[0]),
-                                                     "envelope": env[0][0], "signature": env[0][1]})]))[0]
+                                                     "envelope": env[0][0], "signature": env[0][1]})])))
     assert reply.has_error() and reply.error.reason.startswith("ModelKeyError: the model-key envelope is not signed")
 
 
@@ -370,13 +370,13 @@ def test_without_a_roster_a_server_made_leader_is_accepted_documented_limit():
     hand out a key it knows; confidentiality then holds against an honest server only."""
     ss = sites()
     grid = DirectGrid(ss)
-    ann = mk.Announcement.from_record(dict(list(grid.send_and_receive([_key_msg(1, {"op": "status"})]))[0]
+    ann = mk.Announcement.from_record(dict(next(iter(grid.send_and_receive([_key_msg(1, {"op": "status"})])))
                                            .content.config_records[KEY_RECORD]))
     rogue = identity.generate_identity()
     made, env = mk.wrap_for(mk.KeyState.fresh(""), rogue, 1, [ann], None)
-    reply = list(grid.send_and_receive([_key_msg(1, {"op": "install", "key-id": made.key_id,
+    reply = next(iter(grid.send_and_receive([_key_msg(1, {"op": "install", "key-id": made.key_id,
                                                      "leader": identity.identity_public(rogue),
-                                                     "envelope": env[0][0], "signature": env[0][1]})]))[0]
+                                                     "envelope": env[0][0], "signature": env[0][1]})])))
     assert not reply.has_error()
 
 
@@ -399,7 +399,7 @@ def test_central_dp_and_server_side_evaluation_are_refused():
         SecAggStrategy(FedAvg(), SecAggConfig(confidential=True), dp=DPConfig(mode="central-dp", clip_norm=1.0,
                                                                            noise_multiplier=1.0))
     st = strategy()
-    with pytest.raises(ConfigurationError, match="evaluate_fn .* needs the plaintext global model"):
+    with pytest.raises(ConfigurationError, match=r"evaluate_fn .* needs the plaintext global model"):
         st.start(grid=DirectGrid(sites()), initial_arrays=initial(), num_rounds=1,
                  evaluate_fn=lambda r, a: MetricRecord({}))
     with pytest.raises(ConfigurationError, match="does not combine with DP"):

@@ -937,3 +937,30 @@ def test_aborted_round_still_runs_each_hook_once_and_the_next_sets_up_in_full(ta
     assert inner.calls == {h: [1, 2, 3] for h in HOOKS}
     assert all(np.array_equal(a, b) for a, b in zip(models[2], models[1], strict=True))
     assert [(r, lr) for r, lr, _ in sites[5].received] == list(zip([1, 2, 3], _schedule(3), strict=True))
+
+
+def test_confidential_rounds_stay_pipelined_and_the_key_phase_runs_once():
+    """Issue 20: the model-confidential mode keeps the pipelined rounds (5 exchanges,
+    then 3) and adds the model-key phase's three exchanges once, before round 1; no
+    later round asks for keys again, and every site trains on the unmasked model."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from sgs_flower.confidential.masked_model import WORDS_KEY
+    from strategies import SecAggConfig, SecAggStrategy
+    from strategies.model_key_phase import KEY_RECORD
+    from tests.inprocess_grid import DirectGrid, Site
+
+    sites = {u: Site(u) for u in range(1, 6)}
+    grid = DirectGrid(sites)
+    st = SecAggStrategy(FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=5, min_train_nodes=5),
+                        SecAggConfig(confidential=True, clip_range=4.0, node_wait_timeout=1))
+    init = ArrayRecord({"w": Array(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4))})
+    st.start(grid=grid, initial_arrays=init, num_rounds=4, train_config=ConfigRecord({"lr": 0.1}))
+    assert [r.exchanges for r in st.reports] == [5, 3, 3, 3]
+    assert [r.pipelined for r in st.reports] == [False, True, True, True]
+    key_msgs = [m for m in grid.sent if KEY_RECORD in m.content.config_records]
+    assert len(key_msgs) == 5 + 1 + 4  # status to all, wrap to the leader, install to the others
+    sent_models = [m.content.array_records["arrays"] for m in grid.sent if "arrays" in m.content.array_records]
+    assert sum(WORDS_KEY not in a for a in sent_models) == 5  # only round 1's initial model is plaintext
+    assert all(len(s.seen) == 4 for s in sites.values())
