@@ -20,7 +20,7 @@ the site.
 
 Integrity: masks alone are malleable (the server could add a known offset to ``Y``, or
 lie about the survivors). So each site also puts ``TAG_WORDS`` words of a linear MAC in
-the same vector, ``tag_u = R . (model words || weight)`` with a secret matrix ``R``
+the same vector, ``tag_u = R . (model words || weight)`` with a secret Toeplitz matrix ``R``
 derived from the key and the round's public context (never from the survivors, which
 no site knows yet); the tags sum like everything else, so the unmasked sum carries
 ``R . (sum of model words || total weight)``. A site unmasking the model recomputes it and
@@ -56,7 +56,7 @@ from sgs_flower.pipeline import (
 )
 from sgs_flower.secagg.errors import MalformedMessageError, ModelIntegrityError
 from sgs_flower.secagg.keys import derive
-from sgs_flower.secagg.prg import dtype_for_bits, expand, reduce_mod
+from sgs_flower.secagg.prg import MaskExpander, dtype_for_bits, expand, reduce_mod
 
 FORMAT = "sgs-masked-model/1"
 WORDS_KEY = "sgs.masked-model"  # the masked sum's words, in the ArrayRecord the server holds
@@ -113,25 +113,39 @@ class RoundContext:
         return hashlib.sha256(body + layout_digest(self.layout)).digest()
 
 
+def _mask_key(key: bytes, ctx: RoundContext, attempt: int, node: int) -> bytes:
+    return derive(key, LABEL_MASK, ctx.digest(attempt), node)
+
+
 def site_mask(key: bytes, ctx: RoundContext, attempt: int, node: int, length: int) -> np.ndarray:
     """``M_u``: the model-key mask of node ``u`` for one attempt of one round."""
-    k = derive(key, LABEL_MASK, ctx.digest(attempt), node)
-    return expand(k, length, ctx.spec.field_bits)
+    return expand(_mask_key(key, ctx, attempt, node), length, ctx.spec.field_bits)
 
 
-def mac_matrix(key: bytes, ctx: RoundContext, attempt: int, columns: int) -> np.ndarray:
-    """``R``: TAG_WORDS x columns uniform words mod 2^b, secret (from the key)."""
+def mac_vector(key: bytes, ctx: RoundContext, attempt: int, columns: int) -> np.ndarray:
+    """The secret Toeplitz MAC matrix ``R`` as its generating vector ``c`` (uniform words
+    mod 2^b, ``columns + TAG_WORDS - 1`` of them): row ``i`` of ``R`` is
+    ``c[i : i + columns]``.
+
+    Why Toeplitz: a uniform matrix would cost TAG_WORDS keystreams of the model's size
+    per site and round; this costs one. It is as strong here: for an offset ``D != 0``,
+    let ``j`` be the last index whose entry has the least 2-adic valuation ``v``; row
+    ``i`` multiplies ``c[i + j]`` by ``D[j]``, while the rows before it meet
+    ``c[i + j]`` only through entries of higher valuation, which leave one more bit of
+    it unknown; so each row is fooled with probability at most 1/2 given the rows before
+    it, and all TAG_WORDS rows with at most 2^-TAG_WORDS."""
     k = derive(key, LABEL_MAC, ctx.digest(attempt))
-    rows = ctx.spec.tag_words
-    return expand(k, rows * columns, ctx.spec.field_bits).astype(np.uint64).reshape(rows, columns)
+    return expand(k, columns + ctx.spec.tag_words - 1, ctx.spec.field_bits).astype(np.uint64)
 
 
-def _tags(r: np.ndarray, words: np.ndarray, weight: int, field_bits: int) -> np.ndarray:
+def _tags(c: np.ndarray, words: np.ndarray, weight: int, field_bits: int, rows: int) -> np.ndarray:
     v = np.empty(words.size + 1, dtype=np.uint64)
     v[:-1] = words
     v[-1] = np.uint64(weight)
+    out = np.empty(rows, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        out = r @ v  # wraps mod 2^64; 2^b divides 2^64
+        for i in range(rows):  # each a contiguous dot product; wraps mod 2^64, and 2^b divides 2^64
+            out[i] = np.dot(c[i : i + v.size], v)
     return reduce_mod(out, field_bits)
 
 
@@ -146,12 +160,13 @@ def seal(vector: np.ndarray, key: bytes, ctx: RoundContext, attempt: int, node: 
     if vector.size != spec.vector_length(model_size):
         raise MalformedMessageError(f"a vector of {vector.size} words does not fit the round's spec")
     weight = int(vector[weight_position(spec, model_size)])
-    r = mac_matrix(key, ctx, attempt, n_words + 1)
-    vector[n_words : n_words + spec.tag_words] = _tags(r, vector[:n_words].astype(np.uint64), weight, b).astype(
-        vector.dtype)
+    c = mac_vector(key, ctx, attempt, n_words + 1)
+    vector[n_words : n_words + spec.tag_words] = _tags(c, vector[:n_words].astype(np.uint64), weight, b,
+                                                       spec.tag_words).astype(vector.dtype)
     pos = masked_positions(spec, model_size)
-    m = site_mask(key, ctx, attempt, node, pos.size)
-    vector[pos] = reduce_mod(vector[pos].astype(np.uint64) + m.astype(np.uint64), b).astype(vector.dtype)
+    region = np.ascontiguousarray(vector[pos])
+    MaskExpander(pos.size, region.dtype).accumulate(region, [(_mask_key(key, ctx, attempt, node), +1)])
+    vector[pos] = reduce_mod(region, b)
     return vector
 
 
@@ -226,15 +241,16 @@ def unmask(masked: MaskedModel, key: bytes, key_id: str) -> list[np.ndarray]:
     spec, ctx = masked.spec, masked.context
     b, size = spec.field_bits, masked.model_size
     pos = masked_positions(spec, size)
+    region = np.ascontiguousarray(masked.words[pos])
+    # every survivor's mask subtracted in one sweep over the region (words wrap; 2^b divides them)
+    MaskExpander(pos.size, region.dtype).accumulate(
+        region, [(_mask_key(key, ctx, masked.attempt, u), -1) for u in masked.survivors])
     total = masked.words.astype(np.uint64)
-    acc = np.zeros(pos.size, dtype=np.uint64)
-    for u in masked.survivors:
-        acc += site_mask(key, ctx, masked.attempt, u, pos.size)
-    total[pos] = reduce_mod(total[pos] - acc, b)  # uint64 wraps; 2^b divides 2^64
+    total[pos] = reduce_mod(region, b)
     n_words = model_words(spec, size)
     weight = int(total[weight_position(spec, size)])
-    r = mac_matrix(key, ctx, masked.attempt, n_words + 1)
-    expect = _tags(r, total[:n_words], weight, b)
+    c = mac_vector(key, ctx, masked.attempt, n_words + 1)
+    expect = _tags(c, total[:n_words], weight, b, spec.tag_words)
     if not np.array_equal(expect, total[n_words : n_words + spec.tag_words]):
         raise ModelIntegrityError(
             "the masked model fails its MAC: its words, survivor list, spec, layout, round or weight are not "
