@@ -10,11 +10,16 @@ calls the user's train function with the usual train message, turns the reply in
 ``new - global`` plus ``num-examples`` and the train metrics, encodes and masks them,
 and sends only the masked vector.
 
+Evaluate messages (when the mod also wraps the evaluate function, e.g.
+``ClientApp(mods=[secagg_mod])``) run the same protocol as a separate evaluation round
+(:func:`run_secure_evaluate`): the user's evaluate runs at the masked-input stage and
+only its masked metrics and ``num-examples`` leave the site.
+
 The mod assumes the server may lie. It follows the site's :class:`ClientPolicy`
 (``--node-config`` keys ``sgs-*``, see ``sgs_flower.secagg.policy``), never the server:
 
-- a train message without the protocol record is refused while the policy requires
-  secure aggregation (the default), so a server cannot downgrade a site to plaintext;
+- a train or evaluate message without the protocol record is refused while the policy
+  requires secure aggregation (the default), so a server cannot downgrade a site to plaintext;
 - the site's Ed25519 identity key comes from its node config (``sgs-identity-key``);
   without one, a key is made for the run and kept in ``Context.state`` (a roster cannot
   pin such a key: see the README's threat model);

@@ -182,6 +182,9 @@ def _abort(
     report.status = status
     if report.client_errors:
         reason = f"{reason} (client errors: {_group_client_errors(report.client_errors)})"
+    if any(e.startswith(f"stage {Stage.ADVERTISE_KEYS.name}:") for e in report.client_errors.values()):
+        reason += ("; a site answers secure evaluation only with secagg_mod on its evaluate function "
+                   "(@app.evaluate(mods=[secagg_mod]) or ClientApp(mods=[secagg_mod]))")
     report.reason = reason
     report.seconds = time.monotonic() - t0
     log(WARNING, "secure evaluation of round %s %s, no evaluation metrics released (the global model and the "
