@@ -232,3 +232,52 @@ def test_eval_spec_is_exact_enough_and_never_needs_a_retry():
     spec = eval_spec(max_cohort=1000, max_weight=1_000_000, metric_slots=8, metric_range=100.0)
     assert spec.field_bits == 64 and spec.weight_unit == spec.max_weight
     assert spec.vector_length(0) < 100
+
+
+@pytest.mark.parametrize("mode", ["central-dp", "distributed-dp"])
+def test_secure_evaluation_under_dp_presets(task_identity, mode):  # noqa: F811
+    """Under the DP presets training releases no metric, but federated evaluation still
+    releases the secure weighted means (no DP noise on them: docs/threat_model.md),
+    equal to plain FedAvg.aggregate_evaluate within the bound."""
+    from sgs_flower.dp.config import DPConfig
+
+    n = 5
+    sites = {u: EvalSite(u) for u in range(1, n + 1)}
+    inner = FedAvg(fraction_evaluate=1.0, min_train_nodes=n, min_available_nodes=n, min_evaluate_nodes=n)
+    strategy = SecAggStrategy(inner, SecAggConfig(), dp=DPConfig(mode, clip_norm=1.0, noise_multiplier=1.0))
+    result = strategy.start(grid=_local_grid(sites), initial_arrays=ArrayRecord({k: Array(v) for k, v in MODEL.items()}),
+                            num_rounds=1, train_config=ConfigRecord({"lr": 1.0}))
+    assert [r.status for r in strategy.reports] == ["ok"] and [r.status for r in strategy.eval_reports] == ["ok"]
+    assert 1 not in result.train_metrics_clientapp or "eval_loss" not in result.train_metrics_clientapp[1]
+    plain = FedAvg().aggregate_evaluate(1, [s.eval_replies[1] for s in sites.values()])
+    assert plain is not None
+    for k in plain:
+        assert abs(float(result.evaluate_metrics_clientapp[1][k]) - float(plain[k])) <= strategy.eval_reports[0].error_bound  # type: ignore[arg-type]
+
+
+def test_one_model_is_not_evaluated_over_two_survivor_sets_but_still_trains(task_identity):  # noqa: F811
+    """A lying server evaluates the same model twice (two server rounds) over cohorts
+    differing by one site, to difference out that site's metrics: the sites refuse to
+    sign a second survivor set for that evaluated model (nothing is released). Training
+    from that very model is not blocked (the evaluation's memory is its own)."""
+    from strategies.secure_eval import secure_evaluate
+
+    class Sneaky(FedAvg):
+        def configure_evaluate(self, server_round, arrays, config, grid):
+            out = list(super().configure_evaluate(server_round, arrays, config, grid))
+            return out if server_round == 1 else [m for m in out if m.metadata.dst_node_id != 5]
+
+    n = 5
+    sites = {u: EvalSite(u) for u in range(1, n + 1)}
+    strategy = SecAggStrategy(Sneaky(fraction_evaluate=1.0, min_train_nodes=n, min_available_nodes=n,
+                                     min_evaluate_nodes=4), SecAggConfig())
+    grid = _local_grid(sites)
+    model = ArrayRecord({k: Array(v) for k, v in MODEL.items()})
+    first = secure_evaluate(strategy, grid, 1, model, ConfigRecord({"server-round": 1}))
+    assert first is not None and strategy.eval_reports[0].status == "ok"
+    second = secure_evaluate(strategy, grid, 2, model, ConfigRecord({"server-round": 1}))
+    assert second is None and strategy.eval_reports[1].status == "aborted"
+    assert "already aggregated over another survivor set" in strategy.eval_reports[1].reason
+    strategy.inner.fraction_evaluate = 0.0
+    strategy.start(grid=grid, initial_arrays=model, num_rounds=1, train_config=ConfigRecord({"lr": 1.0}))
+    assert [r.status for r in strategy.reports] == ["ok"]
