@@ -281,3 +281,49 @@ def test_one_model_is_not_evaluated_over_two_survivor_sets_but_still_trains(task
     strategy.inner.fraction_evaluate = 0.0
     strategy.start(grid=grid, initial_arrays=model, num_rounds=1, train_config=ConfigRecord({"lr": 1.0}))
     assert [r.status for r in strategy.reports] == ["ok"]
+
+
+@pytest.mark.slow
+def test_flower_simulation_evaluates_securely(tmp_path):
+    """Acceptances 1 and 2 in a real Flower simulation (Ray): ``fraction_evaluate=1.0``
+    with ``secagg_mod`` on evaluate gives plain FedAvg's evaluation aggregate (its
+    ``evaluate_metrics_aggr_fn`` over the replies the sites made, recorded out of band)
+    within the bound, and no reply the real Grid delivers to the server carries a
+    MetricRecord or a site's metric value."""
+    from flower_harness import RecordingGrid, evaluating_client, load_eval_dump, run
+    from flwr.serverapp import Grid
+
+    n, rounds = 4, 2
+    out: dict = {}
+
+    def main(grid: Grid, context: Context) -> None:
+        inner = FedAvg(fraction_evaluate=1.0, min_train_nodes=n, min_available_nodes=n, min_evaluate_nodes=n)
+        strategy = SecAggStrategy(inner, SecAggConfig())
+        g = RecordingGrid(grid)
+        out["result"] = strategy.start(grid=g, initial_arrays=ArrayRecord({k: Array(v) for k, v in MODEL.items()}),
+                                       num_rounds=rounds, train_config=ConfigRecord({"lr": 1.0}))
+        out["strategy"], out["grid"] = strategy, g
+
+    run(main, evaluating_client(tmp_path), n)
+    strategy, grid, result = out["strategy"], out["grid"], out["result"]
+    assert [r.status for r in strategy.reports] == ["ok"] * rounds
+    assert [(r.status, r.exchanges) for r in strategy.eval_reports] == [("ok", 5)] * rounds
+    values = []
+    for rnd in range(1, rounds + 1):
+        replies = load_eval_dump(tmp_path, rnd)
+        assert len(replies) == n
+        values += [v for m in replies for k, v in m.items() if k != "num-examples"]
+        plain = FedAvg().evaluate_metrics_aggr_fn([RecordDict({"metrics": MetricRecord(m)}) for m in replies],
+                                                  "num-examples")
+        secure = result.evaluate_metrics_clientapp[rnd]
+        assert set(secure) == set(plain) == {"eval_loss", "eval_acc"}
+        for k in plain:
+            assert abs(float(secure[k]) - float(plain[k])) <= strategy.eval_reports[rnd - 1].error_bound  # type: ignore[arg-type]
+    evals = [m for m in grid.received if m.metadata.message_type == MessageType.EVALUATE]
+    assert len(evals) == rounds * 5 * n
+    for m in evals:
+        assert not m.has_error() and dict(m.content.metric_records) == {}
+        blob = bytes(m.content.config_records[wire.RECORD_KEY][wire.FIELD_PAYLOAD])  # type: ignore[arg-type]
+        if wire.VECTOR_KEY in m.content.array_records:
+            blob += m.content.array_records[wire.VECTOR_KEY][wire.FIELD_VECTOR].data
+        assert not any(_floats_in(blob, v) for v in values)
