@@ -301,8 +301,11 @@ class SecAggStrategy(Strategy):
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
         """Flower's ``Strategy.start`` loop (same logs, same ``Result``), each training
-        round a secure round. Raises :class:`SecureAggregationFailed` when
-        ``max_consecutive_aborts`` rounds in a row abort, or every round did."""
+        round a secure round, and each federated evaluation one too (``secure_eval``).
+        Raises :class:`SecureAggregationFailed` when ``max_consecutive_aborts`` rounds in
+        a row abort, or every round did (an aborted evaluation never stops the run).
+        ``timeout`` is not used: every exchange, an evaluation's included, waits up to
+        ``SecAggConfig.stage_timeout``."""
         from strategies.secure_eval import secure_evaluate  # it builds on this module
 
         log(INFO, "Starting %s strategy with secure aggregation (SecAgg+):", type(self.inner).__name__)
@@ -374,6 +377,10 @@ class SecAggStrategy(Strategy):
         ok = sum(r.status == "ok" for r in self.reports)
         log(INFO, "Secure rounds: %d ok, %d not ok%s", ok, len(self.reports) - ok,
             "".join(f"; round {r.server_round} {r.status}: {r.reason}" for r in self.reports if r.status != "ok"))
+        if self.eval_reports:
+            ok = sum(r.status == "ok" for r in self.eval_reports)
+            log(INFO, "Secure evaluations: %d ok, %d not ok%s", ok, len(self.eval_reports) - ok, "".join(
+                f"; round {r.server_round} {r.status}: {r.reason}" for r in self.eval_reports if r.status != "ok"))
         log(INFO, "")
         log(INFO, "Final results:")
         log(INFO, "")

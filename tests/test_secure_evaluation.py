@@ -327,3 +327,22 @@ def test_flower_simulation_evaluates_securely(tmp_path):
         if wire.VECTOR_KEY in m.content.array_records:
             blob += m.content.array_records[wire.VECTOR_KEY][wire.FIELD_VECTOR].data
         assert not any(_floats_in(blob, v) for v in values)
+
+
+def test_the_mixin_evaluates_through_the_same_path(task_identity):  # noqa: F811
+    """SecAggClientMixin.secure_evaluate wraps the class's own evaluate like the mod:
+    a plain evaluate message is refused there too, by name, before evaluate runs."""
+    from clients import SecAggClientMixin
+
+    class Client(SecAggClientMixin):
+        calls = 0
+
+        def evaluate(self, msg: Message, context: Context) -> Message:
+            Client.calls += 1
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=1,
+                  message_type=MessageType.EVALUATE)
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = Client().secure_evaluate(msg, ctx)
+    assert reply.has_error() and "refuses a plain evaluate message" in reply.error.reason and Client.calls == 0
