@@ -735,13 +735,22 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext) -> 
     except Exception as exc:
         logger.warning("secure evaluation refused a message: %s: %s", type(exc).__name__, exc)
         client.abandon()
-        context.state[EVAL_STATE_KEY] = ConfigRecord(client.state_dict())
+        _save_eval_client(context, client)
         return _error_reply(msg, exc)
-    context.state[EVAL_STATE_KEY] = ConfigRecord(client.state_dict())
+    _save_eval_client(context, client)
     if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered, under the evaluation's own key
         site.history = dict(client.history)
         _save_site(context, state_path, site)
     return _protocol_reply(msg, stage, reply, names)
+
+
+def _save_eval_client(context: Context, client: SecAggClient) -> None:
+    """The evaluation instance's state, without the survivor-set memory: that lives in
+    the site's state (reloaded at every message), and ``Context.state`` travels with
+    every message, so it is not carried twice (the train instance already carries it)."""
+    state = client.state_dict()
+    state["history_models"], state["history_sets"] = [], []
+    context.state[EVAL_STATE_KEY] = ConfigRecord(state)
 
 
 def _evaluate_and_encode(
