@@ -21,8 +21,9 @@ round's cohort, which must be known during the previous round, is drawn by
 The server never sees an individual update, ``num-examples``, train or evaluation metric:
 they all travel inside masked vectors. Federated evaluation (``fraction_evaluate > 0``) is
 a secure round of its own after each train round (``strategies/secure_eval.py``, five
-exchanges): ``aggregate_evaluate`` gets one reply with the weighted means. Strategies that need individual updates (Krum,
-median, trimmed mean, Bulyan, q-FedAvg) are refused at construction.
+exchanges): ``aggregate_evaluate`` gets one reply with the weighted means. Strategies
+that need individual updates (Krum, median, trimmed mean, Bulyan, q-FedAvg) are refused
+at construction.
 """
 
 from __future__ import annotations
