@@ -21,7 +21,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from sgs_flower.confidential import masked_model as mm
 from sgs_flower.confidential import model_key as mk
-from sgs_flower.pipeline import UpdateSpec
 from sgs_flower.secagg.errors import MalformedMessageError, ModelIntegrityError, ModelKeyError
 from sgs_flower.secagg.policy import ClientPolicy
 
@@ -105,16 +104,16 @@ def _announcements(rec: ConfigRecord) -> list[mk.Announcement]:
     return [mk.Announcement.from_record(dict(zip(fields, row, strict=True))) for row in zip(*columns, strict=True)]
 
 
-def open_model(model: ArrayRecord, spec: UpdateSpec, run_id: int, state: mk.KeyState) -> tuple[ArrayRecord, mk.KeyState]:
+def open_model(model: ArrayRecord, want_key: str, run_id: int, state: mk.KeyState) -> tuple[ArrayRecord, mk.KeyState]:
     """The plaintext model of a confidential round's request, checked.
 
     A masked model is unmasked under the site's key (MAC checked); it must be no older
     than the newest this site unmasked in this run (else a replay). A plaintext model is
     accepted only before this site has seen a masked one in this run: the run's initial
     model, never a model the server chose later."""
-    if state.key_id != spec.model_key:
+    if state.key_id != want_key:
         raise ModelKeyError(
-            f"the round is under model key {spec.model_key}, this site holds {state.key_id or 'none'}: the server "
+            f"the round is under model key {want_key}, this site holds {state.key_id or 'none'}: the server "
             "must run the model-key phase for it first")
     newest = state.newest.get(str(run_id))
     if mm.WORDS_KEY not in model:
@@ -132,3 +131,20 @@ def open_model(model: ArrayRecord, spec: UpdateSpec, run_id: int, state: mk.KeyS
         state.newest[str(run_id)] = max(masked.round_id, newest or 0)
     plain = ArrayRecord({k: Array(np.ascontiguousarray(a)) for (k, _, _), a in zip(masked.layout, arrays, strict=True)})
     return plain, state
+
+
+def is_masked(model: ArrayRecord) -> bool:
+    return mm.WORDS_KEY in model
+
+
+def open_for_evaluation(model: ArrayRecord, run_id: int, state: mk.KeyState) -> tuple[ArrayRecord, mk.KeyState]:
+    """The plaintext model of a secure evaluation request: as :func:`open_model`, under
+    the key the masked model names (an evaluation spec carries no model key)."""
+    if mm.WORDS_KEY not in model:
+        if str(run_id) in state.newest:
+            raise ModelIntegrityError(
+                f"this run's model is masked since round {state.newest[str(run_id)]}; a plaintext model to evaluate "
+                "(one the server chose) is refused")
+        return model, state
+    masked = mm.MaskedModel.from_arrays({k: v.numpy() for k, v in model.items()})
+    return open_model(model, masked.key_id, run_id, state)

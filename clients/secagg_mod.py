@@ -10,11 +10,16 @@ calls the user's train function with the usual train message, turns the reply in
 ``new - global`` plus ``num-examples`` and the train metrics, encodes and masks them,
 and sends only the masked vector.
 
+Evaluate messages (when the mod also wraps the evaluate function, e.g.
+``ClientApp(mods=[secagg_mod])``) run the same protocol as a separate evaluation round
+(:func:`run_secure_evaluate`): the user's evaluate runs at the masked-input stage and
+only its masked metrics and ``num-examples`` leave the site.
+
 The mod assumes the server may lie. It follows the site's :class:`ClientPolicy`
 (``--node-config`` keys ``sgs-*``, see ``sgs_flower.secagg.policy``), never the server:
 
-- a train message without the protocol record is refused while the policy requires
-  secure aggregation (the default), so a server cannot downgrade a site to plaintext;
+- a train or evaluate message without the protocol record is refused while the policy
+  requires secure aggregation (the default), so a server cannot downgrade a site to plaintext;
 - the site's Ed25519 identity key comes from its node config (``sgs-identity-key``);
   without one, a key is made for the run and kept in ``Context.state`` (a roster cannot
   pin such a key: see the README's threat model);
@@ -66,6 +71,12 @@ from flwr.common.constant import ErrorCode
 from clients import confidential_site
 from sgs_flower.confidential.masked_model import Layout, RoundContext, flat_model, layout_of, seal
 from sgs_flower.dp.site import SiteAccountant, SiteBudgetError, SiteState, default_state_file
+from sgs_flower.evaluation import (
+    check_eval_spec,
+    eval_binding_digest,
+    eval_history_key,
+    is_eval_round,
+)
 from sgs_flower.pipeline import (
     EncodedUpdate,
     UpdateSpec,
@@ -251,6 +262,8 @@ def secagg_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
 
 
 def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Encoder) -> Message:
+    if msg.metadata.message_type == MessageType.EVALUATE:
+        return run_secure_evaluate(msg, context, call_next)
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     try:
@@ -292,6 +305,9 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         server_msg = wire.decode(payload)
         if server_msg.stage != stage:
             raise MalformedMessageError("protocol record's stage differs from its payload's")
+        if is_eval_round(server_msg.round_id):
+            raise StaleMessageError("a train message carries an evaluation round's id; refused (rounds of the two "
+                                    "kinds never mix)")
         reply: wire.Message
         names: tuple[list[str], list[str]] | None = None
         if stage == Stage.MASKED_INPUT:
@@ -355,6 +371,8 @@ def _next_part(rec: ConfigRecord) -> tuple[Stage, wire.Message]:
     next_msg = wire.decode(payload)
     if int(next_msg.stage) != raw:
         raise MalformedMessageError("protocol record's next stage differs from its payload's")
+    if is_eval_round(next_msg.round_id):
+        raise StaleMessageError("the next round's part carries an evaluation round's id; refused")
     return Stage(raw), next_msg
 
 
@@ -425,7 +443,7 @@ def _on_masked_input(
     model = wire_model
     if spec.model_key:  # the model the user's code trains on: unmasked here, MAC and freshness checked
         key_state = confidential_site.load_key_state(context, state_path, policy)
-        model, key_state = confidential_site.open_model(wire_model, spec, server_msg.run_id, key_state)
+        model, key_state = confidential_site.open_model(wire_model, spec.model_key, server_msg.run_id, key_state)
         confidential_site.save_key_state(context, state_path, key_state)
     named = [(k, v.numpy()) for k, v in model.items()]
     model_size = int(sum(a.size for _, a in named))
@@ -679,6 +697,214 @@ def _train_and_check(
     return delta, scalar_metrics, weight if spec.dp_mode == "none" else 1, (list(names[0]), list(names[1]))
 
 
+# ---------------------------------------------------------------- secure evaluation
+EVAL_STATE_KEY = "sgs.secagg.eval-client"  # the evaluation rounds' own protocol instance
+EVAL_NAMES_KEY = "sgs.secagg.eval-metric-names"  # the metric names of the last usable evaluate reply
+
+
+def _local_model_message(msg: Message, context: Context) -> Message:
+    """The evaluate message the user's code sees, from the request's model and config
+    (protocol records already removed). The one place the evaluated model reaches the
+    site's code: in the model-confidential mode the key-masked model is unmasked here
+    (MAC and freshness checked, :func:`confidential_site.open_for_evaluation`), before
+    the user's evaluate runs; a refusal is an error reply, never a site-dependent one."""
+    records = msg.content.array_records
+    if not any(confidential_site.is_masked(a) for a in records.values()) and not _has_run_key(context):
+        return msg
+    policy = _policy(context)
+    state_path = _state_file(context, policy, _identity(context, policy))
+    state = confidential_site.load_key_state(context, state_path, policy)
+    content = RecordDict({k: v for k, v in msg.content.config_records.items()})
+    for name, arrays in records.items():
+        plain, state = confidential_site.open_for_evaluation(arrays, msg.metadata.run_id, state)
+        content[name] = plain
+    confidential_site.save_key_state(context, state_path, state)
+    return Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
+
+
+def _has_run_key(context: Context) -> bool:
+    """Whether this site has unmasked a masked model in this run (then a plaintext model
+    to evaluate is refused too: a model the server chose)."""
+    try:
+        policy = _policy(context)
+        state_path = _state_file(context, policy, _identity(context, policy))
+        return str(context.run_id) in confidential_site.load_key_state(context, state_path, policy).newest
+    except Exception:
+        return False
+
+
+def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext) -> Message:
+    """Answer one exchange of a secure evaluation round (``sgs_flower.evaluation``).
+
+    The same protocol as training, on its own protocol instance (``EVAL_STATE_KEY``), so
+    a train round set up ahead is never disturbed; only evaluation round ids are accepted
+    here, and never a pipelined part. At the masked-input stage the user's evaluate runs
+    (:func:`_evaluate_and_encode`); its metrics leave the site only masked. A plain
+    evaluate message is refused while the site requires secure aggregation: it would
+    send this site's metrics to the server in the clear."""
+    try:
+        policy = _policy(context)
+    except SecAggError as exc:
+        logger.error("secure aggregation: bad site policy: %s", exc)
+        return _error_reply(msg, PolicyError(f"this site's secure-aggregation policy is invalid ({type(exc).__name__})"))
+    if wire.RECORD_KEY not in msg.content.config_records:
+        if policy.require_secure_aggregation:
+            logger.warning("refused a plain evaluate message: this site requires secure aggregation")
+            return _error_reply(msg, PolicyError(
+                "this site requires secure aggregation and refuses a plain evaluate message, which would send its "
+                "evaluation metrics to the server in the clear (run the server with SecAggStrategy, which evaluates "
+                "securely; a site that accepts plain rounds sets sgs-require-secagg=false)"
+            ))
+        return call_next(msg, context)
+    ident = _identity(context, policy)
+    state_path = _state_file(context, policy, ident)
+    try:
+        site = _load_site(context, state_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.error("secure aggregation: unreadable site state: %r", exc)
+        return _error_reply(msg, PolicyError("this site's state (sgs-state-file) is unreadable; it does not take part"))
+    rec_state = context.state.config_records.get(EVAL_STATE_KEY)
+    try:
+        client = (SecAggClient(int(context.node_id), identity=ident, policy=policy) if rec_state is None
+                  else SecAggClient.from_state_dict(dict(rec_state), ident, policy))
+    except (SecAggError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("discarding unreadable secure-evaluation state: %r", exc)
+        client = SecAggClient(int(context.node_id), identity=ident, policy=policy)
+    client.history = dict(site.history) | client.history
+    try:
+        rec = msg.content.config_records[wire.RECORD_KEY]
+        stage = _stage(rec)
+        payload = rec.get(wire.FIELD_PAYLOAD)
+        if not isinstance(payload, bytes):
+            raise MalformedMessageError("protocol payload is not bytes")
+        server_msg = wire.decode(payload)
+        if server_msg.stage != stage:
+            raise MalformedMessageError("protocol record's stage differs from its payload's")
+        if not is_eval_round(server_msg.round_id):
+            raise StaleMessageError("an evaluate message carries a train round's id; refused (rounds of the two "
+                                    "kinds never mix)")
+        if wire.FIELD_NEXT_PAYLOAD in rec or wire.FIELD_NEXT_STAGE in rec:
+            raise MalformedMessageError("an evaluation round is never pipelined: its message carries no next part")
+        reply: wire.Message
+        names: tuple[list[str], list[str]] | None = None
+        if stage == Stage.MASKED_INPUT:
+            client.expect_masked_input(server_msg)
+            reply, names = _evaluate_and_encode(msg, context, client, server_msg, rec, call_next, policy)
+        elif stage == Stage.RETRY:
+            raise StaleMessageError("an evaluation round has no retry (its weight scale is max_weight)")
+        else:
+            reply = client.handle(server_msg)
+    except Exception as exc:
+        logger.warning("secure evaluation refused a message: %s: %s", type(exc).__name__, exc)
+        client.abandon()
+        _save_eval_client(context, client)
+        return _error_reply(msg, exc)
+    _save_eval_client(context, client)
+    if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered, under the evaluation's own key
+        site.history = dict(client.history)
+        _save_site(context, state_path, site)
+    return _protocol_reply(msg, stage, reply, names)
+
+
+def _save_eval_client(context: Context, client: SecAggClient) -> None:
+    """The evaluation instance's state, without the survivor-set memory: that lives in
+    the site's state (reloaded at every message), and ``Context.state`` travels with
+    every message, so it is not carried twice (the train instance already carries it)."""
+    state = client.state_dict()
+    state["history_models"], state["history_sets"] = [], []
+    context.state[EVAL_STATE_KEY] = ConfigRecord(state)
+
+
+def _evaluate_and_encode(
+    msg: Message,
+    context: Context,
+    client: SecAggClient,
+    server_msg: wire.Message,
+    rec: ConfigRecord,
+    call_next: CallNext,
+    policy: ClientPolicy,
+) -> tuple[wire.Message, tuple[list[str], list[str]]]:
+    """Check what the server chose, run the user's evaluate, encode and mask its metrics.
+
+    As in training, every check that can refuse runs first, on what the server sent; after
+    the user's code ran nothing is refused: an evaluate that raised or replied unusably
+    makes the site send :func:`encode_failure` (weight 0, counted inside the sum), so the
+    server cannot tell from the reply which site failed."""
+    a_key, c_key, w_key = _record_names(rec, msg)
+    if wire.SPEC_KEY not in msg.content.config_records:
+        raise MalformedMessageError("masked-input request lacks the update spec")
+    spec = UpdateSpec.from_config(dict(msg.content.config_records[wire.SPEC_KEY]))
+    check_eval_spec(spec, policy.max_vector_length)
+    model = msg.content.array_records[a_key]
+    cfg = msg.content.config_records[c_key]
+    m_digest = model_digest([(k, v.numpy()) for k, v in model.items()])
+    digest = eval_binding_digest(m_digest, dict(cfg), spec)
+    plain = Message(content=RecordDict({a_key: model, c_key: cfg}), metadata=msg.metadata)  # type: ignore[call-overload]
+    eval_msg = _local_model_message(plain, context)
+    names = _remembered_eval_names(context, spec)
+    try:
+        metrics, weight, names = _evaluate_and_check(eval_msg, context, call_next, w_key, spec)
+        encoded = encode_update(np.zeros(0), metrics, weight, spec)
+    except _Unusable as exc:
+        logger.warning("this site's evaluation cannot be used this round (%s): %s; it sends the protocol's "
+                       "'unusable' vector instead", exc.reason, exc)
+        encoded = encode_failure(spec, 0, exc.reason)
+    except EncodingError as exc:
+        logger.warning("this site's evaluation metrics could not be encoded: %s", exc)
+        encoded = encode_failure(spec, 0, "the site's encoder raised")
+    masked = client.handle(server_msg, vector=encoded.vector, bound_digest=digest,
+                           model_digest=eval_history_key(m_digest))
+    return masked, names
+
+
+def _evaluate_and_check(
+    eval_msg: Message, context: Context, call_next: CallNext, w_key: str, spec: UpdateSpec,
+) -> tuple[dict[str, float], int, tuple[list[str], list[str]]]:
+    """The user's evaluate and the checks of its reply (one MetricRecord holding the
+    weight ``w_key``, a whole number in 1..max_weight); raises :class:`_Unusable`. The
+    failure reasons are the pipeline's (:data:`FAILURE_REASONS`, named for training)."""
+    try:
+        out = call_next(eval_msg, context)
+    except Exception as exc:
+        raise _Unusable("train step raised", f"the evaluate function raised: {exc!r}") from exc
+    if out.has_error():
+        raise _Unusable("train step raised", f"the evaluate function replied with an error: {out.error.reason}")
+    metric_recs = list(out.content.metric_records.values())
+    if len(metric_recs) != 1:
+        raise _Unusable("train reply malformed", f"evaluate reply must hold exactly one MetricRecord, got "
+                        f"{len(metric_recs)}")
+    metrics = metric_recs[0]
+    other: dict[str, Any] = {k: v for k, v in metrics.items() if k != w_key}
+    names = metric_slot_names(other, spec)
+    numeric = sorted(k for k, v in other.items() if isinstance(v, int | float) and not isinstance(v, bool))
+    context.state[EVAL_NAMES_KEY] = ConfigRecord({"numeric": numeric, "other": sorted(set(other) - set(numeric))})
+    if names[1]:
+        logger.warning("evaluation metrics %s are not aggregated: more than metric_slots=%d numeric metrics, or not "
+                       "numbers (the server is told their names)", names[1], spec.metric_slots)
+    raw_weight = metrics.get(w_key)
+    if (raw_weight is None or isinstance(raw_weight, bool) or not isinstance(raw_weight, int | float)
+            or not np.isfinite(raw_weight) or float(raw_weight) != int(raw_weight)):
+        raise _Unusable("train reply malformed", f"evaluate reply's '{w_key}' must be a whole number")
+    weight = int(raw_weight)
+    if not 1 <= weight <= spec.max_weight:
+        raise _Unusable("weight outside 1..max_weight", f"'{w_key}' = {weight} is outside 1..{spec.max_weight}")
+    values = {k: float(v) for k, v in other.items() if k in names[0]}
+    if not all(np.isfinite(v) for v in values.values()):
+        raise _Unusable("non-finite update or metric", "an evaluation metric holds NaN or inf")
+    return values, weight, (list(names[0]), list(names[1]))
+
+
+def _remembered_eval_names(context: Context, spec: UpdateSpec) -> tuple[list[str], list[str]]:
+    """The evaluation metric names a site whose evaluation is unusable reports: those of
+    its last usable evaluate reply (as :func:`_remembered_names` does for training)."""
+    rec = context.state.config_records.get(EVAL_NAMES_KEY)
+    if rec is None:
+        return [], []
+    template: dict[str, Any] = {str(n): 0.0 for n in rec["numeric"]} | {str(n): "" for n in rec["other"]}  # type: ignore[union-attr]
+    slots, left_out = metric_slot_names(template, spec)
+    return list(slots), list(left_out)
+
+
 class SecAggClientMixin:
     """For class-based clients: ``secure_train`` wraps the class's own ``train``.
 
@@ -697,3 +923,11 @@ class SecAggClientMixin:
 
     def secure_train(self, msg: Message, context: Context) -> Message:
         return run_secagg(msg, context, self.train, self.encode_update)
+
+    def evaluate(self, msg: Message, context: Context) -> Message:  # pragma: no cover - user code
+        raise NotImplementedError
+
+    def secure_evaluate(self, msg: Message, context: Context) -> Message:
+        """``@app.evaluate()`` counterpart of :meth:`secure_train`: the class's own
+        ``evaluate``, its metrics aggregated securely."""
+        return run_secure_evaluate(msg, context, self.evaluate)

@@ -18,9 +18,12 @@ round aborted), then ``configure_evaluate`` and ``aggregate_evaluate``. A pipeli
 round's cohort, which must be known during the previous round, is drawn by
 :meth:`SecAggStrategy.sample_cohort` without calling any hook (see its docstring).
 
-The server never sees an individual update, ``num-examples`` or train metric: they all
-travel inside the masked vector. Strategies that need individual updates (Krum,
-median, trimmed mean, Bulyan, q-FedAvg) are refused at construction.
+The server never sees an individual update, ``num-examples``, train or evaluation metric:
+they all travel inside masked vectors. Federated evaluation (``fraction_evaluate > 0``) is
+a secure round of its own after each train round (``strategies/secure_eval.py``, five
+exchanges): ``aggregate_evaluate`` gets one reply with the weighted means. Strategies
+that need individual updates (Krum, median, trimmed mean, Bulyan, q-FedAvg) are refused
+at construction.
 """
 
 from __future__ import annotations
@@ -242,6 +245,7 @@ class SecAggStrategy(Strategy):
             raise TypeError("pass either a SecAggConfig or keyword overrides, not both")
         self.config = config if config is not None else SecAggConfig(**overrides)
         self.reports: list[RoundReport] = []
+        self.eval_reports: list[RoundReport] = []  # the secure evaluation rounds (strategies/secure_eval.py)
         self.stopped: str = ""  # why training stopped early (the privacy budget), if it did
         self._ahead: _Ahead | None = None  # the next round, when set up during the current one
         self._num_rounds = 0
@@ -280,11 +284,13 @@ class SecAggStrategy(Strategy):
             )
             log(WARNING, "%s", text)
             warnings.warn(text, UserWarning, stacklevel=3)
-        if self.inner.fraction_evaluate > 0:
+        fn = self.inner.evaluate_metrics_aggr_fn
+        if self.inner.fraction_evaluate > 0 and fn is not aggregate_metricrecords:
             text = (
-                f"SecAggStrategy: federated evaluation (fraction_evaluate={self.inner.fraction_evaluate}) is NOT "
-                "protected by secure aggregation: each client's evaluation metrics and num-examples reach the "
-                "server in the clear. Use fraction_evaluate=0.0 and evaluate_fn (server-side evaluation) to avoid it."
+                f"SecAggStrategy: evaluate_metrics_aggr_fn={getattr(fn, '__name__', fn)!r} will receive ONE reply: "
+                "the cohort's securely aggregated weighted means of the numeric evaluation metrics (and "
+                f"'{self.inner.weighted_by_key}' = the total num-examples). Aggregations that need each client's "
+                "value (max, min, median, per-client lists) cannot be computed under secure aggregation."
             )
             log(WARNING, "%s", text)
             warnings.warn(text, UserWarning, stacklevel=3)
@@ -325,13 +331,18 @@ class SecAggStrategy(Strategy):
         first_round: int = 1,
     ) -> Result:
         """Flower's ``Strategy.start`` loop (same logs, same ``Result``), each training
-        round a secure round. Raises :class:`SecureAggregationFailed` when
-        ``max_consecutive_aborts`` rounds in a row abort, or every round did.
+        round a secure round, and each federated evaluation one too (``secure_eval``).
+        Raises :class:`SecureAggregationFailed` when ``max_consecutive_aborts`` rounds in
+        a row abort, or every round did (an aborted evaluation never stops the run).
+        ``timeout`` is not used: every exchange, an evaluation's included, waits up to
+        ``SecAggConfig.stage_timeout``.
 
         ``first_round`` (ours, not Flower's): the rounds are numbered ``first_round`` ..
         ``first_round + num_rounds - 1``. A site contributes once per (run, round), so a
         second ``start`` in the same run (a benchmark alternating strategies, a training
         continued in the same ServerApp) must number its rounds after the first's."""
+        from strategies.secure_eval import secure_evaluate  # it builds on this module
+
         log(INFO, "Starting %s strategy with secure aggregation (SecAgg+):", type(self.inner).__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
@@ -389,12 +400,9 @@ class SecAggStrategy(Strategy):
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", metrics)
                 result.train_metrics_clientapp[server_round] = metrics
             evaluate_config["server-round"] = server_round
-            messages = list(self.inner.configure_evaluate(server_round, arrays, evaluate_config, grid))
-            replies: list[Message] = []
-            if messages:
-                replies, _ = exchange.send_and_receive(grid, messages, timeout, self.config.max_poll_interval)
-            # asked every round, with no reply when nothing was sent, as Flower's loop does
-            if (agg := self.inner.aggregate_evaluate(server_round, replies)) is not None:
+            # a secure round of its own (strategies/secure_eval.py); aggregate_evaluate is
+            # asked every round, with no reply when nothing was sent or released
+            if (agg := secure_evaluate(self, grid, server_round, arrays, evaluate_config)) is not None:
                 log(INFO, "\t└──> Aggregated MetricRecord: %s", agg)
                 result.evaluate_metrics_clientapp[server_round] = agg
             if evaluate_fn is not None:
@@ -416,6 +424,10 @@ class SecAggStrategy(Strategy):
         ok = sum(r.status == "ok" for r in self.reports)
         log(INFO, "Secure rounds: %d ok, %d not ok%s", ok, len(self.reports) - ok,
             "".join(f"; round {r.server_round} {r.status}: {r.reason}" for r in self.reports if r.status != "ok"))
+        if self.eval_reports:
+            ok = sum(r.status == "ok" for r in self.eval_reports)
+            log(INFO, "Secure evaluations: %d ok, %d not ok%s", ok, len(self.eval_reports) - ok, "".join(
+                f"; round {r.server_round} {r.status}: {r.reason}" for r in self.eval_reports if r.status != "ok"))
         log(INFO, "")
         log(INFO, "Final results:")
         log(INFO, "")
@@ -903,11 +915,13 @@ class SecAggStrategy(Strategy):
         *,
         ahead: _Ahead | None = None,
         ahead_parts: Mapping[int, wire.Message] | None = None,
+        message_type: str = MessageType.TRAIN,
     ) -> tuple[dict[int, wire.Message | bytes], dict[int, wire.Message | bytes]]:
         """One server -> clients -> server exchange of this round, which may also carry
         the next round's parts (``ahead``): a node in both gets one message of two parts,
         a node only in the next round's cohort a message of that round's part alone.
-        Returns the valid replies to each round (the second empty without ``ahead``)."""
+        Returns the valid replies to each round (the second empty without ``ahead``).
+        ``message_type`` is ``EVALUATE`` for a secure evaluation round (never with ``ahead``)."""
         parts = dict(ahead_parts or {}) if ahead is not None else {}
         messages: list[Message] = []
         kinds: list[tuple[int, Stage | None]] = []  # per message: node, stage of its next-round part
@@ -920,7 +934,7 @@ class SecAggStrategy(Strategy):
                     rec[wire.FIELD_NEXT_STAGE] = int(nm.stage)
                     rec[wire.FIELD_NEXT_PAYLOAD] = wire.encode(nm)
                 content = RecordDict({wire.RECORD_KEY: rec, **(extra or {})})
-                m = Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
+                m = Message(content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
                 kinds.append((node, nm.stage if nm is not None else None))
             else:  # a setup-only message for the next round
                 assert ahead is not None

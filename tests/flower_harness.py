@@ -191,3 +191,40 @@ def dry_run_epsilons(config: Any, n: int, rounds: int) -> list[float]:
         dry.release(plan, np.zeros(model_size), n, 0)
         eps.append(dry.spent().consumer)
     return eps
+
+
+def evaluating_client(dump: Path) -> ClientApp:
+    """A ClientApp with ``secagg_mod`` on both train and evaluate (cheap numpy
+    "training": x -> 0.9 x). Its evaluate derives site-specific metrics from the model
+    it received and writes each plaintext reply's metrics to ``dump`` (out of band, what
+    plain Flower's server would have received), so a test can compare the secure
+    aggregate with plain FedAvg's."""
+    from flwr.app import MetricRecord, RecordDict
+
+    app = ClientApp()
+
+    @app.train(mods=[secagg_mod])
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        arrays = ArrayRecord({k: Array((0.9 * a.numpy()).astype(a.numpy().dtype)) for k, a in msg.content["arrays"].items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10 + pid})}), reply_to=msg)
+
+    @app.evaluate(mods=[secagg_mod])
+    def evaluate(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"]["server-round"])
+        w = np.concatenate([a.numpy().ravel() for a in msg.content["arrays"].values()]).astype(np.float64)
+        metrics = {"num-examples": 5 * pid + 2, "eval_loss": float(np.mean(w**2)) + 0.3 * pid, "eval_acc": 0.1 + 0.2 * pid}
+        with (dump / f"e{rnd}_p{pid}.pkl").open("wb") as f:
+            pickle.dump(metrics, f)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def load_eval_dump(dump: Path, rnd: int) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted(dump.glob(f"e{rnd}_p*.pkl")):
+        with p.open("rb") as f:
+            out.append(pickle.load(f))
+    return out

@@ -36,10 +36,16 @@ class Site:
         self.context = Context(run_id=run_id, node_id=node, node_config=node_config or {}, state=RecordDict(),
                                run_config={})
         self.seen: list[dict[str, np.ndarray]] = []  # plaintext models the user's code received
+        self.evaluated: list[dict[str, np.ndarray]] = []  # ... and those it evaluated
         self.weight = 10 + node
 
     def train(self, msg: Message, context: Context) -> Message:
         arrays = msg.content.array_records["arrays"]
+        if msg.metadata.message_type == "evaluate":  # a metric of the plaintext model this site was given
+            self.evaluated.append({k: v.numpy().copy() for k, v in arrays.items()})
+            mean = float(np.mean(np.concatenate([v.numpy().ravel() for v in arrays.values()])))
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": self.weight, "mean_w": mean})}),
+                           reply_to=msg)
         self.seen.append({k: v.numpy().copy() for k, v in arrays.items()})
         rng = np.random.default_rng(context.node_id)
         new = ArrayRecord({k: Array((0.5 * v.numpy() + 0.5 * rng.normal(0.2, 0.3, v.numpy().shape)).astype(

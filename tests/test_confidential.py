@@ -47,8 +47,9 @@ def initial(shapes: dict[str, tuple[int, ...]] = SHAPES, seed: int = 0) -> Array
     return ArrayRecord({k: Array(rng.normal(0, 0.3, s).astype(np.float32)) for k, s in shapes.items()})
 
 
-def strategy(confidential: bool = True, n: int = N, **kw: object) -> SecAggStrategy:
-    inner = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=n, min_train_nodes=n)
+def strategy(confidential: bool = True, n: int = N, fraction_evaluate: float = 0.0, **kw: object) -> SecAggStrategy:
+    inner = FedAvg(fraction_train=1.0, fraction_evaluate=fraction_evaluate, min_available_nodes=n,
+                   min_train_nodes=n, min_evaluate_nodes=n)
     cfg = dict(confidential=confidential, clip_range=4.0, node_wait_timeout=1, max_consecutive_aborts=10)
     cfg.update(kw)
     return SecAggStrategy(inner, SecAggConfig(**cfg))  # type: ignore[arg-type]
@@ -94,6 +95,47 @@ def test_sites_unmask_fedavg_of_the_survivors_models():
     run(DirectGrid(plain_sites), rounds=3, st=strategy(confidential=False))
     for k in SHAPES:
         np.testing.assert_allclose(ss[1].seen[2][k], plain_sites[1].seen[2][k], atol=1e-4)
+
+
+def test_secure_evaluation_of_the_masked_model_is_all_the_server_learns():
+    """Federated evaluation in this mode: each site unmasks the model it is asked to
+    evaluate (the round's masked model) and its metrics are aggregated securely; the
+    server gets the weighted mean of a metric of the true model, and no plaintext model
+    ever travels."""
+    ss = sites()
+    grid = DirectGrid(ss)
+    st, res = run(grid, rounds=2, st=strategy(fraction_evaluate=1.0))
+    assert [r.status for r in st.reports] == ["ok", "ok"]
+    assert all(len(s.evaluated) == 2 for s in ss.values())
+    for rnd in (1, 2):
+        truth = ss[1].evaluated[rnd - 1]
+        assert all(np.array_equal(s.evaluated[rnd - 1]["w"], truth["w"]) for s in ss.values())
+        mean = float(np.mean(np.concatenate([v.ravel() for v in truth.values()])))
+        got = float(res.evaluate_metrics_clientapp[rnd]["mean_w"])
+        assert abs(got - mean) < 1e-6, (got, mean)
+    expect = fedavg_of(list(ss.values()), ss[1].seen[1])  # round 2's evaluated model is round 2's output
+    np.testing.assert_allclose(ss[3].evaluated[1]["w"], expect["w"], atol=1e-4)
+    plaintext = [m for m in grid.sent if "arrays" in m.content.array_records
+                 and mm.WORDS_KEY not in m.content.array_records["arrays"]]
+    assert len(plaintext) == N  # round 1's initial model only; every evaluation got the masked one
+
+
+def test_a_plaintext_model_to_evaluate_is_refused_once_the_run_is_masked():
+    ss = sites()
+
+    class PlainEvalGrid(DirectGrid):
+        def outgoing(self, messages):  # type: ignore[no-untyped-def]
+            for m in messages:
+                if m.metadata.message_type == "evaluate" and "arrays" in m.content.array_records:
+                    m.content["arrays"] = ArrayRecord({k: Array(np.full(s, 0.5, np.float32)) for k, s in SHAPES.items()})
+            return messages
+
+    grid = PlainEvalGrid(ss)
+    st, res = run(grid, rounds=2, st=strategy(fraction_evaluate=1.0))
+    assert 2 not in res.evaluate_metrics_clientapp
+    refusals = [r.error.reason for r in grid.received if r.has_error()]
+    assert any("a plaintext model to evaluate (one the server chose) is refused" in r for r in refusals), refusals
+    assert all(len(s.evaluated) <= 1 for s in ss.values())
 
 
 def test_retry_when_the_model_exceeds_the_range():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from flwr.serverapp.strategy import FedAvg
@@ -42,8 +44,13 @@ def test_histogram_and_the_adapted_range_stop_clipping_after_one_round():
 def test_custom_train_metrics_aggregation_is_warned_about():
     with pytest.warns(UserWarning, match="max, min, median, per-client lists"):
         SecAggStrategy(FedAvg(fraction_evaluate=0.0, train_metrics_aggr_fn=lambda recs, key: None))
-    with pytest.warns(UserWarning, match="federated evaluation .* is NOT protected"):
+    # federated evaluation is secure now (tests/test_secure_evaluation.py): only a custom
+    # evaluate_metrics_aggr_fn is warned about, as a custom train one is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         SecAggStrategy(FedAvg(fraction_evaluate=0.5))
+    with pytest.warns(UserWarning, match="evaluate_metrics_aggr_fn=.* will receive ONE reply"):
+        SecAggStrategy(FedAvg(fraction_evaluate=0.5, evaluate_metrics_aggr_fn=lambda recs, key: None))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -771,9 +771,13 @@ class HookSite:
         from clients.secagg_mod import secagg_mod
 
         if msg.metadata.message_type == MessageType.EVALUATE:
-            self.evaluated.append(int(msg.content["config"]["server-round"]))
-            metrics = MetricRecord({"num-examples": 10 + self.node, "eval_loss": 0.5})
-            return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+            def evaluate(msg, context):
+                self.evaluated.append(int(msg.content["config"]["server-round"]))
+                metrics = MetricRecord({"num-examples": 10 + self.node, "eval_loss": 0.5})
+                return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+            # federated evaluation is a secure round too (tests/test_secure_evaluation.py)
+            return secagg_mod(msg, self.context, evaluate) if self.secure else evaluate(msg, self.context)
         cfg = msg.content.config_records.get("config")
         if self.secure and cfg is not None and int(cfg.get("server-round", 0)) in self.fail_rounds:
             # the node crashes at its masked-input stage: an error reply, a dropout (a train
@@ -879,6 +883,8 @@ def test_hooks_run_once_per_round_and_the_lr_schedule_steps_once(task_identity, 
     assert [r.pipelined for r in reports] == [False, True, True, True]
     want = list(range(1, rounds + 1))
     assert inner.calls == {h: want for h in HOOKS}
+    # each evaluation a secure round of its own, beside the pipelined train rounds
+    assert [(r.status, r.exchanges) for r in secure.eval_reports] == [("ok", 5)] * rounds
     for site in sites.values():
         assert [(r, lr) for r, lr, _ in site.received] == list(zip(want, _schedule(rounds), strict=True))
         assert site.evaluated == want
