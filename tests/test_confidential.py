@@ -131,7 +131,7 @@ def test_a_plaintext_model_to_evaluate_is_refused_once_the_run_is_masked():
             return messages
 
     grid = PlainEvalGrid(ss)
-    st, res = run(grid, rounds=2, st=strategy(fraction_evaluate=1.0))
+    _, res = run(grid, rounds=2, st=strategy(fraction_evaluate=1.0))
     assert 2 not in res.evaluate_metrics_clientapp
     refusals = [r.error.reason for r in grid.received if r.has_error()]
     assert any("a plaintext model to evaluate (one the server chose) is refused" in r for r in refusals), refusals
