@@ -20,7 +20,7 @@ the site.
 
 Integrity: masks alone are malleable (the server could add a known offset to ``Y``, or
 lie about the survivors). So each site also puts ``TAG_WORDS`` words of a linear MAC in
-the same vector, ``tag_u = R . (model words || weight)`` with a secret Toeplitz matrix ``R``
+the same vector, ``tag_u = R . (model words || weight and count words)`` with a secret Toeplitz matrix ``R``
 derived from the key and the round's public context (never from the survivors, which
 no site knows yet); the tags sum like everything else, so the unmasked sum carries
 ``R . (sum of model words || total weight)``. A site unmasking the model recomputes it and
@@ -94,8 +94,10 @@ def masked_positions(spec: UpdateSpec, model_size: int) -> np.ndarray:
     return np.concatenate([np.arange(body), hist])
 
 
-def weight_position(spec: UpdateSpec, model_size: int) -> int:
-    return spec.vector_length(model_size) - 2
+def trailing_words(spec: UpdateSpec, model_size: int) -> int:
+    """Words after the counters: the weight (in one word or several limbs) and the count.
+    The MAC covers them with the model words, whatever the weight's encoding."""
+    return spec.vector_length(model_size) - model_words(spec, model_size) - spec.tag_words - spec.counters
 
 
 @dataclass(frozen=True)
@@ -138,10 +140,8 @@ def mac_vector(key: bytes, ctx: RoundContext, attempt: int, columns: int) -> np.
     return expand(k, columns + ctx.spec.tag_words - 1, ctx.spec.field_bits).astype(np.uint64)
 
 
-def _tags(c: np.ndarray, words: np.ndarray, weight: int, field_bits: int, rows: int) -> np.ndarray:
-    v = np.empty(words.size + 1, dtype=np.uint64)
-    v[:-1] = words
-    v[-1] = np.uint64(weight)
+def _tags(c: np.ndarray, words: np.ndarray, trailing: np.ndarray, field_bits: int, rows: int) -> np.ndarray:
+    v = np.concatenate([words.astype(np.uint64), trailing.astype(np.uint64)])
     out = np.empty(rows, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for i in range(rows):  # each a contiguous dot product; wraps mod 2^64, and 2^b divides 2^64
@@ -159,9 +159,9 @@ def seal(vector: np.ndarray, key: bytes, ctx: RoundContext, attempt: int, node: 
     n_words = model_words(spec, model_size)
     if vector.size != spec.vector_length(model_size):
         raise MalformedMessageError(f"a vector of {vector.size} words does not fit the round's spec")
-    weight = int(vector[weight_position(spec, model_size)])
-    c = mac_vector(key, ctx, attempt, n_words + 1)
-    vector[n_words : n_words + spec.tag_words] = _tags(c, vector[:n_words].astype(np.uint64), weight, b,
+    k = trailing_words(spec, model_size)
+    c = mac_vector(key, ctx, attempt, n_words + k)
+    vector[n_words : n_words + spec.tag_words] = _tags(c, vector[:n_words], vector[vector.size - k :], b,
                                                        spec.tag_words).astype(vector.dtype)
     pos = masked_positions(spec, model_size)
     region = np.ascontiguousarray(vector[pos])
@@ -248,9 +248,9 @@ def unmask(masked: MaskedModel, key: bytes, key_id: str) -> list[np.ndarray]:
     total = masked.words.astype(np.uint64)
     total[pos] = reduce_mod(region, b)
     n_words = model_words(spec, size)
-    weight = int(total[weight_position(spec, size)])
-    c = mac_vector(key, ctx, masked.attempt, n_words + 1)
-    expect = _tags(c, total[:n_words], weight, b, spec.tag_words)
+    k = trailing_words(spec, size)
+    c = mac_vector(key, ctx, masked.attempt, n_words + k)
+    expect = _tags(c, total[:n_words], total[total.size - k :], b, spec.tag_words)
     if not np.array_equal(expect, total[n_words : n_words + spec.tag_words]):
         raise ModelIntegrityError(
             "the masked model fails its MAC: its words, survivor list, spec, layout, round or weight are not "
