@@ -70,7 +70,9 @@ def on_key_message(msg: Message, context: Context, ident: bytes, policy: ClientP
     state = load_key_state(context, state_path, policy)
     node = int(context.node_id)
     if op == "status":
-        save_key_state(context, state_path, state)  # the kx key announced must be the one that unwraps
+        path = key_file(state_path)
+        if path is None or not path.exists():  # the kx key announced must be the one that unwraps
+            save_key_state(context, state_path, state)
         return _reply(msg, mk.announce(state, ident, node, run_id).to_record())
     if op == "wrap":
         recipients = _announcements(rec)
