@@ -36,6 +36,7 @@ from sgs_flower.secagg.graph import (
     default_degree,
     default_threshold,
     graph_seed,
+    neighbourhood_quorum,
     neighbours,
     validate,
 )
@@ -363,7 +364,13 @@ class SecAggServer:
             )
 
     def collect_consistency(self, replies: Mapping[int, Message | bytes]) -> dict[int, UnmaskRequest]:
-        """Check each survivor's signature on U3 and forward all valid ones."""
+        """Check each survivor's signature on U3 and forward to each signer the valid ones
+        of its neighbours, as many as its neighbourhood quorum needs (it counts its own):
+        O(k) per client, where the global quorum forwarded ~2n/3 to each.
+
+        A signer whose neighbourhood holds too few signatures could not unmask, and a
+        client whose masks then lack t answering neighbours could not be unmasked: the
+        round aborts here, before any share is revealed."""
         self._expect(Stage.CONSISTENCY)
         ok = self._accept(replies, set(self.u3), ConsistencySignature)
         survivors = tuple(sorted(self.u3))
@@ -377,12 +384,26 @@ class SecAggServer:
             self.signatures[node] = msg.signature
         self.u4 = set(self.signatures)
         self._require_quorum(len(self.u4), "signed the survivor set")
-        self.stage = Stage.UNMASK
         p = self.params
-        sigs = tuple(sorted(self.signatures.items()))
+        assert p.degree is not None and p.threshold is not None
+        need = neighbourhood_quorum(p.degree) - 1  # the recipient counts its own signature
+        forwarded: dict[int, tuple[tuple[int, bytes], ...]] = {}
+        for v in sorted(self.u4):
+            signers = sorted(self.graph[v] & self.u4)
+            if len(signers) >= need:
+                forwarded[v] = tuple((w, self.signatures[w]) for w in signers[:need])
+        for v in sorted(self.u2):
+            answering = len(self.graph[v].intersection(forwarded))
+            if answering < p.threshold:
+                raise ThresholdError(
+                    f"round {p.round_id} aborted: only {answering} of node {v}'s neighbours hold the consistency "
+                    f"quorum of their neighbourhood ({need + 1} signatures of {p.degree + 1}), {p.threshold} must "
+                    "answer the unmask stage to remove its masks; no aggregate is released"
+                )
+        self.stage = Stage.UNMASK
         return {
             v: UnmaskRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors, signatures=sigs)
-            for v in sorted(self.u4)
+            for v, sigs in forwarded.items()
         }
 
     def collect_unmask(self, replies: Mapping[int, Message | bytes]) -> RoundOutcome:
