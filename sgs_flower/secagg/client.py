@@ -26,13 +26,13 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from sgs_flower.secagg import identity, keys, shamir
 from sgs_flower.secagg.errors import (
+    ConfigurationError,
     InconsistentRequestError,
     MalformedMessageError,
     PolicyError,
@@ -42,7 +42,6 @@ from sgs_flower.secagg.errors import (
     ThresholdError,
     UnknownSenderError,
 )
-from sgs_flower.secagg.errors import ConfigurationError
 from sgs_flower.secagg.graph import (
     cohort_index,
     consistency_quorum,
@@ -51,6 +50,7 @@ from sgs_flower.secagg.graph import (
     neighbours_of,
     validate,
 )
+from sgs_flower.secagg.memo import memo_by_identity
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander
 from sgs_flower.secagg.wire import (
@@ -89,12 +89,12 @@ def survivor_set_digest(survivors: tuple[int, ...]) -> str:
     return _survivor_set_digest(tuple(survivors))
 
 
-@lru_cache(maxsize=8)
+@memo_by_identity(8)
 def _survivor_set_digest(survivors: tuple[int, ...]) -> str:
     return hashlib.sha256(keys.pack_nodes(sorted(survivors))).hexdigest()
 
 
-@lru_cache(maxsize=8)
+@memo_by_identity(8)
 def _survivor_view(survivors: tuple[int, ...]) -> tuple[tuple[int, ...], frozenset[int]]:
     """The survivor set sorted and as a set, or :class:`InconsistentRequestError` for a
     list naming a node twice. Cached: a pure function of the list, which every client of
@@ -106,7 +106,7 @@ def _survivor_view(survivors: tuple[int, ...]) -> tuple[tuple[int, ...], frozens
     return tuple(sorted(members)), members
 
 
-@lru_cache(maxsize=8)
+@memo_by_identity(8)
 def _identity_table(
     identities: tuple[tuple[int, bytes], ...], cohort: tuple[int, ...], roster: identity.Roster | None
 ) -> dict[int, bytes]:
@@ -212,8 +212,7 @@ class AwaitingRoster:
             )
         order = sorted(roster)
         xs = [share_x(sec.setup.cohort, v) for v in order]
-        sk_shares = shamir.split(sec.s_sk, xs, t)
-        b_shares = shamir.split(sec.b_u, xs, t)
+        sk_shares, b_shares = shamir.split_many([sec.s_sk, sec.b_u], xs, t)
         c_sk = keys.load_private_key(sec.c_sk)
         cts = []
         share_keys: dict[int, bytes] = {}

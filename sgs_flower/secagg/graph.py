@@ -42,10 +42,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from functools import lru_cache
 
 from sgs_flower.secagg.errors import ConfigurationError
 from sgs_flower.secagg.keys import node_bytes, pack_nodes
+from sgs_flower.secagg.memo import memo_by_identity
 
 COMPLETE_UP_TO = 10
 
@@ -92,7 +92,7 @@ def graph_seed(run_id: int, round_id: int, cohort: Sequence[int]) -> bytes:
     return _graph_seed(run_id, round_id, tuple(cohort))
 
 
-@lru_cache(maxsize=16)
+@memo_by_identity(16)
 def _graph_seed(run_id: int, round_id: int, cohort: tuple[int, ...]) -> bytes:
     # cached: a pure function of its arguments, which every in-process client recomputes
     h = hashlib.sha256(b"sgs-flower/graph-seed/v2" + node_bytes(run_id) + node_bytes(round_id))
@@ -106,7 +106,7 @@ def cohort_index(cohort: Sequence[int]) -> dict[int, int]:
     return _cohort_index(tuple(cohort))
 
 
-@lru_cache(maxsize=16)
+@memo_by_identity(16)
 def _cohort_index(cohort: tuple[int, ...]) -> dict[int, int]:
     index = {u: i for i, u in enumerate(cohort)}
     if len(index) != len(cohort):
@@ -150,7 +150,7 @@ def _ring_key(seed: bytes, u: int) -> bytes:
     return hashlib.sha256(b"sgs-flower/graph/v1" + seed + node_bytes(u)).digest()
 
 
-@lru_cache(maxsize=8)
+@memo_by_identity(8)
 def _ring(cohort: tuple[int, ...], seed: bytes) -> tuple[tuple[int, ...], dict[int, int]]:
     """The Harary ring (the cohort in the order of its seeded SHA-256 keys) and each
     member's place on it. Cached: a pure function of the cohort and the public seed, so
@@ -164,7 +164,7 @@ def neighbours(cohort: Sequence[int], degree: int, seed: bytes) -> dict[int, fro
     return dict(_neighbours(tuple(cohort), degree, bytes(seed)))
 
 
-@lru_cache(maxsize=8)
+@memo_by_identity(8)
 def _neighbours(cohort: tuple[int, ...], degree: int, seed: bytes) -> dict[int, frozenset[int]]:
     # Cached: in-process simulations build the same graph once per client.
     cohort_index(cohort)  # refuses duplicates

@@ -16,7 +16,6 @@ import hashlib
 import os
 import struct
 from collections.abc import Iterable
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sgs_flower.secagg.errors import MalformedMessageError, ShareDecryptionError
+from sgs_flower.secagg.memo import memo_by_identity
 
 PUBLIC_KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -76,7 +76,7 @@ def round_context(
                           vector_length, bytes(graph_seed), bytes(bound_digest))
 
 
-@lru_cache(maxsize=32)
+@memo_by_identity(32)
 def _round_context(
     version: str, run_id: int, round_id: int, cohort: tuple[int, ...], degree: int, threshold: int,
     field_bits: int, vector_length: int, graph_seed: bytes, bound_digest: bytes,
@@ -220,7 +220,7 @@ def consistency_statement(share_context: bytes, survivors: Iterable[int]) -> byt
     return _consistency_statement(share_context, tuple(survivors))
 
 
-@lru_cache(maxsize=8)
+@memo_by_identity(8)
 def _consistency_statement(share_context: bytes, survivors: tuple[int, ...]) -> bytes:
     members = sorted(survivors)
     return LABEL_CONSISTENCY + share_context + struct.pack(">I", len(members)) + pack_nodes(members)

@@ -410,27 +410,33 @@ class SecAggServer:
         self._expect(Stage.UNMASK)
         ok = self._accept(replies, set(self.u4), UnmaskResponse)
         dropped_after_sharing = self.u2 - self.u3
-        b_shares: dict[int, list[tuple[int, bytes]]] = {v: [] for v in self.u3}
-        sk_shares: dict[int, list[tuple[int, bytes]]] = {v: [] for v in dropped_after_sharing}
+        # per client to rebuild: (x, decoded share) of each neighbour that answered
+        b_shares: dict[int, list[tuple[int, np.ndarray]]] = {v: [] for v in self.u3}
+        sk_shares: dict[int, list[tuple[int, np.ndarray]]] = {v: [] for v in dropped_after_sharing}
         cohort = self.params.cohort
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, UnmaskResponse)
-            want_b = sorted((self.u3 & self.graph[node]) - {node})
-            want_sk = sorted(dropped_after_sharing & self.graph[node])
+            want_b = sorted(self.graph[node].intersection(self.u3))
+            want_sk = sorted(self.graph[node].intersection(dropped_after_sharing))
+            pairs = (*msg.self_mask_shares, *msg.key_shares)
             try:
                 if [v for v, _ in msg.self_mask_shares] != want_b or [v for v, _ in msg.key_shares] != want_sk:
                     raise MalformedMessageError(f"node {node}'s unmask response does not match its request")
-                for _, s in (*msg.self_mask_shares, *msg.key_shares):
-                    shamir.share_to_array(s)
+                bad = next((s for _, s in pairs if len(s) != shamir.SHARE_BYTES), None)
+                if bad is not None:
+                    raise MalformedMessageError(f"a share must be {shamir.SHARE_BYTES} bytes, got {len(bad)}")
+                # every share of the answer decoded and range-checked in one pass
+                rows = np.frombuffer(b"".join(s for _, s in pairs), dtype=">u4").astype(np.int64)
+                if np.any(rows >= shamir.PRIME):
+                    raise MalformedMessageError(f"node {node}'s unmask response holds a value outside the field")
             except ProtocolError as exc:
                 self.rejected[node] = exc
                 self.dropped.setdefault(node, Stage.UNMASK)
                 continue
             x = share_x(cohort, node)
-            for v, s in msg.self_mask_shares:
-                b_shares[v].append((x, s))
-            for v, s in msg.key_shares:
-                sk_shares[v].append((x, s))
+            rows = rows.reshape(len(pairs), shamir.N_CHUNKS)
+            for i, (v, _) in enumerate(pairs):
+                (b_shares if i < len(msg.self_mask_shares) else sk_shares)[v].append((x, rows[i]))
         assert self._acc is not None and self.params.threshold is not None and self.context is not None
         t = self.params.threshold
         acc = self._acc
@@ -444,7 +450,7 @@ class SecAggServer:
                     f"round {p.round_id} aborted: only {len(b_shares[v])} of node {v}'s neighbours "
                     f"answered the unmask stage, {t} are needed to remove its self-mask; no aggregate"
                 )
-            b_v = shamir.combine(b_shares[v], t)
+            b_v = _combine(b_shares[v], t)
             if keys.self_mask_commitment(b_v, p.run_id, p.round_id, v) != self.advertised[v].self_mask_commitment:
                 raise ReconstructionError(f"self-mask seed of node {v} does not match its commitment: a bad share")
             seeds[v] = b_v
@@ -455,7 +461,7 @@ class SecAggServer:
                     f"round {p.round_id} aborted: only {len(sk_shares[v])} of dropped node {v}'s neighbours "
                     f"answered the unmask stage, {t} are needed to remove its pairwise masks; no aggregate"
                 )
-            raw = shamir.combine(sk_shares[v], t)
+            raw = _combine(sk_shares[v], t)
             s_sk = keys.load_private_key(raw)
             if keys.public_bytes(s_sk) != self.advertised[v].s_pk:
                 raise ReconstructionError(f"masking key of node {v} does not match its public key: a bad share")
@@ -521,6 +527,12 @@ class SecAggServer:
         get_expander(p.vector_length, self.dtype).accumulate(acc, streams)
         reduce_mod(acc, p.field_bits)
         return RoundOutcome(acc, tuple(sorted(self.u3)), dict(self.dropped), dict(self.rejected))
+
+
+def _combine(shares: list[tuple[int, np.ndarray]], t: int) -> bytes:
+    """Rebuild one secret from the first ``t`` decoded shares (``shamir.combine`` on rows)."""
+    chosen = shares[:t]
+    return shamir.combine_rows([x for x, _ in chosen], np.stack([row for _, row in chosen]))
 
 
 def decode_checked(total: np.ndarray, config: QuantizationConfig, survivors: int) -> DecodedAggregate:

@@ -16,6 +16,7 @@ import numpy as np
 
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import ProtocolError, SecAggError, ThresholdError
+from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, encode
 from sgs_flower.secagg.server import RoundOutcome, RoundParams, SecAggServer, decode_checked
 from sgs_flower.secagg.wire import Message, ShareBundle, Stage
@@ -153,7 +154,9 @@ def simulate_round(
         degree=degree, threshold=threshold, min_clients=min_clients,
     )
     server = SecAggServer(params)
-    clients = {u: SecAggClient(u) for u in ids}
+    # the simulated sites accept this cohort's size (the default policy stops at 1,000)
+    policy = ClientPolicy(max_cohort=max(ClientPolicy().max_cohort, n))
+    clients = {u: SecAggClient(u, policy=policy) for u in ids}
     drops = {_stage_key(s): {i + 1 for i in v} for s, v in (dropouts or {}).items()}
     seconds: dict[str, float] = {}
     upload: dict[int, int] = {}
