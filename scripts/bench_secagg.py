@@ -5,8 +5,11 @@
    vector additions, done with the same preallocated buffers.
 2. Server unmasking (stage 4) for n clients with 10 % dropped after sharing keys,
    against its floor: the keystreams it must regenerate plus the additions.
-3. Whole in-process rounds (all clients + server) for growing n at m = 10,000 with
-   5 % dropout, and how time grows with n.
+3. Whole in-process rounds (all clients + server, ``simulate_round``: the full protocol
+   with signatures and the consistency check) for n = 100, 250, 1,000 and 10,000 at
+   m = 10,000 with 5 % dropout, each in a fresh process (so its peak resident memory is
+   its own), the growth exponent fitted over those sizes (least squares on log-log),
+   and the peak memory of the largest round.
 4. Upload bytes per client (keys, encrypted shares, masked vector and unmask shares, as
    encoded on the wire) over the float32 bytes of the same update.
 5. The masked-input stage, what a client does after training, at m = 5,000,000 and
@@ -18,14 +21,18 @@
    cache-blocked sweep), which is what the client's ``mask_input`` runs once it calls
    that helper, and the encoder alone.
 
-Usage: python scripts/bench_secagg.py [--quick]. The last line printed is one JSON object.
+Usage: python scripts/bench_secagg.py [--quick] [--sizes 100,250,1000,10000]. The last line
+printed is one JSON object. Timings on a shared machine are noisy: every figure is one
+run (the round sizes) or the best of a few (the stages).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -34,7 +41,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from sgs_flower.pipeline import UpdateSpec, encode_update
 from sgs_flower.secagg.client import SecAggClient
-from sgs_flower.secagg.graph import consistency_quorum
+from sgs_flower.secagg.graph import default_degree, neighbourhood_quorum
 from sgs_flower.secagg.prg import MaskExpander, dtype_for_bits
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.simulate import simulate_round
@@ -157,12 +164,52 @@ def masked_input_stage(m: int, k: int, timed_clients: int = 5, seed: int = 0) ->
     }
 
 
+def one_round(n: int, m: int = 10_000, seed: int = 1) -> dict[str, float]:
+    """One whole in-process round of n clients, 5 % dropping before the masked input;
+    its seconds and this process's peak resident memory (bytes)."""
+    rng = np.random.default_rng(seed)
+    xs = [rng.uniform(-1, 1, m) for _ in range(n)]
+    dropped = rng.choice(n, n // 20, replace=False).tolist()
+    t = time.perf_counter()
+    res = simulate_round(xs, dropouts={Stage.MASKED_INPUT: dropped}, seed=0)
+    seconds = time.perf_counter() - t
+    ref = np.mean([xs[i] for i in res.survivors], axis=0)
+    assert np.max(np.abs(res.aggregate - ref)) <= res.config.error_bound
+    assert len(res.survivors) == n - len(dropped)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {"seconds": seconds, "peak_rss_bytes": float(peak), **{f"stage_{k}": v for k, v in res.seconds.items()}}
+
+
+def round_in_subprocess(n: int) -> dict[str, float]:
+    """:func:`one_round` in a fresh interpreter, so that the peak memory is the round's."""
+    proc = subprocess.run([sys.executable, __file__, "--one-round", str(n)], capture_output=True, text=True,
+                          check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def growth_exponent(sizes: list[int], seconds: list[float]) -> float:
+    """Slope of log(seconds) against log(n), least squares over every size run."""
+    slope, _ = np.polyfit(np.log(sizes), np.log(seconds), 1)
+    return float(slope)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes; finishes within 60 s")
+    ap.add_argument("--sizes", help="comma-separated round sizes for [3] (default 100,250,1000,10000; "
+                    "--quick: 100,250)")
+    ap.add_argument("--rounds-only", action="store_true", help="run only [3], the whole rounds")
+    ap.add_argument("--one-round", type=int, help=argparse.SUPPRESS)  # internal: one round, one JSON line
     args = ap.parse_args(argv)
+    if args.one_round:
+        res = one_round(args.one_round)
+        print(json.dumps(res))
+        return res
     quick = args.quick
     out: dict = {"quick": quick}
+    sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else ([100, 250] if quick else [100, 250, 1000, 10_000])
+    if args.rounds_only:
+        return whole_rounds(out, sizes)
 
     # 1. client masking, m coordinates, k = 10 neighbours (complete graph of 11)
     m = 1_000_000
@@ -204,33 +251,35 @@ def main(argv: list[str] | None = None) -> dict:
           f"{sfloor:.2f} s, ratio {server_secs / sfloor:.2f}x", file=sys.stderr)
 
     # 6. the consistency check at n = 100: all survivors sign (server checks every
-    # signature), and one client's unmask answer including its quorum verification
+    # signature), and one client's unmask answer including its neighbourhood quorum
     c = CONSISTENCY[n2]
     out.update(consistency_sign_and_check_seconds_n100=c["sign_and_check_seconds"],
                consistency_client_unmask_seconds_n100=c["client_unmask_seconds"])
     print(f"[6] consistency check n={n2}: {c['sign_and_check_seconds'] * 1e3:.1f} ms for all {n2 - len(drop)} "
           f"signatures (signing + server check), {c['client_unmask_seconds'] * 1e3:.1f} ms per client to verify "
-          f"the quorum of {consistency_quorum(n2)} and answer the unmask request", file=sys.stderr)
+          f"{neighbourhood_quorum(default_degree(n2)) - 1} neighbours' signatures of its neighbourhood quorum and "
+          "answer the unmask request", file=sys.stderr)
+    return whole_rounds(out, sizes)
 
-    # 3. whole rounds at m = 10,000 with 5 % dropout
-    sizes = [100, 250] if quick else [100, 250, 500, 1000]
-    rounds = {}
-    rng = np.random.default_rng(1)
+
+def whole_rounds(out: dict, sizes: list[int]) -> dict:
+    """[3]: whole rounds at m = 10,000 with 5 % dropout, each in its own process; prints
+    the final JSON line."""
+    rounds: dict[int, dict[str, float]] = {}
     for n in sizes:
-        xs = [rng.uniform(-1, 1, 10_000) for _ in range(n)]
-        dropped = rng.choice(n, n // 20, replace=False).tolist()
-        t = time.perf_counter()
-        res = simulate_round(xs, dropouts={Stage.MASKED_INPUT: dropped}, seed=0)
-        rounds[n] = time.perf_counter() - t
-        ref = np.mean([xs[i] for i in res.survivors], axis=0)
-        assert np.max(np.abs(res.aggregate - ref)) <= res.config.error_bound
-        print(f"[3] round n={n} m=10,000 5% dropout: {rounds[n]:.2f} s", file=sys.stderr)
-    out["round_seconds"] = {str(k): v for k, v in rounds.items()}
-    out["round_seconds_n1000"] = rounds.get(1000)
+        rounds[n] = round_in_subprocess(n)
+        r = rounds[n]
+        print(f"[3] round n={n:,} m=10,000 5% dropout: {r['seconds']:.2f} s, peak RSS "
+              f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
+    out["round_seconds"] = {str(k): v["seconds"] for k, v in rounds.items()}
+    out["round_peak_rss_bytes"] = {str(k): v["peak_rss_bytes"] for k, v in rounds.items()}
+    out["round_seconds_n1000"] = rounds[1000]["seconds"] if 1000 in rounds else None
+    out["round_seconds_n10000"] = rounds[10_000]["seconds"] if 10_000 in rounds else None
+    out["round_peak_rss_gib_n10000"] = rounds[10_000]["peak_rss_bytes"] / 2**30 if 10_000 in rounds else None
+    out["round_growth_sizes"] = sizes
     if len(sizes) > 1:
-        a, b = sizes[0], sizes[-1]
-        out["round_growth_exponent"] = float(np.log(rounds[b] / rounds[a]) / np.log(b / a))
-        print(f"[3] time grows as n^{out['round_growth_exponent']:.2f}", file=sys.stderr)
+        out["round_growth_exponent"] = growth_exponent(sizes, [rounds[n]["seconds"] for n in sizes])
+        print(f"[3] time grows as n^{out['round_growth_exponent']:.2f} (fit over n = {sizes})", file=sys.stderr)
     print(json.dumps(out))
     return out
 
