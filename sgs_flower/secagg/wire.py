@@ -38,7 +38,9 @@ from sgs_flower.secagg.errors import MalformedMessageError
 
 # /4: the masked vector's layout changed (failure counters outside DP, the flag coordinate
 # under DP: issue 18), so a /3 peer is refused at its first message, not at the vector.
-PROTOCOL_VERSION = "sgs-secagg+/4"
+# /5: the consistency quorum is per neighbourhood (issue 21): an unmask request carries only
+# the recipient's neighbours' signatures, which a /4 site would refuse as too few.
+PROTOCOL_VERSION = "sgs-secagg+/5"
 CRYPTO_SUITE = (
     "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir-GF(2^31-1)+Ed25519(identities)"
 )
