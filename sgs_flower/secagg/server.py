@@ -162,6 +162,7 @@ class SecAggServer:
         self.u3: set[int] = set()
         self.u4: set[int] = set()
         self.signatures: dict[int, bytes] = {}
+        self._survivors: tuple[int, ...] = ()  # U3 as sent in the consistency and unmask requests
         self._acc: np.ndarray | None = None
         self._seeds: dict[int, bytes] | None = None  # survivors' self-mask seeds, once unmasked (for retries)
         self.retries = 0
@@ -349,7 +350,9 @@ class SecAggServer:
         self._acc = acc
         self.stage = Stage.CONSISTENCY
         p = self.params
-        survivors = tuple(sorted(self.u3))
+        # one tuple object for every request of this round (consistency and unmask): sites
+        # in one process then share its checked view (client._survivor_view)
+        survivors = self._survivors = tuple(sorted(self.u3))
         return {
             v: ConsistencyRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors)
             for v in survivors
@@ -373,7 +376,7 @@ class SecAggServer:
         round aborts here, before any share is revealed."""
         self._expect(Stage.CONSISTENCY)
         ok = self._accept(replies, set(self.u3), ConsistencySignature)
-        survivors = tuple(sorted(self.u3))
+        survivors = self._survivors
         statement = keys.consistency_statement(self.share_context, survivors)
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, ConsistencySignature)
