@@ -9,6 +9,8 @@ O(1)) and everything else (ints, text, bytes, None) by equality. An equal tuple 
 another object (a message decoded from bytes) is simply computed again: the memo never
 changes a result, only skips recomputing one. It holds strong references to the
 arguments of its few entries, so an ``id`` is never reused while it is in the memo.
+Containers passed to a memoised function must not be mutated afterwards (the protocol's
+are tuples, frozensets, and identity tables no one writes to after they are checked).
 """
 
 from __future__ import annotations
