@@ -20,8 +20,9 @@ How k, t and the consistency quorum are chosen (the active-server model):
   q(k + 1) = floor(2(k + 1) / 3) + 1 members of its *closed* neighbourhood (itself and
   its k neighbours) signed the identical survivor set (the whole set, by its digest).
   An honest client signs one survivor set per round, so a neighbour W's self-mask seed
-  and the masking key of a neighbour of W can both be rebuilt only with more than
-  q + t - k - 2 colluders in one neighbourhood (10 of 30 at n = 1000): the proof is in
+  and the masking key of a neighbour of W can both be rebuilt only with at least
+  q + t - k - 1 colluders in one neighbourhood (11 of 30 at n = 1000; up to 10 are
+  tolerated, the k/3 the threshold already assumes): the proof is in
   docs/protocol.md, "The consistency check". For a complete graph (k = n - 1) this is
   the global quorum q(n) of Bonawitz et al. 2017. Each client verifies at most
   q(k + 1) - 1 signatures: O(log n), not O(n).
