@@ -9,6 +9,11 @@ and the masking key of every neighbour of W (from those neighbours' own neighbou
 which remove every mask from W's input. At the unmask stage it forwards to each client
 every signature it holds from that client's neighbourhood on the client's own set.
 
+The round runs in the opt-in neighbourhood mode (``RoundParams(consistency=
+"neighbourhood")``, sites with ``sgs-consistency=neighbourhood``): the global mode, the
+default, is tested against the split in tests/test_active_server.py (and a site without
+the opt-in refuses this round at its setup: tests/test_consistency_mode.py).
+
 With the per-neighbourhood consistency quorum each neighbour of W refuses (typed
 :class:`InconsistentRequestError`: too few of its neighbourhood signed its set), and the
 shares the server does collect rebuild neither W's seed nor the neighbours' keys. The
@@ -26,6 +31,7 @@ from sgs_flower.secagg import identity, keys
 from sgs_flower.secagg.client import AwaitingConsistency, SecAggClient
 from sgs_flower.secagg.errors import InconsistentRequestError, ProtocolError
 from sgs_flower.secagg.graph import neighbourhood_quorum
+from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.wire import ConsistencyRequest, UnmaskRequest, UnmaskResponse
 
@@ -38,9 +44,10 @@ def masked_round():
     """Stages 1-3 run honestly for 1,000 real clients: the server, the clients (waiting
     for the consistency request) and the requests the honest server would send."""
     ids = tuple(range(1, N + 1))
-    params = RoundParams(run_id=5, round_id=2, cohort=ids, vector_length=M)
+    params = RoundParams(run_id=5, round_id=2, cohort=ids, vector_length=M, consistency="neighbourhood")
     server = SecAggServer(params)
-    clients = {u: SecAggClient(u) for u in ids}
+    opted_in = ClientPolicy(consistency="neighbourhood")
+    clients = {u: SecAggClient(u, policy=opted_in) for u in ids}
     rng = np.random.default_rng(21)
     inputs = {u: rng.integers(0, 1 << 32, M, dtype=np.uint64).astype(np.uint32) for u in ids}
     rosters = server.collect_keys({u: clients[u].handle(s) for u, s in server.setup_messages().items()})

@@ -13,10 +13,13 @@ The client assumes the server lies (the active-server model of Bonawitz et al. 2
 - it signs its advertised keys with its long-term identity key and checks every
   neighbour's signature (and, with a pinned roster, that every identity is on it);
 - before it reveals any share it signs the survivor set once, and it unmasks only the
-  set it signed, and only when two thirds of its closed neighbourhood (itself and its
-  neighbours, :func:`neighbourhood_quorum`) validly signed that same set: O(log n)
-  signature checks, not O(n) (docs/protocol.md, "The consistency check"); who dropped
-  is derived from what it saw, never taken from the server;
+  set it signed, and only with a quorum of valid signatures on that same set: by
+  default (the round's ``consistency`` is "global") floor(2n/3) + 1 of the cohort;
+  in a round announcing "neighbourhood", which only a site whose policy opted in
+  (``sgs-consistency``) joins, two thirds of its closed neighbourhood (itself and its
+  neighbours, :func:`neighbourhood_quorum`): O(log n) signature checks, not O(n)
+  (docs/protocol.md, "The consistency check"); who dropped is derived from what it
+  saw, never taken from the server;
 - it signs at most one survivor set per global model, so one model cannot be
   aggregated twice over cohorts that differ by one client.
 """
@@ -43,6 +46,7 @@ from sgs_flower.secagg.errors import (
     UnknownSenderError,
 )
 from sgs_flower.secagg.graph import (
+    CONSISTENCY_NEIGHBOURHOOD,
     cohort_index,
     consistency_quorum,
     graph_seed,
@@ -154,7 +158,7 @@ class AwaitingSetup:
         u = self.node_id
         n = len(msg.cohort)
         # Bounds first: nothing sized by the server is built before the policy agrees.
-        policy.check_round(n, msg.degree, msg.threshold, msg.vector_length)
+        policy.check_round(n, msg.degree, msg.threshold, msg.vector_length, msg.consistency)
         try:
             index = cohort_index(msg.cohort)
         except ConfigurationError as exc:
@@ -392,8 +396,61 @@ class AwaitingUnmask:
     mask_context: bytes = b""
 
     def on_unmask(self, msg: UnmaskRequest) -> tuple[Unmasked, UnmaskResponse]:
-        """Reveal shares for the set this client signed, once two thirds of its closed
-        neighbourhood (itself and its neighbours) validly signed the identical set.
+        """Reveal shares for the set this client signed, once the quorum of the round's
+        consistency mode validly signed the identical set: "global" (the default),
+        floor(2n/3) + 1 of the cohort (:func:`_check_global_quorum`); "neighbourhood"
+        (opt-in), two thirds of its closed neighbourhood, itself and its neighbours
+        (:func:`_check_neighbourhood_quorum`). The mode is the one in the setup this
+        client accepted (its policy refused "neighbourhood" unless it opted in), and it
+        is bound into the round context every signature covers."""
+        u, sec = self.node_id, self.secrets
+        view = _survivor_view(tuple(msg.survivors))[0] if len(msg.survivors) == len(self.survivors) else ()
+        if view is not self.survivors and view != self.survivors:
+            raise InconsistentRequestError(
+                f"unmask request names another survivor set than the one node {u} signed; refused"
+            )
+        statement = keys.consistency_statement(sec.share_context, self.survivors)
+        members = _survivor_view(self.survivors)[1]
+        if sec.setup.consistency == CONSISTENCY_NEIGHBOURHOOD:
+            self._check_neighbourhood_quorum(msg, statement, members)
+        else:
+            self._check_global_quorum(msg, statement, members)
+        # Who dropped is derived from what this client saw, never taken from the server:
+        # neighbours that sent it shares but are not survivors.
+        reply = UnmaskResponse(
+            run_id=msg.run_id, round_id=msg.round_id, sender=u,
+            self_mask_shares=tuple((v, self.held[v][1]) for v in sorted(self.held) if v in members),
+            key_shares=tuple((v, self.held[v][0]) for v in sorted(self.held) if v not in members),
+        )
+        return Unmasked(u, sec, self.roster, self.survivors, self.mask_context), reply
+
+    def _check_global_quorum(self, msg: UnmaskRequest, statement: bytes, members: frozenset[int]) -> None:
+        """The global quorum (the default): floor(2n/3) + 1 survivors of the cohort
+        validly signed this set. Honest clients sign one set each, so two sets cannot
+        both reach it without n/3 or more colluders anywhere in the cohort. Verifies
+        only as many signatures as the quorum needs (~0.1 ms each)."""
+        u = self.node_id
+        quorum = consistency_quorum(len(self.secrets.setup.cohort))
+        valid: set[int] = set()
+        for signer, signature in msg.signatures:
+            if signer not in members:
+                raise InconsistentRequestError(f"consistency signature from node {signer}, which is not a survivor")
+            if signer in valid:
+                raise MalformedMessageError(f"two consistency signatures from node {signer}")
+            if not identity.verify(self.identities[signer], signature, statement):
+                raise SignatureError(f"consistency signature of node {signer} does not verify: forged or tampered")
+            valid.add(signer)
+            if len(valid) == quorum:  # enough
+                break
+        if len(valid) < quorum:
+            raise InconsistentRequestError(
+                f"only {len(valid)} survivors signed the survivor set, {quorum} are needed before "
+                f"node {u} reveals any share; refused"
+            )
+
+    def _check_neighbourhood_quorum(self, msg: UnmaskRequest, statement: bytes, members: frozenset[int]) -> None:
+        """The neighbourhood quorum (opt-in): floor(2(k+1)/3) + 1 of this client's closed
+        neighbourhood (itself and its k neighbours) validly signed this set.
 
         Why the neighbourhood suffices (docs/protocol.md, "The consistency check"): to
         unmask a survivor W alone, the server needs t shares of W's self-mask seed from
@@ -405,13 +462,6 @@ class AwaitingUnmask:
         not looked at; every forwarded signature from inside it must verify (a server
         that forwards one on another set is lying)."""
         u, sec = self.node_id, self.secrets
-        view = _survivor_view(tuple(msg.survivors))[0] if len(msg.survivors) == len(self.survivors) else ()
-        if view is not self.survivors and view != self.survivors:
-            raise InconsistentRequestError(
-                f"unmask request names another survivor set than the one node {u} signed; refused"
-            )
-        statement = keys.consistency_statement(sec.share_context, self.survivors)
-        members = _survivor_view(self.survivors)[1]
         closed = sec.neighbours | {u}
         quorum = neighbourhood_quorum(sec.setup.degree)
         valid: set[int] = set()
@@ -434,14 +484,6 @@ class AwaitingUnmask:
                 f"node {u} reveals any share (two thirds of its closed neighbourhood of "
                 f"{sec.setup.degree + 1}: itself and its neighbours); refused"
             )
-        # Who dropped is derived from what this client saw, never taken from the server:
-        # neighbours that sent it shares but are not survivors.
-        reply = UnmaskResponse(
-            run_id=msg.run_id, round_id=msg.round_id, sender=u,
-            self_mask_shares=tuple((v, self.held[v][1]) for v in sorted(self.held) if v in members),
-            key_shares=tuple((v, self.held[v][0]) for v in sorted(self.held) if v not in members),
-        )
-        return Unmasked(u, sec, self.roster, self.survivors, self.mask_context), reply
 
 
 @dataclass

@@ -16,7 +16,14 @@ How k, t and the consistency quorum are chosen (the active-server model):
   clients; Bell et al. 2020 apply the same condition per neighbourhood (k for n). Below
   it, a server that also controls a few neighbours could collect t shares of both
   secrets of one client. :func:`validate` refuses any t below this bound.
-- Consistency quorum, per neighbourhood (issue 21): a client reveals shares only when
+- Consistency quorum, global by default: q(n) = floor(2n / 3) + 1 signatures from the
+  cohort on the identical survivor set. An honest client signs one survivor set per
+  round, so two different sets can both reach q signatures only if 2q <= n + n_C, i.e.
+  only with n/3 or more colluding clients, wherever they are. A client unmasks only
+  with a quorum on the set it signed itself, and verifies at most q signatures.
+- Consistency quorum, per neighbourhood (issue 21; opt-in, a round announcing
+  ``consistency="neighbourhood"`` is refused by sites whose policy does not set
+  ``sgs-consistency=neighbourhood``): a client reveals shares only when
   q(k + 1) = floor(2(k + 1) / 3) + 1 members of its *closed* neighbourhood (itself and
   its k neighbours) signed the identical survivor set (the whole set, by its digest).
   An honest client signs one survivor set per round, so a neighbour W's self-mask seed
@@ -75,6 +82,25 @@ def consistency_quorum(n: int) -> int:
     which it aborts, and (with ``n`` = a closed neighbourhood) the signatures a client
     needs, see :func:`neighbourhood_quorum`."""
     return (2 * n) // 3 + 1
+
+
+#: The consistency quorums a round may announce (``RoundParams.consistency``, ``Setup``):
+#: ``"global"`` (the default, the landed guarantee: floor(2n/3) + 1 of the cohort signed
+#: the identical set, fewer than n/3 colluders anywhere) and ``"neighbourhood"`` (opt-in,
+#: sites set ``sgs-consistency=neighbourhood``: floor(2(k+1)/3) + 1 of the site's closed
+#: neighbourhood, at most floor(k/3) colluders in any one neighbourhood; O(k) signature
+#: checks per site instead of ~2n/3). docs/protocol.md, "The consistency check".
+CONSISTENCY_GLOBAL = "global"
+CONSISTENCY_NEIGHBOURHOOD = "neighbourhood"
+CONSISTENCY_MODES = (CONSISTENCY_GLOBAL, CONSISTENCY_NEIGHBOURHOOD)
+
+
+def check_consistency_mode(mode: object, what: str = "consistency") -> str:
+    """``mode`` if it is one of :data:`CONSISTENCY_MODES`, else :class:`ConfigurationError`."""
+    if mode not in CONSISTENCY_MODES:
+        raise ConfigurationError(f"{what} must be one of {', '.join(map(repr, CONSISTENCY_MODES))}, got {mode!r}")
+    assert isinstance(mode, str)
+    return mode
 
 
 def neighbourhood_quorum(degree: int) -> int:

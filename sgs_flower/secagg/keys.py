@@ -65,21 +65,28 @@ def round_context(
     vector_length: int,
     graph_seed: bytes,
     bound_digest: bytes,
+    consistency: str = "global",
 ) -> bytes:
     """SHA-256 over everything a round's keys must be bound to.
+
+    ``consistency`` is the round's consistency quorum ("global" or "neighbourhood"): it
+    is in the context that every advertisement and consistency signature covers, so a
+    server that announces one mode to some sites and the other to others gets
+    advertisements that do not verify across the two groups (refused at the roster,
+    before any share is made).
 
     ``bound_digest`` is the digest of the global model and round config *as this party
     holds them*. A server that sends one client a different model gives that client a
     different context, so its masks do not cancel and the server learns garbage.
     """
     return _round_context(version, run_id, round_id, tuple(cohort), degree, threshold, field_bits,
-                          vector_length, bytes(graph_seed), bytes(bound_digest))
+                          vector_length, bytes(graph_seed), bytes(bound_digest), consistency)
 
 
 @memo_by_identity(32)
 def _round_context(
     version: str, run_id: int, round_id: int, cohort: tuple[int, ...], degree: int, threshold: int,
-    field_bits: int, vector_length: int, graph_seed: bytes, bound_digest: bytes,
+    field_bits: int, vector_length: int, graph_seed: bytes, bound_digest: bytes, consistency: str,
 ) -> bytes:
     # cached: a pure function that every in-process client of a round recomputes
     h = hashlib.sha256(LABEL_CONTEXT)
@@ -89,6 +96,8 @@ def _round_context(
     h.update(struct.pack(">I", len(cohort_list)) + pack_nodes(cohort_list))
     h.update(struct.pack(">I", len(graph_seed)) + graph_seed)
     h.update(struct.pack(">I", len(bound_digest)) + bound_digest)
+    mode = consistency.encode()
+    h.update(struct.pack(">I", len(mode)) + mode)
     return h.digest()
 
 
@@ -107,7 +116,8 @@ def round_contexts(setup: Any, seed: bytes, bound_digest: bytes) -> tuple[bytes,
         setup.version, setup.run_id, setup.round_id, setup.cohort, setup.degree, setup.threshold,
         setup.field_bits, setup.vector_length, seed,
     )
-    return round_context(*args, bound_digest), round_context(*args, b"")
+    mode = setup.consistency
+    return round_context(*args, bound_digest, mode), round_context(*args, b"", mode)
 
 
 def retry_context(mask_context: bytes, attempt: int, spec_digest: bytes) -> bytes:

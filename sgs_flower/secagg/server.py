@@ -32,6 +32,9 @@ from sgs_flower.secagg.errors import (
     UnknownSenderError,
 )
 from sgs_flower.secagg.graph import (
+    CONSISTENCY_GLOBAL,
+    CONSISTENCY_NEIGHBOURHOOD,
+    check_consistency_mode,
     consistency_quorum,
     default_degree,
     default_threshold,
@@ -78,8 +81,13 @@ class RoundParams:
     degree: int | None = None
     threshold: int | None = None
     min_clients: int | None = None
+    # the consistency quorum (graph.CONSISTENCY_MODES): "global" (default) or "neighbourhood"
+    # (sites must opt in, policy sgs-consistency); announced in the setup and bound into the
+    # round context
+    consistency: str = CONSISTENCY_GLOBAL
 
     def __post_init__(self) -> None:
+        check_consistency_mode(self.consistency, "RoundParams.consistency")
         cohort = tuple(sorted(set(self.cohort)))
         if len(cohort) != len(self.cohort):
             raise ConfigurationError("cohort contains duplicate node ids")
@@ -115,7 +123,8 @@ class RoundParams:
 
     @property
     def quorum(self) -> int:
-        """Signatures on the survivor set every client needs before it unmasks."""
+        """Survivors and signers below which the round aborts: in the global mode also the
+        signatures on the survivor set every client needs before it unmasks."""
         return consistency_quorum(len(self.cohort))
 
 
@@ -150,7 +159,7 @@ class SecAggServer:
         self.bound_digest: bytes | None = None
         self.share_context = keys.round_context(
             PROTOCOL_VERSION, p.run_id, p.round_id, p.cohort, p.degree, p.threshold,
-            p.field_bits, p.vector_length, p.graph_seed, b"",
+            p.field_bits, p.vector_length, p.graph_seed, b"", p.consistency,
         )  # what advertisements and consistency signatures are bound to
         self.dtype = dtype_for_bits(p.field_bits)
         self.stage: Stage = Stage.ADVERTISE_KEYS
@@ -184,7 +193,7 @@ class SecAggServer:
         self.bound_digest = bytes(bound_digest)
         self.context = keys.round_context(
             PROTOCOL_VERSION, p.run_id, p.round_id, p.cohort, p.degree, p.threshold,
-            p.field_bits, p.vector_length, p.graph_seed, self.bound_digest,
+            p.field_bits, p.vector_length, p.graph_seed, self.bound_digest, p.consistency,
         )
 
     # ------------------------------------------------------------ helpers
@@ -245,7 +254,8 @@ class SecAggServer:
         assert p.degree is not None and p.threshold is not None
         return {
             u: Setup(run_id=p.run_id, round_id=p.round_id, recipient=u, cohort=p.cohort, degree=p.degree,
-                     threshold=p.threshold, field_bits=p.field_bits, vector_length=p.vector_length)
+                     threshold=p.threshold, field_bits=p.field_bits, vector_length=p.vector_length,
+                     consistency=p.consistency)
             for u in p.cohort
         }
 
@@ -367,13 +377,17 @@ class SecAggServer:
             )
 
     def collect_consistency(self, replies: Mapping[int, Message | bytes]) -> dict[int, UnmaskRequest]:
-        """Check each survivor's signature on U3 and forward to each signer the valid ones
-        of its neighbours, as many as its neighbourhood quorum needs (it counts its own):
-        O(k) per client, where the global quorum forwarded ~2n/3 to each.
+        """Check each survivor's signature on U3 and forward the valid ones the round's
+        consistency quorum needs (``RoundParams.consistency``):
 
-        A signer whose neighbourhood holds too few signatures could not unmask, and a
-        client whose masks then lack t answering neighbours could not be unmasked: the
-        round aborts here, before any share is revealed."""
+        - ``"global"`` (default): every valid signature to every signer; a client reveals
+          once q(n) = floor(2n/3) + 1 of the cohort signed its set. Fewer than q(n) signers
+          abort the round (as fewer than q(n) survivors do).
+        - ``"neighbourhood"`` (opt-in): to each signer the valid ones of its neighbours, as
+          many as its neighbourhood quorum needs (it counts its own): O(k) per client. A
+          signer whose neighbourhood holds too few signatures could not unmask, and a
+          client whose masks then lack t answering neighbours could not be unmasked: the
+          round aborts here, before any share is revealed."""
         self._expect(Stage.CONSISTENCY)
         ok = self._accept(replies, set(self.u3), ConsistencySignature)
         survivors = self._survivors
@@ -389,6 +403,15 @@ class SecAggServer:
         self._require_quorum(len(self.u4), "signed the survivor set")
         p = self.params
         assert p.degree is not None and p.threshold is not None
+        if p.consistency != CONSISTENCY_NEIGHBOURHOOD:
+            self.stage = Stage.UNMASK
+            every = tuple(sorted(self.signatures.items()))
+            return {
+                v: UnmaskRequest(
+                    run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors, signatures=every
+                )
+                for v in sorted(self.u4)
+            }
         need = neighbourhood_quorum(p.degree) - 1  # the recipient counts its own signature
         forwarded: dict[int, tuple[tuple[int, bytes], ...]] = {}
         for v in sorted(self.u4):
