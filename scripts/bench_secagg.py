@@ -5,8 +5,16 @@
    vector additions, done with the same preallocated buffers.
 2. Server unmasking (stage 4) for n clients with 10 % dropped after sharing keys,
    against its floor: the keystreams it must regenerate plus the additions.
-3. Whole in-process rounds (all clients + server) for growing n at m = 10,000 with
-   5 % dropout, and how time grows with n.
+3. Whole in-process rounds (all clients + server, ``simulate_round``: the full protocol
+   with signatures and the consistency check) for n = 100, 250, 1,000 and 10,000 at
+   m = 10,000 with 5 % dropout, each in a fresh process (so its peak resident memory is
+   its own), the growth exponent fitted over those sizes (least squares on log-log),
+   and the peak memory of the largest round. These rounds use the **neighbourhood**
+   consistency quorum (``consistency="neighbourhood"``, the simulated sites opted in
+   with ``sgs-consistency=neighbourhood``): the opt-in mode for large cohorts, O(k)
+   signature checks per site, at most floor(k/3) colluders per neighbourhood. The
+   default global quorum (~2n/3 verifications per site, O(n^2) per round) is timed
+   beside it at the sizes up to 1,000 that are run (``round_seconds_global``).
 4. Upload bytes per client (keys, encrypted shares, masked vector and unmask shares, as
    encoded on the wire) over the float32 bytes of the same update.
 5. The masked-input stage, what a client does after training, at m = 5,000,000 and
@@ -18,14 +26,19 @@
    cache-blocked sweep), which is what the client's ``mask_input`` runs once it calls
    that helper, and the encoder alone.
 
-Usage: python scripts/bench_secagg.py [--quick]. The last line printed is one JSON object.
+Usage: python scripts/bench_secagg.py [--quick] [--sizes 100,250,1000,10000]
+[--global-sizes 100,250]. The last line
+printed is one JSON object. Timings on a shared machine are noisy: every figure is one
+run (the round sizes) or the best of a few (the stages).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -34,7 +47,13 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from sgs_flower.pipeline import UpdateSpec, encode_update
 from sgs_flower.secagg.client import SecAggClient
-from sgs_flower.secagg.graph import consistency_quorum
+from sgs_flower.secagg.graph import (
+    CONSISTENCY_MODES,
+    consistency_quorum,
+    default_degree,
+    neighbourhood_quorum,
+)
+from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.prg import MaskExpander, dtype_for_bits
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.simulate import simulate_round
@@ -58,16 +77,19 @@ def keystream_floor(n_streams: int, m: int, repeats: int = 3) -> float:
     return min(times)
 
 
-CONSISTENCY: dict[int, dict[str, float]] = {}  # n -> seconds of the consistency check (filled by drive)
+# (n, consistency mode) -> seconds of the consistency check (filled by drive)
+CONSISTENCY: dict[tuple[int, str], dict[str, float]] = {}
 
 
-def drive(n: int, m: int, degree: int | None, drop_stage3: set[int], seed: int = 0):
+def drive(n: int, m: int, degree: int | None, drop_stage3: set[int], seed: int = 0, consistency: str = "global"):
     """Run one round stage by stage; return per-client stage-3 seconds, server stage-4
     seconds, the keystream count of the unmasking, and per-client upload bytes."""
     ids = list(range(1, n + 1))
-    params = RoundParams(run_id=1, round_id=1, cohort=tuple(ids), vector_length=m, degree=degree)
+    params = RoundParams(run_id=1, round_id=1, cohort=tuple(ids), vector_length=m, degree=degree,
+                         consistency=consistency)
     server = SecAggServer(params)
-    clients = {u: SecAggClient(u) for u in ids}
+    policy = ClientPolicy(consistency=consistency)  # sites opt in when the round asks for it
+    clients = {u: SecAggClient(u, policy=policy) for u in ids}
     rng = np.random.default_rng(seed)
     inputs = {u: rng.integers(0, 1 << 32, m, dtype=np.uint64).astype(np.uint32) for u in ids}
     upload = dict.fromkeys(ids, 0)
@@ -100,7 +122,9 @@ def drive(n: int, m: int, degree: int | None, drop_stage3: set[int], seed: int =
         t = time.perf_counter()
         responses[u] = send(u, clients[u].handle(r))
         verify_secs.append(time.perf_counter() - t)
-    CONSISTENCY[n] = {"sign_and_check_seconds": t_sign, "client_unmask_seconds": statistics.median(verify_secs)}
+    CONSISTENCY[n, consistency] = {
+        "sign_and_check_seconds": t_sign, "client_unmask_seconds": statistics.median(verify_secs),
+    }
     t = time.perf_counter()
     outcome = server.collect_unmask(responses)
     server_secs = time.perf_counter() - t
@@ -157,12 +181,71 @@ def masked_input_stage(m: int, k: int, timed_clients: int = 5, seed: int = 0) ->
     }
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. VmHWM (Linux) is the current image's own;
+    ``ru_maxrss`` would keep the peak of the parent that spawned it across the exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def one_round(n: int, m: int = 10_000, seed: int = 1, consistency: str = "neighbourhood") -> dict[str, float]:
+    """One whole in-process round of n clients, 5 % dropping before the masked input, in
+    the given consistency mode (the sites opted in to it); its seconds and this process's
+    peak resident memory (bytes)."""
+    rng = np.random.default_rng(seed)
+    xs = [rng.uniform(-1, 1, m) for _ in range(n)]
+    dropped = rng.choice(n, n // 20, replace=False).tolist()
+    t, cpu = time.perf_counter(), time.process_time()
+    res = simulate_round(xs, dropouts={Stage.MASKED_INPUT: dropped}, seed=0, consistency=consistency)
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    ref = np.mean([xs[i] for i in res.survivors], axis=0)
+    assert np.max(np.abs(res.aggregate - ref)) <= res.config.error_bound
+    assert len(res.survivors) == n - len(dropped)
+    peak = peak_rss_bytes()
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_bytes": float(peak), **{f"stage_{k}": v for k, v in res.seconds.items()}}
+
+
+def round_in_subprocess(n: int, consistency: str = "neighbourhood") -> dict[str, float]:
+    """:func:`one_round` in a fresh interpreter, so that the peak memory is the round's."""
+    proc = subprocess.run([sys.executable, __file__, "--one-round", str(n), "--consistency", consistency],
+                          capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def growth_exponent(sizes: list[int], seconds: list[float]) -> float:
+    """Slope of log(seconds) against log(n), least squares over every size run."""
+    slope, _ = np.polyfit(np.log(sizes), np.log(seconds), 1)
+    return float(slope)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes; finishes within 60 s")
+    ap.add_argument("--sizes", help="comma-separated round sizes for [3] (default 100,250,1000,10000; "
+                    "--quick: 100,250)")
+    ap.add_argument("--global-sizes", help="comma-separated sizes of [3] also run with the default global "
+                    "consistency quorum (default: those of --sizes up to 1000)")
+    ap.add_argument("--rounds-only", action="store_true", help="run only [3], the whole rounds")
+    ap.add_argument("--one-round", type=int, help=argparse.SUPPRESS)  # internal: one round, one JSON line
+    ap.add_argument("--consistency", default="neighbourhood", choices=CONSISTENCY_MODES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.one_round:
+        res = one_round(args.one_round, consistency=args.consistency)
+        print(json.dumps(res))
+        return res
     quick = args.quick
     out: dict = {"quick": quick}
+    sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else ([100, 250] if quick else [100, 250, 1000, 10_000])
+    global_sizes = ([int(v) for v in args.global_sizes.split(",") if v] if args.global_sizes is not None
+                    else [n for n in sizes if n <= 1000])
+    if args.rounds_only:
+        return whole_rounds(out, sizes, global_sizes)
 
     # 1. client masking, m coordinates, k = 10 neighbours (complete graph of 11)
     m = 1_000_000
@@ -204,33 +287,54 @@ def main(argv: list[str] | None = None) -> dict:
           f"{sfloor:.2f} s, ratio {server_secs / sfloor:.2f}x", file=sys.stderr)
 
     # 6. the consistency check at n = 100: all survivors sign (server checks every
-    # signature), and one client's unmask answer including its quorum verification
-    c = CONSISTENCY[n2]
+    # signature), and one client's unmask answer including its quorum: the default global
+    # one (the round of [2]) and the opt-in neighbourhood one (a small extra round)
+    drive(n2, 1_000, None, drop, consistency="neighbourhood")
+    c = CONSISTENCY[n2, "global"]
+    cn = CONSISTENCY[n2, "neighbourhood"]
     out.update(consistency_sign_and_check_seconds_n100=c["sign_and_check_seconds"],
-               consistency_client_unmask_seconds_n100=c["client_unmask_seconds"])
+               consistency_client_unmask_seconds_n100=c["client_unmask_seconds"],
+               consistency_client_unmask_seconds_n100_neighbourhood=cn["client_unmask_seconds"])
     print(f"[6] consistency check n={n2}: {c['sign_and_check_seconds'] * 1e3:.1f} ms for all {n2 - len(drop)} "
-          f"signatures (signing + server check), {c['client_unmask_seconds'] * 1e3:.1f} ms per client to verify "
-          f"the quorum of {consistency_quorum(n2)} and answer the unmask request", file=sys.stderr)
+          f"signatures (signing + server check); per client to verify its quorum and answer the unmask request: "
+          f"{c['client_unmask_seconds'] * 1e3:.1f} ms with the global quorum (default, {consistency_quorum(n2)} "
+          f"signatures), {cn['client_unmask_seconds'] * 1e3:.1f} ms with the neighbourhood quorum (opt-in, "
+          f"{neighbourhood_quorum(default_degree(n2)) - 1} neighbours' signatures)", file=sys.stderr)
+    return whole_rounds(out, sizes, global_sizes)
 
-    # 3. whole rounds at m = 10,000 with 5 % dropout
-    sizes = [100, 250] if quick else [100, 250, 500, 1000]
-    rounds = {}
-    rng = np.random.default_rng(1)
+
+def whole_rounds(out: dict, sizes: list[int], global_sizes: list[int] | None = None) -> dict:
+    """[3]: whole rounds at m = 10,000 with 5 % dropout, each in its own process, with
+    the neighbourhood consistency quorum (sites opted in) and, at ``global_sizes``, with
+    the default global one too; prints the final JSON line."""
+    out["round_consistency"] = "neighbourhood"  # the mode of round_seconds* (sites opted in)
+    rounds: dict[int, dict[str, float]] = {}
     for n in sizes:
-        xs = [rng.uniform(-1, 1, 10_000) for _ in range(n)]
-        dropped = rng.choice(n, n // 20, replace=False).tolist()
-        t = time.perf_counter()
-        res = simulate_round(xs, dropouts={Stage.MASKED_INPUT: dropped}, seed=0)
-        rounds[n] = time.perf_counter() - t
-        ref = np.mean([xs[i] for i in res.survivors], axis=0)
-        assert np.max(np.abs(res.aggregate - ref)) <= res.config.error_bound
-        print(f"[3] round n={n} m=10,000 5% dropout: {rounds[n]:.2f} s", file=sys.stderr)
-    out["round_seconds"] = {str(k): v for k, v in rounds.items()}
-    out["round_seconds_n1000"] = rounds.get(1000)
+        rounds[n] = round_in_subprocess(n)
+        r = rounds[n]
+        print(f"[3] round n={n:,} m=10,000 5% dropout, neighbourhood quorum (opt-in): {r['seconds']:.2f} s "
+              f"({r['cpu_seconds']:.2f} s CPU), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
+    glob: dict[int, dict[str, float]] = {}
+    for n in global_sizes or []:
+        glob[n] = round_in_subprocess(n, "global")
+        r = glob[n]
+        print(f"[3] round n={n:,} m=10,000 5% dropout, global quorum (default): {r['seconds']:.2f} s "
+              f"({r['cpu_seconds']:.2f} s CPU), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
+    out["round_seconds_global"] = {str(k): v["seconds"] for k, v in glob.items()}
+    out["round_cpu_seconds_global"] = {str(k): v["cpu_seconds"] for k, v in glob.items()}
+    out["round_seconds"] = {str(k): v["seconds"] for k, v in rounds.items()}
+    # CPU seconds of the round's process: on a shared machine, less disturbed by the others' load
+    out["round_cpu_seconds"] = {str(k): v["cpu_seconds"] for k, v in rounds.items()}
+    out["round_peak_rss_bytes"] = {str(k): v["peak_rss_bytes"] for k, v in rounds.items()}
+    out["round_seconds_n1000"] = rounds[1000]["seconds"] if 1000 in rounds else None
+    out["round_seconds_n10000"] = rounds[10_000]["seconds"] if 10_000 in rounds else None
+    out["round_peak_rss_gib_n10000"] = rounds[10_000]["peak_rss_bytes"] / 2**30 if 10_000 in rounds else None
+    out["round_growth_sizes"] = sizes
     if len(sizes) > 1:
-        a, b = sizes[0], sizes[-1]
-        out["round_growth_exponent"] = float(np.log(rounds[b] / rounds[a]) / np.log(b / a))
-        print(f"[3] time grows as n^{out['round_growth_exponent']:.2f}", file=sys.stderr)
+        out["round_growth_exponent"] = growth_exponent(sizes, [rounds[n]["seconds"] for n in sizes])
+        out["round_cpu_growth_exponent"] = growth_exponent(sizes, [rounds[n]["cpu_seconds"] for n in sizes])
+        print(f"[3] time grows as n^{out['round_growth_exponent']:.2f} (CPU time as "
+              f"n^{out['round_cpu_growth_exponent']:.2f}; fit over n = {sizes})", file=sys.stderr)
     print(json.dumps(out))
     return out
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sgs_flower.pipeline import DEFAULT_MAX_WEIGHT, MAX_METRIC_SLOTS
+from sgs_flower.secagg.graph import CONSISTENCY_MODES
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,15 @@ class SecAggConfig:
       sites agree on a model key the server never learns; the global model exists on the
       server only masked under it, ``clip_range`` then bounds the model's coordinates
       (not its change). Only FedAvg's rule (the identity on the masked sum) is possible.
+    - ``consistency``: the consistency quorum of every round, announced in its setup
+      and bound into the round context its sites sign. ``"global"`` (the default):
+      a site reveals shares only once floor(2n/3) + 1 of the cohort signed the
+      identical survivor set (secure against fewer than n/3 colluding clients
+      anywhere; each site verifies up to ~2n/3 Ed25519 signatures). ``"neighbourhood"``
+      (opt-in, for cohorts where that is too costly): two thirds of each site's closed
+      neighbourhood (O(k) verifications; at most floor(k/3) colluders per
+      neighbourhood). Only sites whose policy sets ``sgs-consistency=neighbourhood``
+      join such a round; the others refuse it with a ``PolicyError``.
     - ``max_consecutive_aborts``: this many aborted rounds in a row stop the run with
       :class:`~strategies.SecureAggregationFailed` (a run whose rounds all abort stops
       with it too).
@@ -72,6 +82,7 @@ class SecAggConfig:
     max_consecutive_aborts: int = 3
     max_poll_interval: float = 0.5
     confidential: bool = False
+    consistency: str = "global"
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -115,5 +126,8 @@ class SecAggConfig:
             raise bad("target_error", f"must be in (0, 1) (a fraction of the range), got {self.target_error}")
         if not 0.005 <= self.max_poll_interval <= 10.0:
             raise bad("max_poll_interval", f"must be in 0.005..10 seconds, got {self.max_poll_interval}")
+        if self.consistency not in CONSISTENCY_MODES:
+            raise bad("consistency", f"must be one of {', '.join(map(repr, CONSISTENCY_MODES))}, got "
+                      f"{self.consistency!r}")
         if self.max_consecutive_aborts < 1:
             raise bad("max_consecutive_aborts", f"must be >= 1, got {self.max_consecutive_aborts}")

@@ -657,6 +657,7 @@ class SecAggStrategy(Strategy):
             run_id=grid.run.run_id, round_id=server_round, cohort=tuple(cohort),
             vector_length=spec.vector_length(model_size), field_bits=spec.field_bits,
             degree=self.config.degree, threshold=self.config.threshold, min_clients=min_clients,
+            consistency=self.config.consistency,
         )
 
     def sample_cohort(self, server_round: int, grid: Grid) -> list[int]:

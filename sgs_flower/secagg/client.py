@@ -13,8 +13,13 @@ The client assumes the server lies (the active-server model of Bonawitz et al. 2
 - it signs its advertised keys with its long-term identity key and checks every
   neighbour's signature (and, with a pinned roster, that every identity is on it);
 - before it reveals any share it signs the survivor set once, and it unmasks only the
-  set it signed, and only with a quorum of valid signatures on that same set; who
-  dropped is derived from what it saw, never taken from the server;
+  set it signed, and only with a quorum of valid signatures on that same set: by
+  default (the round's ``consistency`` is "global") floor(2n/3) + 1 of the cohort;
+  in a round announcing "neighbourhood", which only a site whose policy opted in
+  (``sgs-consistency``) joins, two thirds of its closed neighbourhood (itself and its
+  neighbours, :func:`neighbourhood_quorum`): O(log n) signature checks, not O(n)
+  (docs/protocol.md, "The consistency check"); who dropped is derived from what it
+  saw, never taken from the server;
 - it signs at most one survivor set per global model, so one model cannot be
   aggregated twice over cohorts that differ by one client.
 """
@@ -30,6 +35,7 @@ import numpy as np
 
 from sgs_flower.secagg import identity, keys, shamir
 from sgs_flower.secagg.errors import (
+    ConfigurationError,
     InconsistentRequestError,
     MalformedMessageError,
     PolicyError,
@@ -39,7 +45,16 @@ from sgs_flower.secagg.errors import (
     ThresholdError,
     UnknownSenderError,
 )
-from sgs_flower.secagg.graph import consistency_quorum, graph_seed, neighbours_of, validate
+from sgs_flower.secagg.graph import (
+    CONSISTENCY_NEIGHBOURHOOD,
+    cohort_index,
+    consistency_quorum,
+    graph_seed,
+    neighbourhood_quorum,
+    neighbours_of,
+    validate,
+)
+from sgs_flower.secagg.memo import memo_by_identity
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander
 from sgs_flower.secagg.wire import (
@@ -71,11 +86,55 @@ HISTORY_LIMIT = 512  # model digests remembered (oldest forgotten first)
 
 def share_x(cohort: tuple[int, ...], node: int) -> int:
     """The Shamir x-coordinate of a share held by ``node``: its cohort position + 1."""
-    return cohort.index(node) + 1
+    return cohort_index(cohort)[node] + 1
 
 
 def survivor_set_digest(survivors: tuple[int, ...]) -> str:
-    return hashlib.sha256(b"".join(keys.node_bytes(u) for u in sorted(survivors))).hexdigest()
+    return _survivor_set_digest(tuple(survivors))
+
+
+@memo_by_identity(8)
+def _survivor_set_digest(survivors: tuple[int, ...]) -> str:
+    return hashlib.sha256(keys.pack_nodes(sorted(survivors))).hexdigest()
+
+
+@memo_by_identity(8)
+def _survivor_view(survivors: tuple[int, ...]) -> tuple[tuple[int, ...], frozenset[int]]:
+    """The survivor set sorted and as a set, or :class:`InconsistentRequestError` for a
+    list naming a node twice. Cached: a pure function of the list, which every client of
+    an in-process round receives (a deployed client computes it once, in C-speed set and
+    sort calls)."""
+    members = frozenset(survivors)
+    if len(members) != len(survivors):
+        raise InconsistentRequestError("survivor set lists a node twice")
+    return tuple(sorted(members)), members
+
+
+@memo_by_identity(8)
+def _all_advertised(members: frozenset[int], identities: dict[int, bytes]) -> bool:
+    """Whether every survivor advertised keys (is in the identity table): one C-speed
+    subset test, memoised for the shared objects of an in-process round."""
+    return members <= identities.keys()
+
+
+@memo_by_identity(8)
+def _identity_table(
+    identities: tuple[tuple[int, bytes], ...], cohort: tuple[int, ...], roster: identity.Roster | None
+) -> dict[int, bytes]:
+    """The round's identity table after the checks every client makes (members of the
+    cohort, each once, no key twice, on the roster when one is pinned). Cached, and the
+    same read-only mapping is shared, so that n in-process clients do not each rebuild
+    and re-check an n-entry table (O(n^2) at 10,000 clients)."""
+    index = cohort_index(cohort)
+    table: dict[int, bytes] = {}
+    for node, key in identities:
+        if node not in index:
+            raise UnknownSenderError(f"identity table names node {node}, which is not in the cohort")
+        if node in table:
+            raise MalformedMessageError(f"identity table names node {node} twice")
+        table[node] = key
+    identity.check_identity_table(table, roster)
+    return table
 
 
 @dataclass
@@ -99,10 +158,12 @@ class AwaitingSetup:
         u = self.node_id
         n = len(msg.cohort)
         # Bounds first: nothing sized by the server is built before the policy agrees.
-        policy.check_round(n, msg.degree, msg.threshold, msg.vector_length)
-        if len(set(msg.cohort)) != n:
-            raise MalformedMessageError("setup cohort has duplicate node ids")
-        if u not in msg.cohort:
+        policy.check_round(n, msg.degree, msg.threshold, msg.vector_length, msg.consistency)
+        try:
+            index = cohort_index(msg.cohort)
+        except ConfigurationError as exc:
+            raise MalformedMessageError("setup cohort has duplicate node ids") from exc
+        if u not in index:
             raise UnknownSenderError(f"node {u} is not in the cohort of round {msg.round_id}")
         validate(n, msg.degree, msg.threshold)
         dtype_for_bits(msg.field_bits)
@@ -135,17 +196,9 @@ class AwaitingRoster:
         self, msg: KeyRoster, ident: bytes, policy: ClientPolicy
     ) -> tuple[AwaitingShares, ShareKeys]:
         u, sec = self.node_id, self.secrets
-        cohort = set(sec.setup.cohort)
-        table: dict[int, bytes] = {}
-        for node, key in msg.identities:
-            if node not in cohort:
-                raise UnknownSenderError(f"identity table names node {node}, which is not in the cohort")
-            if node in table:
-                raise MalformedMessageError(f"identity table names node {node} twice")
-            table[node] = key
+        table = _identity_table(tuple(msg.identities), tuple(sec.setup.cohort), policy.roster)
         if table.get(u) != identity.identity_public(ident):
             raise InconsistentRequestError(f"identity table does not hold node {u}'s own identity key")
-        identity.check_identity_table(table, policy.roster)
         roster: dict[int, NeighbourKeys] = {}
         seen_keys: set[bytes] = set()
         for nk in msg.keys:
@@ -170,17 +223,17 @@ class AwaitingRoster:
             )
         order = sorted(roster)
         xs = [share_x(sec.setup.cohort, v) for v in order]
-        sk_shares = shamir.split(sec.s_sk, xs, t)
-        b_shares = shamir.split(sec.b_u, xs, t)
+        sk_shares, b_shares = shamir.split_many([sec.s_sk, sec.b_u], xs, t)
         c_sk = keys.load_private_key(sec.c_sk)
         cts = []
+        share_keys: dict[int, bytes] = {}
         for v, sk_sh, b_sh in zip(order, sk_shares, b_shares, strict=True):
             shared = keys.agree(c_sk, roster[v].c_pk, v)
-            k = keys.share_key(shared, sec.share_context, u, v)
+            k = share_keys[v] = keys.share_key(shared, sec.share_context, u, v)
             plaintext = keys.node_bytes(u) + keys.node_bytes(v) + sk_sh + b_sh
             cts.append((v, keys.encrypt_share(k, plaintext, sec.share_context, u, v)))
         reply = ShareKeys(run_id=msg.run_id, round_id=msg.round_id, sender=u, ciphertexts=tuple(cts))
-        return AwaitingShares(u, sec, roster, table), reply
+        return AwaitingShares(u, sec, roster, table, share_keys), reply
 
 
 @dataclass
@@ -191,6 +244,9 @@ class AwaitingShares:
     secrets: _RoundSecrets
     roster: dict[int, NeighbourKeys]
     identities: dict[int, bytes]
+    # the share-encryption keys of on_roster, kept in memory (never saved: a restored
+    # client derives them again) so that decrypting costs no second X25519 per neighbour
+    share_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
 
     def on_shares(
         self, msg: ShareBundle, vector: np.ndarray, bound_digest: bytes, model_digest: bytes, min_survivors: int,
@@ -212,8 +268,9 @@ class AwaitingShares:
                 raise UnknownSenderError(f"share from node {v}, which is not in node {u}'s roster")
             if v in held:
                 raise MalformedMessageError(f"two shares from node {v}")
-            shared = keys.agree(c_sk, self.roster[v].c_pk, v)
-            k = keys.share_key(shared, sec.share_context, u, v)
+            k = self.share_keys.get(v) or keys.share_key(
+                keys.agree(c_sk, self.roster[v].c_pk, v), sec.share_context, u, v
+            )
             plain = keys.decrypt_share(k, blob, sec.share_context, v, u)
             if len(plain) != _SHARE_PLAINTEXT or plain[:8] != keys.node_bytes(v) or plain[8:16] != keys.node_bytes(u):
                 raise MalformedMessageError(f"share from node {v} is not addressed from {v} to {u}")
@@ -302,16 +359,17 @@ def check_survivor_set(
     identities: dict[int, bytes],
     min_survivors: int,
 ) -> tuple[int, ...]:
-    """The survivor set as this client can vouch for it, or an error naming the check."""
-    u3 = tuple(sorted(set(survivors)))
-    if len(u3) != len(survivors):
-        raise InconsistentRequestError("survivor set lists a node twice")
-    if u not in u3:
+    """The survivor set as this client can vouch for it, or an error naming the check.
+
+    Only O(k) Python work beyond C-speed set operations on the list: the checks are on
+    this client's own neighbourhood (who sent it shares), and the set's size."""
+    u3, members = _survivor_view(tuple(survivors))
+    if u not in members:
         raise InconsistentRequestError(f"survivor set says node {u} dropped, but it sent its masked input")
-    unknown = [v for v in u3 if v not in identities]
-    if unknown:
+    if not _all_advertised(members, identities):
+        unknown = sorted(members - identities.keys())
         raise InconsistentRequestError(f"survivor set names nodes {unknown} that did not advertise keys")
-    unseen = sorted(v for v in u3 if v in sec.neighbours and v not in held)
+    unseen = sorted(v for v in sec.neighbours if v in members and v not in held)
     if unseen:
         raise InconsistentRequestError(
             f"survivor set names neighbours {unseen} that never sent node {u} their shares; refused"
@@ -338,14 +396,41 @@ class AwaitingUnmask:
     mask_context: bytes = b""
 
     def on_unmask(self, msg: UnmaskRequest) -> tuple[Unmasked, UnmaskResponse]:
+        """Reveal shares for the set this client signed, once the quorum of the round's
+        consistency mode validly signed the identical set: "global" (the default),
+        floor(2n/3) + 1 of the cohort (:func:`_check_global_quorum`); "neighbourhood"
+        (opt-in), two thirds of its closed neighbourhood, itself and its neighbours
+        (:func:`_check_neighbourhood_quorum`). The mode is the one in the setup this
+        client accepted (its policy refused "neighbourhood" unless it opted in), and it
+        is bound into the round context every signature covers."""
         u, sec = self.node_id, self.secrets
-        if tuple(sorted(msg.survivors)) != self.survivors or len(msg.survivors) != len(self.survivors):
+        view = _survivor_view(tuple(msg.survivors))[0] if len(msg.survivors) == len(self.survivors) else ()
+        if view is not self.survivors and view != self.survivors:
             raise InconsistentRequestError(
                 f"unmask request names another survivor set than the one node {u} signed; refused"
             )
         statement = keys.consistency_statement(sec.share_context, self.survivors)
-        members = set(self.survivors)
-        quorum = consistency_quorum(len(sec.setup.cohort))
+        members = _survivor_view(self.survivors)[1]
+        if sec.setup.consistency == CONSISTENCY_NEIGHBOURHOOD:
+            self._check_neighbourhood_quorum(msg, statement, members)
+        else:
+            self._check_global_quorum(msg, statement, members)
+        # Who dropped is derived from what this client saw, never taken from the server:
+        # neighbours that sent it shares but are not survivors.
+        reply = UnmaskResponse(
+            run_id=msg.run_id, round_id=msg.round_id, sender=u,
+            self_mask_shares=tuple((v, self.held[v][1]) for v in sorted(self.held) if v in members),
+            key_shares=tuple((v, self.held[v][0]) for v in sorted(self.held) if v not in members),
+        )
+        return Unmasked(u, sec, self.roster, self.survivors, self.mask_context), reply
+
+    def _check_global_quorum(self, msg: UnmaskRequest, statement: bytes, members: frozenset[int]) -> None:
+        """The global quorum (the default): floor(2n/3) + 1 survivors of the cohort
+        validly signed this set. Honest clients sign one set each, so two sets cannot
+        both reach it without n/3 or more colluders anywhere in the cohort. Verifies
+        only as many signatures as the quorum needs (~0.1 ms each)."""
+        u = self.node_id
+        quorum = consistency_quorum(len(self.secrets.setup.cohort))
         valid: set[int] = set()
         for signer, signature in msg.signatures:
             if signer not in members:
@@ -355,21 +440,50 @@ class AwaitingUnmask:
             if not identity.verify(self.identities[signer], signature, statement):
                 raise SignatureError(f"consistency signature of node {signer} does not verify: forged or tampered")
             valid.add(signer)
-            if len(valid) == quorum:  # enough: each verification costs ~0.1 ms
+            if len(valid) == quorum:  # enough
                 break
         if len(valid) < quorum:
             raise InconsistentRequestError(
                 f"only {len(valid)} survivors signed the survivor set, {quorum} are needed before "
                 f"node {u} reveals any share; refused"
             )
-        # Who dropped is derived from what this client saw, never taken from the server:
-        # neighbours that sent it shares but are not survivors.
-        reply = UnmaskResponse(
-            run_id=msg.run_id, round_id=msg.round_id, sender=u,
-            self_mask_shares=tuple((v, self.held[v][1]) for v in sorted(self.held) if v in members),
-            key_shares=tuple((v, self.held[v][0]) for v in sorted(self.held) if v not in members),
-        )
-        return Unmasked(u, sec, self.roster, self.survivors, self.mask_context), reply
+
+    def _check_neighbourhood_quorum(self, msg: UnmaskRequest, statement: bytes, members: frozenset[int]) -> None:
+        """The neighbourhood quorum (opt-in): floor(2(k+1)/3) + 1 of this client's closed
+        neighbourhood (itself and its k neighbours) validly signed this set.
+
+        Why the neighbourhood suffices (docs/protocol.md, "The consistency check"): to
+        unmask a survivor W alone, the server needs t shares of W's self-mask seed from
+        W's neighbours and, for a neighbour z of W, t shares of z's masking key from z's
+        neighbours, which z's neighbours give only if they signed a set without z. A
+        neighbour z that reveals W's seed holds q - 1 neighbours' signatures on a set
+        with z in it; honest clients sign once, so the server needs q + t - k - 1
+        colluders among z's k neighbours. Signatures from outside the neighbourhood are
+        not looked at; every forwarded signature from inside it must verify (a server
+        that forwards one on another set is lying)."""
+        u, sec = self.node_id, self.secrets
+        closed = sec.neighbours | {u}
+        quorum = neighbourhood_quorum(sec.setup.degree)
+        valid: set[int] = set()
+        seen: set[int] = set()
+        for signer, signature in msg.signatures:
+            if signer not in members:
+                raise InconsistentRequestError(f"consistency signature from node {signer}, which is not a survivor")
+            if signer in seen:
+                raise MalformedMessageError(f"two consistency signatures from node {signer}")
+            seen.add(signer)
+            if signer not in closed:
+                continue  # not one this client counts: no verification is spent on it
+            if not identity.verify(self.identities[signer], signature, statement):
+                raise SignatureError(f"consistency signature of node {signer} does not verify: forged or tampered")
+            valid.add(signer)
+        valid.add(u)  # it signed this very set itself (AwaitingConsistency)
+        if len(valid) < quorum:
+            raise InconsistentRequestError(
+                f"only {len(valid)} survivors signed the survivor set, {quorum} are needed before "
+                f"node {u} reveals any share (two thirds of its closed neighbourhood of "
+                f"{sec.setup.degree + 1}: itself and its neighbours); refused"
+            )
 
 
 @dataclass

@@ -16,14 +16,28 @@ How k, t and the consistency quorum are chosen (the active-server model):
   clients; Bell et al. 2020 apply the same condition per neighbourhood (k for n). Below
   it, a server that also controls a few neighbours could collect t shares of both
   secrets of one client. :func:`validate` refuses any t below this bound.
-- Consistency quorum q(n) = floor(2n / 3) + 1 signatures on the identical survivor set:
-  an honest client signs one survivor set per round, so two different sets can both
-  reach q signatures only if 2q <= n + n_C, i.e. only with n/3 or more colluding
-  clients. A client unmasks only with a quorum on the set it signed itself.
-- Tolerance: a client's masks are recoverable while at least t of its k neighbours
-  answer the unmask stage (up to k - t = ceil(k/3) - 1 may drop), and the round goes on
-  while at least q clients sign the survivor set. The price of the active model is
-  this smaller dropout tolerance (for n = 5: one dropout; for n = 4: none).
+- Consistency quorum, global by default: q(n) = floor(2n / 3) + 1 signatures from the
+  cohort on the identical survivor set. An honest client signs one survivor set per
+  round, so two different sets can both reach q signatures only if 2q <= n + n_C, i.e.
+  only with n/3 or more colluding clients, wherever they are. A client unmasks only
+  with a quorum on the set it signed itself, and verifies at most q signatures.
+- Consistency quorum, per neighbourhood (issue 21; opt-in, a round announcing
+  ``consistency="neighbourhood"`` is refused by sites whose policy does not set
+  ``sgs-consistency=neighbourhood``): a client reveals shares only when
+  q(k + 1) = floor(2(k + 1) / 3) + 1 members of its *closed* neighbourhood (itself and
+  its k neighbours) signed the identical survivor set (the whole set, by its digest).
+  An honest client signs one survivor set per round, so a neighbour W's self-mask seed
+  and the masking key of a neighbour of W can both be rebuilt only with at least
+  q + t - k - 1 colluders in one neighbourhood (11 of 30 at n = 1000; up to 10 are
+  tolerated, the k/3 the threshold already assumes): the proof is in
+  docs/protocol.md, "The consistency check". For a complete graph (k = n - 1) this is
+  the global quorum q(n) of Bonawitz et al. 2017. Each client verifies at most
+  q(k + 1) - 1 signatures: O(log n), not O(n).
+- The server also keeps its global count rule (at least q(n) survivors and signers, or
+  the round aborts), so the dropout tolerance is what it was: a client's masks are
+  recoverable while at least t of its k neighbours answer the unmask stage (up to
+  k - t = ceil(k/3) - 1 may drop). The price of the active model is this smaller
+  dropout tolerance (for n = 5: one dropout; for n = 4: none).
 
 The graph seed is not chosen by the server: both ends derive it from the run, round
 and cohort (:func:`graph_seed`). A server can still influence the graph through the
@@ -36,10 +50,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from functools import lru_cache
 
 from sgs_flower.secagg.errors import ConfigurationError
-from sgs_flower.secagg.keys import node_bytes
+from sgs_flower.secagg.keys import node_bytes, pack_nodes
+from sgs_flower.secagg.memo import memo_by_identity
 
 COMPLETE_UP_TO = 10
 
@@ -64,16 +78,67 @@ def active_threshold(degree: int) -> int:
 
 
 def consistency_quorum(n: int) -> int:
-    """Signatures on one survivor set a client needs before it reveals any share."""
+    """More than two thirds of ``n``: the server's count of survivors and signers below
+    which it aborts, and (with ``n`` = a closed neighbourhood) the signatures a client
+    needs, see :func:`neighbourhood_quorum`."""
     return (2 * n) // 3 + 1
+
+
+#: The consistency quorums a round may announce (``RoundParams.consistency``, ``Setup``):
+#: ``"global"`` (the default, the landed guarantee: floor(2n/3) + 1 of the cohort signed
+#: the identical set, fewer than n/3 colluders anywhere) and ``"neighbourhood"`` (opt-in,
+#: sites set ``sgs-consistency=neighbourhood``: floor(2(k+1)/3) + 1 of the site's closed
+#: neighbourhood, at most floor(k/3) colluders in any one neighbourhood; O(k) signature
+#: checks per site instead of ~2n/3). docs/protocol.md, "The consistency check".
+CONSISTENCY_GLOBAL = "global"
+CONSISTENCY_NEIGHBOURHOOD = "neighbourhood"
+CONSISTENCY_MODES = (CONSISTENCY_GLOBAL, CONSISTENCY_NEIGHBOURHOOD)
+
+
+def check_consistency_mode(mode: object, what: str = "consistency") -> str:
+    """``mode`` if it is one of :data:`CONSISTENCY_MODES`, else :class:`ConfigurationError`."""
+    if mode not in CONSISTENCY_MODES:
+        raise ConfigurationError(f"{what} must be one of {', '.join(map(repr, CONSISTENCY_MODES))}, got {mode!r}")
+    assert isinstance(mode, str)
+    return mode
+
+
+def neighbourhood_quorum(degree: int) -> int:
+    """Members of a client's closed neighbourhood (itself and its ``degree`` neighbours)
+    that must have signed the identical survivor set before the client reveals a share.
+
+    Two thirds of the closed neighbourhood, so that with the threshold t = floor(2k/3)+1
+    a server cannot get one client's self-mask seed and a neighbour's masking key without
+    more colluders in a neighbourhood than the threshold itself tolerates (see the module
+    docstring); for a complete graph it is the global quorum."""
+    return consistency_quorum(degree + 1)
 
 
 def graph_seed(run_id: int, round_id: int, cohort: Sequence[int]) -> bytes:
     """The public seed of a round's graph, derived (never chosen by the server)."""
+    return _graph_seed(run_id, round_id, tuple(cohort))
+
+
+@memo_by_identity(16)
+def _graph_seed(run_id: int, round_id: int, cohort: tuple[int, ...]) -> bytes:
+    # cached: a pure function of its arguments, which every in-process client recomputes
     h = hashlib.sha256(b"sgs-flower/graph-seed/v2" + node_bytes(run_id) + node_bytes(round_id))
-    for u in sorted(cohort):
-        h.update(node_bytes(u))
+    h.update(pack_nodes(sorted(cohort)))
     return h.digest()
+
+
+def cohort_index(cohort: Sequence[int]) -> dict[int, int]:
+    """Each member's position in ``cohort`` (a read-only, shared mapping); duplicates are
+    refused. Share x-coordinates and membership tests are then O(1), not O(n)."""
+    return _cohort_index(tuple(cohort))
+
+
+@memo_by_identity(16)
+def _cohort_index(cohort: tuple[int, ...]) -> dict[int, int]:
+    index = {u: i for i, u in enumerate(cohort)}
+    if len(index) != len(cohort):
+        raise ConfigurationError("cohort contains duplicate node ids")
+    return index
 
 
 def validate(n: int, degree: int, threshold: int) -> None:
@@ -95,16 +160,15 @@ def validate(n: int, degree: int, threshold: int) -> None:
 def neighbours_of(cohort: Sequence[int], degree: int, seed: bytes, u: int) -> frozenset[int]:
     """One client's neighbours, in O(n log n) time and O(k) memory beyond the cohort:
     what a client computes, so that a huge complete-graph cohort cannot cost it n^2."""
-    members = sorted(set(cohort))
-    if len(members) != len(cohort):
-        raise ConfigurationError("cohort contains duplicate node ids")
+    members = tuple(cohort)
+    index = cohort_index(members)
     n = len(members)
-    if u not in members:
+    if u not in index:
         raise ConfigurationError(f"node {u} is not in the cohort")
     if degree >= n - 1:
         return frozenset(v for v in members if v != u)
-    ring = sorted(members, key=lambda v: _ring_key(seed, v))
-    i = ring.index(u)
+    ring, position = _ring(members, bytes(seed))
+    i = position[u]
     half = degree // 2
     return frozenset(ring[(i + d) % n] for d in range(-half, half + 1) if d != 0)
 
@@ -113,22 +177,30 @@ def _ring_key(seed: bytes, u: int) -> bytes:
     return hashlib.sha256(b"sgs-flower/graph/v1" + seed + node_bytes(u)).digest()
 
 
+@memo_by_identity(8)
+def _ring(cohort: tuple[int, ...], seed: bytes) -> tuple[tuple[int, ...], dict[int, int]]:
+    """The Harary ring (the cohort in the order of its seeded SHA-256 keys) and each
+    member's place on it. Cached: a pure function of the cohort and the public seed, so
+    in-process clients of one round (and the server) hash the cohort once, not n times."""
+    ring = tuple(sorted(set(cohort), key=lambda v: _ring_key(seed, v)))
+    return ring, {v: i for i, v in enumerate(ring)}
+
+
 def neighbours(cohort: Sequence[int], degree: int, seed: bytes) -> dict[int, frozenset[int]]:
     """The neighbour set of every client: complete graph or Harary H(degree, n)."""
     return dict(_neighbours(tuple(cohort), degree, bytes(seed)))
 
 
-@lru_cache(maxsize=8)
+@memo_by_identity(8)
 def _neighbours(cohort: tuple[int, ...], degree: int, seed: bytes) -> dict[int, frozenset[int]]:
     # Cached: in-process simulations build the same graph once per client.
-    members = sorted(set(cohort))
-    if len(members) != len(cohort):
-        raise ConfigurationError("cohort contains duplicate node ids")
+    cohort_index(cohort)  # refuses duplicates
+    members = sorted(cohort)
     n = len(members)
     if degree >= n - 1:
         everyone = frozenset(members)
         return {u: everyone - {u} for u in members}
-    ring = sorted(members, key=lambda u: _ring_key(seed, u))
+    ring, _ = _ring(cohort, seed)
     half = degree // 2
     out: dict[int, set[int]] = {u: set() for u in members}
     for i, u in enumerate(ring):

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sgs_flower.secagg.errors import MalformedMessageError, ShareDecryptionError
+from sgs_flower.secagg.memo import memo_by_identity
 
 PUBLIC_KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -45,6 +47,13 @@ def node_bytes(node_id: int) -> bytes:
     return struct.pack(">Q", node_id)
 
 
+def pack_nodes(nodes: Iterable[int]) -> bytes:
+    """Node ids as concatenated 8-byte big-endian words (what :func:`node_bytes` gives
+    one at a time), packed in one C call: survivor sets and cohorts of 10,000 are hashed
+    by every client, and a Python loop over them made the round O(n^2) in process."""
+    return np.fromiter(nodes, dtype=np.uint64).astype(">u8").tobytes()
+
+
 def round_context(
     version: str,
     run_id: int,
@@ -56,20 +65,39 @@ def round_context(
     vector_length: int,
     graph_seed: bytes,
     bound_digest: bytes,
+    consistency: str = "global",
 ) -> bytes:
     """SHA-256 over everything a round's keys must be bound to.
+
+    ``consistency`` is the round's consistency quorum ("global" or "neighbourhood"): it
+    is in the context that every advertisement and consistency signature covers, so a
+    server that announces one mode to some sites and the other to others gets
+    advertisements that do not verify across the two groups (refused at the roster,
+    before any share is made).
 
     ``bound_digest`` is the digest of the global model and round config *as this party
     holds them*. A server that sends one client a different model gives that client a
     different context, so its masks do not cancel and the server learns garbage.
     """
+    return _round_context(version, run_id, round_id, tuple(cohort), degree, threshold, field_bits,
+                          vector_length, bytes(graph_seed), bytes(bound_digest), consistency)
+
+
+@memo_by_identity(32)
+def _round_context(
+    version: str, run_id: int, round_id: int, cohort: tuple[int, ...], degree: int, threshold: int,
+    field_bits: int, vector_length: int, graph_seed: bytes, bound_digest: bytes, consistency: str,
+) -> bytes:
+    # cached: a pure function that every in-process client of a round recomputes
     h = hashlib.sha256(LABEL_CONTEXT)
     cohort_list = sorted(cohort)
     h.update(struct.pack(">I", len(version)) + version.encode())
     h.update(struct.pack(">QQIIII", run_id, round_id, degree, threshold, field_bits, vector_length))
-    h.update(struct.pack(">I", len(cohort_list)) + b"".join(node_bytes(n) for n in cohort_list))
+    h.update(struct.pack(">I", len(cohort_list)) + pack_nodes(cohort_list))
     h.update(struct.pack(">I", len(graph_seed)) + graph_seed)
     h.update(struct.pack(">I", len(bound_digest)) + bound_digest)
+    mode = consistency.encode()
+    h.update(struct.pack(">I", len(mode)) + mode)
     return h.digest()
 
 
@@ -88,7 +116,8 @@ def round_contexts(setup: Any, seed: bytes, bound_digest: bytes) -> tuple[bytes,
         setup.version, setup.run_id, setup.round_id, setup.cohort, setup.degree, setup.threshold,
         setup.field_bits, setup.vector_length, seed,
     )
-    return round_context(*args, bound_digest), round_context(*args, b"")
+    mode = setup.consistency
+    return round_context(*args, bound_digest, mode), round_context(*args, b"", mode)
 
 
 def retry_context(mask_context: bytes, attempt: int, spec_digest: bytes) -> bytes:
@@ -196,9 +225,12 @@ def advertise_statement(share_context: bytes, node: int, c_pk: bytes, s_pk: byte
 
 
 def consistency_statement(share_context: bytes, survivors: Iterable[int]) -> bytes:
-    """What a survivor signs at the consistency check: the round and the survivor set."""
+    """What a survivor signs at the consistency check: the round and the whole survivor
+    set (each client signs the set it was sent, so two sets never share a signature)."""
+    return _consistency_statement(share_context, tuple(survivors))
+
+
+@memo_by_identity(8)
+def _consistency_statement(share_context: bytes, survivors: tuple[int, ...]) -> bytes:
     members = sorted(survivors)
-    return (
-        LABEL_CONSISTENCY + share_context + struct.pack(">I", len(members))
-        + b"".join(node_bytes(u) for u in members)
-    )
+    return LABEL_CONSISTENCY + share_context + struct.pack(">I", len(members)) + pack_nodes(members)

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from sgs_flower.secagg.errors import ConfigurationError, PolicyError
-from sgs_flower.secagg.graph import active_threshold, default_degree
+from sgs_flower.secagg.graph import (
+    CONSISTENCY_GLOBAL,
+    CONSISTENCY_MODES,
+    CONSISTENCY_NEIGHBOURHOOD,
+    active_threshold,
+    default_degree,
+)
 from sgs_flower.secagg.identity import Roster, read_identity
 
 ENV_VAR = "SGS_NODE_CONFIG"  # the same keys for sites whose node config cannot be set (simulation)
@@ -28,6 +34,10 @@ NODE_CONFIG_KEYS = {
     "sgs-max-cohort": "largest cohort this site joins: bounds its memory and work (default 1000)",
     "sgs-max-vector": "largest masked vector in words: bounds its memory (default 2^27)",
     "sgs-min-degree": "smallest neighbour count; 0 = the protocol default for the cohort size",
+    "sgs-consistency": "consistency quorums this site accepts: 'global' (default: two thirds of the cohort "
+                       "signed the identical survivor set, fewer than n/3 colluders anywhere) or 'neighbourhood' "
+                       "(also rounds whose quorum is two thirds of the site's closed neighbourhood: O(k) signature "
+                       "checks, at most floor(k/3) colluders per neighbourhood)",
     "sgs-identity-key": "file with this site's Ed25519 identity key (sgs-flower identity new)",
     "sgs-roster": "file of the federation's identity public keys; pins who may be in a cohort",
     "sgs-state-file": "file where the site remembers its contributions and privacy spend across runs "
@@ -51,6 +61,8 @@ class ClientPolicy:
     max_cohort: int = 1000
     max_vector_length: int = 1 << 27
     min_degree: int = 0
+    # "global": only rounds with the global consistency quorum; "neighbourhood": those too
+    consistency: str = CONSISTENCY_GLOBAL
     roster: Roster | None = None
     identity_key: bytes | None = None  # None: a key made for this run (cannot be pinned)
     state_file: str | None = None  # None: the default file (dp.site.default_state_file); "memory": this run only
@@ -70,6 +82,10 @@ class ClientPolicy:
             raise ConfigurationError(f"sgs-max-vector must be >= 3, got {self.max_vector_length}")
         if self.min_degree < 0:
             raise ConfigurationError(f"sgs-min-degree must be >= 0, got {self.min_degree}")
+        if self.consistency not in CONSISTENCY_MODES:
+            raise ConfigurationError(
+                f"sgs-consistency must be one of {', '.join(map(repr, CONSISTENCY_MODES))}, got {self.consistency!r}"
+            )
         if not (self.dp_min_noise_multiplier >= 0 and math.isfinite(self.dp_min_noise_multiplier)):
             raise ConfigurationError("sgs-dp-min-noise must be a finite number >= 0")
         if not (self.min_model_change >= 0 and math.isfinite(self.min_model_change)):
@@ -80,9 +96,19 @@ class ClientPolicy:
             raise ConfigurationError("sgs-dp-delta must be in (0, 1)")
 
     # ------------------------------------------------------------ checks
-    def check_round(self, n: int, degree: int, threshold: int, vector_length: int) -> None:
+    def check_round(
+        self, n: int, degree: int, threshold: int, vector_length: int, consistency: str = CONSISTENCY_GLOBAL
+    ) -> None:
         """Refuse a round's parameters that give less protection than the site requires,
         or that would cost more than it allows. Called before anything is allocated."""
+        if consistency not in CONSISTENCY_MODES:
+            raise PolicyError(f"consistency quorum {consistency!r} is unknown to this site (sgs-consistency)")
+        if consistency == CONSISTENCY_NEIGHBOURHOOD and self.consistency != CONSISTENCY_NEIGHBOURHOOD:
+            raise PolicyError(
+                "round asks for the neighbourhood consistency quorum (two thirds of each closed neighbourhood, "
+                "at most floor(k/3) colluders per neighbourhood); this site accepts only the global quorum "
+                "(sgs-consistency=global; set sgs-consistency=neighbourhood to opt in)"
+            )
         if n < self.min_cohort:
             raise PolicyError(f"cohort of {n} is below this site's minimum cohort ({self.min_cohort})")
         if n > self.max_cohort:
@@ -125,6 +151,7 @@ class ClientPolicy:
             max_cohort=get("sgs-max-cohort", int, 1000),
             max_vector_length=get("sgs-max-vector", int, 1 << 27),
             min_degree=get("sgs-min-degree", int, 0),
+            consistency=get("sgs-consistency", str, CONSISTENCY_GLOBAL).strip().lower(),
             roster=Roster.load(roster_path) if roster_path else None,
             identity_key=read_identity(key_path) if key_path else None,
             state_file=get("sgs-state-file", str, "") or None,

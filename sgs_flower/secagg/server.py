@@ -32,10 +32,14 @@ from sgs_flower.secagg.errors import (
     UnknownSenderError,
 )
 from sgs_flower.secagg.graph import (
+    CONSISTENCY_GLOBAL,
+    CONSISTENCY_NEIGHBOURHOOD,
+    check_consistency_mode,
     consistency_quorum,
     default_degree,
     default_threshold,
     graph_seed,
+    neighbourhood_quorum,
     neighbours,
     validate,
 )
@@ -77,8 +81,13 @@ class RoundParams:
     degree: int | None = None
     threshold: int | None = None
     min_clients: int | None = None
+    # the consistency quorum (graph.CONSISTENCY_MODES): "global" (default) or "neighbourhood"
+    # (sites must opt in, policy sgs-consistency); announced in the setup and bound into the
+    # round context
+    consistency: str = CONSISTENCY_GLOBAL
 
     def __post_init__(self) -> None:
+        check_consistency_mode(self.consistency, "RoundParams.consistency")
         cohort = tuple(sorted(set(self.cohort)))
         if len(cohort) != len(self.cohort):
             raise ConfigurationError("cohort contains duplicate node ids")
@@ -114,7 +123,8 @@ class RoundParams:
 
     @property
     def quorum(self) -> int:
-        """Signatures on the survivor set every client needs before it unmasks."""
+        """Survivors and signers below which the round aborts: in the global mode also the
+        signatures on the survivor set every client needs before it unmasks."""
         return consistency_quorum(len(self.cohort))
 
 
@@ -149,7 +159,7 @@ class SecAggServer:
         self.bound_digest: bytes | None = None
         self.share_context = keys.round_context(
             PROTOCOL_VERSION, p.run_id, p.round_id, p.cohort, p.degree, p.threshold,
-            p.field_bits, p.vector_length, p.graph_seed, b"",
+            p.field_bits, p.vector_length, p.graph_seed, b"", p.consistency,
         )  # what advertisements and consistency signatures are bound to
         self.dtype = dtype_for_bits(p.field_bits)
         self.stage: Stage = Stage.ADVERTISE_KEYS
@@ -161,6 +171,7 @@ class SecAggServer:
         self.u3: set[int] = set()
         self.u4: set[int] = set()
         self.signatures: dict[int, bytes] = {}
+        self._survivors: tuple[int, ...] = ()  # U3 as sent in the consistency and unmask requests
         self._acc: np.ndarray | None = None
         self._seeds: dict[int, bytes] | None = None  # survivors' self-mask seeds, once unmasked (for retries)
         self.retries = 0
@@ -182,7 +193,7 @@ class SecAggServer:
         self.bound_digest = bytes(bound_digest)
         self.context = keys.round_context(
             PROTOCOL_VERSION, p.run_id, p.round_id, p.cohort, p.degree, p.threshold,
-            p.field_bits, p.vector_length, p.graph_seed, self.bound_digest,
+            p.field_bits, p.vector_length, p.graph_seed, self.bound_digest, p.consistency,
         )
 
     # ------------------------------------------------------------ helpers
@@ -243,7 +254,8 @@ class SecAggServer:
         assert p.degree is not None and p.threshold is not None
         return {
             u: Setup(run_id=p.run_id, round_id=p.round_id, recipient=u, cohort=p.cohort, degree=p.degree,
-                     threshold=p.threshold, field_bits=p.field_bits, vector_length=p.vector_length)
+                     threshold=p.threshold, field_bits=p.field_bits, vector_length=p.vector_length,
+                     consistency=p.consistency)
             for u in p.cohort
         }
 
@@ -348,7 +360,9 @@ class SecAggServer:
         self._acc = acc
         self.stage = Stage.CONSISTENCY
         p = self.params
-        survivors = tuple(sorted(self.u3))
+        # one tuple object for every request of this round (consistency and unmask): sites
+        # in one process then share its checked view (client._survivor_view)
+        survivors = self._survivors = tuple(sorted(self.u3))
         return {
             v: ConsistencyRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors)
             for v in survivors
@@ -363,10 +377,20 @@ class SecAggServer:
             )
 
     def collect_consistency(self, replies: Mapping[int, Message | bytes]) -> dict[int, UnmaskRequest]:
-        """Check each survivor's signature on U3 and forward all valid ones."""
+        """Check each survivor's signature on U3 and forward the valid ones the round's
+        consistency quorum needs (``RoundParams.consistency``):
+
+        - ``"global"`` (default): every valid signature to every signer; a client reveals
+          once q(n) = floor(2n/3) + 1 of the cohort signed its set. Fewer than q(n) signers
+          abort the round (as fewer than q(n) survivors do).
+        - ``"neighbourhood"`` (opt-in): to each signer the valid ones of its neighbours, as
+          many as its neighbourhood quorum needs (it counts its own): O(k) per client. A
+          signer whose neighbourhood holds too few signatures could not unmask, and a
+          client whose masks then lack t answering neighbours could not be unmasked: the
+          round aborts here, before any share is revealed."""
         self._expect(Stage.CONSISTENCY)
         ok = self._accept(replies, set(self.u3), ConsistencySignature)
-        survivors = tuple(sorted(self.u3))
+        survivors = self._survivors
         statement = keys.consistency_statement(self.share_context, survivors)
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, ConsistencySignature)
@@ -377,39 +401,68 @@ class SecAggServer:
             self.signatures[node] = msg.signature
         self.u4 = set(self.signatures)
         self._require_quorum(len(self.u4), "signed the survivor set")
-        self.stage = Stage.UNMASK
         p = self.params
-        sigs = tuple(sorted(self.signatures.items()))
+        assert p.degree is not None and p.threshold is not None
+        if p.consistency != CONSISTENCY_NEIGHBOURHOOD:
+            self.stage = Stage.UNMASK
+            every = tuple(sorted(self.signatures.items()))
+            return {
+                v: UnmaskRequest(
+                    run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors, signatures=every
+                )
+                for v in sorted(self.u4)
+            }
+        need = neighbourhood_quorum(p.degree) - 1  # the recipient counts its own signature
+        forwarded: dict[int, tuple[tuple[int, bytes], ...]] = {}
+        for v in sorted(self.u4):
+            signers = sorted(self.graph[v] & self.u4)
+            if len(signers) >= need:
+                forwarded[v] = tuple((w, self.signatures[w]) for w in signers[:need])
+        for v in sorted(self.u2):
+            answering = len(self.graph[v].intersection(forwarded))
+            if answering < p.threshold:
+                raise ThresholdError(
+                    f"round {p.round_id} aborted: only {answering} of node {v}'s neighbours hold the consistency "
+                    f"quorum of their neighbourhood ({need + 1} signatures of {p.degree + 1}), {p.threshold} must "
+                    "answer the unmask stage to remove its masks; no aggregate is released"
+                )
+        self.stage = Stage.UNMASK
         return {
             v: UnmaskRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors, signatures=sigs)
-            for v in sorted(self.u4)
+            for v, sigs in forwarded.items()
         }
 
     def collect_unmask(self, replies: Mapping[int, Message | bytes]) -> RoundOutcome:
         self._expect(Stage.UNMASK)
         ok = self._accept(replies, set(self.u4), UnmaskResponse)
         dropped_after_sharing = self.u2 - self.u3
-        b_shares: dict[int, list[tuple[int, bytes]]] = {v: [] for v in self.u3}
-        sk_shares: dict[int, list[tuple[int, bytes]]] = {v: [] for v in dropped_after_sharing}
+        # per client to rebuild: (x, decoded share) of each neighbour that answered
+        b_shares: dict[int, list[tuple[int, np.ndarray]]] = {v: [] for v in self.u3}
+        sk_shares: dict[int, list[tuple[int, np.ndarray]]] = {v: [] for v in dropped_after_sharing}
         cohort = self.params.cohort
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, UnmaskResponse)
-            want_b = sorted((self.u3 & self.graph[node]) - {node})
-            want_sk = sorted(dropped_after_sharing & self.graph[node])
+            want_b = sorted(self.graph[node].intersection(self.u3))
+            want_sk = sorted(self.graph[node].intersection(dropped_after_sharing))
+            pairs = (*msg.self_mask_shares, *msg.key_shares)
             try:
                 if [v for v, _ in msg.self_mask_shares] != want_b or [v for v, _ in msg.key_shares] != want_sk:
                     raise MalformedMessageError(f"node {node}'s unmask response does not match its request")
-                for _, s in (*msg.self_mask_shares, *msg.key_shares):
-                    shamir.share_to_array(s)
+                bad = next((s for _, s in pairs if len(s) != shamir.SHARE_BYTES), None)
+                if bad is not None:
+                    raise MalformedMessageError(f"a share must be {shamir.SHARE_BYTES} bytes, got {len(bad)}")
+                # every share of the answer decoded and range-checked in one pass
+                rows = np.frombuffer(b"".join(s for _, s in pairs), dtype=">u4").astype(np.int64)
+                if np.any(rows >= shamir.PRIME):
+                    raise MalformedMessageError(f"node {node}'s unmask response holds a value outside the field")
             except ProtocolError as exc:
                 self.rejected[node] = exc
                 self.dropped.setdefault(node, Stage.UNMASK)
                 continue
             x = share_x(cohort, node)
-            for v, s in msg.self_mask_shares:
-                b_shares[v].append((x, s))
-            for v, s in msg.key_shares:
-                sk_shares[v].append((x, s))
+            rows = rows.reshape(len(pairs), shamir.N_CHUNKS)
+            for i, (v, _) in enumerate(pairs):
+                (b_shares if i < len(msg.self_mask_shares) else sk_shares)[v].append((x, rows[i]))
         assert self._acc is not None and self.params.threshold is not None and self.context is not None
         t = self.params.threshold
         acc = self._acc
@@ -423,7 +476,7 @@ class SecAggServer:
                     f"round {p.round_id} aborted: only {len(b_shares[v])} of node {v}'s neighbours "
                     f"answered the unmask stage, {t} are needed to remove its self-mask; no aggregate"
                 )
-            b_v = shamir.combine(b_shares[v], t)
+            b_v = _combine(b_shares[v], t)
             if keys.self_mask_commitment(b_v, p.run_id, p.round_id, v) != self.advertised[v].self_mask_commitment:
                 raise ReconstructionError(f"self-mask seed of node {v} does not match its commitment: a bad share")
             seeds[v] = b_v
@@ -434,7 +487,7 @@ class SecAggServer:
                     f"round {p.round_id} aborted: only {len(sk_shares[v])} of dropped node {v}'s neighbours "
                     f"answered the unmask stage, {t} are needed to remove its pairwise masks; no aggregate"
                 )
-            raw = shamir.combine(sk_shares[v], t)
+            raw = _combine(sk_shares[v], t)
             s_sk = keys.load_private_key(raw)
             if keys.public_bytes(s_sk) != self.advertised[v].s_pk:
                 raise ReconstructionError(f"masking key of node {v} does not match its public key: a bad share")
@@ -500,6 +553,12 @@ class SecAggServer:
         get_expander(p.vector_length, self.dtype).accumulate(acc, streams)
         reduce_mod(acc, p.field_bits)
         return RoundOutcome(acc, tuple(sorted(self.u3)), dict(self.dropped), dict(self.rejected))
+
+
+def _combine(shares: list[tuple[int, np.ndarray]], t: int) -> bytes:
+    """Rebuild one secret from the first ``t`` decoded shares (``shamir.combine`` on rows)."""
+    chosen = shares[:t]
+    return shamir.combine_rows([x for x, _ in chosen], np.stack([row for _, row in chosen]))
 
 
 def decode_checked(total: np.ndarray, config: QuantizationConfig, survivors: int) -> DecodedAggregate:

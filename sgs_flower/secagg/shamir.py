@@ -60,33 +60,55 @@ def split(secret: bytes, xs: Sequence[int], threshold: int) -> list[bytes]:
 
     Returns one ``SHARE_BYTES``-byte share per x, in the order of ``xs``.
     """
+    return split_many([secret], xs, threshold)[0]
+
+
+def split_many(secrets: Sequence[bytes], xs: Sequence[int], threshold: int) -> list[list[bytes]]:
+    """:func:`split` of several secrets at the same points in one vectorised pass (a
+    client shares two, its masking key and its self-mask seed, with the same k
+    neighbours). Every chunk of every secret has its own random polynomial, exactly as
+    when each secret is split alone; returns, per secret, one share per x."""
     xs_arr = np.asarray(xs, dtype=np.int64)
     if not 1 <= threshold <= len(xs_arr):
         raise ConfigurationError(f"threshold {threshold} must be in 1..{len(xs_arr)} (the share count)")
     if np.any(xs_arr <= 0) or np.any(xs_arr >= PRIME) or len(set(xs_arr.tolist())) != len(xs_arr):
         raise ConfigurationError("share x-coordinates must be distinct and in 1..p-1")
-    coeffs = _random_field_elements((threshold - 1) * N_CHUNKS).reshape(threshold - 1, N_CHUNKS)
-    secret_chunks = _secret_to_chunks(secret)
-    # Horner's rule, vectorised over receivers (rows) and chunks (columns).
-    acc = np.zeros((len(xs_arr), N_CHUNKS), dtype=np.int64)
+    width = len(secrets) * N_CHUNKS
+    coeffs = _random_field_elements((threshold - 1) * width).reshape(threshold - 1, width)
+    secret_chunks = np.concatenate([_secret_to_chunks(secret) for secret in secrets])
+    # Horner's rule, vectorised over receivers (rows) and every secret's chunks (columns).
+    acc = np.zeros((len(xs_arr), width), dtype=np.int64)
     x = xs_arr[:, None]
     for j in range(threshold - 2, -1, -1):
         acc = (acc * x + coeffs[j][None, :]) % PRIME
     acc = (acc * x + secret_chunks[None, :]) % PRIME
-    return [row.astype(">u4").tobytes() for row in acc]
+    raw = acc.astype(">u4")
+    return [
+        [row.tobytes() for row in raw[:, i * N_CHUNKS : (i + 1) * N_CHUNKS]] for i in range(len(secrets))
+    ]
 
 
 def _lagrange_at_zero(xs: Sequence[int]) -> np.ndarray:
-    """Lagrange basis values at 0 for the points ``xs`` (mod p)."""
-    lam = []
-    for i, xi in enumerate(xs):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if i != j:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        lam.append(num * pow(den, PRIME - 2, PRIME) % PRIME)
-    return np.asarray(lam, dtype=np.int64)
+    """Lagrange basis values at 0 for the points ``xs`` (mod p):
+    lambda_i = prod_{j != i} x_j / (x_j - x_i).
+
+    The t x t products are taken in numpy, halving the columns each step (log2 t
+    steps; every product of two field elements fits in int64), so the server's one
+    reconstruction per client costs microseconds, not t^2 Python multiplications."""
+    x = np.asarray(xs, dtype=np.int64)
+    t = x.size
+    off = ~np.eye(t, dtype=bool)
+    # rows 0..t-1: the numerators' factors x_j; rows t..2t-1: the denominators' x_j - x_i
+    m = np.ones((2 * t, t), dtype=np.int64)
+    m[:t][off] = np.broadcast_to(x[None, :], (t, t))[off]
+    m[t:][off] = ((x[None, :] - x[:, None]) % PRIME)[off]
+    while m.shape[1] > 1:
+        if m.shape[1] % 2:
+            m = np.concatenate([m, np.ones((2 * t, 1), dtype=np.int64)], axis=1)
+        m = m[:, 0::2] * m[:, 1::2] % PRIME
+    num, den = m[:t, 0], m[t:, 0]
+    inv = np.asarray([pow(int(d), PRIME - 2, PRIME) for d in den], dtype=np.int64)
+    return num * inv % PRIME
 
 
 def share_to_array(share: bytes) -> np.ndarray:
@@ -108,6 +130,15 @@ def combine(shares: Sequence[tuple[int, bytes]], threshold: int) -> bytes:
     if len(set(xs)) != len(xs):
         raise ReconstructionError("duplicate share x-coordinates")
     ys = np.stack([share_to_array(s) for _, s in chosen])  # (t, chunks)
+    return combine_rows(xs, ys)
+
+
+def combine_rows(xs: Sequence[int], ys: np.ndarray) -> bytes:
+    """Rebuild a secret from the shares at distinct points ``xs``, given already decoded
+    and checked (:func:`share_to_array`) as the rows of ``ys`` (one row per x, as many as
+    the threshold): the server decodes each unmask answer once, all its shares at once."""
+    if len(set(xs)) != len(xs):
+        raise ReconstructionError("duplicate share x-coordinates")
     lam = _lagrange_at_zero(xs)
     chunks = ((lam[:, None] * ys) % PRIME).sum(axis=0) % PRIME
     return _chunks_to_secret(chunks)

@@ -16,6 +16,7 @@ import numpy as np
 
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import ProtocolError, SecAggError, ThresholdError
+from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, encode
 from sgs_flower.secagg.server import RoundOutcome, RoundParams, SecAggServer, decode_checked
 from sgs_flower.secagg.wire import Message, ShareBundle, Stage
@@ -121,6 +122,7 @@ def simulate_round(
     round_id: int = 1,
     wire: bool = False,
     integer_noise: Sequence[np.ndarray] | None = None,
+    consistency: str = "global",
 ) -> RoundResult:
     """Securely aggregate ``inputs`` (one float array per client, same shape).
 
@@ -128,6 +130,9 @@ def simulate_round(
     (``Stage``, its number 1-5, or its name) to the indices that stop answering there.
     Returns the weighted mean of the survivors' inputs as the server decodes it; raises
     :class:`~sgs_flower.secagg.errors.ThresholdError` when too few survive.
+
+    ``consistency`` is the round's consistency quorum: ``"global"`` (the default) or
+    ``"neighbourhood"``, for which the simulated sites opt in (``sgs-consistency``).
     """
     n = len(inputs)
     if weights is None:
@@ -150,10 +155,13 @@ def simulate_round(
     m = encoded[0].vector.size
     params = RoundParams(
         run_id=run_id, round_id=round_id, cohort=tuple(ids), vector_length=m, field_bits=field_bits,
-        degree=degree, threshold=threshold, min_clients=min_clients,
+        degree=degree, threshold=threshold, min_clients=min_clients, consistency=consistency,
     )
     server = SecAggServer(params)
-    clients = {u: SecAggClient(u) for u in ids}
+    # the simulated sites accept this cohort's size (the default policy stops at 1,000)
+    # and, when the round asks for it, the neighbourhood quorum
+    policy = ClientPolicy(max_cohort=max(ClientPolicy().max_cohort, n), consistency=consistency)
+    clients = {u: SecAggClient(u, policy=policy) for u in ids}
     drops = {_stage_key(s): {i + 1 for i in v} for s, v in (dropouts or {}).items()}
     seconds: dict[str, float] = {}
     upload: dict[int, int] = {}
@@ -220,8 +228,10 @@ class PipelinedRunner:
         threshold: int | None = None,
         min_clients: int | None = None,
         wire: bool = False,
+        consistency: str = "global",
     ) -> None:
         self.clients = dict(clients)
+        self.consistency = consistency  # the sites' policies must accept it (sgs-consistency)
         self.vector_length = vector_length
         self.run_id = run_id
         self.field_bits = field_bits
@@ -233,6 +243,7 @@ class PipelinedRunner:
         return RoundParams(
             run_id=self.run_id, round_id=round_id, cohort=tuple(cohort), vector_length=self.vector_length,
             field_bits=self.field_bits, degree=self.degree, threshold=self.threshold, min_clients=self.min_clients,
+            consistency=self.consistency,
         )
 
     def _carry(self, msg: Message) -> Message:

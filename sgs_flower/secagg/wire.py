@@ -38,7 +38,10 @@ from sgs_flower.secagg.errors import MalformedMessageError
 
 # /4: the masked vector's layout changed (failure counters outside DP, the flag coordinate
 # under DP: issue 18), so a /3 peer is refused at its first message, not at the vector.
-PROTOCOL_VERSION = "sgs-secagg+/4"
+# /5: the setup announces the consistency quorum (global by default, or per neighbourhood:
+# issue 21, where an unmask request carries only the recipient's neighbours' signatures,
+# which a /4 site would refuse as too few), and the round context binds it.
+PROTOCOL_VERSION = "sgs-secagg+/5"
 CRYPTO_SUITE = (
     "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir-GF(2^31-1)+Ed25519(identities)"
 )
@@ -128,6 +131,9 @@ class Setup(Message):
     threshold: int
     field_bits: int
     vector_length: int
+    # the consistency quorum the round uses, "global" (default) or "neighbourhood" (sites
+    # opt in: policy sgs-consistency); bound into the round context every signature covers
+    consistency: str = "global"
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.ADVERTISE_KEYS
     to_server: ClassVar[bool] = False
@@ -434,7 +440,7 @@ def decode(data: bytes, vector: np.ndarray | None = None) -> Message:
     for f in fields(cls):
         v = header[f.name]
         name = f"{cls.__name__}.{f.name}"
-        if f.name == "version":
+        if f.name in ("version", "consistency"):
             if not isinstance(v, str) or len(v) > 64:
                 raise MalformedMessageError(f"{name} must be short text")
             kw[f.name] = v
