@@ -81,6 +81,7 @@ from sgs_flower.secagg import wire
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import (
     EncodingError,
+    InconsistentRequestError,
     MalformedMessageError,
     PolicyError,
     ProtocolError,
@@ -228,9 +229,9 @@ def _protocol_reply(
         rec[wire.FIELD_METRICS_LEFT_OUT] = list(names[1])
     content = RecordDict({wire.RECORD_KEY: rec})
     if isinstance(reply, wire.MaskedInput | wire.RetryInput):
-        # raw words (no np.save round trip); Flower still chunks the Array for transport
-        vec = reply.vector.astype(reply.vector.dtype.newbyteorder("<"), copy=False)
-        raw = Array(dtype=vec.dtype.str, shape=(vec.size,), stype=wire.RAW_STYPE, data=vec.tobytes())
+        # packed at the round's width (no np.save round trip); Flower still chunks the Array
+        data = wire.pack_words(reply.vector, reply.field_bits)
+        raw = Array(dtype="|u1", shape=(len(data),), stype=wire.PACKED_STYPE, data=data)
         content[wire.VECTOR_KEY] = ArrayRecord({wire.FIELD_VECTOR: raw})
     return Message(content, reply_to=msg)
 
@@ -402,6 +403,12 @@ def _on_masked_input(
     model = msg.content.array_records[a_key]
     cfg = msg.content.config_records[c_key]
     spec = UpdateSpec.from_config(dict(msg.content.config_records[wire.SPEC_KEY]))
+    if spec.field_bits != client.round_field_bits():
+        raise InconsistentRequestError(
+            f"the update spec's word width ({spec.field_bits} bits) differs from the round's masking width "
+            f"({client.round_field_bits()} bits, from its setup): refused before training"
+        )
+    policy.check_width(spec.field_bits)
     if policy.require_distributed_dp and spec.dp_mode != "distributed":
         raise PolicyError("this site requires distributed DP (sgs-require-dp) and the round's spec has none")
     named = [(k, v.numpy()) for k, v in model.items()]

@@ -931,9 +931,9 @@ def parse_reply(reply: Message) -> wire.Message:
     vector = None
     if vec_rec is not None:
         arr = vec_rec.get(wire.FIELD_VECTOR)
-        if arr is None or arr.stype != wire.RAW_STYPE or arr.dtype not in ("<u4", "<u8") or len(arr.shape) != 1:
-            raise MalformedMessageError("masked vector must be raw little-endian uint32/uint64 words")
-        if len(arr.data) != arr.shape[0] * np.dtype(arr.dtype).itemsize:
-            raise MalformedMessageError(f"masked vector declares {arr.shape[0]} words but carries {len(arr.data)} bytes")
-        vector = np.frombuffer(arr.data, dtype=np.dtype(arr.dtype))  # zero-copy view
+        if arr is None or arr.stype != wire.PACKED_STYPE or arr.dtype != "|u1" or len(arr.shape) != 1:
+            raise MalformedMessageError("masked vector must be the packed bytes of its words (wire.pack_words)")
+        if len(arr.data) != arr.shape[0]:
+            raise MalformedMessageError(f"masked vector declares {arr.shape[0]} bytes but carries {len(arr.data)}")
+        vector = arr.data  # unpacked by wire.decode at the width its header declares
     return wire.decode(payload, vector)

@@ -28,6 +28,8 @@ NODE_CONFIG_KEYS = {
     "sgs-max-cohort": "largest cohort this site joins: bounds its memory and work (default 1000)",
     "sgs-max-vector": "largest masked vector in words: bounds its memory (default 2^27)",
     "sgs-min-degree": "smallest neighbour count; 0 = the protocol default for the cohort size",
+    "sgs-min-bits": "narrowest masked-vector word width (field bits) this site accepts (default 8; the round's "
+                    "spec must still fit the cohort's sum at that width, which every site checks)",
     "sgs-identity-key": "file with this site's Ed25519 identity key (sgs-flower identity new)",
     "sgs-roster": "file of the federation's identity public keys; pins who may be in a cohort",
     "sgs-state-file": "file where the site remembers its contributions and privacy spend across runs "
@@ -50,6 +52,7 @@ class ClientPolicy:
     max_cohort: int = 1000
     max_vector_length: int = 1 << 27
     min_degree: int = 0
+    min_field_bits: int = 8
     roster: Roster | None = None
     identity_key: bytes | None = None  # None: a key made for this run (cannot be pinned)
     state_file: str | None = None  # None: the default file (dp.site.default_state_file); "memory": this run only
@@ -68,6 +71,8 @@ class ClientPolicy:
             raise ConfigurationError(f"sgs-max-vector must be >= 3, got {self.max_vector_length}")
         if self.min_degree < 0:
             raise ConfigurationError(f"sgs-min-degree must be >= 0, got {self.min_degree}")
+        if not 8 <= self.min_field_bits <= 64:
+            raise ConfigurationError(f"sgs-min-bits must be in 8..64, got {self.min_field_bits}")
         if not (self.dp_min_noise_multiplier >= 0 and math.isfinite(self.dp_min_noise_multiplier)):
             raise ConfigurationError("sgs-dp-min-noise must be a finite number >= 0")
         if not (self.min_model_change >= 0 and math.isfinite(self.min_model_change)):
@@ -94,6 +99,16 @@ class ClientPolicy:
             raise PolicyError(
                 f"threshold {threshold} is below the active-server bound ({active_threshold(degree)}) for degree {degree}"
             )
+
+    def check_width(self, field_bits: int) -> None:
+        """Refuse a word width below the site's floor, before anything is built for the
+        round. Why a floor on top of the overflow check every site makes on the spec
+        (:class:`~sgs_flower.secagg.quantize.QuantizationConfig`): a narrow width is
+        also coarse precision; a site may want its update to carry more than the server
+        asks for."""
+        if field_bits < self.min_field_bits:
+            raise PolicyError(f"word width of {field_bits} bits is below this site's minimum (sgs-min-bits = "
+                              f"{self.min_field_bits})")
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -123,6 +138,7 @@ class ClientPolicy:
             max_cohort=get("sgs-max-cohort", int, 1000),
             max_vector_length=get("sgs-max-vector", int, 1 << 27),
             min_degree=get("sgs-min-degree", int, 0),
+            min_field_bits=get("sgs-min-bits", int, 8),
             roster=Roster.load(roster_path) if roster_path else None,
             identity_key=read_identity(key_path) if key_path else None,
             state_file=get("sgs-state-file", str, "") or None,

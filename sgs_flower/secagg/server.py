@@ -22,6 +22,7 @@ from sgs_flower.secagg.client import share_x
 from sgs_flower.secagg.errors import (
     ConfigurationError,
     InconsistentAggregateError,
+    InconsistentRequestError,
     MalformedMessageError,
     ProtocolError,
     ReconstructionError,
@@ -334,6 +335,13 @@ class SecAggServer:
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, MaskedInput)
             vec = msg.vector
+            if msg.field_bits != self.params.field_bits:
+                # a site masking at another width: its masks cannot cancel with the others'
+                self.rejected[node] = InconsistentRequestError(
+                    f"node {node} masked at {msg.field_bits} bits, the round's field is {self.params.field_bits}"
+                )
+                self.dropped[node] = Stage.MASKED_INPUT
+                continue
             if not isinstance(vec, np.ndarray) or vec.dtype != self.dtype or vec.shape != (self.params.vector_length,):
                 self.rejected[node] = MalformedMessageError(
                     f"node {node}'s masked vector must be {self.dtype} of shape ({self.params.vector_length},), "
@@ -413,7 +421,7 @@ class SecAggServer:
         assert self._acc is not None and self.params.threshold is not None and self.context is not None
         t = self.params.threshold
         acc = self._acc
-        exp = get_expander(self.params.vector_length, self.dtype)
+        exp = get_expander(self.params.vector_length, self.dtype, self.params.field_bits)
         streams: list[tuple[bytes, int]] = []
         p = self.params
         seeds: dict[int, bytes] = {}
@@ -485,8 +493,9 @@ class SecAggServer:
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, RetryInput)
             vec = msg.vector
-            if not isinstance(vec, np.ndarray) or vec.dtype != self.dtype or vec.shape != (p.vector_length,):
-                self.rejected[node] = MalformedMessageError(f"node {node}'s retry vector has the wrong dtype or shape")
+            if (msg.field_bits != p.field_bits or not isinstance(vec, np.ndarray) or vec.dtype != self.dtype
+                    or vec.shape != (p.vector_length,)):
+                self.rejected[node] = MalformedMessageError(f"node {node}'s retry vector has the wrong width, dtype or shape")
                 missing.append(node)
                 continue
             np.add(acc, vec, out=acc)
@@ -497,7 +506,7 @@ class SecAggServer:
             )
         context = keys.retry_context(self.context, attempt, spec_digest)
         streams = [(keys.self_mask_key(b_v, context, v), -1) for v, b_v in sorted(self._seeds.items())]
-        get_expander(p.vector_length, self.dtype).accumulate(acc, streams)
+        get_expander(p.vector_length, self.dtype, p.field_bits).accumulate(acc, streams)
         reduce_mod(acc, p.field_bits)
         return RoundOutcome(acc, tuple(sorted(self.u3)), dict(self.dropped), dict(self.rejected))
 
