@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "proximal-mu": 0.01,
     "secure-aggregation": True,
     "clip-range": 1.0,
-    "field-bits": 32,
+    "field-bits": 0,
     "max-weight": 1_000_000,
     "min-clients": 0,
     "stage-timeout": 600.0,
