@@ -86,7 +86,7 @@ def weight_bins(max_weight: int) -> int:
 
 #: The quantization bound, as a fraction of the round's range, that the word width is
 #: chosen for outside DP (see :func:`narrowest_field_bits`).
-DEFAULT_WIDTH_ERROR = 2e-3
+DEFAULT_WIDTH_ERROR = 4e-3
 #: The narrowest word width chosen (QuantizationConfig's floor).
 MIN_FIELD_BITS = 8
 #: The word width of DP rounds unless the configuration fixes one: the distributed-DP
@@ -112,7 +112,8 @@ def narrowest_field_bits(
     width of its own (it travels in limbs). Both sides derive nothing else from it:
     b is in the spec (whose digest keys the masks) and in the round's setup, every site
     re-validates the spec's overflow bound and checks its own floor (``sgs-min-bits``).
-    Default 2e-3: L = 511 (p = 10), b = 14 for 10 clients, 16 for 50, 17 for 100.
+    Default 4e-3: L = 255 (p = 9, the bound c / 255 = 0.39 % of the range), b = 13 for
+    10 clients, 15 for 50, 16 for 100 (upload about b / 32 of float32).
     """
     if not 0 < width_error < 1:
         raise ConfigurationError(f"width_error must be in (0, 1), got {width_error}")

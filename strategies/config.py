@@ -37,8 +37,8 @@ class SecAggConfig:
       2 on, in the steady state, ``2 n c / L`` (docs/protocol.md, "The weight scale").
     - ``field_bits``: the masked vector's word width b. 0 (the default): chosen per
       round outside DP as the narrowest width that holds the cohort's sum at
-      ``width_error`` times the range (default 2e-3: 10 bits of precision; b = 14 for 10
-      clients, 16 for 50, 17 for 100; upload b / 32 of float32),
+      ``width_error`` times the range (default 4e-3: 9 bits of precision, the bound
+      c / 255; b = 13 for 10 clients, 15 for 50, 16 for 100; upload b / 32 of float32),
       :func:`sgs_flower.pipeline.narrowest_field_bits`; under DP 32 bits. A fixed value
       in 8..64 is used for every round (refused where it cannot hold the cohort). A
       site refuses a width below its ``sgs-min-bits``.

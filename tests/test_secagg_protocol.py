@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import ThresholdError
 from sgs_flower.secagg.graph import active_threshold, default_degree, default_threshold, neighbours
-from sgs_flower.secagg.prg import dtype_for_bits
 from sgs_flower.secagg.policy import ClientPolicy
+from sgs_flower.secagg.prg import dtype_for_bits
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.simulate import run_protocol, simulate_round
 from sgs_flower.secagg.wire import Stage

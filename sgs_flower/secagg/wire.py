@@ -343,9 +343,9 @@ def pack_words(words: np.ndarray, field_bits: int) -> bytes:
     out = [u8[:, :q].tobytes()] if q else []
     if r:
         groups = -(-w.size // 8)
-        top = np.zeros(groups * 8, dtype=np.uint64)
-        top[: w.size] = u8[:, q]
-        top = top.reshape(groups, 8)
+        flat = np.zeros(groups * 8, dtype=np.uint64)
+        flat[: w.size] = u8[:, q]
+        top = flat.reshape(groups, 8)
         acc = top[:, 0].copy()
         for i in range(1, 8):
             acc |= top[:, i] << np.uint64(r * i)
@@ -353,7 +353,7 @@ def pack_words(words: np.ndarray, field_bits: int) -> bytes:
     return b"".join(out)
 
 
-def unpack_words(data: bytes | memoryview, count: int, field_bits: int) -> np.ndarray:
+def unpack_words(data: bytes | bytearray | memoryview, count: int, field_bits: int) -> np.ndarray:
     """Inverse of :func:`pack_words`: ``count`` words in the field's native dtype.
     Wrong lengths and non-zero padding raise :class:`MalformedMessageError`."""
     dtype = _word_dtype(field_bits)
