@@ -403,11 +403,7 @@ def _on_masked_input(
     model = msg.content.array_records[a_key]
     cfg = msg.content.config_records[c_key]
     spec = UpdateSpec.from_config(dict(msg.content.config_records[wire.SPEC_KEY]))
-    if spec.field_bits != client.round_field_bits():
-        raise InconsistentRequestError(
-            f"the update spec's word width ({spec.field_bits} bits) differs from the round's masking width "
-            f"({client.round_field_bits()} bits, from its setup): refused before training"
-        )
+    check_spec_against_setup(spec, client.round_setup())
     policy.check_width(spec.field_bits)
     if policy.require_distributed_dp and spec.dp_mode != "distributed":
         raise PolicyError("this site requires distributed DP (sgs-require-dp) and the round's spec has none")
@@ -467,6 +463,28 @@ def _on_masked_input(
     _keep(context, server_msg, spec, model_size, failed, delta if not failed else None, scalar_metrics, weight,
           _kept_delta_file(context, state_path))
     return masked, names
+
+
+def check_spec_against_setup(spec: UpdateSpec, setup: wire.Setup | None) -> None:
+    """Refuse, before training, a spec that does not fit the round the site set up.
+
+    The spec's width must be the masking width of the round's setup (both are bound:
+    the setup's in the share and mask contexts, the spec's in the digest that keys
+    the masks), and its cohort bound must cover the cohort: the site's own overflow
+    check (:class:`~sgs_flower.secagg.quantize.QuantizationConfig`) reads
+    ``max_cohort``, so a server that understates it could make the sum wrap."""
+    if setup is None:
+        raise StaleMessageError("no round is awaiting this site's masked input")
+    if spec.field_bits != setup.field_bits:
+        raise InconsistentRequestError(
+            f"the update spec's word width ({spec.field_bits} bits) differs from the round's masking width "
+            f"({setup.field_bits} bits, from its setup): refused before training"
+        )
+    if spec.max_cohort < len(setup.cohort):
+        raise InconsistentRequestError(
+            f"the update spec is sized for {spec.max_cohort} clients but the round's cohort has "
+            f"{len(setup.cohort)}: its sum could wrap; refused before training"
+        )
 
 
 def _kept_delta_file(context: Context, state_path: Path | None) -> Path:

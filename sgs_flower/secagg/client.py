@@ -587,13 +587,14 @@ class SecAggClient:
             self.state = AwaitingSetup(self.node_id)
             raise
 
-    def round_field_bits(self) -> int | None:
-        """The word width of the round awaiting its masked input (its Setup's), or None.
+    def round_setup(self) -> Setup | None:
+        """The Setup of the round awaiting its masked input, or None.
 
-        The Flower glue checks the round's update spec against it: a spec encoded at
-        another width than the masking would wrap each word at the wrong modulus."""
+        The Flower glue checks the round's update spec against it (issue 21): a spec
+        encoded at another width than the masking would wrap each word at the wrong
+        modulus, and a spec sized for fewer clients than the cohort lets the sum wrap."""
         st = self.state
-        return st.secrets.setup.field_bits if isinstance(st, AwaitingShares) else None
+        return st.secrets.setup if isinstance(st, AwaitingShares) else None
 
     def expect_retry(self, msg: Message) -> Unmasked:
         """Check, before the site re-encodes anything, that ``msg`` is a retry request this

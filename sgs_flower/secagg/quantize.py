@@ -366,7 +366,7 @@ def encode_parts(
     w = int(weight)
     bits = config.field_bits
     dtype = dtype_for_bits(bits)
-    word_w = dtype.type(w)
+    word_w = dtype.type(w % (1 << (8 * dtype.itemsize)))  # weighting is word arithmetic mod 2^width
     word_mask = dtype.type((1 << bits) - 1) if bits < dtype.itemsize * 8 else None
     total = sum(x.size for x in xs)
     out = np.empty(total + tail_words + config.extra_coordinates, dtype=dtype)
