@@ -212,7 +212,7 @@ def test_a_spec_at_another_width_than_the_setup_is_refused():
     site would wrap its words at the wrong modulus; it refuses before training."""
     spec32, spec16 = _spec(field_bits=32), _spec(field_bits=16)
     sites = {u: ModSite(u) for u in range(1, N_MOD + 1)}
-    server, outs = _round_to_masked(sites, spec32, specs_for={2: spec16})
+    _, outs = _round_to_masked(sites, spec32, specs_for={2: spec16})
     assert outs[2].has_error() and outs[2].error.reason.startswith("InconsistentRequestError")
     assert "16 bits" in outs[2].error.reason and sites[2].trained == 0
     assert all(not outs[u].has_error() for u in outs if u != 2)
