@@ -50,6 +50,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from clients import secagg_mod
+from sgs_flower.pipeline import DEFAULT_WIDTH_ERROR
 from strategies import SecAggConfig, SecAggStrategy, SecureAggregationFailed
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -307,8 +308,10 @@ def _rounds_vs_fedavg(kind: str, train: Callable[[Message, Context], Message], r
           f"({[r.retry_reasons for r in reports]}); ranges {[r.clip_range for r in reports]}; weight scales "
           f"{[r.weight_scale for r in reports]}; bounds {[r.error_bound for r in reports]}; exchanges "
           f"{[r.exchanges for r in reports]}")
-    assert diffs[0] <= 1e-4, diffs
-    assert reports[0].error_bound <= 1e-4
+    # issue 21: the word width is chosen for the stated bound (width_error times the
+    # range); round 1's aggregate is within the bound the strategy reports
+    assert diffs[0] <= reports[0].error_bound + 1e-6, (diffs, reports[0].error_bound)
+    assert reports[0].error_bound <= DEFAULT_WIDTH_ERROR * reports[0].clip_range
     assert diffs[-1] < 0.05, diffs
     return {"diffs": diffs, "reports": reports}
 
