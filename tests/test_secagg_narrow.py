@@ -313,3 +313,39 @@ def test_setup_field_bits_is_bound_in_the_round_contexts():
     ma, sa = keys.round_contexts(a, seed, b"")
     mb, sb = keys.round_contexts(b, seed, b"")
     assert ma != mb and sa != sb
+
+
+# ---------------------------------------------------------------- distributed DP at a narrow width
+@pytest.mark.parametrize("bits", [16, 20, 24])
+def test_distributed_dp_at_a_narrow_width_keeps_its_noise_and_headroom(bits):
+    """A distributed-DP spec at a fixed narrow width: the fixed point is chosen for the
+    width (coarser levels, the same noise multiplier in real units), the headroom holds
+    the cohort's sum plus its Skellam noise (12 sigma), the site's own DP check reads the
+    encoder's levels, and the decoded sum is the true one plus noise of the planned size."""
+    from sgs_flower.dp.aggregator import ddp_quantization
+
+    n, min_surv, z, m = 20, 15, 1.0, 400
+    q = ddp_quantization(z, 1.0, n, min_surv, bits)
+    spec = UpdateSpec(clip_range=1.0, max_cohort=n, max_weight=1, field_bits=bits, metric_slots=0,
+                      dp_mode="distributed", l2_clip=1.0, bits_per_coordinate=q.bits_per_coordinate,
+                      noise_headroom=q.noise_headroom, noise_mu_share=q.mu_share, min_survivors=min_surv)
+    contribution = spec.dp_contribution(m)
+    assert contribution.levels == spec.quantization.levels == q.levels
+    assert contribution.noise_multiplier == pytest.approx(z, rel=0.05)
+    assert n * q.levels + q.noise_headroom < 1 << (bits - 1)
+    rng = np.random.default_rng(bits)
+    xs = [rng.normal(0, 1, m) for _ in range(n)]
+    xs = [x / max(1.0, float(np.linalg.norm(x))) for x in xs]  # within the L2 clip
+    dtype = prg.dtype_for_bits(bits)
+    total = np.zeros(spec.vector_length(m), dtype=dtype)
+    for x in xs:
+        enc = encode_update(x, {}, 1, spec, rng)
+        assert enc.vector.dtype == dtype
+        np.add(total, enc.vector, out=total)
+    prg.reduce_mod(total, bits)
+    dec = decode_update(total, spec, n)
+    assert dec.total_weight == n and dec.count == n
+    err = dec.weighted_delta_sum - np.sum(xs, axis=0)
+    sigma = z * np.sqrt(n / min_surv)  # the noise std of the sum of n shares, in real units
+    assert abs(float(np.std(err)) - sigma) < 0.25 * sigma
+    assert float(np.max(np.abs(err))) < 12 * sigma
