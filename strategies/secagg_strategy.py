@@ -150,6 +150,7 @@ class RoundReport:
     retries: int = 0
     retry_reasons: list[str] = field(default_factory=list)
     weight_scale: int = 0  # S: coordinates carried (w / S) * x (outside DP)
+    field_bits: int = 0  # the masked vector's word width b (chosen per round unless fixed)
 
 
 @dataclass
@@ -766,6 +767,7 @@ class SecAggStrategy(Strategy):
             log(WARNING, "secure round %s: train metric %r of %d clients lay beyond +-%g and was clipped; set "
                 "SecAggConfig(metric_ranges={%r: ...})", report.server_round, name, k, spec.range_of(name), name)
         report.weight_scale = spec.weight_unit
+        report.field_bits = spec.field_bits
         if decoded.total_weight > 0:  # the weight histogram counts only usable updates
             self._weights_needed.append(covering_weight_scale(spec.max_weight, decoded.weight_histogram))
             self.weight_scale = max(self._weights_needed[-self.config.range_memory:])
