@@ -57,10 +57,10 @@ def keystream_floor(n_streams: int, m: int, repeats: int = 3, field_bits: int = 
     bytes a ``field_bits`` mask takes per coordinate (prg.keystream_bytes), added as
     words of its width (uint16 up to 16 bits)."""
     per = keystream_bytes(field_bits)
-    dtype = np.dtype(np.uint16) if per == 2 else np.dtype(np.uint32) if per in (3, 4) else np.dtype(np.uint64)
+    dtype = np.dtype(np.uint16) if per == 2 else np.dtype(np.uint32) if per == 4 else np.dtype(np.uint64)
     zeros = bytes(per * m)
     scratch = bytearray(per * m + 16)
-    view = np.frombuffer(scratch, dtype=np.uint16 if per == 3 else dtype, count=m)
+    view = np.frombuffer(scratch, dtype=dtype, count=m)
     acc = np.zeros(m, dtype=dtype)
     keys = [bytes([i % 256]) * 32 for i in range(n_streams)]
     times = []
@@ -148,7 +148,7 @@ def masked_input_stage(m: int, k: int, timed_clients: int = 5, seed: int = 0, fi
     rng = np.random.default_rng(seed)
     delta = (rng.standard_normal(m) * 0.01).astype(np.float32)  # a float32 model's delta
     dtype = dtype_for_bits(spec.field_bits)
-    expander = MaskExpander(length, dtype, spec.field_bits)
+    expander = MaskExpander(length, dtype)
     streams = [(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), 1 if i % 2 else -1) for i in range(1 + k)]
     stage, helper, encoder, floors = [], [], [], []
     for u in ids[:timed_clients]:

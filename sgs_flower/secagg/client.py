@@ -246,7 +246,7 @@ def mask_input(
     All 1 + k keystreams are added in one sweep over the vector (block by block, while
     each block is in cache), which keeps the stage at the AES keystream floor."""
     setup = sec.setup
-    exp = get_expander(setup.vector_length, vector.dtype, setup.field_bits)
+    exp = get_expander(setup.vector_length, vector.dtype)
     s_sk = keys.load_private_key(sec.s_sk)
     streams = [(keys.self_mask_key(sec.b_u, context, u), +1)]
     streams += [

@@ -5,16 +5,17 @@ initial counter. That is safe because every key is used for exactly one expansio
 come from HKDF with a context that binds the run, the round, the global model and the
 pair of clients (see :mod:`sgs_flower.secagg.keys`), so no (key, counter) pair repeats.
 
-Uniformity is exact, not approximate: the keystream is a uniform word of 16, 24, 32 or
+Uniformity is exact, not approximate: the keystream is a uniform word of 16, 32 or
 64 bits per coordinate and 2^b divides it, so reducing mod 2^b (a bit mask, applied once
 at the end by the caller) keeps it uniform. Flower's built-in SecAgg+ instead folds the
 seed to 32 bits and draws from Mersenne Twister.
 
 Narrow fields (issue 21): the keystream costs AES work per byte, so a coordinate takes
-only the bytes its field needs, :func:`keystream_bytes`: 2 for b <= 16 (words are
-uint16), 3 for 17 <= b <= 24 (uint32 words, see :data:`SPLIT_BLOCK` for the layout), 4
-up to 32 and 8 beyond. A 16-bit field therefore halves the keystream floor of the
-masked-input stage against 32-bit words.
+only the word its field needs, :func:`keystream_bytes`: 2 bytes for b <= 16 (words are
+uint16), 4 up to 32 and 8 beyond. A 16-bit field therefore halves the keystream floor
+of the masked-input stage against 32-bit words. (A 3-byte keystream for 17..24 bits,
+the low 16 bits added as uint16 and the high byte apart, was tried and measured 1.35x
+slower than 4 bytes here: numpy's mixed-width adds cost more than the AES they save.)
 
 This is the hot path of the protocol. :meth:`MaskExpander.accumulate` (and
 :meth:`MaskExpander.mask`) add many keystreams in one sweep over the accumulator: for
@@ -43,11 +44,6 @@ _BLOCK = 16
 # 2-core EPYC: 64 KiB..1 MiB blocks are all within noise; smaller ones pay for the
 # per-call overhead of ``update_into``, the whole vector pays for memory traffic.
 BLOCK_BYTES = 1 << 18
-# 24-bit keystreams (17 <= b <= 24): the stream is read in blocks of this many
-# coordinates; a block of n coordinates takes 3n bytes, the first 2n the low 16 bits of
-# each coordinate (little-endian uint16), the next n its bits 16..23. Client and server
-# read it with the same blocking, so the layout is part of the protocol (docs/protocol.md).
-SPLIT_BLOCK = 1 << 16
 
 
 def dtype_for_bits(field_bits: int) -> np.dtype:
@@ -62,14 +58,7 @@ def dtype_for_bits(field_bits: int) -> np.dtype:
 
 def keystream_bytes(field_bits: int) -> int:
     """AES-CTR keystream bytes one coordinate of a Z_{2^b} mask takes (see module doc)."""
-    if 17 <= field_bits <= 24:
-        return 3
     return dtype_for_bits(field_bits).itemsize
-
-
-def _split(dtype: np.dtype, field_bits: int | None) -> bool:
-    """Whether masks of this width are drawn as 24-bit (3-byte) keystream words."""
-    return field_bits is not None and 17 <= field_bits <= 24 and dtype == np.dtype(np.uint32)
 
 
 def reduce_mod(vec: np.ndarray, field_bits: int) -> np.ndarray:
@@ -120,24 +109,18 @@ class MaskExpander:
     at once (the fast path), or :meth:`add` once per key.
     """
 
-    def __init__(self, length: int, dtype: np.dtype | type, field_bits: int | None = None) -> None:
+    def __init__(self, length: int, dtype: np.dtype | type) -> None:
         self.length = int(length)
         self.dtype = np.dtype(dtype)
-        self.field_bits = field_bits
-        # 17..24-bit fields: 3 keystream bytes per coordinate instead of 4 (see SPLIT_BLOCK)
-        self.split = _split(self.dtype, field_bits)
-        self.block_words = SPLIT_BLOCK if self.split else max(1, BLOCK_BYTES // self.dtype.itemsize)
+        self.block_words = max(1, BLOCK_BYTES // self.dtype.itemsize)
         # Whole-vector buffers for add()/keystream(), allocated on first use only: the
         # block-wise paths never need them (they would be 2x the vector's size).
         self._zeros = b""
         self._scratch = bytearray()
         self._view = np.zeros(0, dtype=self.dtype)
-        per = 3 if self.split else self.dtype.itemsize
-        self._block_zeros = bytes(self.block_words * per)
+        self._block_zeros = bytes(self.block_words * self.dtype.itemsize)
         self._block_scratch = bytearray(len(self._block_zeros) + _BLOCK)
-        self._block_view = np.frombuffer(self._block_scratch, dtype=self.dtype,
-                                         count=0 if self.split else self.block_words)
-        self._hi = np.zeros(self.block_words if self.split else 0, dtype=np.uint8)
+        self._block_view = np.frombuffer(self._block_scratch, dtype=self.dtype, count=self.block_words)
 
     def _check(self, acc: np.ndarray) -> None:
         if not isinstance(acc, np.ndarray) or acc.dtype != self.dtype or acc.shape != (self.length,):
@@ -149,17 +132,6 @@ class MaskExpander:
     def keystream(self, key: bytes) -> np.ndarray:
         """PRG(key) as words (a view into the scratch buffer, valid until the next call)."""
         enc = aes_ctr(key)
-        if self.split:
-            if self._view.size != self.length:
-                self._view = np.zeros(self.length, dtype=self.dtype)
-            bw = self.block_words
-            for start in range(0, self.length, bw):
-                n = min(bw, self.length - start)
-                lo, hi = self._split_block(enc, n)
-                block = self._view[start : start + n]
-                np.left_shift(hi, 16, out=block, dtype=self.dtype)
-                np.bitwise_or(block, lo, out=block)
-            return self._view
         if not self._scratch:
             nbytes = self.length * self.dtype.itemsize
             self._zeros = bytes(nbytes)
@@ -167,13 +139,6 @@ class MaskExpander:
             self._view = np.frombuffer(self._scratch, dtype=self.dtype, count=self.length)
         enc.update_into(self._zeros, self._scratch)
         return self._view
-
-    def _split_block(self, enc: CipherContext, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The next block of a 24-bit keystream: n low uint16 halves, then n high bytes."""
-        enc.update_into(memoryview(self._block_zeros)[: 3 * n], self._block_scratch)
-        lo = np.frombuffer(self._block_scratch, dtype=np.uint16, count=n)
-        hi = np.frombuffer(self._block_scratch, dtype=np.uint8, count=n, offset=2 * n)
-        return lo, hi
 
     def add(self, acc: np.ndarray, key: bytes, sign: int = 1) -> None:
         """acc += sign * PRG(key) (mod the word size; reduce mod 2^b once at the end)."""
@@ -198,9 +163,6 @@ class MaskExpander:
         if base is not None and base is not acc:
             self._check(base)
         plan: list[tuple[CipherContext, bool]] = [(aes_ctr(key), sign >= 0) for key, sign in streams]
-        if self.split:
-            self._accumulate_split(acc, plan, base)
-            return
         bw, zeros, scratch, view = self.block_words, self._block_zeros, self._block_scratch, self._block_view
         itemsize = self.dtype.itemsize
         for start in range(0, self.length, bw):
@@ -218,29 +180,6 @@ class MaskExpander:
                 else:
                     np.subtract(block, ks, out=block)
 
-    def _accumulate_split(self, acc: np.ndarray, plan: list[tuple[CipherContext, bool]], base: np.ndarray | None) -> None:
-        """:meth:`accumulate` for 24-bit keystreams: the low halves are added to the
-        uint32 words (their carries included), the high bytes summed mod 2^8 in a small
-        block of their own and shifted in once per block; equal mod 2^24 (hence mod 2^b)
-        to adding each key's ``lo + 2^16 * hi``."""
-        hi_acc = self._hi
-        for start in range(0, self.length, self.block_words):
-            stop = min(start + self.block_words, self.length)
-            n = stop - start
-            block, h = acc[start:stop], hi_acc[:n]
-            if base is not None and base is not acc:
-                np.copyto(block, base[start:stop])
-            h.fill(0)
-            for enc, plus in plan:
-                lo, hi = self._split_block(enc, n)
-                if plus:
-                    np.add(block, lo, out=block)
-                    np.add(h, hi, out=h)
-                else:
-                    np.subtract(block, lo, out=block)
-                    np.subtract(h, hi, out=h)
-            np.add(block, np.left_shift(h, 16, dtype=self.dtype), out=block)
-
     def mask(self, vector: np.ndarray, streams: Sequence[tuple[bytes, int]], field_bits: int) -> np.ndarray:
         """A new vector: (vector + sum(sign * PRG(key))) mod 2^b; ``vector`` is untouched.
 
@@ -254,15 +193,11 @@ class MaskExpander:
 _local = threading.local()
 
 
-def get_expander(length: int, dtype: np.dtype | type, field_bits: int | None = None) -> MaskExpander:
-    """A per-thread cached expander, so repeated maskings reuse one scratch buffer.
-
-    ``field_bits`` selects the keystream layout (:func:`keystream_bytes`); ``None``
-    means the word's full width (4 or 8 bytes per coordinate)."""
+def get_expander(length: int, dtype: np.dtype | type) -> MaskExpander:
+    """A per-thread cached expander, so repeated maskings reuse one scratch buffer."""
     cached: MaskExpander | None = getattr(_local, "expander", None)
-    if (cached is None or cached.length != length or cached.dtype != np.dtype(dtype)
-            or cached.split != _split(np.dtype(dtype), field_bits)):
-        cached = MaskExpander(length, dtype, field_bits)
+    if cached is None or cached.length != length or cached.dtype != np.dtype(dtype):
+        cached = MaskExpander(length, dtype)
         _local.expander = cached
     return cached
 
@@ -271,5 +206,5 @@ def expand(key: bytes, length: int, field_bits: int) -> np.ndarray:
     """A fresh mask vector PRG(key) mod 2^b (allocating; for tests and one-off use)."""
     dtype = dtype_for_bits(field_bits)
     out = np.zeros(length, dtype=dtype)
-    MaskExpander(length, dtype, field_bits).accumulate(out, [(key, +1)])
+    MaskExpander(length, dtype).accumulate(out, [(key, +1)])
     return reduce_mod(out, field_bits)

@@ -421,7 +421,7 @@ class SecAggServer:
         assert self._acc is not None and self.params.threshold is not None and self.context is not None
         t = self.params.threshold
         acc = self._acc
-        exp = get_expander(self.params.vector_length, self.dtype, self.params.field_bits)
+        exp = get_expander(self.params.vector_length, self.dtype)
         streams: list[tuple[bytes, int]] = []
         p = self.params
         seeds: dict[int, bytes] = {}
@@ -506,7 +506,7 @@ class SecAggServer:
             )
         context = keys.retry_context(self.context, attempt, spec_digest)
         streams = [(keys.self_mask_key(b_v, context, v), -1) for v, b_v in sorted(self._seeds.items())]
-        get_expander(p.vector_length, self.dtype, p.field_bits).accumulate(acc, streams)
+        get_expander(p.vector_length, self.dtype).accumulate(acc, streams)
         reduce_mod(acc, p.field_bits)
         return RoundOutcome(acc, tuple(sorted(self.u3)), dict(self.dropped), dict(self.rejected))
 
