@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, Krum
 
 from sgs_flower.app import client_app as app_client
-from sgs_flower.pipeline import UpdateSpec
+from sgs_flower.pipeline import UpdateSpec, narrowest_field_bits
 from strategies import SecAggConfig, SecAggStrategy
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,9 @@ class CountingFedAdam(FedAdam):
 def _bound(cfg: SecAggConfig, n: int = N) -> float:
     """The documented worst case over all weights in 1..max_weight (each round's report
     carries the tighter bound for its actual total weight)."""
-    spec = UpdateSpec(clip_range=cfg.clip_range, max_cohort=n, max_weight=cfg.max_weight, field_bits=cfg.field_bits)
+    # the narrowest width the strategy chooses (issue 21; round 1's is wider, its bound smaller)
+    bits = cfg.field_bits or narrowest_field_bits(n, cfg.max_weight, cfg.width_error)
+    spec = UpdateSpec(clip_range=cfg.clip_range, max_cohort=n, max_weight=cfg.max_weight, field_bits=bits)
     return spec.quantization.error_bound
 
 
