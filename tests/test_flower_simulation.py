@@ -124,7 +124,10 @@ def test_secure_fedavg_equals_plaintext_fedavg_every_round(tmp_path, monkeypatch
     m = secure["result"].train_metrics_clientapp[3]
     ups = load_dump(tmp_path, 3)
     w = sum(u["weight"] for u in ups)
-    assert abs(float(m["train_loss"]) - sum(u["weight"] * u["loss"] for u in ups) / w) < 1e-3
+    # within the round's bound scaled to the metric's range (issue 21: the width is chosen
+    # for width_error times each range, metric_range included)
+    metric_bound = bounds[3] * cfg.metric_range / secure["strategy"].reports[2].clip_range
+    assert abs(float(m["train_loss"]) - sum(u["weight"] * u["loss"] for u in ups) / w) <= metric_bound + 1e-9
     # Plain FedAvg with the same seeds: identical within the bound after round 1. Later
     # rounds start local training from models that differ by up to the bound, and local
     # SGD amplifies that (measured: ~1e2 x over 3 rounds, 2e-4 at a bound of 1.9e-6), so
@@ -132,7 +135,7 @@ def test_secure_fedavg_equals_plaintext_fedavg_every_round(tmp_path, monkeypatch
     monkeypatch.setenv("SGS_NODE_CONFIG", "sgs-require-secagg=false")  # these sites opt in to plain rounds
     plain = _simulate(lambda: _inner(), app_client.app)
     assert _maxdiff(plain["models"][1], secure["models"][1]) <= bounds[1] + f32
-    assert _maxdiff(plain["models"][3], secure["models"][3]) <= 1e-3
+    assert _maxdiff(plain["models"][3], secure["models"][3]) <= max(1e-3, 1e2 * max(bounds.values()))
 
 
 def test_lr_schedule_in_configure_train_steps_once_per_pipelined_round(tmp_path, monkeypatch):
