@@ -161,7 +161,7 @@ def test_lr_schedule_in_configure_train_steps_once_per_pipelined_round(tmp_path,
     plain = _simulate(lambda: _inner(ScheduledFedAvg), app_client.app)
     assert plain["strategy"].calls == [1, 2, 3]  # Flower's own loop: once per round
     assert _maxdiff(plain["models"][1], secure["models"][1]) <= reports[0].error_bound + f32
-    assert _maxdiff(plain["models"][3], secure["models"][3]) <= 1e-3
+    assert _maxdiff(plain["models"][3], secure["models"][3]) <= max(1e-3, 1e2 * max(r.error_bound for r in reports))
 
 
 def test_secure_fedadam_applies_its_optimizer_to_the_secure_aggregate(tmp_path, monkeypatch):
@@ -184,7 +184,7 @@ def test_secure_fedadam_applies_its_optimizer_to_the_secure_aggregate(tmp_path, 
     assert _maxdiff(secure["models"][1], init) > 1e-3
     # ...exactly as it does on plaintext (Adam divides by sqrt(v) + tau, tau = 1e-3)
     assert _maxdiff(plain["models"][1], secure["models"][1]) <= 1e-4
-    assert _maxdiff(plain["models"][3], secure["models"][3]) <= 1e-3
+    assert _maxdiff(plain["models"][3], secure["models"][3]) <= max(1e-3, 1e2 * max(r.error_bound for r in secure["strategy"].reports))
 
 
 def test_client_crashing_after_sharing_keys_and_server_sees_no_plaintext(tmp_path):
@@ -233,11 +233,12 @@ def test_client_crashing_after_sharing_keys_and_server_sees_no_plaintext(tmp_pat
         blobs = [bytes(v) for v in c.config_records["sgs.secagg"].values() if isinstance(v, bytes)]
         if "sgs.vector" in c.array_records:
             arr = c.array_records["sgs.vector"]["vector"]
-            assert arr.stype == "sgs.raw-le"
-            vec = np.frombuffer(arr.data, dtype=np.dtype(arr.dtype))
+            assert arr.stype == "sgs.packed-le"  # packed at the round's width (issue 21)
+            vec = np.frombuffer(arr.data, dtype=np.uint8)
             blobs.append(vec.tobytes())
-            # a masked vector is uniform: its mean word is near 2^31, unlike a quantized delta
-            assert abs(float(vec.astype(np.float64).mean()) / 2**32 - 0.5) < 0.01
+            # a masked vector is uniform, so are its packed bits: the mean byte is near 127.5,
+            # unlike a quantized delta's
+            assert abs(float(vec.astype(np.float64).mean()) / 256 - 0.5) < 0.01
         for blob in blobs:
             assert not any(p in blob for p in plain_blobs)
 
