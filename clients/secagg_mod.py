@@ -94,6 +94,7 @@ from sgs_flower.secagg import wire
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import (
     EncodingError,
+    InconsistentRequestError,
     MalformedMessageError,
     PolicyError,
     ProtocolError,
@@ -241,9 +242,9 @@ def _protocol_reply(
         rec[wire.FIELD_METRICS_LEFT_OUT] = list(names[1])
     content = RecordDict({wire.RECORD_KEY: rec})
     if isinstance(reply, wire.MaskedInput | wire.RetryInput):
-        # raw words (no np.save round trip); Flower still chunks the Array for transport
-        vec = reply.vector.astype(reply.vector.dtype.newbyteorder("<"), copy=False)
-        raw = Array(dtype=vec.dtype.str, shape=(vec.size,), stype=wire.RAW_STYPE, data=vec.tobytes())
+        # packed at the round's width (no np.save round trip); Flower still chunks the Array
+        data = wire.pack_words(reply.vector, reply.field_bits)
+        raw = Array(dtype="|u1", shape=(len(data),), stype=wire.PACKED_STYPE, data=data)
         content[wire.VECTOR_KEY] = ArrayRecord({wire.FIELD_VECTOR: raw})
     return Message(content, reply_to=msg)
 
@@ -434,6 +435,8 @@ def _on_masked_input(
     wire_model = msg.content.array_records[a_key]
     cfg = msg.content.config_records[c_key]
     spec = UpdateSpec.from_config(dict(msg.content.config_records[wire.SPEC_KEY]))
+    check_spec_against_setup(spec, client.round_setup())
+    policy.check_width(spec.field_bits)
     if policy.require_distributed_dp and spec.dp_mode != "distributed":
         raise PolicyError("this site requires distributed DP (sgs-require-dp) and the round's spec has none")
     if policy.require_confidential and not spec.model_key:
@@ -507,6 +510,28 @@ def _on_masked_input(
     _keep(context, server_msg, spec, model_size, failed, delta if not failed else None, scalar_metrics, weight,
           _kept_delta_file(context, state_path), layout)
     return masked, names
+
+
+def check_spec_against_setup(spec: UpdateSpec, setup: wire.Setup | None) -> None:
+    """Refuse, before training, a spec that does not fit the round the site set up.
+
+    The spec's width must be the masking width of the round's setup (both are bound:
+    the setup's in the share and mask contexts, the spec's in the digest that keys
+    the masks), and its cohort bound must cover the cohort: the site's own overflow
+    check (:class:`~sgs_flower.secagg.quantize.QuantizationConfig`) reads
+    ``max_cohort``, so a server that understates it could make the sum wrap."""
+    if setup is None:
+        raise StaleMessageError("no round is awaiting this site's masked input")
+    if spec.field_bits != setup.field_bits:
+        raise InconsistentRequestError(
+            f"the update spec's word width ({spec.field_bits} bits) differs from the round's masking width "
+            f"({setup.field_bits} bits, from its setup): refused before training"
+        )
+    if spec.max_cohort < len(setup.cohort):
+        raise InconsistentRequestError(
+            f"the update spec is sized for {spec.max_cohort} clients but the round's cohort has "
+            f"{len(setup.cohort)}: its sum could wrap; refused before training"
+        )
 
 
 def _kept_delta_file(context: Context, state_path: Path | None) -> Path:

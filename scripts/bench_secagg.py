@@ -26,6 +26,14 @@
    cache-blocked sweep), which is what the client's ``mask_input`` runs once it calls
    that helper, and the encoder alone.
 
+7. Upload at the default settings (issue 21: the word width chosen per round,
+   ``pipeline.narrowest_field_bits``, the strategy's default metric slots and max
+   weight): bytes per client of a real round, as encoded on the wire, over the float32
+   bytes of the update, for the app's CNN (``sgs_flower.digits.Net``) and for
+   m = 5,000,000, at n = 10 and n = 100 (``upload_ratio_to_float32`` holds them, with
+   the widths in ``field_bits``); and the masked-input stage of [5] at the width chosen
+   for its cohort of k + 1, against the floor of its narrower keystreams.
+
 Usage: python scripts/bench_secagg.py [--quick] [--sizes 100,250,1000,10000]
 [--global-sizes 100,250]. The last line
 printed is one JSON object. Timings on a shared machine are noisy: every figure is one
@@ -45,7 +53,7 @@ import time
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from sgs_flower.pipeline import UpdateSpec, encode_update
+from sgs_flower.pipeline import DEFAULT_MAX_WEIGHT, UpdateSpec, encode_update, narrowest_field_bits
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.graph import (
     CONSISTENCY_MODES,
@@ -54,18 +62,25 @@ from sgs_flower.secagg.graph import (
     neighbourhood_quorum,
 )
 from sgs_flower.secagg.policy import ClientPolicy
-from sgs_flower.secagg.prg import MaskExpander, dtype_for_bits
+from sgs_flower.secagg.prg import MaskExpander, dtype_for_bits, keystream_bytes
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.simulate import simulate_round
-from sgs_flower.secagg.wire import Stage, encode
+from sgs_flower.secagg.wire import Stage, encode, packed_size
+
+CNN_PARAMETERS = 38_282  # sgs_flower.digits.Net (checked against the model when torch is there)
+DEFAULT_METRIC_SLOTS = 8  # strategies.config.SecAggConfig.metric_slots (not imported: no flwr here)
 
 
-def keystream_floor(n_streams: int, m: int, repeats: int = 3) -> float:
-    """Seconds for n_streams AES-256-CTR keystreams of m uint32 words added into a vector."""
-    zeros = bytes(4 * m)
-    scratch = bytearray(4 * m + 16)
-    view = np.frombuffer(scratch, dtype=np.uint32, count=m)
-    acc = np.zeros(m, dtype=np.uint32)
+def keystream_floor(n_streams: int, m: int, repeats: int = 3, field_bits: int = 32) -> float:
+    """Seconds for n_streams AES-256-CTR keystreams of m words added into a vector: the
+    bytes a ``field_bits`` mask takes per coordinate (prg.keystream_bytes), added as
+    words of its width (uint16 up to 16 bits)."""
+    per = keystream_bytes(field_bits)
+    dtype = np.dtype(np.uint16) if per == 2 else np.dtype(np.uint32) if per == 4 else np.dtype(np.uint64)
+    zeros = bytes(per * m)
+    scratch = bytearray(per * m + 16)
+    view = np.frombuffer(scratch, dtype=dtype, count=m)
+    acc = np.zeros(m, dtype=dtype)
     keys = [bytes([i % 256]) * 32 for i in range(n_streams)]
     times = []
     for _ in range(repeats):
@@ -137,16 +152,17 @@ def drive(n: int, m: int, degree: int | None, drop_stage3: set[int], seed: int =
     return client_secs, server_secs, streams, upload, outcome
 
 
-def masked_input_stage(m: int, k: int, timed_clients: int = 5, seed: int = 0) -> dict[str, float]:
+def masked_input_stage(m: int, k: int, timed_clients: int = 5, seed: int = 0, field_bits: int = 32) -> dict[str, float]:
     """Seconds of the masked-input stage per client (min over ``timed_clients``) in a
     round of k + 1 clients on the complete graph (degree k), with the floor for its
     1 + k keystreams measured in the same run, interleaved with the stage itself so
     that both see the same machine load; and the stage with ``MaskExpander.mask``."""
     n = k + 1
-    spec = UpdateSpec(clip_range=0.05, max_cohort=n, max_weight=1024, field_bits=32)
+    spec = UpdateSpec(clip_range=0.05, max_cohort=n, max_weight=1024, field_bits=field_bits)
     length = spec.vector_length(m)
     ids = list(range(1, n + 1))
-    params = RoundParams(run_id=1, round_id=1, cohort=tuple(ids), vector_length=length, degree=k)
+    params = RoundParams(run_id=1, round_id=1, cohort=tuple(ids), vector_length=length, degree=k,
+                         field_bits=field_bits)
     digest = bytes(32)
     server = SecAggServer(params, bound_digest=digest)
     clients = {u: SecAggClient(u) for u in ids}
@@ -160,7 +176,7 @@ def masked_input_stage(m: int, k: int, timed_clients: int = 5, seed: int = 0) ->
     streams = [(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), 1 if i % 2 else -1) for i in range(1 + k)]
     stage, helper, encoder, floors = [], [], [], []
     for u in ids[:timed_clients]:
-        floors.append(keystream_floor(1 + k, length, repeats=1))
+        floors.append(keystream_floor(1 + k, length, repeats=1, field_bits=field_bits))
         t = time.perf_counter()
         enc = encode_update(delta, {}, 3, spec)
         t_enc = time.perf_counter() - t
@@ -224,6 +240,53 @@ def growth_exponent(sizes: list[int], seconds: list[float]) -> float:
     return float(slope)
 
 
+def cnn_parameters() -> int:
+    """The app's default model's parameter count (the constant, checked when torch is there)."""
+    try:
+        from sgs_flower.digits import Net
+    except ImportError:  # pragma: no cover - the CPU requirements include torch
+        return CNN_PARAMETERS
+    count = sum(p.numel() for p in Net().parameters())
+    assert count == CNN_PARAMETERS, f"digits.Net has {count} parameters; update CNN_PARAMETERS"
+    return int(count)
+
+
+def upload_at_defaults(n: int, m: int, measured: bool = True, seed: int = 0) -> dict[str, float]:
+    """Upload per client of one round at the default settings for a model of m float32
+    parameters: the width the strategy chooses for n clients, the default metric slots
+    and max weight; a real protocol round (n clients, random words below 2^b) encodes
+    every message a client sends (keys, shares, packed masked vector, signature, unmask
+    shares). ``measured=False`` runs the round on a small model and adds the difference
+    of the packed vectors' sizes (exact: the vector is the only part that grows with m),
+    so m = 5e6 at n = 100 needs no 100 vectors of 5e6 words in memory."""
+    bits = narrowest_field_bits(n, DEFAULT_MAX_WEIGHT)
+    spec = UpdateSpec(clip_range=1.0, max_cohort=n, max_weight=DEFAULT_MAX_WEIGHT, field_bits=bits,
+                      metric_slots=DEFAULT_METRIC_SLOTS)
+    length = spec.vector_length(m)
+    run_len = length if measured else spec.vector_length(1000)
+    ids = list(range(1, n + 1))
+    server = SecAggServer(RoundParams(run_id=1, round_id=1, cohort=tuple(ids), vector_length=run_len, field_bits=bits))
+    clients = {u: SecAggClient(u) for u in ids}
+    rng = np.random.default_rng(seed)
+    dtype = dtype_for_bits(bits)
+    upload = dict.fromkeys(ids, 0)
+
+    def send(u, reply):
+        upload[u] += len(encode(reply))
+        return reply
+
+    adv = {u: send(u, clients[u].handle(msg)) for u, msg in server.setup_messages().items()}
+    shares = {u: send(u, clients[u].handle(r)) for u, r in server.collect_keys(adv).items()}
+    bundles = server.collect_shares(shares)
+    masked = {u: send(u, clients[u].handle(b, vector=rng.integers(0, 1 << bits, run_len, dtype=np.uint64).astype(dtype)))
+              for u, b in bundles.items()}
+    signed = {u: send(u, clients[u].handle(r)) for u, r in server.collect_masked(masked).items()}
+    for u, r in server.collect_consistency(signed).items():
+        send(u, clients[u].handle(r))
+    up = statistics.mean(upload.values()) + packed_size(length, bits) - packed_size(run_len, bits)
+    return {"bytes": up, "ratio": up / (4 * m), "field_bits": bits, "vector_words": length}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smaller sizes; finishes within 60 s")
@@ -275,6 +338,29 @@ def main(argv: list[str] | None = None) -> dict:
     out["upload_bytes_per_client"] = up
     out["upload_ratio_to_float32"] = up / (4 * m)
     print(f"[4] upload per client {up:,.0f} B vs float32 {4 * m:,} B: {up / (4 * m):.4f}x", file=sys.stderr)
+
+    # 7. upload at the default settings (the width chosen per round), and [5] at its width
+    cnn = cnn_parameters()
+    ratios: dict[str, float] = {}
+    widths: dict[str, int] = {}
+    for n7 in (10, 100):
+        for name, m7 in (("cnn", cnn), ("m5e6", 5_000_000)):
+            r = upload_at_defaults(n7, m7, measured=(m7 == cnn or n7 == 10) and not (quick and m7 > cnn))
+            key = f"{name}_n{n7}"
+            ratios[key], widths[key] = r["ratio"], int(r["field_bits"])
+            print(f"[7] upload at defaults, {name} (m={m7:,}) n={n7}: {r['bytes']:,.0f} B vs float32 {4 * m7:,} B: "
+                  f"{r['ratio']:.4f}x at {r['field_bits']} bits", file=sys.stderr)
+    out["upload_ratio_to_float32_32bit"] = out["upload_ratio_to_float32"]
+    out["upload_ratio_to_float32"] = ratios
+    out["field_bits"] = widths
+    b5 = narrowest_field_bits(k5 + 1, 1024)
+    st = masked_input_stage(m5, k5, timed_clients=3 if quick else 6, field_bits=b5)
+    out.update(masked_input_narrow_bits=b5, masked_input_narrow_seconds=st["seconds"],
+               masked_input_narrow_floor_seconds=st["floor_seconds"], masked_input_narrow_ratio_to_floor=st["ratio"],
+               masked_input_narrow_over_32bit=st["seconds"] / out["masked_input_seconds"])
+    print(f"[7] masked-input stage m={m5:,} k={k5} at {b5} bits: {st['seconds'] * 1e3:.1f} ms, floor "
+          f"{st['floor_seconds'] * 1e3:.1f} ms, ratio {st['ratio']:.2f}x; "
+          f"{st['seconds'] / out['masked_input_seconds']:.2f}x the 32-bit stage", file=sys.stderr)
 
     # 2. server unmasking, n = 100, 10 % dropped after sharing keys
     n2, m2 = 100, (200_000 if quick else 1_000_000)

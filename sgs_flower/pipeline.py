@@ -32,6 +32,7 @@ from sgs_flower.secagg.errors import (
     EncodingError,
     InconsistentRequestError,
     MalformedMessageError,
+    OverflowRiskError,
     PolicyError,
     StaleMessageError,
 )
@@ -85,6 +86,58 @@ def weight_bins(max_weight: int) -> int:
     """Bins of the weight histogram: ``count(w > 2^k)`` for k = 0 .. bins - 1, enough to
     find the smallest power of two >= every weight up to ``max_weight``."""
     return (max_weight - 1).bit_length()
+
+
+#: The quantization bound, as a fraction of the round's range, that the word width is
+#: chosen for outside DP (see :func:`narrowest_field_bits`).
+DEFAULT_WIDTH_ERROR = 4e-3
+#: The narrowest word width chosen (QuantizationConfig's floor).
+MIN_FIELD_BITS = 8
+#: The word width of DP rounds unless the configuration fixes one: the distributed-DP
+#: fixed point (dp.aggregator.ddp_quantization) is chosen for the field it is given.
+DP_FIELD_BITS = 32
+
+
+def narrowest_field_bits(
+    max_cohort: int, max_weight: int, width_error: float = DEFAULT_WIDTH_ERROR, *, weight_scaled: bool | None = None,
+    noise_headroom: int = 0, floor: int = MIN_FIELD_BITS,
+) -> int:
+    """The word width b of a round outside DP: the narrowest field whose fixed point
+    keeps the aggregate within ``width_error`` times the range and whose cohort sum
+    cannot wrap.
+
+    Rule (issue 21): the precision p needs ``L = 2^(p-1) - 1 >= 1 / width_error`` levels
+    (each decoded coordinate of the weighted mean is then within ``c / L <=
+    width_error * c`` of the true one, c the round's range, whenever every weight is at
+    most the weight scale; :meth:`QuantizationConfig.error_bound_for` is the bound the
+    server reports); b is the smallest width at which :class:`QuantizationConfig`
+    admits p bits for ``max_cohort`` clients: ``max_cohort * L + headroom <
+    2^(b-1)``, i.e. ``b = p + ceil(log2(max_cohort)) + 1`` or so; the weight needs no
+    width of its own (it travels in limbs). Both sides derive nothing else from it:
+    b is in the spec (whose digest keys the masks) and in the round's setup, every site
+    re-validates the spec's overflow bound and checks its own floor (``sgs-min-bits``).
+    Default 4e-3: L = 255 (p = 9, the bound c / 255 = 0.39 % of the range), b = 13 for
+    10 clients, 15 for 50, 16 for 100 (upload about b / 32 of float32).
+    """
+    if not 0 < width_error < 1:
+        raise ConfigurationError(f"width_error must be in (0, 1), got {width_error}")
+    scaled = max_weight > 1 if weight_scaled is None else weight_scaled
+    need = 2
+    while (1 << (need - 1)) - 1 < 1.0 / width_error:
+        need += 1
+    for bits in range(max(floor, MIN_FIELD_BITS), 65):
+        try:
+            q = QuantizationConfig(clip_range=1.0, max_cohort=max_cohort, max_weight=max_weight, field_bits=bits,
+                                   noise_headroom=noise_headroom, weight_scaled=scaled)
+        except OverflowRiskError:
+            continue
+        assert q.bits_per_coordinate is not None
+        if q.bits_per_coordinate >= need:
+            return bits
+    raise OverflowRiskError(
+        f"no field up to 64 bits holds {need} bits per coordinate for {max_cohort} clients of weight up to "
+        f"{max_weight}: raise width_error or lower max_cohort"
+    )
 
 
 @dataclass(frozen=True)
@@ -254,7 +307,9 @@ class UpdateSpec:
 
     def vector_length(self, model_size: int) -> int:
         """Words in the masked vector: model delta, metrics, counters, weight, count."""
-        return self.encoded_size(model_size) + self.flag_words + self.metric_slots + self.tag_words + self.counters + 2
+        extra = self.quantization.extra_coordinates
+        return (self.encoded_size(model_size) + self.flag_words + self.metric_slots + self.tag_words + self.counters
+                + extra)
 
     def to_config(self) -> dict[str, Any]:
         """Plain values for a Flower ConfigRecord (lists of str, numbers)."""
@@ -599,7 +654,8 @@ def decode_update(
     if spec.int_size:
         wsum[wsum.size - spec.int_size :] *= spec.int_clip_range / c
     slot_means = tuple(float(v) / weight for v in slot_sums)
-    raw = from_field(np.asarray(total[total.size - 2 - t : total.size - 2]), spec.field_bits)
+    extra = spec.quantization.extra_coordinates
+    raw = from_field(np.asarray(total[total.size - extra - t : total.size - extra]), spec.field_bits)
     hist_f, hist_i = raw[:HIST_BINS].copy(), raw[HIST_BINS : 2 * HIST_BINS].copy()
     if spec.model_key:  # the in-range bins are under the model key's masks: unknown (-1), never 0
         hist_f[:-HIST_LOW] = hist_i[:-HIST_LOW] = -1

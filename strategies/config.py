@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sgs_flower.pipeline import DEFAULT_MAX_WEIGHT, MAX_METRIC_SLOTS
+from sgs_flower.pipeline import DEFAULT_MAX_WEIGHT, DEFAULT_WIDTH_ERROR, MAX_METRIC_SLOTS
 from sgs_flower.secagg.graph import CONSISTENCY_MODES
 
 
@@ -36,6 +36,16 @@ class SecAggConfig:
       weight: whatever ``num-examples`` is next to ``max_weight``, a released bound is
       at most ``target_error`` times the range (round 1 at the initial S) and from round
       2 on, in the steady state, ``2 n c / L`` (docs/protocol.md, "The weight scale").
+    - ``field_bits``: the masked vector's word width b, 32 by default (upload 1.0x
+      float32). 0 (opt-in): chosen per round outside DP as the narrowest width that
+      holds the cohort's sum at ``width_error`` times the range (default 4e-3: 9 bits of
+      precision, the bound c / 255; b = 13 for 10 clients, 15 for 50, 16 for 100; upload
+      b / 32 of float32), :func:`sgs_flower.pipeline.narrowest_field_bits`; DP rounds
+      and the model-confidential mode (whole models) keep 32 bits. Why not the default
+      yet: the confidential mode cannot narrow (it sums models, not deltas), and its
+      promise is secure aggregation's upload. A fixed value in 8..64 is used for every
+      round (refused where it cannot hold the cohort). A site refuses a width below its
+      ``sgs-min-bits``.
     - ``metric_slots``: how many numeric train metrics are aggregated (their weighted
       mean, as FedAvg computes it); ``metric_range`` bounds each one unless
       ``metric_ranges`` gives its own (a value beyond is clipped and counted).
@@ -63,7 +73,8 @@ class SecAggConfig:
     """
 
     clip_range: float = 1.0
-    field_bits: int = 32
+    field_bits: int = 32  # 0: chosen per round (narrowest_field_bits); else fixed in 8..64
+    width_error: float = DEFAULT_WIDTH_ERROR
     max_weight: int = DEFAULT_MAX_WEIGHT
     degree: int | None = None
     threshold: int | None = None
@@ -92,8 +103,10 @@ class SecAggConfig:
             raise bad("clip_range", f"must be > 0 (per-coordinate bound on the model delta), got {self.clip_range}")
         if not self.int_clip_range > 0:
             raise bad("int_clip_range", f"must be > 0 (bound on integer entries' change), got {self.int_clip_range}")
-        if not 16 <= self.field_bits <= 64:
-            raise bad("field_bits", f"must be in 16..64, got {self.field_bits}")
+        if self.field_bits != 0 and not 8 <= self.field_bits <= 64:
+            raise bad("field_bits", f"must be 0 (chosen per round) or in 8..64, got {self.field_bits}")
+        if not 0 < self.width_error < 1:
+            raise bad("width_error", f"must be in (0, 1) (a fraction of the range), got {self.width_error}")
         if self.max_weight < 1:
             raise bad("max_weight", f"must be >= 1 (largest num-examples a client may report), got {self.max_weight}")
         if self.min_clients is not None and self.min_clients < 2:

@@ -77,6 +77,7 @@ from sgs_flower.dp.budget import BudgetExhaustedError
 from sgs_flower.dp.config import DPConfig
 from sgs_flower.pipeline import (
     DEFAULT_WEIGHT_SCALE,
+    DP_FIELD_BITS,
     DecodedUpdate,
     UpdateSpec,
     adapted_range,
@@ -86,6 +87,7 @@ from sgs_flower.pipeline import (
     covering_weight_scale,
     decode_update,
     int_size_of,
+    narrowest_field_bits,
     retry_spec,
     spec_digest,
 )
@@ -173,6 +175,7 @@ class RoundReport:
     retries: int = 0
     retry_reasons: list[str] = field(default_factory=list)
     weight_scale: int = 0  # S: coordinates carried (w / S) * x (outside DP)
+    field_bits: int = 0  # the masked vector's word width b (chosen per round unless fixed)
 
 
 @dataclass
@@ -263,7 +266,7 @@ class SecAggStrategy(Strategy):
             _check_confidential(self.inner, dp)
         self.privacy: DPAggregator | None = None
         if dp is not None and dp.mode in ("central-dp", "distributed-dp"):
-            self.privacy = DPAggregator(dp, field_bits=self.config.field_bits, ledger_path=ledger,
+            self.privacy = DPAggregator(dp, field_bits=self.config.field_bits or DP_FIELD_BITS, ledger_path=ledger,
                                         config={"secagg": repr(self.config), "inner": type(self.inner).__name__})
             spent = self.privacy.spent()
             if self.privacy.round_offset:
@@ -436,18 +439,51 @@ class SecAggStrategy(Strategy):
         log(INFO, "")
         return result
 
-    def make_spec(self, cohort_size: int, plan: RoundPlan | None, like: list[np.ndarray] | None = None) -> UpdateSpec:
+    @property
+    def retry_error(self) -> float:
+        """The quantization bound (fraction of the range) above which a round retries at a
+        finer weight scale: ``target_error``, or with a width chosen per round the
+        ``width_error`` it was chosen for (a finer bound than the width holds would
+        retry every round for nothing)."""
+        c = self.config
+        return c.target_error if c.field_bits else max(c.target_error, c.width_error)
+
+    def field_bits_for(self, cohort_size: int, ahead: bool = False) -> int:
+        """The word width of a round outside DP (``field_bits``, else chosen).
+
+        Before any round has measured the weights (no weight histogram yet, no
+        configured ``weight_scale``), the sites' weights may lie far below the initial
+        weight scale S, and the bound grows as S / weight: that round is sized for
+        weight 1 (``width_error / S``), so it needs no retry at a finer scale; later
+        rounds know S within a factor 2 of the largest weight. A round set up ahead
+        (``ahead``) is used only if the current round succeeds, which measures them."""
+        c = self.config
+        if c.field_bits:
+            return c.field_bits
+        err = c.width_error
+        if c.max_weight > 1 and not self._weights_needed and c.weight_scale is None and not ahead:
+            err /= min(self.weight_scale, c.max_weight)
+        return narrowest_field_bits(cohort_size, c.max_weight, err)
+
+    def make_spec(
+        self, cohort_size: int, plan: RoundPlan | None, like: list[np.ndarray] | None = None, ahead: bool = False
+    ) -> UpdateSpec:
+        """The round's spec. Outside DP its word width is the narrowest that holds the
+        cohort's sum at ``width_error`` times the range (unless ``field_bits`` fixes it):
+        the cohort size is known here, before the round's setup carries the width."""
         c = self.config
         if plan is None:
             return UpdateSpec(
                 clip_range=self.ranges[0], int_clip_range=self.ranges[1], max_cohort=cohort_size,
-                max_weight=c.max_weight, weight_scale=min(self.weight_scale, c.max_weight), field_bits=c.field_bits,
+                max_weight=c.max_weight, weight_scale=min(self.weight_scale, c.max_weight),
+                # the confidential mode sums whole models: a fixed 32-bit word unless configured
+                field_bits=(c.field_bits or DP_FIELD_BITS) if c.confidential else self.field_bits_for(cohort_size, ahead),
                 metric_slots=0 if c.confidential else c.metric_slots,
                 metric_range=c.metric_range, metric_ranges=tuple(sorted(c.metric_ranges.items())),
                 int_size=int_size_of(like) if like is not None else 0, model_key=self.model_key,
             )
         # Under DP: unweighted, no released metrics or counters, the DP plan's clip and fixed point.
-        return UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=c.field_bits, metric_slots=0,
+        return UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=c.field_bits or DP_FIELD_BITS, metric_slots=0,
                           **plan.spec_fields)
 
     def _nodes_needed(self) -> int:
@@ -703,7 +739,7 @@ class SecAggStrategy(Strategy):
         try:
             if self.privacy is not None:
                 plan = self.privacy.plan(server_round, len(cohort), len(list(grid.get_node_ids())), model_size)
-            spec = self.make_spec(len(cohort), plan, like)
+            spec = self.make_spec(len(cohort), plan, like, ahead=True)
             params = self._round_params(grid, server_round, cohort, spec, model_size, plan)
         except (BudgetExhaustedError, ValueError) as exc:  # ConfigurationError is a ValueError
             log(INFO, "round %s is not set up ahead: %s", server_round, exc)
@@ -751,7 +787,7 @@ class SecAggStrategy(Strategy):
         sum to release; raises :class:`_StillOutOfRange` if values still lay beyond the
         range after the last retry (nothing is released)."""
         while True:
-            new, why = retry_spec(spec, decoded, self.config.target_error)
+            new, why = retry_spec(spec, decoded, self.retry_error)
             if new is None:
                 return spec, decoded, total
             if server.retries >= wire.MAX_RETRIES:
@@ -831,6 +867,7 @@ class SecAggStrategy(Strategy):
             log(WARNING, "secure round %s: train metric %r of %d clients lay beyond +-%g and was clipped; set "
                 "SecAggConfig(metric_ranges={%r: ...})", report.server_round, name, k, spec.range_of(name), name)
         report.weight_scale = spec.weight_unit
+        report.field_bits = spec.field_bits
         if decoded.total_weight > 0:  # the weight histogram counts only usable updates
             self._weights_needed.append(covering_weight_scale(spec.max_weight, decoded.weight_histogram))
             self.weight_scale = max(self._weights_needed[-self.config.range_memory:])
@@ -1035,9 +1072,9 @@ def parse_reply(reply: Message) -> wire.Message:
     vector = None
     if vec_rec is not None:
         arr = vec_rec.get(wire.FIELD_VECTOR)
-        if arr is None or arr.stype != wire.RAW_STYPE or arr.dtype not in ("<u4", "<u8") or len(arr.shape) != 1:
-            raise MalformedMessageError("masked vector must be raw little-endian uint32/uint64 words")
-        if len(arr.data) != arr.shape[0] * np.dtype(arr.dtype).itemsize:
-            raise MalformedMessageError(f"masked vector declares {arr.shape[0]} words but carries {len(arr.data)} bytes")
-        vector = np.frombuffer(arr.data, dtype=np.dtype(arr.dtype))  # zero-copy view
+        if arr is None or arr.stype != wire.PACKED_STYPE or arr.dtype != "|u1" or len(arr.shape) != 1:
+            raise MalformedMessageError("masked vector must be the packed bytes of its words (wire.pack_words)")
+        if len(arr.data) != arr.shape[0]:
+            raise MalformedMessageError(f"masked vector declares {arr.shape[0]} bytes but carries {len(arr.data)}")
+        vector = arr.data  # unpacked by wire.decode at the width its header declares
     return wire.decode(payload, vector)

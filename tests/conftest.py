@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sgs_flower.secagg.client import SecAggClient
+from sgs_flower.secagg.prg import dtype_for_bits
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 
 
@@ -21,7 +22,7 @@ class Cohort:
         self.server = SecAggServer(self.params)
         self.clients = {u: SecAggClient(u) for u in self.ids}
         rng = np.random.default_rng(0)
-        dtype = np.uint32 if field_bits <= 32 else np.uint64
+        dtype = dtype_for_bits(field_bits)
         self.inputs = {u: rng.integers(0, 1 << min(field_bits, 63), m, dtype=np.uint64).astype(dtype) for u in self.ids}
 
     def advertise(self):

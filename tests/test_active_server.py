@@ -355,7 +355,8 @@ def test_plain_train_message_is_refused_and_training_never_runs():
 def _through_shares(sites, spec):
     ids = tuple(sorted(sites))
     model_size = sum(v.size for v in MODEL.values())
-    params = RoundParams(run_id=1, round_id=3, cohort=ids, vector_length=spec.vector_length(model_size))
+    params = RoundParams(run_id=1, round_id=3, cohort=ids, vector_length=spec.vector_length(model_size),
+                         field_bits=spec.field_bits)
     server = SecAggServer(params)
     rosters = server.collect_keys({u: _reply(sites[u].send(Stage.ADVERTISE_KEYS, m)) for u, m in server.setup_messages().items()})
     return server.collect_shares({u: _reply(sites[u].send(Stage.SHARE_KEYS, m)) for u, m in rosters.items()})

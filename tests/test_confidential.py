@@ -36,6 +36,7 @@ from sgs_flower.secagg import identity, wire
 from sgs_flower.secagg.errors import ConfigurationError, ModelKeyError
 from strategies import SecAggConfig, SecAggStrategy, SecureAggregationFailed
 from strategies.model_key_phase import KEY_RECORD, ensure_model_key
+from strategies.secagg_strategy import parse_reply
 from tests.inprocess_grid import DirectGrid, Site
 
 N = 5
@@ -173,8 +174,7 @@ def test_no_array_the_server_holds_correlates_with_the_model():
     for reply in grid.received:
         vec = reply.content.array_records.get(wire.VECTOR_KEY)
         if vec is not None:
-            arr = vec[wire.FIELD_VECTOR]
-            held.append(np.frombuffer(arr.data, dtype=np.dtype(arr.dtype)))
+            held.append(np.asarray(parse_reply(reply).vector))  # the masked vector, unpacked
         for rec in reply.content.array_records.values():  # nothing else carries arrays
             assert set(rec.keys()) <= {wire.FIELD_VECTOR}
     for msg in grid.sent:  # what the server sent: the masked models of rounds 2 and 3
@@ -220,8 +220,7 @@ class TamperGrid(DirectGrid):
                 continue
             v = r.content.array_records.get(wire.VECTOR_KEY)
             if v is not None and not self.inputs:
-                arr = v[wire.FIELD_VECTOR]
-                self.inputs[r.metadata.src_node_id] = np.frombuffer(arr.data, dtype=np.dtype(arr.dtype)).copy()
+                self.inputs[r.metadata.src_node_id] = np.asarray(parse_reply(r).vector).copy()
         return out
 
 

@@ -13,6 +13,7 @@ from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import ThresholdError
 from sgs_flower.secagg.graph import active_threshold, default_degree, default_threshold, neighbours
 from sgs_flower.secagg.policy import ClientPolicy
+from sgs_flower.secagg.prg import dtype_for_bits
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.simulate import run_protocol, simulate_round
 from sgs_flower.secagg.wire import Stage
@@ -53,7 +54,7 @@ def round_cases(draw):
     else:
         degree = k_default
     t = draw(st.integers(active_threshold(degree), degree))
-    bits = draw(st.sampled_from([16, 32, 48, 64]))
+    bits = draw(st.sampled_from([12, 16, 20, 24, 32, 48, 64]))
     drops: dict[Stage, set[int]] = {}
     for stage in Stage:
         drops[stage] = set(draw(st.lists(st.integers(1, n), max_size=max(1, n // 4), unique=True)))
@@ -68,7 +69,7 @@ def test_unmasked_sum_is_exact_or_round_aborts(case):
     params = RoundParams(run_id=1, round_id=1, cohort=tuple(range(1, n + 1)), vector_length=m, field_bits=bits,
                          degree=degree, threshold=t, min_clients=max(2, min(3, n)))
     rng = np.random.default_rng(n * 1000 + degree)
-    dtype = np.uint32 if bits <= 32 else np.uint64
+    dtype = dtype_for_bits(bits)
     inputs = {u: (rng.integers(0, 1 << 62, m, dtype=np.uint64) & ((1 << bits) - 1)).astype(dtype)
               for u in params.cohort}
     expect = expected_outcome(params, drops)

@@ -228,6 +228,8 @@ def message_server_main(
             out["stage_seconds"] = [r.stage_seconds for r in reps]
             out["exchanges"] = [r.exchanges for r in reps]
             out["retries"] = [r.retries for r in reps]
+            out["error_bounds"] = [r.error_bound for r in reps]
+            out["field_bits"] = [r.field_bits for r in reps]
 
     return main
 
@@ -386,6 +388,10 @@ def compare(n: int, m: int, rounds: int, variants: list[str], verbose: bool, pro
         # exchanges per round (5 in full, 3 pipelined) and retries of the masked input (none without clipping)
         "ours_exchanges": results["ours"].get("exchanges"),
         "ours_retries": results["ours"].get("retries"),
+        # the word width of each round and its quantization bound (issue 21): the final
+        # model is within the sum of the rounds' bounds of plain FedAvg's
+        "ours_field_bits": results["ours"].get("field_bits"),
+        "ours_error_bounds": results["ours"].get("error_bounds"),
         # seconds per exchange of our protocol, mean over rounds 2.. (round 1 warms up the actors)
         "ours_stage_seconds": mean_stage_seconds(results["ours"].get("stage_seconds", [])),
         "flower_num_shares": results["flower"].get("flower_num_shares"),
@@ -401,7 +407,8 @@ def compare(n: int, m: int, rounds: int, variants: list[str], verbose: bool, pro
     print(f"final model vs plain FedAvg: ours max |diff| {out['ours_max_abs_diff_vs_plain']:.3g}, "
           f"Flower SecAgg+ {out['flower_max_abs_diff_vs_plain']:.3g} (plain vs exact float64 "
           f"{out['plain_max_abs_diff_vs_exact']:.3g})", file=sys.stderr)
-    print(f"ours, exchanges per round {out['ours_exchanges']}, retries {out['ours_retries']}", file=sys.stderr)
+    print(f"ours, exchanges per round {out['ours_exchanges']}, retries {out['ours_retries']}, word widths "
+          f"{out['ours_field_bits']}, bounds {out['ours_error_bounds']}", file=sys.stderr)
     stages = out["ours_stage_seconds"]
     if stages:
         print("ours, seconds per exchange: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())

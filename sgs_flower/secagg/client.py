@@ -167,6 +167,7 @@ class AwaitingSetup:
             raise UnknownSenderError(f"node {u} is not in the cohort of round {msg.round_id}")
         validate(n, msg.degree, msg.threshold)
         dtype_for_bits(msg.field_bits)
+        policy.check_width(msg.field_bits)
         seed = graph_seed(msg.run_id, msg.round_id, msg.cohort)
         _, share_context = keys.round_contexts(msg, seed, b"")
         c_sk, s_sk = keys.generate_private_key(), keys.generate_private_key()
@@ -287,7 +288,8 @@ class AwaitingShares:
             )
         context, _ = keys.round_contexts(setup, sec.seed, bound_digest)
         masked = mask_input(vector, sec, {v: self.roster[v] for v in held}, u, context)
-        reply = MaskedInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked)
+        reply = MaskedInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked,
+                            field_bits=setup.field_bits)
         nxt = AwaitingConsistency(u, sec, self.roster, self.identities, held, model_digest, min_survivors,
                                   tuple(sorted(near_sets)), context)
         return nxt, reply
@@ -533,7 +535,8 @@ class Unmasked:
         peers = {v: nk for v, nk in self.roster.items() if v in members and v in sec.neighbours and v != u}
         masked = mask_input(vector, sec, peers, u, context)
         nxt = Unmasked(u, sec, self.roster, self.survivors, self.mask_context, msg.attempt)
-        return nxt, RetryInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked)
+        return nxt, RetryInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked,
+                               field_bits=sec.setup.field_bits)
 
 
 ClientState = AwaitingSetup | AwaitingRoster | AwaitingShares | AwaitingConsistency | AwaitingUnmask | Unmasked
@@ -697,6 +700,15 @@ class SecAggClient:
         except ProtocolError:
             self.state = AwaitingSetup(self.node_id)
             raise
+
+    def round_setup(self) -> Setup | None:
+        """The Setup of the round awaiting its masked input, or None.
+
+        The Flower glue checks the round's update spec against it (issue 21): a spec
+        encoded at another width than the masking would wrap each word at the wrong
+        modulus, and a spec sized for fewer clients than the cohort lets the sum wrap."""
+        st = self.state
+        return st.secrets.setup if isinstance(st, AwaitingShares) else None
 
     def expect_retry(self, msg: Message) -> Unmasked:
         """Check, before the site re-encodes anything, that ``msg`` is a retry request this

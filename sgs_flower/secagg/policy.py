@@ -38,6 +38,8 @@ NODE_CONFIG_KEYS = {
                        "signed the identical survivor set, fewer than n/3 colluders anywhere) or 'neighbourhood' "
                        "(also rounds whose quorum is two thirds of the site's closed neighbourhood: O(k) signature "
                        "checks, at most floor(k/3) colluders per neighbourhood)",
+    "sgs-min-bits": "narrowest masked-vector word width (field bits) this site accepts (default 8; the round's "
+                    "spec must still fit the cohort's sum at that width, which every site checks)",
     "sgs-identity-key": "file with this site's Ed25519 identity key (sgs-flower identity new)",
     "sgs-roster": "file of the federation's identity public keys; pins who may be in a cohort",
     "sgs-state-file": "file where the site remembers its contributions and privacy spend across runs "
@@ -63,6 +65,7 @@ class ClientPolicy:
     min_degree: int = 0
     # "global": only rounds with the global consistency quorum; "neighbourhood": those too
     consistency: str = CONSISTENCY_GLOBAL
+    min_field_bits: int = 8
     roster: Roster | None = None
     identity_key: bytes | None = None  # None: a key made for this run (cannot be pinned)
     state_file: str | None = None  # None: the default file (dp.site.default_state_file); "memory": this run only
@@ -86,6 +89,8 @@ class ClientPolicy:
             raise ConfigurationError(
                 f"sgs-consistency must be one of {', '.join(map(repr, CONSISTENCY_MODES))}, got {self.consistency!r}"
             )
+        if not 8 <= self.min_field_bits <= 64:
+            raise ConfigurationError(f"sgs-min-bits must be in 8..64, got {self.min_field_bits}")
         if not (self.dp_min_noise_multiplier >= 0 and math.isfinite(self.dp_min_noise_multiplier)):
             raise ConfigurationError("sgs-dp-min-noise must be a finite number >= 0")
         if not (self.min_model_change >= 0 and math.isfinite(self.min_model_change)):
@@ -123,6 +128,16 @@ class ClientPolicy:
                 f"threshold {threshold} is below the active-server bound ({active_threshold(degree)}) for degree {degree}"
             )
 
+    def check_width(self, field_bits: int) -> None:
+        """Refuse a word width below the site's floor, before anything is built for the
+        round. Why a floor on top of the overflow check every site makes on the spec
+        (:class:`~sgs_flower.secagg.quantize.QuantizationConfig`): a narrow width is
+        also coarse precision; a site may want its update to carry more than the server
+        asks for."""
+        if field_bits < self.min_field_bits:
+            raise PolicyError(f"word width of {field_bits} bits is below this site's minimum (sgs-min-bits = "
+                              f"{self.min_field_bits})")
+
     # ------------------------------------------------------------ loading
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> ClientPolicy:
@@ -152,6 +167,7 @@ class ClientPolicy:
             max_vector_length=get("sgs-max-vector", int, 1 << 27),
             min_degree=get("sgs-min-degree", int, 0),
             consistency=get("sgs-consistency", str, CONSISTENCY_GLOBAL).strip().lower(),
+            min_field_bits=get("sgs-min-bits", int, 8),
             roster=Roster.load(roster_path) if roster_path else None,
             identity_key=read_identity(key_path) if key_path else None,
             state_file=get("sgs-state-file", str, "") or None,

@@ -5,10 +5,17 @@ initial counter. That is safe because every key is used for exactly one expansio
 come from HKDF with a context that binds the run, the round, the global model and the
 pair of clients (see :mod:`sgs_flower.secagg.keys`), so no (key, counter) pair repeats.
 
-Uniformity is exact, not approximate: the keystream is a uniform word of 32 or 64 bits
-per coordinate and 2^b divides 2^32 (or 2^64), so reducing mod 2^b (a bit mask, applied
-once at the end by the caller) keeps it uniform. Flower's built-in SecAgg+ instead folds
-the seed to 32 bits and draws from Mersenne Twister.
+Uniformity is exact, not approximate: the keystream is a uniform word of 16, 32 or
+64 bits per coordinate and 2^b divides it, so reducing mod 2^b (a bit mask, applied once
+at the end by the caller) keeps it uniform. Flower's built-in SecAgg+ instead folds the
+seed to 32 bits and draws from Mersenne Twister.
+
+Narrow fields (issue 21): the keystream costs AES work per byte, so a coordinate takes
+only the word its field needs, :func:`keystream_bytes`: 2 bytes for b <= 16 (words are
+uint16), 4 up to 32 and 8 beyond. A 16-bit field therefore halves the keystream floor
+of the masked-input stage against 32-bit words. (A 3-byte keystream for 17..24 bits,
+the low 16 bits added as uint16 and the high byte apart, was tried and measured 1.35x
+slower than 4 bytes here: numpy's mixed-width adds cost more than the AES they save.)
 
 This is the hot path of the protocol. :meth:`MaskExpander.accumulate` (and
 :meth:`MaskExpander.mask`) add many keystreams in one sweep over the accumulator: for
@@ -40,10 +47,18 @@ BLOCK_BYTES = 1 << 18
 
 
 def dtype_for_bits(field_bits: int) -> np.dtype:
-    """The unsigned word that holds Z_{2^b}: uint32 up to 32 bits, uint64 up to 64."""
+    """The unsigned word that holds Z_{2^b}: uint16 up to 16 bits (half the memory and
+    the adds of a uint32), uint32 up to 32, uint64 up to 64."""
     if not 1 <= field_bits <= 64:
         raise ConfigurationError(f"field_bits must be in 1..64, got {field_bits}")
+    if field_bits <= 16:
+        return np.dtype(np.uint16)
     return np.dtype(np.uint32) if field_bits <= 32 else np.dtype(np.uint64)
+
+
+def keystream_bytes(field_bits: int) -> int:
+    """AES-CTR keystream bytes one coordinate of a Z_{2^b} mask takes (see module doc)."""
+    return dtype_for_bits(field_bits).itemsize
 
 
 def reduce_mod(vec: np.ndarray, field_bits: int) -> np.ndarray:

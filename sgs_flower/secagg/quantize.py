@@ -21,7 +21,9 @@ coordinates carry the weight ``w`` and a count of 1; the server decodes
 - No wrap-around: the configuration is refused unless
   ``max_cohort * max_weight * (L + headroom) < 2^(b-1)``, the condition for the
   two's-complement sum to decode exactly. DP noise added in the integer domain reserves
-  its range through ``noise_headroom``.
+  its range through ``noise_headroom``. The weight travels in as many limbs of
+  :attr:`QuantizationConfig.limb_bits` bits as its bound needs, so a narrow field
+  (issue 21) still carries the exact weight sum.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 from sgs_flower.secagg.errors import ConfigurationError, EncodingError, OverflowRiskError
 from sgs_flower.secagg.prg import Keystream, dtype_for_bits, reduce_mod
 
-EXTRA_COORDINATES = 2  # weight, count
+EXTRA_COORDINATES = 2  # weight, count: in a field wide enough for the weight sum (else see weight_limbs)
 
 
 def max_bits_per_coordinate(field_bits: int, max_cohort: int, max_weight: int, noise_headroom: int = 0) -> int:
@@ -82,10 +84,9 @@ class QuantizationConfig:
         if not 0 <= self.weight_scale <= self.max_weight:
             raise ConfigurationError(f"weight_scale must be in 1..max_weight={self.max_weight} (0: max_weight), "
                                      f"got {self.weight_scale}")
-        if self.max_cohort * self.max_weight + self.noise_headroom >= 1 << (self.field_bits - 1):
+        if self.max_cohort + self.noise_headroom >= 1 << (self.field_bits - 1):
             raise OverflowRiskError(
-                f"the weight sum of {self.max_cohort} clients of weight {self.max_weight} does not fit "
-                f"a {self.field_bits}-bit field"
+                f"the count of {self.max_cohort} clients does not fit a {self.field_bits}-bit field"
             )
         # Scaled weights: a coordinate carries (w / max_weight) * x, at most one level per
         # client, so the precision no longer shrinks with max_weight.
@@ -99,6 +100,26 @@ class QuantizationConfig:
                 f"{self.field_bits}, max_cohort={self.max_cohort} and max_weight={self.max_weight} "
                 f"at most {best} bits fit (need field_bits >= bits + log2(cohort * weight) + 1)"
             )
+
+    @property
+    def limb_bits(self) -> int:
+        """k: bits of the weight per weight coordinate, the most for which the cohort's
+        sum of one limb (each < 2^k) cannot wrap: ``max_cohort * (2^k - 1) + headroom <
+        2^(b-1)``. A narrow field carries the weight in several such limbs."""
+        half = 1 << (self.field_bits - 1)
+        k = (half - 1 - self.noise_headroom) // self.max_cohort + 1  # max_cohort * (k' - 1) < half - headroom
+        return min(max(1, k.bit_length() - 1), 62)
+
+    @property
+    def weight_limbs(self) -> int:
+        """Weight coordinates: ceil(bits of max_weight / :attr:`limb_bits`) (1 for every
+        32-bit field of a cohort below 2^31 / max_weight, the layout before issue 21)."""
+        return -(-max(1, self.max_weight.bit_length()) // self.limb_bits)
+
+    @property
+    def extra_coordinates(self) -> int:
+        """Words after the parts and tail: the weight limbs, low first, then the count."""
+        return self.weight_limbs + 1
 
     @property
     def levels(self) -> int:
@@ -345,10 +366,10 @@ def encode_parts(
     w = int(weight)
     bits = config.field_bits
     dtype = dtype_for_bits(bits)
-    word_w = dtype.type(w)
+    word_w = dtype.type(w % (1 << (8 * dtype.itemsize)))  # weighting is word arithmetic mod 2^width
     word_mask = dtype.type((1 << bits) - 1) if bits < dtype.itemsize * 8 else None
     total = sum(x.size for x in xs)
-    out = np.empty(total + tail_words + EXTRA_COORDINATES, dtype=dtype)
+    out = np.empty(total + tail_words + config.extra_coordinates, dtype=dtype)
     out[total : total + tail_words] = 0
     levels = config.levels
     f = _fraction_bits(levels.bit_length())
@@ -408,8 +429,10 @@ def encode_parts(
                 np.bitwise_and(dest, word_mask, out=dest)
         pos += x.size
         per_part.append(clipped - before)
-    out[total + tail_words] = w
-    out[total + tail_words + 1] = 1
+    k = config.limb_bits
+    for i in range(config.weight_limbs):
+        out[total + tail_words + i] = (w >> (k * i)) & ((1 << k) - 1)
+    out[-1] = 1
     return EncodedUpdate(out, clipped, tuple(per_part))
 
 
@@ -432,8 +455,10 @@ def encode(
 def decode(total: np.ndarray, config: QuantizationConfig) -> DecodedAggregate:
     """Turn the unmasked field sum into the weighted mean (and totals)."""
     ints = from_field(total, config.field_bits)
-    weight, count = int(ints[-2]), int(ints[-1])
-    weighted_sum = ints[:-EXTRA_COORDINATES].astype(np.float64) / config.scale
+    extra, k = config.extra_coordinates, config.limb_bits
+    weight = sum(int(v) << (k * i) for i, v in enumerate(ints[-extra:-1]))
+    count = int(ints[-1])
+    weighted_sum = ints[:-extra].astype(np.float64) / config.scale
     if config.weight_scaled:
         weighted_sum *= config.weight_unit
     mean = weighted_sum / weight if weight > 0 else np.full_like(weighted_sum, np.nan)

@@ -22,6 +22,7 @@ from sgs_flower.secagg.client import share_x
 from sgs_flower.secagg.errors import (
     ConfigurationError,
     InconsistentAggregateError,
+    InconsistentRequestError,
     MalformedMessageError,
     ProtocolError,
     ReconstructionError,
@@ -346,6 +347,13 @@ class SecAggServer:
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, MaskedInput)
             vec = msg.vector
+            if msg.field_bits != self.params.field_bits:
+                # a site masking at another width: its masks cannot cancel with the others'
+                self.rejected[node] = InconsistentRequestError(
+                    f"node {node} masked at {msg.field_bits} bits, the round's field is {self.params.field_bits}"
+                )
+                self.dropped[node] = Stage.MASKED_INPUT
+                continue
             if not isinstance(vec, np.ndarray) or vec.dtype != self.dtype or vec.shape != (self.params.vector_length,):
                 self.rejected[node] = MalformedMessageError(
                     f"node {node}'s masked vector must be {self.dtype} of shape ({self.params.vector_length},), "
@@ -538,8 +546,9 @@ class SecAggServer:
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, RetryInput)
             vec = msg.vector
-            if not isinstance(vec, np.ndarray) or vec.dtype != self.dtype or vec.shape != (p.vector_length,):
-                self.rejected[node] = MalformedMessageError(f"node {node}'s retry vector has the wrong dtype or shape")
+            if (msg.field_bits != p.field_bits or not isinstance(vec, np.ndarray) or vec.dtype != self.dtype
+                    or vec.shape != (p.vector_length,)):
+                self.rejected[node] = MalformedMessageError(f"node {node}'s retry vector has the wrong width, dtype or shape")
                 missing.append(node)
                 continue
             np.add(acc, vec, out=acc)

@@ -7,9 +7,10 @@ these messages as bytes (:func:`encode` / :func:`decode`); the in-process driver
 the objects themselves.
 
 Byte format: 4-byte magic, 4-byte big-endian header length, a canonical JSON header
-(bytes fields as base64), then for a masked input the raw little-endian words of the
-vector. Uploading the vector as raw words of the field's width is what keeps the upload
-at 1.0x the float32 update for a 32-bit field.
+(bytes fields as base64), then for a masked input the vector packed densely at the
+field's width b (:func:`pack_words`: about m * b / 8 bytes for m coordinates, whatever
+b is). A masked input declares its ``field_bits``; the server checks it against the
+round's. The upload is b / 32 of the float32 update (0.5x for a 16-bit field).
 
 Pipelining (``sgs-secagg+/3``): a server-to-client Flower message carries one or two
 *parts*, each a complete message of this module with its own header. The first part
@@ -40,7 +41,8 @@ from sgs_flower.secagg.errors import MalformedMessageError
 # under DP: issue 18), so a /3 peer is refused at its first message, not at the vector.
 # /5: the setup announces the consistency quorum (global by default, or per neighbourhood:
 # issue 21, where an unmask request carries only the recipient's neighbours' signatures,
-# which a /4 site would refuse as too few), and the round context binds it.
+# which a /4 site would refuse as too few), and the round context binds it; the masked
+# vector travels packed at the round's width b (issue 21), and masked inputs declare it.
 PROTOCOL_VERSION = "sgs-secagg+/5"
 CRYPTO_SUITE = (
     "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir-GF(2^31-1)+Ed25519(identities)"
@@ -52,6 +54,7 @@ RECORD_KEY = "sgs.secagg"  # ConfigRecord: stage number and encoded protocol mes
 SPEC_KEY = "sgs.spec"  # ConfigRecord: the round's UpdateSpec (masked-input stage only)
 VECTOR_KEY = "sgs.vector"  # ArrayRecord: the masked vector (masked-input replies only)
 RAW_STYPE = "sgs.raw-le"  # Flower Array serialisation of the vector: raw little-endian words
+PACKED_STYPE = "sgs.packed-le"  # ...: the words packed at the field's width (pack_words), as uint8
 FIELD_STAGE = "stage"
 FIELD_PAYLOAD = "payload"
 FIELD_VECTOR = "vector"
@@ -231,6 +234,7 @@ class ShareKeys(Message):
 class MaskedInput(Message):
     sender: int
     vector: np.ndarray = field(repr=False)
+    field_bits: int = 32  # the width the vector is masked (and packed) at
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.MASKED_INPUT
     to_server: ClassVar[bool] = True
@@ -266,6 +270,7 @@ class RetryInput(Message):
 
     sender: int
     vector: np.ndarray = field(repr=False)
+    field_bits: int = 32
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.RETRY
     to_server: ClassVar[bool] = True
@@ -306,6 +311,85 @@ def _unb64(s: Any, what: str) -> bytes:
         raise MalformedMessageError(f"{what} is not valid base64") from exc
 
 
+def _word_dtype(field_bits: int) -> np.dtype:
+    """The little-endian word of a field (as :func:`sgs_flower.secagg.prg.dtype_for_bits`)."""
+    if not 1 <= field_bits <= 64:
+        raise MalformedMessageError(f"field_bits must be in 1..64, got {field_bits}")
+    return np.dtype("<u2" if field_bits <= 16 else "<u4" if field_bits <= 32 else "<u8")
+
+
+def packed_size(count: int, field_bits: int) -> int:
+    """Bytes of :func:`pack_words` for ``count`` words of ``field_bits`` bits."""
+    q, r = divmod(field_bits, 8)
+    return count * q + -(-count // 8) * r
+
+
+def pack_words(words: np.ndarray, field_bits: int) -> bytes:
+    """The words (each < 2^b) as a dense byte string of about b / 8 bytes per word.
+
+    Layout (little-endian throughout): first the low ``q = b // 8`` bytes of every word,
+    word after word; then, when ``r = b % 8`` is not 0, the remaining r bits of the words
+    in groups of 8 words, each group packed into r bytes (word i of a group at bits
+    r*i .. r*i + r - 1; the last group padded with zero words). Byte-aligned parts are
+    plain copies and the r-bit part one pass of shifts over 8-word groups, so packing
+    costs a copy of the vector instead of a per-bit loop. A word at or above 2^b is
+    refused (it would be truncated)."""
+    dtype = _word_dtype(field_bits)
+    w = np.ascontiguousarray(words).astype(dtype, copy=False)
+    if w.ndim != 1:
+        raise MalformedMessageError("a packed vector must be 1-D")
+    width = dtype.itemsize * 8
+    if field_bits < width and w.size and int(w.max()) >> field_bits:
+        raise MalformedMessageError(f"a word of the vector is not below 2^{field_bits}: it cannot be packed")
+    q, r = divmod(field_bits, 8)
+    if q == dtype.itemsize:
+        return w.tobytes()
+    u8 = w.view(np.uint8).reshape(w.size, dtype.itemsize)
+    out = [u8[:, :q].tobytes()] if q else []
+    if r:
+        groups = -(-w.size // 8)
+        flat = np.zeros(groups * 8, dtype=np.uint64)
+        flat[: w.size] = u8[:, q]
+        top = flat.reshape(groups, 8)
+        acc = top[:, 0].copy()
+        for i in range(1, 8):
+            acc |= top[:, i] << np.uint64(r * i)
+        out.append(acc.astype("<u8", copy=False).view(np.uint8).reshape(groups, 8)[:, :r].tobytes())
+    return b"".join(out)
+
+
+def unpack_words(data: bytes | bytearray | memoryview, count: int, field_bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_words`: ``count`` words in the field's native dtype.
+    Wrong lengths and non-zero padding raise :class:`MalformedMessageError`."""
+    dtype = _word_dtype(field_bits)
+    if len(data) != packed_size(count, field_bits):
+        raise MalformedMessageError(
+            f"a packed vector of {count} {field_bits}-bit words is {packed_size(count, field_bits)} bytes, "
+            f"got {len(data)}"
+        )
+    q, r = divmod(field_bits, 8)
+    if q == dtype.itemsize:
+        return np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
+    out = np.zeros(count, dtype=dtype.newbyteorder("="))
+    u8 = out.view(np.uint8).reshape(count, dtype.itemsize)
+    if q:
+        u8[:, :q] = np.frombuffer(data, dtype=np.uint8, count=count * q).reshape(count, q)
+    if r:
+        groups = -(-count // 8)
+        raw = np.zeros((groups, 8), dtype=np.uint8)
+        raw[:, :r] = np.frombuffer(data, dtype=np.uint8, offset=count * q).reshape(groups, r)
+        acc = raw.view("<u8").reshape(groups)
+        top = np.empty((groups, 8), dtype=np.uint8)
+        mask = np.uint64((1 << r) - 1)
+        for i in range(8):
+            top[:, i] = (acc >> np.uint64(r * i)) & mask
+        flat = top.reshape(-1)
+        if flat[count:].any():
+            raise MalformedMessageError("a packed vector's padding bits are not zero")
+        u8[:, q] = flat[:count]
+    return out
+
+
 def _to_json(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"b": _b64(value)}
@@ -331,9 +415,9 @@ def encode(msg: Message, detach_vector: bool = False) -> bytes:
         value = getattr(msg, f.name)
         if isinstance(value, np.ndarray):
             vec = np.ascontiguousarray(value)
-            header[f.name] = {"dtype": vec.dtype.str, "len": int(vec.size)}
+            header[f.name] = {"dtype": vec.dtype.newbyteorder("<").str, "len": int(vec.size)}
             if not detach_vector:
-                tail = vec.astype(vec.dtype.newbyteorder("<"), copy=False).tobytes()
+                tail = pack_words(vec, int(getattr(msg, "field_bits", 8 * vec.dtype.itemsize)))
         else:
             header[f.name] = _to_json(value)
     head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
@@ -386,31 +470,36 @@ def _neighbour_keys(v: Any, what: str) -> tuple[NeighbourKeys, ...]:
     return tuple(keys)
 
 
-def _vector(v: Any, name: str, tail: bytes, vector: Any) -> np.ndarray:
-    if not isinstance(v, dict) or set(v) != {"dtype", "len"} or v["dtype"] not in ("<u4", "<u8"):
-        raise MalformedMessageError(f"{name} must be little-endian uint32 or uint64 words")
+def _vector(v: Any, name: str, tail: bytes, vector: Any, field_bits: int) -> np.ndarray:
+    """The vector of a masked input: packed at ``field_bits`` (inline ``tail``, or
+    ``vector`` as packed bytes when it travelled detached), or an array of words."""
+    if not isinstance(v, dict) or set(v) != {"dtype", "len"} or v["dtype"] not in ("<u2", "<u4", "<u8"):
+        raise MalformedMessageError(f"{name} must be little-endian uint16, uint32 or uint64 words")
     count = _int(v["len"], f"{name} length", MAX_VECTOR_WORDS)
     dtype = np.dtype(v["dtype"])
+    if dtype != _word_dtype(field_bits):
+        raise MalformedMessageError(f"{name} declares {dtype} words for a {field_bits}-bit field")
     if vector is not None:
         if tail:
             raise MalformedMessageError(f"{name} arrived both inline and detached")
+        if isinstance(vector, bytes | bytearray | memoryview):
+            return unpack_words(vector, count, field_bits)
         if not isinstance(vector, np.ndarray) or vector.ndim != 1:
             raise MalformedMessageError(f"{name} must be a 1-D array")
         if vector.dtype.newbyteorder("<") != dtype or vector.size != count:
             raise MalformedMessageError(f"{name} does not carry the words its header declares")
         return vector
-    if len(tail) != count * dtype.itemsize:
-        raise MalformedMessageError(f"{name} declares {count} words but carries {len(tail)} bytes")
-    return np.frombuffer(tail, dtype=dtype).astype(dtype.newbyteorder("="), copy=False)
+    return unpack_words(tail, count, field_bits)
 
 
-def decode(data: bytes, vector: np.ndarray | None = None) -> Message:
+def decode(data: bytes, vector: np.ndarray | bytes | None = None) -> Message:
     """Parse bytes from :func:`encode`; anything malformed raises
     :class:`MalformedMessageError` saying which check failed (never another exception).
 
     Sizes are checked before they are used: the header length before parsing, list
     lengths and integer ranges before anything is built from them.
-    ``vector`` supplies a masked input's words when they travelled detached.
+    ``vector`` supplies a masked input's words when they travelled detached: the packed
+    bytes (:func:`pack_words`), or an array of words.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedMessageError(f"expected bytes, got {type(data).__name__}")
@@ -455,9 +544,11 @@ def decode(data: bytes, vector: np.ndarray | None = None) -> Message:
         elif f.name == "keys":
             kw[f.name] = _neighbour_keys(v, name)
         elif f.name == "vector":
-            kw[f.name] = _vector(v, name, tail, vector)
+            continue  # after its field_bits (below)
         else:  # pragma: no cover - every field is handled above
             raise MalformedMessageError(f"unexpected field {name}")
     if cls not in (MaskedInput, RetryInput) and tail:
         raise MalformedMessageError(f"{cls.__name__} carries {len(tail)} unexpected trailing bytes")
+    if "vector" in names:
+        kw["vector"] = _vector(header["vector"], f"{cls.__name__}.vector", tail, vector, kw["field_bits"])
     return cls(**kw)
