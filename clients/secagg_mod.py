@@ -284,13 +284,9 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         return call_next(msg, context)
     ident = _identity(context, policy)
     state_path = _state_file(context, policy, ident)
-    try:
-        site = _load_site(context, state_path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        # never start afresh here: that would forget the site's privacy spend and the
-        # survivor sets it signed; the site's operator must repair or move the file
-        logger.error("secure aggregation: unreadable site state: %r", exc)
-        return _error_reply(msg, PolicyError("this site's state (sgs-state-file) is unreadable; it does not take part"))
+    site = _site_or_refusal(msg, context, state_path)
+    if isinstance(site, Message):
+        return site
     try:
         client = _load_client(context, ident, policy, site)
     except (SecAggError, ValueError, KeyError, TypeError) as exc:  # corrupt saved state: start afresh
@@ -298,14 +294,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         client = SecAggClient(int(context.node_id), identity=ident, policy=policy)
         client.history = dict(site.history)
     try:
-        rec = msg.content.config_records[wire.RECORD_KEY]
-        stage = _stage(rec)
-        payload = rec.get(wire.FIELD_PAYLOAD)
-        if not isinstance(payload, bytes):
-            raise MalformedMessageError("protocol payload is not bytes")
-        server_msg = wire.decode(payload)
-        if server_msg.stage != stage:
-            raise MalformedMessageError("protocol record's stage differs from its payload's")
+        rec, stage, server_msg = _protocol_part(msg)
         if is_eval_round(server_msg.round_id):
             raise StaleMessageError("a train message carries an evaluation round's id; refused (rounds of the two "
                                     "kinds never mix)")
@@ -350,6 +339,17 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
     return _protocol_reply(msg, stage, reply, names, ahead)
 
 
+def _site_or_refusal(msg: Message, context: Context, state_path: Path | None) -> SiteState | Message:
+    """The site's state, or the error reply when it cannot be read. Never start afresh
+    here: that would forget the site's privacy spend and the survivor sets it signed;
+    the site's operator must repair or move the file."""
+    try:
+        return _load_site(context, state_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.error("secure aggregation: unreadable site state: %r", exc)
+        return _error_reply(msg, PolicyError("this site's state (sgs-state-file) is unreadable; it does not take part"))
+
+
 def _on_key_message(msg: Message, context: Context, policy: ClientPolicy) -> Message:
     """A model-key request (model-confidential mode): answered without training."""
     try:
@@ -358,6 +358,20 @@ def _on_key_message(msg: Message, context: Context, policy: ClientPolicy) -> Mes
     except Exception as exc:
         logger.warning("model-key request refused: %s: %s", type(exc).__name__, exc)
         return _error_reply(msg, exc)
+
+
+def _protocol_part(msg: Message) -> tuple[ConfigRecord, Stage, wire.Message]:
+    """The request's protocol record, its stage and its decoded payload (size-limited by
+    :func:`wire.decode`); the record's stage must be the payload's."""
+    rec = msg.content.config_records[wire.RECORD_KEY]
+    stage = _stage(rec)
+    payload = rec.get(wire.FIELD_PAYLOAD)
+    if not isinstance(payload, bytes):
+        raise MalformedMessageError("protocol payload is not bytes")
+    server_msg = wire.decode(payload)
+    if server_msg.stage != stage:
+        raise MalformedMessageError("protocol record's stage differs from its payload's")
+    return rec, stage, server_msg
 
 
 def _next_part(rec: ConfigRecord) -> tuple[Stage, wire.Message]:
@@ -783,11 +797,9 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext) -> 
         return call_next(msg, context)
     ident = _identity(context, policy)
     state_path = _state_file(context, policy, ident)
-    try:
-        site = _load_site(context, state_path)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        logger.error("secure aggregation: unreadable site state: %r", exc)
-        return _error_reply(msg, PolicyError("this site's state (sgs-state-file) is unreadable; it does not take part"))
+    site = _site_or_refusal(msg, context, state_path)
+    if isinstance(site, Message):
+        return site
     rec_state = context.state.config_records.get(EVAL_STATE_KEY)
     try:
         client = (SecAggClient(int(context.node_id), identity=ident, policy=policy) if rec_state is None
@@ -797,14 +809,7 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext) -> 
         client = SecAggClient(int(context.node_id), identity=ident, policy=policy)
     client.history = dict(site.history) | client.history
     try:
-        rec = msg.content.config_records[wire.RECORD_KEY]
-        stage = _stage(rec)
-        payload = rec.get(wire.FIELD_PAYLOAD)
-        if not isinstance(payload, bytes):
-            raise MalformedMessageError("protocol payload is not bytes")
-        server_msg = wire.decode(payload)
-        if server_msg.stage != stage:
-            raise MalformedMessageError("protocol record's stage differs from its payload's")
+        rec, stage, server_msg = _protocol_part(msg)
         if not is_eval_round(server_msg.round_id):
             raise StaleMessageError("an evaluate message carries a train round's id; refused (rounds of the two "
                                     "kinds never mix)")
