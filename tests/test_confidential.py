@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
+from inprocess_grid import DirectGrid, Site
 
 from clients import confidential_site
 from sgs_flower.cli import main as cli_main
@@ -37,7 +38,6 @@ from sgs_flower.secagg.errors import ConfigurationError, ModelKeyError
 from strategies import SecAggConfig, SecAggStrategy, SecureAggregationFailed
 from strategies.model_key_phase import KEY_RECORD, ensure_model_key
 from strategies.secagg_strategy import parse_reply
-from tests.inprocess_grid import DirectGrid, Site
 
 N = 5
 SHAPES = {"w": (3, 4), "b": (4,)}

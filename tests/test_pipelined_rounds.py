@@ -951,11 +951,11 @@ def test_confidential_rounds_stay_pipelined_and_the_key_phase_runs_once():
     later round asks for keys again, and every site trains on the unmasked model."""
     from flwr.app import Array, ArrayRecord, ConfigRecord
     from flwr.serverapp.strategy import FedAvg
+    from inprocess_grid import DirectGrid, Site
 
     from sgs_flower.confidential.masked_model import WORDS_KEY
     from strategies import SecAggConfig, SecAggStrategy
     from strategies.model_key_phase import KEY_RECORD
-    from tests.inprocess_grid import DirectGrid, Site
 
     sites = {u: Site(u) for u in range(1, 6)}
     grid = DirectGrid(sites)
