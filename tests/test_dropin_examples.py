@@ -340,7 +340,13 @@ def test_quickstart_numpy_with_one_example_per_client_four_rounds_as_fedavg():
     out = _rounds_vs_fedavg("numpy", numpy_one_example_train)
     reports = out["reports"]
     assert reports[0].weight_scale == 8192 and reports[0].error_bound <= DEFAULT_WIDTH_ERROR * reports[0].clip_range
-    assert reports[0].field_bits > reports[1].field_bits  # round 1 sized for weight 1 at S = 8,192
+    # the default field is a fixed 32 bits; with the width chosen per round (field_bits=0,
+    # opt-in) round 1 is sized for weight 1 at S = 8,192, wider than the rounds after it
+    assert reports[0].field_bits >= reports[1].field_bits
+    chooser = SecAggStrategy(FedAvg(), SecAggConfig(field_bits=0))
+    first = chooser.field_bits_for(len(reports[0].cohort))
+    chooser._weights_needed.append(1)
+    assert first > chooser.field_bits_for(len(reports[0].cohort))
     assert all(r.weight_scale == 1 and r.error_bound <= DEFAULT_WIDTH_ERROR * r.clip_range for r in reports[1:])
     assert [r.exchanges for r in reports] == [5, 3, 3, 3]  # no retry
 
