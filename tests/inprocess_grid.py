@@ -87,6 +87,7 @@ class DirectGrid(Grid):
         ids = []
         for msg in self.outgoing(list(messages)):
             msg.metadata.__dict__["_message_id"] = str(uuid4())
+            msg.metadata.__dict__["_run_id"] = self._run.run_id  # as a real grid stamps its run
             self.sent.append(msg)
             site = self.sites.get(msg.metadata.dst_node_id)
             ids.append(msg.metadata.message_id)
