@@ -50,6 +50,12 @@ def load_key_state(context: Context, state_path: Path | None, policy: ClientPoli
     return state.for_roster(roster)
 
 
+def has_key_state(context: Context, state_path: Path | None) -> bool:
+    """Whether this site keeps model-key state at all (it took part in the mode)."""
+    path = key_file(state_path)
+    return context.state.config_records.get(KEY_STATE) is not None if path is None else path.exists()
+
+
 def save_key_state(context: Context, state_path: Path | None, state: mk.KeyState) -> None:
     path = key_file(state_path)
     if path is None:

@@ -267,11 +267,9 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         return run_secure_evaluate(msg, context, call_next)
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
-    try:
-        policy = _policy(context)
-    except SecAggError as exc:  # the site's own configuration is broken: say so, do not train
-        logger.error("secure aggregation: bad site policy: %s", exc)
-        return _error_reply(msg, PolicyError(f"this site's secure-aggregation policy is invalid ({type(exc).__name__})"))
+    policy = _policy_or_refusal(msg, context)
+    if isinstance(policy, Message):
+        return policy
     if confidential_site.KEY_RECORD in msg.content.config_records:
         return _on_key_message(msg, context, policy)
     if wire.RECORD_KEY not in msg.content.config_records:
@@ -337,6 +335,16 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
             site.models = remember(site.models, entry)
         _save_site(context, state_path, site)
     return _protocol_reply(msg, stage, reply, names, ahead)
+
+
+def _policy_or_refusal(msg: Message, context: Context) -> ClientPolicy | Message:
+    """The site's policy, or the error reply when its own configuration is broken: it
+    says so and takes no part (it neither trains nor evaluates)."""
+    try:
+        return _policy(context)
+    except SecAggError as exc:
+        logger.error("secure aggregation: bad site policy: %s", exc)
+        return _error_reply(msg, PolicyError(f"this site's secure-aggregation policy is invalid ({type(exc).__name__})"))
 
 
 def _site_or_refusal(msg: Message, context: Context, state_path: Path | None) -> SiteState | Message:
@@ -741,35 +749,26 @@ EVAL_STATE_KEY = "sgs.secagg.eval-client"  # the evaluation rounds' own protocol
 EVAL_NAMES_KEY = "sgs.secagg.eval-metric-names"  # the metric names of the last usable evaluate reply
 
 
-def _local_model_message(msg: Message, context: Context) -> Message:
+def _local_model_message(msg: Message, context: Context, policy: ClientPolicy, state_path: Path | None) -> Message:
     """The evaluate message the user's code sees, from the request's model and config
     (protocol records already removed). The one place the evaluated model reaches the
     site's code: in the model-confidential mode the key-masked model is unmasked here
     (MAC and freshness checked, :func:`confidential_site.open_for_evaluation`), before
-    the user's evaluate runs; a refusal is an error reply, never a site-dependent one."""
+    the user's evaluate runs, and a plaintext model is refused once this site unmasked
+    the run's masked one; a refusal (an unreadable key file included) is an error reply
+    before the user's code runs, never one that depends on the site's data."""
     records = msg.content.array_records
-    if not any(confidential_site.is_masked(a) for a in records.values()) and not _has_run_key(context):
-        return msg
-    policy = _policy(context)
-    state_path = _state_file(context, policy, _identity(context, policy))
+    masked = any(confidential_site.is_masked(a) for a in records.values())
+    if not masked and not confidential_site.has_key_state(context, state_path):
+        return msg  # this site never took part in the model-confidential mode
     state = confidential_site.load_key_state(context, state_path, policy)
     content = RecordDict({k: v for k, v in msg.content.config_records.items()})
     for name, arrays in records.items():
         plain, state = confidential_site.open_for_evaluation(arrays, msg.metadata.run_id, state)
         content[name] = plain
-    confidential_site.save_key_state(context, state_path, state)
+    if masked:  # the newest model it unmasked moved on
+        confidential_site.save_key_state(context, state_path, state)
     return Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
-
-
-def _has_run_key(context: Context) -> bool:
-    """Whether this site has unmasked a masked model in this run (then a plaintext model
-    to evaluate is refused too: a model the server chose)."""
-    try:
-        policy = _policy(context)
-        state_path = _state_file(context, policy, _identity(context, policy))
-        return str(context.run_id) in confidential_site.load_key_state(context, state_path, policy).newest
-    except Exception:
-        return False
 
 
 def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext) -> Message:
@@ -781,11 +780,9 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext) -> 
     (:func:`_evaluate_and_encode`); its metrics leave the site only masked. A plain
     evaluate message is refused while the site requires secure aggregation: it would
     send this site's metrics to the server in the clear."""
-    try:
-        policy = _policy(context)
-    except SecAggError as exc:
-        logger.error("secure aggregation: bad site policy: %s", exc)
-        return _error_reply(msg, PolicyError(f"this site's secure-aggregation policy is invalid ({type(exc).__name__})"))
+    policy = _policy_or_refusal(msg, context)
+    if isinstance(policy, Message):
+        return policy
     if wire.RECORD_KEY not in msg.content.config_records:
         if policy.require_secure_aggregation:
             logger.warning("refused a plain evaluate message: this site requires secure aggregation")
@@ -819,7 +816,7 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext) -> 
         names: tuple[list[str], list[str]] | None = None
         if stage == Stage.MASKED_INPUT:
             client.expect_masked_input(server_msg)
-            reply, names = _evaluate_and_encode(msg, context, client, server_msg, rec, call_next, policy)
+            reply, names = _evaluate_and_encode(msg, context, client, server_msg, rec, call_next, policy, state_path)
         elif stage == Stage.RETRY:
             raise StaleMessageError("an evaluation round has no retry (its weight scale is max_weight)")
         else:
@@ -853,6 +850,7 @@ def _evaluate_and_encode(
     rec: ConfigRecord,
     call_next: CallNext,
     policy: ClientPolicy,
+    state_path: Path | None,
 ) -> tuple[wire.Message, tuple[list[str], list[str]]]:
     """Check what the server chose, run the user's evaluate, encode and mask its metrics.
 
@@ -870,7 +868,7 @@ def _evaluate_and_encode(
     m_digest = model_digest([(k, v.numpy()) for k, v in model.items()])
     digest = eval_binding_digest(m_digest, dict(cfg), spec)
     plain = Message(content=RecordDict({a_key: model, c_key: cfg}), metadata=msg.metadata)  # type: ignore[call-overload]
-    eval_msg = _local_model_message(plain, context)
+    eval_msg = _local_model_message(plain, context, policy, state_path)
     names = _remembered_eval_names(context, spec)
     try:
         metrics, weight, names = _evaluate_and_check(eval_msg, context, call_next, w_key, spec)

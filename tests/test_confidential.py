@@ -491,3 +491,22 @@ def test_key_errors_are_typed():
     with pytest.raises(ModelKeyError, match="not signed by the leader"):
         mk.install(state, identity.generate_identity(), 1, "0" * 32, identity.identity_public(
             identity.generate_identity()), b"x" * 100, b"y" * 64, None)
+
+
+def test_an_unreadable_key_file_refuses_evaluation_instead_of_accepting_a_plaintext_model():
+    """Fail closed: a site whose model-key file cannot be read does not evaluate a model
+    it is sent (it cannot tell whether the run is masked), it replies an error first."""
+    ss = sites()
+    grid = DirectGrid(ss)
+    run(grid, rounds=2)
+    key_file = confidential_site.key_file(_state_path(ss[1]))
+    assert key_file is not None and key_file.exists()
+    key_file.write_text("{not json")
+    plain = ArrayRecord({k: Array(np.full(s, 0.5, np.float32)) for k, s in SHAPES.items()})
+    from clients.secagg_mod import _local_model_message
+
+    msg = Message(RecordDict({"arrays": plain, "config": ConfigRecord({})}), dst_node_id=1, message_type="evaluate",
+                  group_id="1")
+    with pytest.raises(ValueError):
+        _local_model_message(msg, ss[1].context, _site_policy(ss[1]), _state_path(ss[1]))
+    assert len(ss[1].evaluated) == 0
