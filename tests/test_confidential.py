@@ -91,11 +91,14 @@ def test_sites_unmask_fedavg_of_the_survivors_models():
         for s in ss.values():
             for k in SHAPES:
                 np.testing.assert_allclose(s.seen[r][k], expect[k], atol=bound)
-    # the same run under plain secure aggregation reaches the same model
-    plain_sites = sites()
-    run(DirectGrid(plain_sites), rounds=3, st=strategy(confidential=False))
+    # at equal 32-bit words, the same run under plain secure aggregation reaches the same
+    # model (at the default narrow widths the two quantize different things, the model
+    # and its change, so each is held to its own bound above)
+    wide, plain_sites = sites(node_config={"sgs-state-file": "memory"}), sites(node_config={"sgs-state-file": "memory"})
+    run(DirectGrid(wide), rounds=3, st=strategy(field_bits=32))
+    run(DirectGrid(plain_sites), rounds=3, st=strategy(confidential=False, field_bits=32))
     for k in SHAPES:
-        np.testing.assert_allclose(ss[1].seen[2][k], plain_sites[1].seen[2][k], atol=1e-4)
+        np.testing.assert_allclose(wide[1].seen[2][k], plain_sites[1].seen[2][k], atol=1e-4)
 
 
 def test_secure_evaluation_of_the_masked_model_is_all_the_server_learns():
@@ -115,7 +118,8 @@ def test_secure_evaluation_of_the_masked_model_is_all_the_server_learns():
         got = float(res.evaluate_metrics_clientapp[rnd]["mean_w"])
         assert abs(got - mean) < 1e-6, (got, mean)
     expect = fedavg_of(list(ss.values()), ss[1].seen[1])  # round 2's evaluated model is round 2's output
-    np.testing.assert_allclose(ss[3].evaluated[1]["w"], expect["w"], atol=1e-4)
+    bound = 2 * st.reports[1].error_bound * 4.0 + 1e-6  # the released bound, times the model range
+    np.testing.assert_allclose(ss[3].evaluated[1]["w"], expect["w"], atol=bound)
     plaintext = [m for m in grid.sent if "arrays" in m.content.array_records
                  and mm.WORDS_KEY not in m.content.array_records["arrays"]]
     assert len(plaintext) == N  # round 1's initial model only; every evaluation got the masked one
@@ -470,8 +474,9 @@ def test_unmask_command_recovers_the_model_and_refuses_a_tampered_file(tmp_path,
     with np.load(out) as f:
         got = {k: f[k] for k in f.files}
     expect = fedavg_of(list(ss.values()), ss[1].seen[1])
+    bound = 2 * st.reports[1].error_bound * 4.0 + 1e-6  # the released bound, times the model range
     for k in SHAPES:
-        np.testing.assert_allclose(got[k], expect[k], atol=1e-4)
+        np.testing.assert_allclose(got[k], expect[k], atol=bound)
     # a key folder is searched for the right key file
     assert cli_main(["unmask", str(masked), str(out), "--key", str(key_file.parent)]) == 0
     m = _masked(res.arrays)

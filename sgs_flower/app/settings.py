@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "secure-aggregation": True,
     "confidential": False,
     "clip-range": 1.0,
-    "field-bits": 32,
+    "field-bits": 0,
     "max-weight": 1_000_000,
     "min-clients": 0,
     "stage-timeout": 600.0,
