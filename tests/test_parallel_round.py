@@ -104,3 +104,24 @@ def test_a_refusal_in_a_worker_is_a_dropout_as_in_the_serial_round() -> None:
     for u in serial.survivors:
         expect += vectors[u]
     assert np.array_equal(par.total, expect) and np.array_equal(serial.total, expect)
+
+
+@pytest.mark.parametrize("wire", [False, True])
+def test_small_batches_give_the_same_round(wire: bool) -> None:
+    """Shards fed one site at a time (every vector, and with ``wire`` every encoded
+    message, is over the batch limit) answer exactly as the serial sites do."""
+    ids = list(range(1, N + 1))
+    rng = np.random.default_rng(8)
+    vectors = {u: rng.integers(0, 1 << 32, M, dtype=np.uint64).astype(np.uint32) for u in ids}
+    drops = {Stage.MASKED_INPUT: {3, 12}, Stage.UNMASK: {20}}
+    params = RoundParams(run_id=1, round_id=1, cohort=tuple(ids), vector_length=M)
+    policy = ClientPolicy()
+    serial_up: dict[int, int] = {}
+    serial = run_protocol(SecAggServer(params), {u: SecAggClient(u, policy=policy) for u in ids}, vectors, drops,
+                          wire, upload_bytes=serial_up)
+    par_up: dict[int, int] = {}
+    with SiteShards(ids, policy, 3, max_batch_bytes=1) as shards:
+        par = run_protocol(SecAggServer(params), shards, vectors, drops, wire, upload_bytes=par_up)
+    assert np.array_equal(serial.total, par.total)
+    assert serial.survivors == par.survivors and serial.dropped == par.dropped
+    assert serial_up == par_up
