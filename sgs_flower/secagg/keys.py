@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import os
 import struct
 from collections.abc import Iterable
@@ -21,8 +20,10 @@ from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sgs_flower.secagg.errors import MalformedMessageError, ShareDecryptionError
@@ -166,23 +167,10 @@ def agree(sk: X25519PrivateKey, peer_public: bytes, peer: int) -> bytes:
         raise MalformedMessageError(f"public key of node {peer} is invalid: {exc}") from exc
 
 
-_HKDF_ZERO_SALT = bytes(hashlib.sha256().digest_size)
-
-
-def hkdf_sha256_32(secret: bytes, info: bytes) -> bytes:
-    """HKDF-SHA256 (RFC 5869) with no salt and a 32-byte output: PRK = HMAC(0^32,
-    secret), OKM = HMAC(PRK, info || 0x01). The same bytes as ``cryptography``'s HKDF
-    (tests/test_secagg_units.py checks it against it), computed in two one-shot HMAC
-    calls: every site derives two keys per neighbour, and building an HKDF object per
-    key (its algorithm object and type checks) cost more than the hashing."""
-    prk = hmac.digest(_HKDF_ZERO_SALT, secret, "sha256")
-    return hmac.digest(prk, info + b"\x01", "sha256")
-
-
 def derive(secret: bytes, label: bytes, context: bytes, *parts: int) -> bytes:
     """HKDF-SHA256(secret) -> 32-byte key, bound to label, context and the node ids."""
     ids = _U64_PAIR(*parts) if len(parts) == 2 else b"".join(map(_U64, parts))
-    return hkdf_sha256_32(secret, label + context + ids)
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label + context + ids).derive(secret)
 
 
 def pairwise_mask_key(shared: bytes, context: bytes, u: int, v: int) -> bytes:
