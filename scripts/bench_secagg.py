@@ -15,6 +15,15 @@
    signature checks per site, at most floor(k/3) colluders per neighbourhood. The
    default global quorum (~2n/3 verifications per site, O(n^2) per round) is timed
    beside it at the sizes up to 1,000 that are run (``round_seconds_global``).
+   The simulated sites run in ``--workers`` worker processes (default: the CPU count;
+   ``round_workers``), as deployed sites run on their own machines: each site still
+   verifies every signature and makes every key agreement itself, so the wall time
+   with W workers is about the total site CPU over W plus the server's.
+   ``round_cpu_seconds`` is the CPU of all the round's processes (the bench process and
+   its workers); ``round_peak_rss_bytes`` is the bench process's peak resident memory
+   plus, per worker, its peak beyond the pages it inherited at the fork (those are the
+   parent's, shared copy-on-write, and counted once there): an upper bound of the
+   round's simultaneous memory, since the processes' peaks need not coincide.
 4. Upload bytes per client (keys, encrypted shares, masked vector and unmask shares, as
    encoded on the wire) over the float32 bytes of the same update.
 5. The masked-input stage, what a client does after training, at m = 5,000,000 and
@@ -35,7 +44,8 @@
    for its cohort of k + 1, against the floor of its narrower keystreams.
 
 Usage: python scripts/bench_secagg.py [--quick] [--sizes 100,250,1000,10000]
-[--global-sizes 100,250]. The last line
+[--global-sizes 100,250] [--workers W]; one round alone: --one-round N [--consistency
+neighbourhood|global] [--workers W]. The last line
 printed is one JSON object. Timings on a shared machine are noisy: every figure is one
 run (the round sizes) or the best of a few (the stages).
 """
@@ -44,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -210,26 +221,46 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def one_round(n: int, m: int = 10_000, seed: int = 1, consistency: str = "neighbourhood") -> dict[str, float]:
+def default_workers() -> int:
+    """Worker processes for the simulated sites: one per CPU (the sites are independent
+    machines in a deployment; here they share this one's cores)."""
+    return max(1, os.cpu_count() or 1)
+
+
+def one_round(
+    n: int, m: int = 10_000, seed: int = 1, consistency: str = "neighbourhood", workers: int = 1
+) -> dict[str, float]:
     """One whole in-process round of n clients, 5 % dropping before the masked input, in
-    the given consistency mode (the sites opted in to it); its seconds and this process's
-    peak resident memory (bytes)."""
+    the given consistency mode (the sites opted in to it), the sites in ``workers``
+    processes; its seconds, the CPU seconds of all its processes (this one and the
+    workers) and its peak resident memory (bytes: this process's peak plus each worker's
+    peak beyond what it inherited at the fork, see the module doc)."""
     rng = np.random.default_rng(seed)
     xs = [rng.uniform(-1, 1, m) for _ in range(n)]
     dropped = rng.choice(n, n // 20, replace=False).tolist()
     t, cpu = time.perf_counter(), time.process_time()
-    res = simulate_round(xs, dropouts={Stage.MASKED_INPUT: dropped}, seed=0, consistency=consistency)
+    res = simulate_round(xs, dropouts={Stage.MASKED_INPUT: dropped}, seed=0, consistency=consistency,
+                         workers=workers)
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    worker_cpu = sum(w.cpu_seconds for w in res.worker_stats)
     ref = np.mean([xs[i] for i in res.survivors], axis=0)
     assert np.max(np.abs(res.aggregate - ref)) <= res.config.error_bound
     assert len(res.survivors) == n - len(dropped)
-    peak = peak_rss_bytes()
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_bytes": float(peak), **{f"stage_{k}": v for k, v in res.seconds.items()}}
+    own = peak_rss_bytes()
+    worker_own = sum(w.own_peak_bytes for w in res.worker_stats)
+    return {
+        "seconds": seconds, "cpu_seconds": cpu + worker_cpu, "parent_cpu_seconds": cpu,
+        "worker_cpu_seconds": worker_cpu, "workers": res.workers, "peak_rss_bytes": float(own + worker_own),
+        "parent_peak_rss_bytes": float(own), "worker_own_peak_rss_bytes": float(worker_own),
+        "worker_peak_rss_bytes": [float(w.peak_rss_bytes) for w in res.worker_stats],
+        **{f"stage_{k}": v for k, v in res.seconds.items()},
+    }
 
 
-def round_in_subprocess(n: int, consistency: str = "neighbourhood") -> dict[str, float]:
+def round_in_subprocess(n: int, consistency: str = "neighbourhood", workers: int = 1) -> dict[str, float]:
     """:func:`one_round` in a fresh interpreter, so that the peak memory is the round's."""
-    proc = subprocess.run([sys.executable, __file__, "--one-round", str(n), "--consistency", consistency],
+    proc = subprocess.run([sys.executable, __file__, "--one-round", str(n), "--consistency", consistency,
+                           "--workers", str(workers)],
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -296,10 +327,16 @@ def main(argv: list[str] | None = None) -> dict:
                     "consistency quorum (default: those of --sizes up to 1000)")
     ap.add_argument("--rounds-only", action="store_true", help="run only [3], the whole rounds")
     ap.add_argument("--one-round", type=int, help=argparse.SUPPRESS)  # internal: one round, one JSON line
-    ap.add_argument("--consistency", default="neighbourhood", choices=CONSISTENCY_MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--consistency", default="neighbourhood", choices=CONSISTENCY_MODES,
+                    help="consistency quorum of --one-round (default neighbourhood)")
+    ap.add_argument("--workers", type=int, default=default_workers(),
+                    help="worker processes the whole rounds' sites run in (default: the CPU count, "
+                    f"{default_workers()} here; 1: all in the bench process)")
     args = ap.parse_args(argv)
+    if args.workers < 1:
+        ap.error("--workers must be at least 1")
     if args.one_round:
-        res = one_round(args.one_round, consistency=args.consistency)
+        res = one_round(args.one_round, consistency=args.consistency, workers=args.workers)
         print(json.dumps(res))
         return res
     quick = args.quick
@@ -308,7 +345,7 @@ def main(argv: list[str] | None = None) -> dict:
     global_sizes = ([int(v) for v in args.global_sizes.split(",") if v] if args.global_sizes is not None
                     else [n for n in sizes if n <= 1000])
     if args.rounds_only:
-        return whole_rounds(out, sizes, global_sizes)
+        return whole_rounds(out, sizes, global_sizes, args.workers)
 
     # 1. client masking, m coordinates, k = 10 neighbours (complete graph of 11)
     m = 1_000_000
@@ -386,30 +423,33 @@ def main(argv: list[str] | None = None) -> dict:
           f"{c['client_unmask_seconds'] * 1e3:.1f} ms with the global quorum (default, {consistency_quorum(n2)} "
           f"signatures), {cn['client_unmask_seconds'] * 1e3:.1f} ms with the neighbourhood quorum (opt-in, "
           f"{neighbourhood_quorum(default_degree(n2)) - 1} neighbours' signatures)", file=sys.stderr)
-    return whole_rounds(out, sizes, global_sizes)
+    return whole_rounds(out, sizes, global_sizes, args.workers)
 
 
-def whole_rounds(out: dict, sizes: list[int], global_sizes: list[int] | None = None) -> dict:
-    """[3]: whole rounds at m = 10,000 with 5 % dropout, each in its own process, with
-    the neighbourhood consistency quorum (sites opted in) and, at ``global_sizes``, with
-    the default global one too; prints the final JSON line."""
+def whole_rounds(out: dict, sizes: list[int], global_sizes: list[int] | None = None, workers: int = 1) -> dict:
+    """[3]: whole rounds at m = 10,000 with 5 % dropout, each in its own process (its
+    sites in ``workers`` processes of their own), with the neighbourhood consistency
+    quorum (sites opted in) and, at ``global_sizes``, with the default global one too;
+    prints the final JSON line."""
     out["round_consistency"] = "neighbourhood"  # the mode of round_seconds* (sites opted in)
+    out["round_workers"] = workers
     rounds: dict[int, dict[str, float]] = {}
     for n in sizes:
-        rounds[n] = round_in_subprocess(n)
+        rounds[n] = round_in_subprocess(n, workers=workers)
         r = rounds[n]
         print(f"[3] round n={n:,} m=10,000 5% dropout, neighbourhood quorum (opt-in): {r['seconds']:.2f} s "
-              f"({r['cpu_seconds']:.2f} s CPU), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
+              f"({r['cpu_seconds']:.2f} s CPU, {r['workers']:.0f} workers), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
     glob: dict[int, dict[str, float]] = {}
     for n in global_sizes or []:
-        glob[n] = round_in_subprocess(n, "global")
+        glob[n] = round_in_subprocess(n, "global", workers)
         r = glob[n]
         print(f"[3] round n={n:,} m=10,000 5% dropout, global quorum (default): {r['seconds']:.2f} s "
-              f"({r['cpu_seconds']:.2f} s CPU), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
+              f"({r['cpu_seconds']:.2f} s CPU, {r['workers']:.0f} workers), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
     out["round_seconds_global"] = {str(k): v["seconds"] for k, v in glob.items()}
     out["round_cpu_seconds_global"] = {str(k): v["cpu_seconds"] for k, v in glob.items()}
     out["round_seconds"] = {str(k): v["seconds"] for k, v in rounds.items()}
-    # CPU seconds of the round's process: on a shared machine, less disturbed by the others' load
+    # CPU seconds of the round's processes (bench process + workers): on a shared machine,
+    # less disturbed by the others' load
     out["round_cpu_seconds"] = {str(k): v["cpu_seconds"] for k, v in rounds.items()}
     out["round_peak_rss_bytes"] = {str(k): v["peak_rss_bytes"] for k, v in rounds.items()}
     out["round_seconds_n1000"] = rounds[1000]["seconds"] if 1000 in rounds else None

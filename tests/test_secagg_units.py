@@ -267,3 +267,19 @@ def test_every_message_type_round_trips(cohort_factory):
     msgs = list(c.server.setup_messages().values()) + list(c.advertise().values())
     for m in msgs:
         assert decode_message(encode_message(m)) == m
+
+
+def test_derive_binds_label_context_and_nodes_as_before():
+    """derive's info is label || context || the node ids as 8-byte big-endian words
+    (the node ids are packed by precompiled structs: the bytes must not change)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from sgs_flower.secagg import keys
+
+    secret, ctx = os.urandom(32), os.urandom(32)
+    for parts in [(), (7,), (3, 2**64 - 1), (1, 2, 3)]:
+        info = keys.LABEL_SHARE + ctx + b"".join(p.to_bytes(8, "big") for p in parts)
+        ref = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+        assert keys.derive(secret, keys.LABEL_SHARE, ctx, *parts) == ref
+    assert keys.pairwise_mask_key(secret, ctx, 5, 2) == keys.pairwise_mask_key(secret, ctx, 2, 5)

@@ -223,15 +223,17 @@ class AwaitingRoster:
                 "its secrets could not be recovered, so it does not take part"
             )
         order = sorted(roster)
-        xs = [share_x(sec.setup.cohort, v) for v in order]
+        index = cohort_index(sec.setup.cohort)  # share_x of each, the index looked up once
+        xs = [index[v] + 1 for v in order]
         sk_shares, b_shares = shamir.split_many([sec.s_sk, sec.b_u], xs, t)
         c_sk = keys.load_private_key(sec.c_sk)
         cts = []
         share_keys: dict[int, bytes] = {}
+        u_bytes = keys.node_bytes(u)
         for v, sk_sh, b_sh in zip(order, sk_shares, b_shares, strict=True):
             shared = keys.agree(c_sk, roster[v].c_pk, v)
             k = share_keys[v] = keys.share_key(shared, sec.share_context, u, v)
-            plaintext = keys.node_bytes(u) + keys.node_bytes(v) + sk_sh + b_sh
+            plaintext = u_bytes + keys.node_bytes(v) + sk_sh + b_sh
             cts.append((v, keys.encrypt_share(k, plaintext, sec.share_context, u, v)))
         reply = ShareKeys(run_id=msg.run_id, round_id=msg.round_id, sender=u, ciphertexts=tuple(cts))
         return AwaitingShares(u, sec, roster, table, share_keys), reply
@@ -264,6 +266,7 @@ class AwaitingShares:
         setup = sec.setup
         held: dict[int, tuple[bytes, bytes]] = {}
         c_sk = keys.load_private_key(sec.c_sk)
+        u_bytes = keys.node_bytes(u)
         for v, blob in msg.ciphertexts:
             if v not in self.roster:
                 raise UnknownSenderError(f"share from node {v}, which is not in node {u}'s roster")
@@ -273,7 +276,7 @@ class AwaitingShares:
                 keys.agree(c_sk, self.roster[v].c_pk, v), sec.share_context, u, v
             )
             plain = keys.decrypt_share(k, blob, sec.share_context, v, u)
-            if len(plain) != _SHARE_PLAINTEXT or plain[:8] != keys.node_bytes(v) or plain[8:16] != keys.node_bytes(u):
+            if len(plain) != _SHARE_PLAINTEXT or plain[:8] != keys.node_bytes(v) or plain[8:16] != u_bytes:
                 raise MalformedMessageError(f"share from node {v} is not addressed from {v} to {u}")
             held[v] = (plain[16 : 16 + shamir.SHARE_BYTES], plain[16 + shamir.SHARE_BYTES :])
         if len(held) < setup.threshold:

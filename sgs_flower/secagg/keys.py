@@ -42,9 +42,13 @@ LABEL_CONSISTENCY = b"sgs-flower/consistency-signature/v2"
 LABEL_RETRY = b"sgs-flower/retry-context/v1"
 
 
+_U64 = struct.Struct(">Q").pack
+_U64_PAIR = struct.Struct(">QQ").pack
+
+
 def node_bytes(node_id: int) -> bytes:
     """A node id as 8 big-endian bytes (Flower node ids are unsigned 64-bit)."""
-    return struct.pack(">Q", node_id)
+    return _U64(node_id)
 
 
 def pack_nodes(nodes: Iterable[int]) -> bytes:
@@ -165,8 +169,8 @@ def agree(sk: X25519PrivateKey, peer_public: bytes, peer: int) -> bytes:
 
 def derive(secret: bytes, label: bytes, context: bytes, *parts: int) -> bytes:
     """HKDF-SHA256(secret) -> 32-byte key, bound to label, context and the node ids."""
-    info = label + context + b"".join(node_bytes(p) for p in parts)
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+    ids = _U64_PAIR(*parts) if len(parts) == 2 else b"".join(map(_U64, parts))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label + context + ids).derive(secret)
 
 
 def pairwise_mask_key(shared: bytes, context: bytes, u: int, v: int) -> bytes:
@@ -194,7 +198,7 @@ def share_key(shared: bytes, context: bytes, u: int, v: int) -> bytes:
 
 
 def _aad(context: bytes, sender: int, receiver: int) -> bytes:
-    return context + node_bytes(sender) + node_bytes(receiver)
+    return context + _U64_PAIR(sender, receiver)
 
 
 def encrypt_share(key: bytes, plaintext: bytes, context: bytes, sender: int, receiver: int) -> bytes:
@@ -221,7 +225,7 @@ def advertise_statement(share_context: bytes, node: int, c_pk: bytes, s_pk: byte
     share context covers version, run, round, cohort, degree, threshold, field, vector
     length and graph seed), its node id and both public keys, so a server can neither
     swap a key nor move the advertisement to another node, round or run."""
-    return LABEL_ADVERTISE + share_context + node_bytes(node) + c_pk + s_pk + commitment
+    return LABEL_ADVERTISE + share_context + _U64(node) + c_pk + s_pk + commitment
 
 
 def consistency_statement(share_context: bytes, survivors: Iterable[int]) -> bytes:

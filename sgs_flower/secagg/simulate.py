@@ -1,15 +1,26 @@
-"""Run a whole SecAgg+ round in one process, with no Flower.
+"""Run a whole SecAgg+ round on one machine, with no Flower.
 
 For tests, benchmarks, and users who want to check the protocol: n clients and the
 server exchange the real messages (optionally through their byte encoding), with
-dropouts injected at any stage.
+dropouts injected at any stage. The clients run in this process or, with
+``workers`` > 1, in worker processes that each hold a shard of them for the whole round
+(:class:`SiteShards`): deployed sites run on their own machines, each doing its own
+signature checks and key agreements, and a simulation that ran them all on one core
+would time the sum of n sites' work, not a round.
 """
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
+import multiprocessing.connection
+import pickle
+import resource
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+import traceback
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 import numpy as np
@@ -36,6 +47,8 @@ class RoundResult:
     config: QuantizationConfig
     seconds: dict[str, float] = field(default_factory=dict)
     upload_bytes: dict[int, int] = field(default_factory=dict)
+    workers: int = 1  # processes the sites ran in (1: this one)
+    worker_stats: list[WorkerStats] = field(default_factory=list)  # per worker process, when workers > 1
 
 
 def _stage_key(stage: Stage | int | str) -> Stage:
@@ -44,9 +57,31 @@ def _stage_key(stage: Stage | int | str) -> Stage:
     return Stage(stage)
 
 
+def _answer(client: SecAggClient, msg: Message | bytes, kw: Mapping[str, Any], wire: bool) -> Message | bytes | None:
+    """One site's answer to one message, or None when it refuses (a typed protocol or
+    threshold error: the site sends nothing from then on, which the server treats as a
+    dropout). A message given as bytes is decoded first and, with ``wire``, the reply is
+    returned encoded. The serial path and the worker processes both call this, so a
+    site behaves the same wherever it runs."""
+    if isinstance(msg, bytes):
+        msg = decode_message(msg)
+    try:
+        reply = client.handle(msg, **kw)
+    except (ProtocolError, ThresholdError):
+        return None
+    return encode_message(reply) if wire else reply
+
+
+# (node, message, keyword arguments of SecAggClient.handle) -> answer or None; with
+# ``wire`` the message is encoded only when it is sent (one at a time, or one batch
+# at a time), never all at once: the rosters of a 10,000-site round are 320 KB each
+_Item = tuple[int, Message, dict[str, Any]]
+_AnswerAll = Callable[[list[_Item], bool], dict[int, "Message | bytes | None"]]
+
+
 def run_protocol(
     server: SecAggServer,
-    clients: Mapping[int, SecAggClient],
+    clients: Mapping[int, SecAggClient] | SiteShards,
     vectors: Mapping[int, np.ndarray],
     dropouts: Mapping[Stage, Collection[int]] | None = None,
     wire: bool = False,
@@ -55,7 +90,34 @@ def run_protocol(
     upload_bytes: dict[int, int] | None = None,
 ) -> RoundOutcome:
     """Drive the five stages; a client in ``dropouts[stage]`` sends nothing from that
-    stage on. With ``wire=True`` every message goes through its byte encoding."""
+    stage on. With ``wire=True`` every message goes through its byte encoding.
+
+    ``clients`` are the sites, either in this process (a mapping) or spread over worker
+    processes (:class:`SiteShards`, which then hold their state between the stages);
+    the messages, refusals and results are the same either way."""
+    if isinstance(clients, SiteShards):
+        answer_all: _AnswerAll = clients.answer
+    else:
+        local = clients
+
+        def answer_all(items: list[_Item], wire: bool) -> dict[int, Message | bytes | None]:
+            return {
+                node: _answer(local[node], encode_message(msg) if wire else msg, kw, wire) for node, msg, kw in items
+            }
+
+    return _drive(server, answer_all, vectors, dropouts, wire, bound_digests, seconds, upload_bytes)
+
+
+def _drive(
+    server: SecAggServer,
+    answer_all: _AnswerAll,
+    vectors: Mapping[int, np.ndarray],
+    dropouts: Mapping[Stage, Collection[int]] | None,
+    wire: bool,
+    bound_digests: Mapping[int, bytes] | None,
+    seconds: dict[str, float] | None,
+    upload_bytes: dict[int, int] | None,
+) -> RoundOutcome:
     drops = {s: set(v) for s, v in (dropouts or {}).items()}
     gone: set[int] = set()
     timing = seconds if seconds is not None else {}
@@ -63,28 +125,26 @@ def run_protocol(
 
     def exchange(stage: Stage, outgoing: Mapping[int, Message]) -> dict[int, Message | bytes]:
         gone.update(drops.get(stage, ()))
-        replies: dict[int, Message | bytes] = {}
         t0 = time.perf_counter()
+        items: list[_Item] = []
         for node, msg in outgoing.items():
             if node in gone:
                 continue
-            if wire:
-                msg = decode_message(encode_message(msg))
-            try:
-                kw: dict = {}
-                if stage == Stage.MASKED_INPUT:
-                    kw["vector"] = vectors[node]
-                    kw["bound_digest"] = (bound_digests or {}).get(node, b"")
-                reply = clients[node].handle(msg, **kw)
-            except (ProtocolError, ThresholdError):
+            kw: dict[str, Any] = {}
+            if stage == Stage.MASKED_INPUT:
+                kw["vector"] = vectors[node]
+                kw["bound_digest"] = (bound_digests or {}).get(node, b"")
+            items.append((node, msg, kw))
+        answers = answer_all(items, wire)
+        replies: dict[int, Message | bytes] = {}
+        for node, _, _ in items:  # in the order the server sent them
+            reply = answers[node]
+            if reply is None:
                 gone.add(node)
                 continue
-            if wire:
-                data = encode_message(reply)
-                upload[node] = upload.get(node, 0) + len(data)
-                replies[node] = data
-            else:
-                replies[node] = reply
+            if isinstance(reply, bytes):
+                upload[node] = upload.get(node, 0) + len(reply)
+            replies[node] = reply
         timing[f"clients_stage{int(stage)}"] = time.perf_counter() - t0
         return replies
 
@@ -106,6 +166,240 @@ def run_protocol(
     return outcome
 
 
+# ------------------------------------------------------------ sites in worker processes
+@dataclass(frozen=True)
+class WorkerStats:
+    """What one worker process of :class:`SiteShards` used: its CPU seconds (user +
+    system, since it started), its resident memory when it started (what it shares,
+    copy-on-write, with the process that forked it) and its peak resident memory."""
+
+    cpu_seconds: float
+    start_rss_bytes: int
+    peak_rss_bytes: int
+
+    @property
+    def own_peak_bytes(self) -> int:
+        """The peak beyond what it inherited: its own allocations (the inherited pages
+        are the parent's, counted there)."""
+        return max(0, self.peak_rss_bytes - self.start_rss_bytes)
+
+
+def _status_bytes(field_name: str) -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes; 0 where
+    there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return 0
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """``exc`` if it survives pickling (it travels back to the parent), else a
+    RuntimeError that names it."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+def _shard_main(conn: Connection, ids: tuple[int, ...], policy: ClientPolicy) -> None:
+    """A worker process: the sites ``ids`` live here for the whole round (their keys and
+    state never leave it). It answers each batch of messages the parent sends, in order,
+    with what :func:`_answer` gives, until told to stop, then reports its
+    :class:`WorkerStats`."""
+    start_rss = _status_bytes("VmRSS")
+    clients = {u: SecAggClient(u, policy=policy) for u in ids}
+    conn.send(("ready", None))
+    while True:
+        request = conn.recv()
+        if request[0] == "stop":
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            peak = _status_bytes("VmHWM") or usage.ru_maxrss * 1024  # ru_maxrss: KiB on Linux
+            conn.send(("stats", WorkerStats(usage.ru_utime + usage.ru_stime, start_rss, peak)))
+            conn.close()
+            return
+        _, wire, items = request
+        try:
+            out = {node: _answer(clients[node], msg, kw, wire) for node, msg, kw in items}
+        except BaseException as exc:  # a bug, not a refusal: the parent raises it
+            conn.send(("error", _portable(exc), traceback.format_exc()))
+            continue
+        conn.send(("ok", out))
+
+
+class SiteShards:
+    """The simulated sites of a round split over ``workers`` processes, as real sites run
+    on their own machines: each site's cryptography (its signature checks, key agreements,
+    share encryption and masking) is its own and runs in its own shard, so the round's
+    wall time is about the total site CPU over the number of workers, while the server
+    stays in this process. Nothing is shared between sites that the serial path does not
+    share (each shard derives and verifies for its own sites).
+
+    Shards are formed round-robin over the sorted ids. Processes are forked where the
+    platform can (the sites need nothing of the parent but their ids and policy) and the
+    garbage collector is frozen across the fork, so the children do not copy the
+    parent's pages by touching its objects' headers. Use as a context manager, or call
+    :meth:`close`: the workers are stopped (or, after an error, terminated) then.
+    """
+
+    def __init__(
+        self, ids: Sequence[int], policy: ClientPolicy, workers: int, *, max_batch_bytes: int = 32 << 20
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork") if "fork" in methods else multiprocessing.get_context("spawn")
+        order = sorted(ids)
+        workers = min(workers, max(1, len(order)))
+        self.max_batch_bytes = max_batch_bytes
+        self.stats: list[WorkerStats] = []
+        self._conns: list[Connection] = []
+        self._procs: list[multiprocessing.process.BaseProcess] = []
+        self._shard_of: dict[int, int] = {}
+        self._healthy = True
+        # freeze only if the caller has not frozen objects of its own (unfreeze would
+        # release theirs too)
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
+        try:
+            for w in range(workers):
+                shard = tuple(order[w::workers])
+                self._shard_of.update(dict.fromkeys(shard, w))
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(target=_shard_main, args=(child, shard, policy), daemon=True,
+                                   name=f"secagg-shard-{w}")
+                self._procs.append(proc)
+                self._conns.append(parent)
+                proc.start()
+                child.close()
+        except BaseException:
+            if freeze:
+                gc.unfreeze()
+            self.close()
+            raise
+        if freeze:
+            gc.unfreeze()
+        try:
+            for conn in self._conns:
+                self._receive(conn)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def workers(self) -> int:
+        return len(self._procs)
+
+    def _receive(self, conn: Connection) -> Any:
+        try:
+            kind, *payload = conn.recv()
+        except EOFError as exc:
+            self._healthy = False
+            raise RuntimeError("a secure-aggregation worker process died") from exc
+        if kind == "error":
+            self._healthy = False
+            err, text = payload
+            err.add_note(f"in a worker process:\n{text}")
+            raise err
+        return payload[0]
+
+    def answer(self, items: list[_Item], wire: bool = False) -> dict[int, Message | bytes | None]:
+        """Every site's answer (or None for a refusal) to its message in ``items``, each
+        shard working on its own sites' part while the others work on theirs.
+
+        A shard's part goes in batches of about ``max_batch_bytes`` (input vectors and
+        encoded messages counted; a stage without either goes in one batch, so the
+        objects its messages share, such as the identity table, travel once), one batch
+        in flight per shard: the next is sent when its answers are back. So neither
+        side ever holds more than a batch of vectors in transit (a shard's whole part of
+        a 10,000-site masked-input stage is 200 MB each way), and with blocking pipes
+        and one request per shard no two processes can wait on each other's sends."""
+        try:
+            return self._answer(items, wire)
+        except BaseException:
+            self._healthy = False  # a shard may hold an unread answer: terminate at close
+            raise
+
+    def _batches(self, part: list[_Item], wire: bool) -> Iterator[list[tuple[int, Message | bytes, dict[str, Any]]]]:
+        batch: list[tuple[int, Message | bytes, dict[str, Any]]] = []
+        size = 0
+        for node, msg, kw in part:
+            payload: Message | bytes = encode_message(msg) if wire else msg
+            batch.append((node, payload, kw))
+            size += (len(payload) if isinstance(payload, bytes) else 0) + sum(
+                v.nbytes for v in kw.values() if isinstance(v, np.ndarray)
+            )
+            if size >= self.max_batch_bytes:
+                yield batch
+                batch, size = [], 0
+        if batch:
+            yield batch
+
+    def _answer(self, items: list[_Item], wire: bool) -> dict[int, Message | bytes | None]:
+        parts: list[list[_Item]] = [[] for _ in self._conns]
+        for item in items:
+            parts[self._shard_of[item[0]]].append(item)
+        pending = {conn: self._batches(part, wire) for conn, part in zip(self._conns, parts, strict=True)}
+        busy: list[Connection] = []
+
+        def send_next(conn: Connection) -> None:
+            batch = next(pending[conn], None)
+            if batch is not None:
+                conn.send(("answer", wire, batch))
+                busy.append(conn)
+
+        for conn in self._conns:
+            send_next(conn)
+        out: dict[int, Message | bytes | None] = {}
+        error: BaseException | None = None
+        while busy:
+            for ready in multiprocessing.connection.wait(busy):
+                assert isinstance(ready, Connection)
+                busy.remove(ready)
+                try:
+                    out.update(self._receive(ready))
+                except BaseException as exc:  # read the other shards' answers first
+                    error = error or exc
+                    continue
+                if error is None:
+                    send_next(ready)
+        if error is not None:
+            raise error
+        return out
+
+    def close(self) -> list[WorkerStats]:
+        """Stop the workers and return their :class:`WorkerStats` (none after an error:
+        the workers are then terminated)."""
+        if self._healthy and not self.stats:
+            try:
+                for conn in self._conns:
+                    conn.send(("stop",))
+                self.stats = [self._receive(conn) for conn in self._conns]
+            except (OSError, RuntimeError):
+                self._healthy = False
+        for proc in self._procs:
+            proc.join(timeout=5 if self._healthy else 0)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        self._procs, self._conns = [], []
+        return self.stats
+
+    def __enter__(self) -> SiteShards:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def simulate_round(
     inputs: Sequence[np.ndarray],
     weights: Sequence[int] | None = None,
@@ -123,6 +417,7 @@ def simulate_round(
     wire: bool = False,
     integer_noise: Sequence[np.ndarray] | None = None,
     consistency: str = "global",
+    workers: int = 1,
 ) -> RoundResult:
     """Securely aggregate ``inputs`` (one float array per client, same shape).
 
@@ -133,6 +428,14 @@ def simulate_round(
 
     ``consistency`` is the round's consistency quorum: ``"global"`` (the default) or
     ``"neighbourhood"``, for which the simulated sites opt in (``sgs-consistency``).
+
+    ``workers`` > 1 runs the sites in that many worker processes (:class:`SiteShards`),
+    as deployed sites run on their own machines: each still does all of its own checks
+    and key agreements, so the round's wall time is about the total site CPU over
+    ``workers`` plus the server's. The messages, refusals and results are those of
+    ``workers=1``; ``seconds["clients_stageN"]`` is then the wall time of the parallel
+    stage, and ``worker_stats`` what each worker used (its CPU and memory are not in
+    this process's own figures).
     """
     n = len(inputs)
     if weights is None:
@@ -161,14 +464,20 @@ def simulate_round(
     # the simulated sites accept this cohort's size (the default policy stops at 1,000)
     # and, when the round asks for it, the neighbourhood quorum
     policy = ClientPolicy(max_cohort=max(ClientPolicy().max_cohort, n), consistency=consistency)
-    clients = {u: SecAggClient(u, policy=policy) for u in ids}
     drops = {_stage_key(s): {i + 1 for i in v} for s, v in (dropouts or {}).items()}
     seconds: dict[str, float] = {}
     upload: dict[int, int] = {}
-    outcome = run_protocol(
-        server, clients, {u: e.vector for u, e in zip(ids, encoded, strict=True)}, drops, wire,
-        seconds=seconds, upload_bytes=upload,
-    )
+    vectors = {u: e.vector for u, e in zip(ids, encoded, strict=True)}
+    stats: list[WorkerStats] = []
+    if workers > 1:
+        shards = SiteShards(ids, policy, workers)
+        try:
+            outcome = run_protocol(server, shards, vectors, drops, wire, seconds=seconds, upload_bytes=upload)
+        finally:
+            stats = shards.close()
+    else:
+        clients = {u: SecAggClient(u, policy=policy) for u in ids}
+        outcome = run_protocol(server, clients, vectors, drops, wire, seconds=seconds, upload_bytes=upload)
     decoded = decode_checked(outcome.total, config, len(outcome.survivors))
     survivors = [u - 1 for u in outcome.survivors]
     return RoundResult(
@@ -180,6 +489,8 @@ def simulate_round(
         config=config,
         seconds=seconds,
         upload_bytes={u - 1: b for u, b in upload.items()},
+        workers=max(1, len(stats)) if workers > 1 else 1,
+        worker_stats=stats,
     )
 
 
