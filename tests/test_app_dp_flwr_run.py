@@ -42,6 +42,7 @@ def test_quick_distributed_dp_at_100_supernodes_learns_within_budget(tmp_path):
     assert not left
 
 
+@pytest.mark.study  # ~1 min; the budget stop is in CI through Flower simulation
 @pytest.mark.slow
 def test_a_run_stopped_by_the_budget_saves_the_model_and_says_so(tmp_path):
     """central-dp with its noise calibrated for 6 rounds at epsilon 8 but a budget of

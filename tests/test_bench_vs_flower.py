@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_vs_flower.py"
 
 
+@pytest.mark.study  # runs the benchmark script, ~1 min
 @pytest.mark.timeout(240)
 def test_quick_benchmark_reports_ratios_and_correct_models():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True,

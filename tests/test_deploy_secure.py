@@ -219,6 +219,7 @@ def test_three_supernodes_secagg_distributed_dp_matches_plaintext(
     assert bound["total"] < 0.05 * moved, (bound, moved)
 
 
+@pytest.mark.study  # ~1.5 min; resuming the ledger with a new ServerApp is in CI through Flower simulation
 def test_new_serverapp_resumes_spent_epsilon(dep: LocalDeployment, ddp_run: RunResult) -> None:
     from sgs_flower.ledger import Ledger
 
@@ -247,6 +248,7 @@ def test_new_serverapp_resumes_spent_epsilon(dep: LocalDeployment, ddp_run: RunR
     assert ok, msg
 
 
+@pytest.mark.study  # ~2.5 min; the mode's guarantees are in test_confidential.py and the simulation test
 def test_confidential_preset_trains_and_a_site_key_unmasks_the_model(
     dep: LocalDeployment, plain_run: RunResult, tmp_path: Path
 ) -> None:
@@ -277,7 +279,10 @@ def test_confidential_preset_trains_and_a_site_key_unmasks_the_model(
     reference = load_model(plain_run)
     assert list(unmasked) == list(reference)
     diff = float(np.max(np.abs(flat(unmasked) - flat(reference))))
-    assert diff < 1e-3, diff  # round 1 exact to the bound; local SGD carries it through round 2
+    # each round's released model is within its stated bound (the width is chosen per
+    # round, docs/protocol.md "The word width"); local SGD carries round 1's through round 2
+    bound = AMPLIFICATION * sum(r["error_bound"] for r in conf.result["rounds"]) + 1e-3
+    assert diff < bound, (diff, bound)
 
     from sgs_flower.digits import evaluate, make_model, set_weights, train_test_split
 
@@ -312,6 +317,7 @@ def _kill_after_key_sharing(dep: LocalDeployment, i: int, done: threading.Event)
         time.sleep(0.2)
 
 
+@pytest.mark.study  # ~3 min of stage timeouts; dropout recovery is in CI through Flower simulation
 def test_killed_supernode_after_key_sharing(dep: LocalDeployment) -> None:
     """MUST STAY LAST in this module: it kills a SuperNode of the shared deployment."""
     # a 4th SuperNode (partition 3 of 4), so that 3 are left for "at least 3 per sum"

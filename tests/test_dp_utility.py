@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "dp_utility.py"
 
 
+@pytest.mark.study  # a study, ~1 min
 @pytest.mark.timeout(150)
 def test_quick_study_reports_matched_epsilon_and_sane_accuracy():
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True,
