@@ -51,3 +51,29 @@ def test_an_all_aborting_flwr_run_fails_naming_the_cause(tmp_path):
     assert "no survivor's update could be used (5 x weight outside 1..max_weight" in details  # the cause, in one line
     assert "SecureAggregationFailed" in log
     assert not results.exists()
+
+
+@pytest.mark.slow
+def test_the_neighbourhood_quorum_runs_where_the_sites_opted_in_and_fails_loudly_where_not(tmp_path):
+    """run-config ``consistency="neighbourhood"`` through ``flwr run``: sites that opted in
+    (``sgs-consistency=neighbourhood``) train with it; default sites refuse its setup, and
+    the run fails naming the refusal (no results file claims a training)."""
+    from sgs_flower.app.results import run_once
+
+    for opted_in in (True, False):
+        work = tmp_path / ("in" if opted_in else "out")
+        work.mkdir()
+        results = work / "r.json"
+        cfg = {"preset": "secagg", "consistency": "neighbourhood", "num-server-rounds": 3,
+               "results-file": str(results), "model-file": "", "ledger": ""}
+        site = "sgs-consistency=neighbourhood" if opted_in else ""
+        proc, runs = run_once(work, 5, cfg, site_config=site)
+        if opted_in:
+            assert [r["status"] for r in runs] == ["finished:completed"], (runs, proc.stderr[-2000:])
+            report = json.loads(results.read_text())
+            assert [r["status"] for r in report["rounds"]] == ["ok"] * 3
+            assert report["accuracy"]["3"] > report["accuracy"]["0"] + 0.3  # it trained
+        else:
+            assert [r["status"] for r in runs] == ["finished:failed"], runs
+            assert "PolicyError: round asks for the neighbourhood consistency quorum" in runs[0]["status-details"]
+            assert not results.exists()

@@ -46,6 +46,19 @@ def test_bad_configs_say_what_is_wrong():
         resolve({**DEFAULTS, "server-optimizer": "krum"})
     with pytest.raises(ValueError, match="central and distributed DP run on top of secure aggregation"):
         resolve({**DEFAULTS, "preset": "plain", "dp-mode": "central"})
+    with pytest.raises(ValueError, match=r"'consistency' = 'sparse': must be one of .*sgs-consistency=neighbourhood"):
+        resolve({**DEFAULTS, "consistency": "sparse"})
+
+
+def test_the_consistency_key_reaches_the_strategy():
+    """run-config ``consistency`` is the strategy's quorum (the sites still opt in)."""
+    from flwr.app import ArrayRecord
+
+    from sgs_flower.app.server_app import make_strategy
+
+    for mode in ("global", "neighbourhood"):
+        st = make_strategy(resolve({**DEFAULTS, "consistency": mode}), ArrayRecord())
+        assert st.config.consistency == mode  # type: ignore[attr-defined]
 
 
 def test_tail_average_is_the_mean_of_the_last_k_models():

@@ -163,8 +163,12 @@ def plot_run(results: dict[str, Any], ledger: Path | None, out: Path, title: str
     return out
 
 
-def flwr_env(home: Path) -> dict[str, str]:
-    """The environment of our ``flwr run`` calls (and so of the SuperLink the first starts)."""
+PLAIN_SITES = "sgs-require-secagg=false"
+
+
+def flwr_env(home: Path, site_config: str = PLAIN_SITES) -> dict[str, str]:
+    """The environment of our ``flwr run`` calls (and so of the SuperLink the first starts,
+    whose simulated sites read ``site_config`` as their ``SGS_NODE_CONFIG``)."""
     # flwr starts flower-superlink by name: put this interpreter's venv first on PATH
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return {
@@ -176,7 +180,7 @@ def flwr_env(home: Path) -> dict[str, str]:
         # The plain rows need sites that accept plain rounds: a site opts in through its
         # own environment (the secure rows are unaffected: their server sends protocol
         # messages).
-        "SGS_NODE_CONFIG": "sgs-require-secagg=false",
+        "SGS_NODE_CONFIG": site_config,
         # MARKER_ENV: every process flwr run starts (the detached SuperLink, its
         # helpers) inherits it, which is how stop_all finds them.
         MARKER_ENV: str(home),
@@ -201,7 +205,7 @@ def federation_config(supernodes: int) -> str:
 
 
 def flwr_run(app: Path, home: Path, supernodes: int, cfg: dict[str, Any],
-             timeout: float = 3600) -> tuple[subprocess.CompletedProcess[str], float]:
+             timeout: float = 3600, site_config: str = PLAIN_SITES) -> tuple[subprocess.CompletedProcess[str], float]:
     """One ``flwr run <app> --stream`` on ``supernodes`` simulated SuperNodes: the
     finished process (output captured) and its wall seconds."""
     cmd = [flower_bin("flwr"), "run", str(app), "--stream", "--federation-config",
@@ -210,7 +214,8 @@ def flwr_run(app: Path, home: Path, supernodes: int, cfg: dict[str, Any],
     # cwd=app: flwr (1.41) migrates a [tool.flwr.federations] section of the pyproject.toml
     # in the *working directory* into FLWR_HOME and comments it out there; run from the
     # checkout, it rewrote the checkout's own pyproject.toml.
-    proc = subprocess.run(cmd, env=flwr_env(home), capture_output=True, text=True, timeout=timeout, cwd=app)
+    proc = subprocess.run(cmd, env=flwr_env(home, site_config), capture_output=True, text=True, timeout=timeout,
+                          cwd=app)
     return proc, time.monotonic() - t0
 
 
@@ -224,14 +229,14 @@ def run_statuses(home: Path) -> list[dict[str, Any]]:
     return list(json.loads(proc.stdout)["runs"])
 
 
-def run_once(work: Path, supernodes: int, cfg: dict[str, Any],
-             timeout: float = 900) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+def run_once(work: Path, supernodes: int, cfg: dict[str, Any], timeout: float = 900,
+             site_config: str = PLAIN_SITES) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
     """One ``flwr run`` of a fresh app copy under ``work`` with its own FLWR_HOME: the
     finished process and the run statuses Flower recorded (:func:`run_statuses`);
     everything it started is stopped, also on failure."""
     app, home = copy_app(work), work / "flwr-home"
     try:
-        proc, _ = flwr_run(app, home, supernodes, cfg, timeout=timeout)
+        proc, _ = flwr_run(app, home, supernodes, cfg, timeout=timeout, site_config=site_config)
         return proc, run_statuses(home)
     finally:
         stop_all(home)

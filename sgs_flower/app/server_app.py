@@ -77,7 +77,7 @@ def make_strategy(s: Settings, initial: ArrayRecord) -> Strategy:
     cfg = SecAggConfig(  # every numeric train metric is aggregated securely (metric slots)
         clip_range=float(s["clip-range"]), field_bits=int(s["field-bits"]), max_weight=int(s["max-weight"]),
         min_clients=int(s["min-clients"]) or None, stage_timeout=float(s["stage-timeout"]),
-        confidential=bool(s["confidential"]),
+        confidential=bool(s["confidential"]), consistency=str(s["consistency"]),
     )
     ledger = str(Path(s["ledger"]).expanduser().resolve()) if s["ledger"] else None
     if ledger:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sgs_flower.secagg.graph import CONSISTENCY_MODES
+
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 DEFAULTS: dict[str, Any] = {
@@ -37,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "proximal-mu": 0.01,
     "secure-aggregation": True,
     "confidential": False,
+    "consistency": "global",
     "clip-range": 1.0,
     "field-bits": 0,
     "max-weight": 1_000_000,
@@ -127,6 +130,9 @@ def _validate(v: dict[str, Any]) -> None:
             raise bad(key, "must be >= 1")
     if not 0 < float(v["fraction-train"]) <= 1:
         raise bad("fraction-train", "must be in (0, 1]")
+    if v["consistency"] not in CONSISTENCY_MODES:
+        raise bad("consistency", f"must be one of {CONSISTENCY_MODES} ('neighbourhood': the quorum per "
+                  "neighbourhood for large cohorts; the sites must opt in with sgs-consistency=neighbourhood)")
     if v["confidential"]:
         if not v["secure-aggregation"] or v["dp-mode"] != "none":
             raise bad("confidential", "the model-confidential mode runs on secure aggregation without DP: set "
