@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +88,13 @@ HISTORY_LIMIT = 512  # model digests remembered (oldest forgotten first)
 def share_x(cohort: tuple[int, ...], node: int) -> int:
     """The Shamir x-coordinate of a share held by ``node``: its cohort position + 1."""
     return cohort_index(cohort)[node] + 1
+
+
+def share_xs(cohort: tuple[int, ...], nodes: Sequence[int]) -> list[int]:
+    """:func:`share_x` of each of ``nodes``, the cohort's index looked up once (a site
+    splits its secrets for all its neighbours at once)."""
+    index = cohort_index(cohort)
+    return [index[v] + 1 for v in nodes]
 
 
 def survivor_set_digest(survivors: tuple[int, ...]) -> str:
@@ -223,8 +231,7 @@ class AwaitingRoster:
                 "its secrets could not be recovered, so it does not take part"
             )
         order = sorted(roster)
-        index = cohort_index(sec.setup.cohort)  # share_x of each, the index looked up once
-        xs = [index[v] + 1 for v in order]
+        xs = share_xs(sec.setup.cohort, order)
         sk_shares, b_shares = shamir.split_many([sec.s_sk, sec.b_u], xs, t)
         c_sk = keys.load_private_key(sec.c_sk)
         cts = []

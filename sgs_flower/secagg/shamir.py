@@ -80,9 +80,10 @@ def split_many(secrets: Sequence[bytes], xs: Sequence[int], threshold: int) -> l
     # In place, into one buffer: at k ~ 30 receivers the arrays are small and the cost
     # is numpy's per-call overhead, so each step is three calls and no allocation.
     x = xs_arr[:, None]
+    steps = [*coeffs[::-1], secret_chunks]  # highest coefficient first, the secret last
     acc = np.empty((len(xs_arr), width), dtype=np.int64)
-    acc[:] = coeffs[threshold - 2] if threshold > 1 else secret_chunks
-    for row in (*coeffs[: threshold - 2][::-1], secret_chunks) if threshold > 1 else ():
+    acc[:] = steps[0]
+    for row in steps[1:]:
         np.multiply(acc, x, out=acc)
         np.add(acc, row, out=acc)
         np.remainder(acc, PRIME, out=acc)

@@ -278,17 +278,14 @@ class SiteShards:
                 self._conns.append(parent)
                 proc.start()
                 child.close()
-        except BaseException:
             if freeze:
                 gc.unfreeze()
-            self.close()
-            raise
-        if freeze:
-            gc.unfreeze()
-        try:
+                freeze = False
             for conn in self._conns:
                 self._receive(conn)
         except BaseException:
+            if freeze:
+                gc.unfreeze()
             self.close()
             raise
 
@@ -469,8 +466,10 @@ def simulate_round(
     upload: dict[int, int] = {}
     vectors = {u: e.vector for u, e in zip(ids, encoded, strict=True)}
     stats: list[WorkerStats] = []
+    used = 1
     if workers > 1:
         shards = SiteShards(ids, policy, workers)
+        used = shards.workers  # at most one per site
         try:
             outcome = run_protocol(server, shards, vectors, drops, wire, seconds=seconds, upload_bytes=upload)
         finally:
@@ -489,7 +488,7 @@ def simulate_round(
         config=config,
         seconds=seconds,
         upload_bytes={u - 1: b for u, b in upload.items()},
-        workers=max(1, len(stats)) if workers > 1 else 1,
+        workers=used,
         worker_stats=stats,
     )
 
