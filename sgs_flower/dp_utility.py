@@ -68,6 +68,7 @@ from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.simulate import run_protocol
 
 MODES = ("none", "sample-dp", "central-dp", "distributed-dp")
+#: The word width of the study's rounds without DP (a DP round takes its plan's width).
 FIELD_BITS = 32
 
 
@@ -124,11 +125,13 @@ def make_model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, NUM_CLASSES))
 
 
-def _secure_sum(vectors: dict[int, np.ndarray], server_round: int, vector_length: int) -> tuple[np.ndarray, int]:
+def _secure_sum(
+    vectors: dict[int, np.ndarray], server_round: int, vector_length: int, field_bits: int
+) -> tuple[np.ndarray, int]:
     """One real SecAgg+ round over the cohort; returns the unmasked sum and survivors."""
     ids = tuple(sorted(vectors))
     params = RoundParams(run_id=1, round_id=server_round, cohort=ids, vector_length=vector_length,
-                         field_bits=FIELD_BITS)
+                         field_bits=field_bits)
     server = SecAggServer(params)
     clients = {u: SecAggClient(u) for u in ids}
     outcome = run_protocol(server, clients, vectors)
@@ -167,7 +170,7 @@ def run_mode(mode: str, study: Study, ledger_dir: Path | None = None) -> Row:
         ledger = ledger_dir / f"{mode}-seed{study.seed}.jsonl" if ledger_dir else None
         if ledger is not None and ledger.exists():
             ledger.unlink()
-        agg = DPAggregator(dp, field_bits=FIELD_BITS, ledger_path=ledger)
+        agg = DPAggregator(dp, ledger_path=ledger)  # the strategy's default: the width per round
 
     sample: SampleDPSettings | None = None
     states: dict[int, dict[str, Any] | None] = {}
@@ -188,7 +191,7 @@ def run_mode(mode: str, study: Study, ledger_dir: Path | None = None) -> Row:
             fields = dict(plan.spec_fields)
             if "rotation_seed" in fields:  # public per-round seed; fixed here so runs repeat
                 fields["rotation_seed"] = int(rng.integers(0, 2**31))
-            spec = UpdateSpec(max_cohort=n, max_weight=1, field_bits=FIELD_BITS, **fields)
+            spec = UpdateSpec(max_cohort=n, max_weight=1, field_bits=plan.field_bits, **fields)
             row.noise_multiplier = plan.noise_multiplier
         else:
             spec = UpdateSpec(clip_range=study.clip_range, max_cohort=n, max_weight=1, field_bits=FIELD_BITS)
@@ -216,7 +219,7 @@ def run_mode(mode: str, study: Study, ledger_dir: Path | None = None) -> Row:
             row.clipped_coordinates += encoded.clipped if agg is None else 0
             vectors[cid + 1] = encoded.vector
 
-        total, survivors = _secure_sum(vectors, r, spec.vector_length(model_size))
+        total, survivors = _secure_sum(vectors, r, spec.vector_length(model_size), spec.field_bits)
         decoded = decode_update(total, spec, survivors, model_size)
         if agg is not None and plan is not None:
             mean = agg.release(plan, decoded.weighted_delta_sum, decoded.count, dropouts=n - survivors, rng=noise_rng)

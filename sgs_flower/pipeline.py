@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sgs_flower.dp.clipping import clip_l2
-from sgs_flower.dp.noise import secure_rng, skellam_share
+from sgs_flower.dp.noise import NOISE_SIGMAS, noise_headroom, secure_rng, skellam_share
 from sgs_flower.dp.rotation import padded_length, rotate, unrotate
 from sgs_flower.dp.site import DP_FLAG_WORDS, DPContribution, dp_dimension
 from sgs_flower.secagg.errors import (
@@ -93,9 +93,6 @@ def weight_bins(max_weight: int) -> int:
 DEFAULT_WIDTH_ERROR = 4e-3
 #: The narrowest word width chosen (QuantizationConfig's floor).
 MIN_FIELD_BITS = 8
-#: The word width of DP rounds unless the configuration fixes one: the distributed-DP
-#: fixed point (dp.aggregator.ddp_quantization) is chosen for the field it is given.
-DP_FIELD_BITS = 32
 
 
 def narrowest_field_bits(
@@ -219,6 +216,14 @@ class UpdateSpec:
         if self.dp_mode == "distributed" and not 1 <= self.min_survivors <= self.max_cohort:
             raise ConfigurationError(
                 f"distributed DP needs min_survivors in 1..max_cohort={self.max_cohort}, got {self.min_survivors}"
+            )
+        if self.dp_mode == "distributed" and self.noise_headroom < noise_headroom(self.noise_mu_share, self.max_cohort):
+            # the field must hold the noise of every share that may survive; a spec that
+            # reserves less could wrap the noisy sum (a wrong model, never a release)
+            raise OverflowRiskError(
+                f"the spec reserves {self.noise_headroom} for the noise, but {self.max_cohort} Skellam shares of "
+                f"mu={self.noise_mu_share:.6g} reach {noise_headroom(self.noise_mu_share, self.max_cohort)} "
+                f"({NOISE_SIGMAS:g} std): at {self.field_bits}-bit words the noisy sum could wrap; the site refuses"
             )
         if self.model_key:
             if self.dp_mode != "none":

@@ -43,8 +43,11 @@ class SecAggConfig:
       float32), :func:`sgs_flower.pipeline.narrowest_field_bits`. The model-confidential
       mode takes the same rule (its range bounds model coordinates, so its stated bound
       is c / 255 of the model; the `confidential` preset reached the same accuracy as at
-      32 bits, docs/benchmarks.md). DP rounds keep 32 bits unless fixed (their fixed point
-      and noise headroom are sized for it). A fixed value in 8..64 is used for every
+      32 bits, docs/benchmarks.md). Distributed-DP rounds take the narrowest width that
+      holds the clipped sum *and* its Skellam noise, at a fixed point whose rounding
+      costs at most 1 % of the sensitivity (:func:`sgs_flower.dp.aggregator.ddp_narrow_quantization`:
+      21 bits for the `distributed-dp` preset at 100 SuperNodes, 23 for the app's CNN);
+      central DP keeps 32. A fixed value in 8..64 is used for every
       round (refused where it cannot hold the cohort); 32 is the old fixed layout
       (upload 1.0x float32). A site refuses a width below its ``sgs-min-bits``.
     - ``metric_slots``: how many numeric train metrics are aggregated (their weighted

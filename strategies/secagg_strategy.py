@@ -77,7 +77,6 @@ from sgs_flower.dp.budget import BudgetExhaustedError
 from sgs_flower.dp.config import DPConfig
 from sgs_flower.pipeline import (
     DEFAULT_WEIGHT_SCALE,
-    DP_FIELD_BITS,
     DecodedUpdate,
     UpdateSpec,
     adapted_range,
@@ -266,7 +265,7 @@ class SecAggStrategy(Strategy):
             _check_confidential(self.inner, dp)
         self.privacy: DPAggregator | None = None
         if dp is not None and dp.mode in ("central-dp", "distributed-dp"):
-            self.privacy = DPAggregator(dp, field_bits=self.config.field_bits or DP_FIELD_BITS, ledger_path=ledger,
+            self.privacy = DPAggregator(dp, field_bits=self.config.field_bits, ledger_path=ledger,
                                         config={"secagg": repr(self.config), "inner": type(self.inner).__name__})
             spent = self.privacy.spent()
             if self.privacy.round_offset:
@@ -470,7 +469,9 @@ class SecAggStrategy(Strategy):
     ) -> UpdateSpec:
         """The round's spec. Outside DP its word width is the narrowest that holds the
         cohort's sum at ``width_error`` times the range (unless ``field_bits`` fixes it):
-        the cohort size is known here, before the round's setup carries the width."""
+        the cohort size is known here, before the round's setup carries the width. Under
+        DP the width is the plan's (:class:`~sgs_flower.dp.aggregator.DPAggregator`: the
+        narrowest that holds the sum and its noise, unless ``field_bits`` fixes it)."""
         c = self.config
         if plan is None:
             return UpdateSpec(
@@ -482,7 +483,7 @@ class SecAggStrategy(Strategy):
                 int_size=int_size_of(like) if like is not None else 0, model_key=self.model_key,
             )
         # Under DP: unweighted, no released metrics or counters, the DP plan's clip and fixed point.
-        return UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=c.field_bits or DP_FIELD_BITS, metric_slots=0,
+        return UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=plan.field_bits, metric_slots=0,
                           **plan.spec_fields)
 
     def _nodes_needed(self) -> int:
@@ -643,6 +644,7 @@ class SecAggStrategy(Strategy):
             report.next_round_set_up = True
         self._fill(report, server)
         report.total_weight = decoded.total_weight
+        report.field_bits = spec.field_bits  # DP rounds too (their width is the plan's)
         unusable = self._unusable(report, decoded, plan)
         if plan is not None and self.privacy is not None:
             # noise (central), account and write the ledger BEFORE the aggregate is used

@@ -26,11 +26,11 @@ def secure_round(agg: DPAggregator, deltas: list[np.ndarray], drop: set[int], se
     """One DP round through encode -> SecAgg+ -> decode -> release; returns (mean, plan)."""
     n, m = len(deltas), deltas[0].size
     plan = agg.plan(server_round, n, n, m)
-    spec = UpdateSpec(max_cohort=n, max_weight=1, field_bits=32, **plan.spec_fields)
+    spec = UpdateSpec(max_cohort=n, max_weight=1, field_bits=plan.field_bits, **plan.spec_fields)
     ids = list(range(1, n + 1))
     vectors = {u: encode_update(d, {}, 1, spec).vector for u, d in zip(ids, deltas, strict=True)}
     params = RoundParams(run_id=1, round_id=server_round, cohort=tuple(ids), vector_length=spec.vector_length(m),
-                         min_clients=plan.min_survivors)
+                         field_bits=spec.field_bits, min_clients=plan.min_survivors)
     outcome = run_protocol(SecAggServer(params), {u: SecAggClient(u) for u in ids}, vectors,
                            {Stage.MASKED_INPUT: {u + 1 for u in drop}})
     dec = decode_update(outcome.total, spec, len(outcome.survivors), m)

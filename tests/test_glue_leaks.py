@@ -34,7 +34,7 @@ from test_active_server import (
     mod_round_to_consistency,
 )
 
-from sgs_flower.dp.noise import secure_rng, skellam_share
+from sgs_flower.dp.noise import noise_headroom, secure_rng, skellam_share
 from sgs_flower.dp.site import SiteAccountant, SiteBudgetError
 from sgs_flower.pipeline import (
     FAILURE_REASONS,
@@ -61,11 +61,12 @@ def _old_reading(spec: UpdateSpec, assumed_bits: int = 32) -> float:
 
 def _dp_spec(**kw) -> UpdateSpec:
     base = dict(clip_range=1.0, max_cohort=N_MOD, max_weight=1, field_bits=32, metric_slots=0,
-                dp_mode="distributed", l2_clip=1.0, bits_per_coordinate=16, noise_headroom=10**6,
-                min_survivors=N_MOD)
+                dp_mode="distributed", l2_clip=1.0, bits_per_coordinate=16, min_survivors=N_MOD)
     base.update(kw)
     levels = (1 << ((base["bits_per_coordinate"] or 32) - 1)) - 1
     base.setdefault("noise_mu_share", (FLOOR * levels) ** 2 / (2 * base["min_survivors"]))
+    # the headroom the site demands for this noise (a spec reserving less is refused first)
+    base.setdefault("noise_headroom", noise_headroom(base["noise_mu_share"], base["max_cohort"]))
     return UpdateSpec(**base)  # type: ignore[arg-type]
 
 
@@ -131,15 +132,16 @@ def test_as_many_bits_as_fit_in_a_64_bit_field_is_read_at_the_encoders_levels():
     cohort=st.integers(1, 40),
     survivors_frac=st.floats(0.01, 1.0),
     log_mu=st.floats(0, 15),
-    headroom=st.integers(0, 10**6),
+    headroom_frac=st.floats(0.0, 2.0),
     kind=st.sampled_from(["spread", "spike", "failure"]),
 )
 def test_an_admitted_spec_never_carries_less_noise_than_the_floor(
-    field_bits, bits, log_range, log_clip, model_size, rotate, cohort, survivors_frac, log_mu, headroom, kind
+    field_bits, bits, log_range, log_clip, model_size, rotate, cohort, survivors_frac, log_mu, headroom_frac, kind
 ):
     """Over the spec space: whenever the site admits a spec, the noise multiplier
     measured from its actual contribution (the real encoder on a worst-case update, or
     the unusable vector) and its actual noise is at least the floor it accepted."""
+    headroom = int(headroom_frac * noise_headroom(10.0**log_mu, cohort))  # below 1x: refused as a wrap risk
     try:
         spec = UpdateSpec(
             clip_range=10.0**log_range, max_cohort=cohort, max_weight=1, field_bits=field_bits, dp_mode="distributed",

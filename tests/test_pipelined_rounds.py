@@ -684,6 +684,10 @@ def test_flower_simulation_dp_budget_is_checked_before_a_pipelined_round_trains(
     reports = out["strategy"].reports
     assert [r.status for r in reports] == ["ok", "ok", "budget-exhausted"]
     assert [r.exchanges for r in reports[:2]] == [5, 3]
+    # the DP rounds run at the plan's narrow width (sum plus noise), the advance setup too
+    from sgs_flower.dp.aggregator import DPAggregator
+    width = DPAggregator(dp(None)).plan(1, n, n, sum(a.size for a in initial_arrays().to_numpy_ndarrays())).field_bits
+    assert width < 32 and [r.field_bits for r in reports[:2]] == [width, width]
     assert reports[1].next_round_set_up  # round 3's keys and shares went out during round 2...
     assert load_dump(tmp_path, 3) == []  # ...but no site trained for it
     assert sorted(out["models"]) == [0, 1, 2]

@@ -30,19 +30,37 @@ from sgs_flower.dp.calibrate import calibrate_noise
 from sgs_flower.dp.config import DPConfig
 from sgs_flower.dp.events import GaussianEvent
 from sgs_flower.dp.ledger_accounting import record_abort, record_round, resume_accountant
-from sgs_flower.dp.noise import noise_present, secure_rng, skellam_event, skellam_share_mu
+from sgs_flower.dp.noise import (
+    noise_headroom,
+    noise_present,
+    secure_rng,
+    skellam_event,
+    skellam_share_mu,
+)
 from sgs_flower.dp.site import dp_dimension
 from sgs_flower.ledger.ledger import Ledger, RoundEntry
 from sgs_flower.secagg.errors import OverflowRiskError
 from sgs_flower.secagg.wire import CRYPTO_SUITE, PROTOCOL_VERSION
 
-# Integer-domain noise is kept within this many standard deviations of the field's
-# range: the probability that it wraps around mod 2^b is below 1e-30 per coordinate.
-NOISE_SIGMAS = 12.0
 # numpy's Poisson sampler loses accuracy for very large means (measured here: variance
 # 1.2x too large at 2.8e14, exact to 0.5 % up to 1e11). The fixed point is therefore no
 # finer than needed to keep each client's Skellam parameter at or below this.
 MAX_MU_SHARE = 1e10
+#: Central DP's word width unless fixed: the sum is released in real units with the
+#: server's Gaussian noise, so its fixed point only needs to be far finer than that noise.
+CENTRAL_FIELD_BITS = 32
+
+
+#: Under a per-round width, the fixed point is the coarsest whose stochastic rounding
+#: adds at most this fraction to the L2 sensitivity (``sqrt(dim) / levels``, see
+#: :func:`sgs_flower.dp.noise.rounded_l2_bound`): the noise calibrated for a target epsilon
+#: grows with the sensitivity, so 1 % here is at most 1 % more noise than at 32 bits.
+DDP_ROUNDING_OVERHEAD = 0.01
+#: ... and whose rounding error on the sum has at most this fraction of the noise's std
+#: (so at most 0.5 % more error than the noise alone; binds only for a tiny noise multiplier).
+DDP_ROUNDING_NOISE_FRACTION = 0.1
+#: The narrowest word width a distributed-DP round is given (as outside DP).
+DDP_MIN_FIELD_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -54,11 +72,24 @@ class DDPQuantization:
     mu_share: float
 
 
+def _ddp_at(
+    precision: int, noise_multiplier: float, clip_norm: float, cohort: int, min_survivors: int
+) -> tuple[DDPQuantization, int]:
+    """The fixed point of ``precision`` bits and the largest magnitude the cohort's sum
+    plus its noise reaches (12 sigma of all ``cohort`` shares, each calibrated so that
+    ``min_survivors`` of them carry the target std ``z * levels``)."""
+    levels = (1 << (precision - 1)) - 1
+    mu = skellam_share_mu((noise_multiplier * levels) ** 2, min_survivors)
+    headroom = noise_headroom(mu, cohort)  # what every site re-derives from the spec
+    return DDPQuantization(precision, levels, levels / clip_norm, headroom, mu), cohort * levels + headroom
+
+
 def ddp_quantization(
     noise_multiplier: float, clip_norm: float, cohort: int, min_survivors: int, field_bits: int
 ) -> DDPQuantization:
     """The finest fixed point at which the cohort's sum plus its noise cannot wrap
-    (and each share's Skellam parameter stays where numpy samples it exactly).
+    (and each share's Skellam parameter stays where numpy samples it exactly), for a
+    word width fixed by the configuration.
 
     The target noise std of the sum is ``z * clip_norm`` in real units, i.e. ``z * L``
     in integer units at scale ``L / clip_norm``. All ``cohort`` shares could survive,
@@ -66,15 +97,66 @@ def ddp_quantization(
     """
     half = 1 << (field_bits - 1)
     for p in range(min(field_bits, 53), 1, -1):
-        levels = (1 << (p - 1)) - 1
-        sigma_max = noise_multiplier * levels * math.sqrt(cohort / min_survivors)
-        headroom = math.ceil(NOISE_SIGMAS * sigma_max)
-        mu = skellam_share_mu((noise_multiplier * levels) ** 2, min_survivors)
-        if cohort * levels + headroom < half and mu <= MAX_MU_SHARE:
-            return DDPQuantization(p, levels, levels / clip_norm, headroom, mu)
+        q, reach = _ddp_at(p, noise_multiplier, clip_norm, cohort, min_survivors)
+        if reach < half and q.mu_share <= MAX_MU_SHARE:
+            return q
     raise OverflowRiskError(
         f"a {field_bits}-bit field cannot hold {cohort} clipped updates plus noise "
         f"(z={noise_multiplier}); raise field_bits"
+    )
+
+
+def ddp_narrow_quantization(
+    noise_multiplier: float, clip_norm: float, cohort: int, min_survivors: int, dim: int,
+    overhead: float = DDP_ROUNDING_OVERHEAD, floor: int = DDP_MIN_FIELD_BITS,
+) -> tuple[int, DDPQuantization]:
+    """The word width and fixed point of a distributed-DP round whose width is chosen
+    per round (issue 21.2): the coarsest fixed point whose rounding costs at most
+    ``overhead`` of the sensitivity, in the narrowest word that holds the cohort's sum
+    *and its noise* (``NOISE_SIGMAS`` standard deviations of all ``cohort`` shares).
+
+    Why the precision follows the dimension and not the width: the released sum carries
+    noise of std ``z * levels`` in integer units, far above the rounding's own error
+    (at most 1/4 per share and coordinate), so extra fixed-point bits buy no accuracy;
+    what rounding does cost is the sensitivity the accountant must assume,
+    ``levels + sqrt(dim)`` instead of ``levels``. The precision is therefore fixed by
+    ``dim`` alone (by ``z`` only where the noise share would leave numpy's exact range,
+``MAX_MU_SHARE``: far past any target epsilon the calibration reaches), and
+    the width by the cohort and the noise: both sides re-derive the overflow bound from
+    the spec, and a site checks the headroom against the noise its shares carry
+    (:class:`~sgs_flower.pipeline.UpdateSpec`), so a width that wraps is refused, never
+    released. Nothing wraps here (Kairouz et al. 2021's modular clipping is not needed:
+    the headroom is sized for the noise, not gambled on it).
+    """
+    if not 0 < overhead < 1:
+        raise ValueError(f"overhead must be in (0, 1), got {overhead}")
+    if noise_multiplier <= 0:
+        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    # rounding: at most `overhead` of the sensitivity, and its error on the sum (std at
+    # most sqrt(cohort) / 2 integer units) at most DDP_ROUNDING_NOISE_FRACTION of the
+    # noise's std (z * levels) -- the second binds only for a tiny z (a near-noiseless run)
+    need = max(math.sqrt(dim) / overhead, math.sqrt(cohort) / (2 * DDP_ROUNDING_NOISE_FRACTION * noise_multiplier))
+    precision = 2
+    while (1 << (precision - 1)) - 1 < need and precision < 53:
+        precision += 1
+    # A very large noise multiplier (the calibration's upper bracket) would ask numpy for
+    # shares it cannot sample exactly: coarsen the fixed point instead. The accountant
+    # charges the larger rounding term of the coarser point, so epsilon stays exact.
+    for p in range(precision, 1, -1):
+        q, reach = _ddp_at(p, noise_multiplier, clip_norm, cohort, min_survivors)
+        if q.mu_share <= MAX_MU_SHARE:
+            break
+    else:
+        raise OverflowRiskError(
+            f"no fixed point keeps the noise share of z={noise_multiplier} below mu={MAX_MU_SHARE:g} "
+            "(numpy's exact range); lower the noise multiplier"
+        )
+    for bits in range(max(floor, DDP_MIN_FIELD_BITS), 65):
+        if reach < 1 << (bits - 1):
+            return bits, q
+    raise OverflowRiskError(
+        f"no field up to 64 bits holds {cohort} clipped updates plus noise (z={noise_multiplier}) at {precision} "
+        "bits of fixed point; lower the cohort or the noise"
     )
 
 
@@ -91,16 +173,21 @@ class RoundPlan:
     spec_fields: dict[str, Any]
     planned: RoundEvents
     scale: float
+    field_bits: int  # the round's word width (chosen per round unless the configuration fixes it)
 
 
 class DPAggregator:
-    """See the module docstring. ``mode`` is ``central-dp`` or ``distributed-dp``."""
+    """See the module docstring. ``mode`` is ``central-dp`` or ``distributed-dp``.
+
+    ``field_bits``: the word width of every round, or 0 (the default) for the
+    narrowest per round (:func:`ddp_narrow_quantization` under distributed DP; central
+    DP releases a real-valued sum: 32 bits, as its clip needs no fixed point finer)."""
 
     def __init__(
         self,
         dp: DPConfig,
         *,
-        field_bits: int = 32,
+        field_bits: int = 0,
         ledger_path: str | os.PathLike[str] | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
@@ -128,19 +215,23 @@ class DPAggregator:
     def spent(self) -> EpsilonPair:
         return self.accountant.epsilons(self.dp.delta)
 
-    def _events(self, z: float, cohort: int, population: int, model_size: int) -> tuple[RoundEvents, dict[str, Any], float]:
+    def _events(
+        self, z: float, cohort: int, population: int, model_size: int
+    ) -> tuple[RoundEvents, dict[str, Any], float, int]:
         dp = self.dp
         assert dp.clip_norm is not None
         if self.central:
             fields: dict[str, Any] = dict(dp_mode="central", l2_clip=dp.clip_norm, clip_range=dp.clip_norm)
-            scale = 0.0
             events = round_events(
                 GaussianEvent(z), server_adds_noise=True, sampling=dp.sampling, population=population, cohort_size=cohort
             )
-            return events, fields, scale
+            return events, fields, 0.0, self.field_bits or CENTRAL_FIELD_BITS
         min_surv = self.min_survivors(cohort)
-        q = ddp_quantization(z, dp.clip_norm, cohort, min_surv, self.field_bits)
         dim = dp_dimension(model_size, dp.rotate)
+        if self.field_bits:
+            bits, q = self.field_bits, ddp_quantization(z, dp.clip_norm, cohort, min_surv, self.field_bits)
+        else:
+            bits, q = ddp_narrow_quantization(z, dp.clip_norm, cohort, min_surv, dim)
         noise = noise_present(q.mu_share, min_surv, min_surv)
         mech = skellam_event(noise, dp.clip_norm * q.scale, dim)
         fields = dict(
@@ -149,7 +240,7 @@ class DPAggregator:
             min_survivors=min_surv,
         )
         events = round_events(mech, server_adds_noise=False, sampling=dp.sampling, population=population, cohort_size=cohort)
-        return events, fields, q.scale
+        return events, fields, q.scale, bits
 
     def min_survivors(self, cohort: int) -> int:
         m = self.dp.min_survivors or cohort
@@ -177,12 +268,13 @@ class DPAggregator:
     def plan(self, server_round: int, cohort: int, population: int, model_size: int) -> RoundPlan:
         """Fix the round's DP parameters; raises BudgetExhaustedError if it would overspend."""
         z = self.noise_multiplier(cohort, population, model_size)
-        events, fields, scale = self._events(z, cohort, population, model_size)
+        events, fields, scale, bits = self._events(z, cohort, population, model_size)
         if not self.central and self.dp.rotate:
             fields["rotation_seed"] = int.from_bytes(os.urandom(4), "big")
         if self.budget is not None:
             self.budget.check_round(self.accountant, events)
-        return RoundPlan(server_round, cohort, population, model_size, z, self.min_survivors(cohort), fields, events, scale)
+        return RoundPlan(server_round, cohort, population, model_size, z, self.min_survivors(cohort), fields, events, scale,
+                         bits)
 
     # ------------------------------------------------------------ release
     def release(
@@ -216,6 +308,7 @@ class DPAggregator:
                 "mu_share": present.mu_share, "total_mu": present.total_mu,
                 "variance_integer": present.variance, "std_real": math.sqrt(present.variance) / plan.scale,
                 "scale": plan.scale, "target_noise_multiplier": plan.noise_multiplier,
+                "field_bits": plan.field_bits, "bits_per_coordinate": plan.spec_fields["bits_per_coordinate"],
             }
         self.accountant.compose_round(events)
         if self.ledger is not None:

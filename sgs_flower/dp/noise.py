@@ -30,6 +30,18 @@ class InsufficientSurvivorsError(RuntimeError):
     """Fewer survivors than the noise calibration assumed: the round must abort."""
 
 
+#: Integer-domain noise is kept within this many standard deviations of the field's
+#: range: the probability that it wraps around mod 2^b is below 1e-30 per coordinate.
+NOISE_SIGMAS = 12.0
+
+
+def noise_headroom(mu_share: float, shares: int) -> int:
+    """The magnitude that the sum of ``shares`` Skellam shares of parameter ``mu_share``
+    stays below but with probability under 1e-30 per coordinate (``NOISE_SIGMAS`` std):
+    the range a field must reserve for the noise beside the cohort's sum."""
+    return math.ceil(NOISE_SIGMAS * math.sqrt(2.0 * shares * mu_share))
+
+
 def secure_rng() -> np.random.Generator:
     """A generator seeded with 256 bits of OS entropy (see module docstring)."""
     seed = int.from_bytes(os.urandom(32), "big")
