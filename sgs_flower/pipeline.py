@@ -39,6 +39,8 @@ from sgs_flower.secagg.errors import (
 from sgs_flower.secagg.prg import dtype_for_bits
 from sgs_flower.secagg.quantize import (
     CHUNK,
+    MAX_FIELD_BITS,
+    MIN_FIELD_BITS,
     EncodedUpdate,
     QuantizationConfig,
     encode_parts,
@@ -91,8 +93,6 @@ def weight_bins(max_weight: int) -> int:
 #: The quantization bound, as a fraction of the round's range, that the word width is
 #: chosen for outside DP (see :func:`narrowest_field_bits`).
 DEFAULT_WIDTH_ERROR = 4e-3
-#: The narrowest word width chosen (QuantizationConfig's floor).
-MIN_FIELD_BITS = 8
 
 
 def narrowest_field_bits(
@@ -122,7 +122,7 @@ def narrowest_field_bits(
     need = 2
     while (1 << (need - 1)) - 1 < 1.0 / width_error:
         need += 1
-    for bits in range(max(floor, MIN_FIELD_BITS), 65):
+    for bits in range(max(floor, MIN_FIELD_BITS), MAX_FIELD_BITS + 1):
         try:
             q = QuantizationConfig(clip_range=1.0, max_cohort=max_cohort, max_weight=max_weight, field_bits=bits,
                                    noise_headroom=noise_headroom, weight_scaled=scaled)
@@ -217,13 +217,14 @@ class UpdateSpec:
             raise ConfigurationError(
                 f"distributed DP needs min_survivors in 1..max_cohort={self.max_cohort}, got {self.min_survivors}"
             )
-        if self.dp_mode == "distributed" and self.noise_headroom < noise_headroom(self.noise_mu_share, self.max_cohort):
+        needed = noise_headroom(self.noise_mu_share, self.max_cohort) if self.dp_mode == "distributed" else 0
+        if self.noise_headroom < needed:
             # the field must hold the noise of every share that may survive; a spec that
             # reserves less could wrap the noisy sum (a wrong model, never a release)
             raise OverflowRiskError(
                 f"the spec reserves {self.noise_headroom} for the noise, but {self.max_cohort} Skellam shares of "
-                f"mu={self.noise_mu_share:.6g} reach {noise_headroom(self.noise_mu_share, self.max_cohort)} "
-                f"({NOISE_SIGMAS:g} std): at {self.field_bits}-bit words the noisy sum could wrap; the site refuses"
+                f"mu={self.noise_mu_share:.6g} reach {needed} ({NOISE_SIGMAS:g} std): at {self.field_bits}-bit "
+                "words the noisy sum could wrap; the site refuses"
             )
         if self.model_key:
             if self.dp_mode != "none":

@@ -644,9 +644,9 @@ class SecAggStrategy(Strategy):
             report.next_round_set_up = True
         self._fill(report, server)
         report.total_weight = decoded.total_weight
-        report.field_bits = spec.field_bits  # DP rounds too (their width is the plan's)
         unusable = self._unusable(report, decoded, plan)
         if plan is not None and self.privacy is not None:
+            report.field_bits = spec.field_bits  # the plan's width (_range_report fills it outside DP)
             # noise (central), account and write the ledger BEFORE the aggregate is used
             # (also when it is then not applied: the server has computed the sum)
             mean_delta = self.privacy.release(plan, decoded.weighted_delta_sum, decoded.count,

@@ -40,6 +40,7 @@ from sgs_flower.dp.noise import (
 from sgs_flower.dp.site import dp_dimension
 from sgs_flower.ledger.ledger import Ledger, RoundEntry
 from sgs_flower.secagg.errors import OverflowRiskError
+from sgs_flower.secagg.quantize import MAX_FIELD_BITS, MIN_FIELD_BITS
 from sgs_flower.secagg.wire import CRYPTO_SUITE, PROTOCOL_VERSION
 
 # numpy's Poisson sampler loses accuracy for very large means (measured here: variance
@@ -59,8 +60,6 @@ DDP_ROUNDING_OVERHEAD = 0.01
 #: ... and whose rounding error on the sum has at most this fraction of the noise's std
 #: (so at most 0.5 % more error than the noise alone; binds only for a tiny noise multiplier).
 DDP_ROUNDING_NOISE_FRACTION = 0.1
-#: The narrowest word width a distributed-DP round is given (as outside DP).
-DDP_MIN_FIELD_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def ddp_quantization(
 
 def ddp_narrow_quantization(
     noise_multiplier: float, clip_norm: float, cohort: int, min_survivors: int, dim: int,
-    overhead: float = DDP_ROUNDING_OVERHEAD, floor: int = DDP_MIN_FIELD_BITS,
+    overhead: float = DDP_ROUNDING_OVERHEAD,
 ) -> tuple[int, DDPQuantization]:
     """The word width and fixed point of a distributed-DP round whose width is chosen
     per round (issue 21.2): the coarsest fixed point whose rounding costs at most
@@ -120,8 +119,9 @@ def ddp_narrow_quantization(
     (at most 1/4 per share and coordinate), so extra fixed-point bits buy no accuracy;
     what rounding does cost is the sensitivity the accountant must assume,
     ``levels + sqrt(dim)`` instead of ``levels``. The precision is therefore fixed by
-    ``dim`` alone (by ``z`` only where the noise share would leave numpy's exact range,
-``MAX_MU_SHARE``: far past any target epsilon the calibration reaches), and
+    ``dim`` (by ``z`` only for a tiny ``z``, whose noise would not drown the rounding
+    error, ``DDP_ROUNDING_NOISE_FRACTION``, or a huge one whose share would leave numpy's
+    exact range, ``MAX_MU_SHARE``), and
     the width by the cohort and the noise: both sides re-derive the overflow bound from
     the spec, and a site checks the headroom against the noise its shares carry
     (:class:`~sgs_flower.pipeline.UpdateSpec`), so a width that wraps is refused, never
@@ -151,12 +151,12 @@ def ddp_narrow_quantization(
             f"no fixed point keeps the noise share of z={noise_multiplier} below mu={MAX_MU_SHARE:g} "
             "(numpy's exact range); lower the noise multiplier"
         )
-    for bits in range(max(floor, DDP_MIN_FIELD_BITS), 65):
+    for bits in range(MIN_FIELD_BITS, MAX_FIELD_BITS + 1):
         if reach < 1 << (bits - 1):
             return bits, q
     raise OverflowRiskError(
-        f"no field up to 64 bits holds {cohort} clipped updates plus noise (z={noise_multiplier}) at {precision} "
-        "bits of fixed point; lower the cohort or the noise"
+        f"no field up to {MAX_FIELD_BITS} bits holds {cohort} clipped updates plus noise (z={noise_multiplier}) at "
+        f"{q.bits_per_coordinate} bits of fixed point; lower the cohort or the noise"
     )
 
 

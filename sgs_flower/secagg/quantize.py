@@ -39,6 +39,9 @@ from sgs_flower.secagg.errors import ConfigurationError, EncodingError, Overflow
 from sgs_flower.secagg.prg import Keystream, dtype_for_bits, reduce_mod
 
 EXTRA_COORDINATES = 2  # weight, count: in a field wide enough for the weight sum (else see weight_limbs)
+#: The word widths a field may have: 8 bits is the narrowest worth packing, 64 the
+#: widest numpy word (every width rule searches this range; QuantizationConfig refuses others).
+MIN_FIELD_BITS, MAX_FIELD_BITS = 8, 64
 
 
 def max_bits_per_coordinate(field_bits: int, max_cohort: int, max_weight: int, noise_headroom: int = 0) -> int:
@@ -77,8 +80,8 @@ class QuantizationConfig:
             raise ConfigurationError(f"max_cohort must be >= 1, got {self.max_cohort}")
         if self.max_weight < 1:
             raise ConfigurationError(f"max_weight must be >= 1, got {self.max_weight}")
-        if not 8 <= self.field_bits <= 64:
-            raise ConfigurationError(f"field_bits must be in 8..64, got {self.field_bits}")
+        if not MIN_FIELD_BITS <= self.field_bits <= MAX_FIELD_BITS:
+            raise ConfigurationError(f"field_bits must be in {MIN_FIELD_BITS}..{MAX_FIELD_BITS}, got {self.field_bits}")
         if self.noise_headroom < 0:
             raise ConfigurationError(f"noise_headroom must be >= 0, got {self.noise_headroom}")
         if not 0 <= self.weight_scale <= self.max_weight:
