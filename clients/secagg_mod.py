@@ -1,7 +1,9 @@
-"""Client side: a Flower mod that runs SecAgg+ around the user's unchanged train function.
+"""Client side: a Flower mod that runs SecAgg+ around the user's unchanged train and
+evaluate functions.
 
-Add it to a function-style ClientApp with ``@app.train(mods=[secagg_mod])`` (or the
-mixin below for class-based clients). The mod answers the protocol exchanges (five in a
+Add it to every handler of a function-style ClientApp, ``app = ClientApp(mods=[secagg_mod])``
+(or the mixin below for class-based clients); messages of any other type (query, ...)
+pass through it untouched. The mod answers the protocol exchanges (five in a
 round set up in full, three when the next round's keys rode on the previous round's
 consistency and unmask exchanges: a message then carries a second part, which the mod
 hands to the protocol client's instance of that round, see ``SecAggClient.handle_next``); at
@@ -10,8 +12,9 @@ calls the user's train function with the usual train message, turns the reply in
 ``new - global`` plus ``num-examples`` and the train metrics, encodes and masks them,
 and sends only the masked vector.
 
-Evaluate messages (when the mod also wraps the evaluate function, e.g.
-``ClientApp(mods=[secagg_mod])``) run the same protocol as a separate evaluation round
+Evaluate messages (the mod must wrap the evaluate function too: ``ClientApp(mods=[...])``
+does; ``@app.train(mods=[secagg_mod])`` alone does not, and the server then stops at its
+first federated evaluation naming the fix) run the same protocol as a separate evaluation round
 (:func:`run_secure_evaluate`): the user's evaluate runs at the masked-input stage and
 only its masked metrics and ``num-examples`` leave the site.
 
@@ -258,7 +261,8 @@ def _stage(rec: ConfigRecord) -> Stage:
 
 # ---------------------------------------------------------------- the mod
 def secagg_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
-    """Flower mod: run the secure-aggregation protocol for train messages."""
+    """Flower mod: run the secure-aggregation protocol for train and evaluate messages;
+    any other message type (query, ...) goes to ``call_next`` untouched."""
     return run_secagg(msg, context, call_next, default_encoder)
 
 

@@ -64,7 +64,15 @@ import time
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from sgs_flower.pipeline import DEFAULT_MAX_WEIGHT, UpdateSpec, encode_update, narrowest_field_bits
+from sgs_flower.pipeline import (
+    DEFAULT_MAX_WEIGHT,
+    DEFAULT_MODEL_ERROR,
+    DEFAULT_WIDTH_ERROR,
+    UpdateSpec,
+    encode_update,
+    narrowest_field_bits,
+    width_error_for,
+)
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.graph import (
     CONSISTENCY_MODES,
@@ -282,16 +290,18 @@ def cnn_parameters() -> int:
     return int(count)
 
 
-def upload_at_defaults(n: int, m: int, measured: bool = True, seed: int = 0) -> dict[str, float]:
+def upload_at_defaults(n: int, m: int, measured: bool = True, seed: int = 0, clip_range: float = 1.0) -> dict[str, float]:
     """Upload per client of one round at the default settings for a model of m float32
-    parameters: the width the strategy chooses for n clients, the default metric slots
+    parameters: the width the strategy chooses for n clients at ``clip_range`` (the
+    default round-1 range; since issue 28 the width holds ``model_error`` in the model's
+    units, so it grows by a bit per doubling of the range), the default metric slots
     and max weight; a real protocol round (n clients, random words below 2^b) encodes
     every message a client sends (keys, shares, packed masked vector, signature, unmask
     shares). ``measured=False`` runs the round on a small model and adds the difference
     of the packed vectors' sizes (exact: the vector is the only part that grows with m),
     so m = 5e6 at n = 100 needs no 100 vectors of 5e6 words in memory."""
-    bits = narrowest_field_bits(n, DEFAULT_MAX_WEIGHT)
-    spec = UpdateSpec(clip_range=1.0, max_cohort=n, max_weight=DEFAULT_MAX_WEIGHT, field_bits=bits,
+    bits = narrowest_field_bits(n, DEFAULT_MAX_WEIGHT, width_error_for(clip_range, DEFAULT_WIDTH_ERROR, DEFAULT_MODEL_ERROR))
+    spec = UpdateSpec(clip_range=clip_range, max_cohort=n, max_weight=DEFAULT_MAX_WEIGHT, field_bits=bits,
                       metric_slots=DEFAULT_METRIC_SLOTS)
     length = spec.vector_length(m)
     run_len = length if measured else spec.vector_length(1000)

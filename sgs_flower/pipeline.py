@@ -19,6 +19,7 @@ import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,15 @@ FAILURE_REASONS = (
     "the site's encoder raised",
 )
 
+# Train and evaluation metrics are carried exactly, not quantized (issue 28): each site
+# puts ``round(m * 2^F) * w`` (its metric m in fixed point with F fraction bits, times
+# its integer weight w) into the vector as limbs of the field's limb width, positive and
+# negative parts apart (so a sum of limbs never wraps and a failed site's zeros add
+# nothing). The server's sum of limbs is then the exact integer sum over the survivors,
+# and the weighted mean FedAvg computes comes out to 2^-(F+1) of the metric, whatever
+# its size next to the metric's range: metrics cost a few words, never precision.
+METRIC_FRACTION_BITS = 52
+
 # The fields a retry's spec may change; every other field must equal the round's.
 RETRY_FIELDS = ("clip_range", "int_clip_range", "weight_scale")
 
@@ -93,6 +103,21 @@ def weight_bins(max_weight: int) -> int:
 #: The quantization bound, as a fraction of the round's range, that the word width is
 #: chosen for outside DP (see :func:`narrowest_field_bits`).
 DEFAULT_WIDTH_ERROR = 4e-3
+#: The quantization bound in the model's own units that the word width is chosen for
+#: outside DP, whatever the range (issue 28): FedAvg's model to ~2^-15 per coordinate
+#: per round, where a range of +-16 at ``DEFAULT_WIDTH_ERROR`` alone gave 0.06.
+DEFAULT_MODEL_ERROR = 2.0**-15
+
+
+def width_error_for(clip_range: float, width_error: float, model_error: float) -> float:
+    """The bound, as a fraction of the range, that a round at range ``clip_range`` is
+    sized for: ``width_error`` of the range, and never above ``model_error`` in the
+    model's units. Why both: the range follows the update's largest coordinates, so a
+    fraction of it alone lets a few large coordinates (BatchNorm's running variance, a
+    high learning rate) coarsen every coordinate; the absolute bound keeps FedAvg's
+    model within ``model_error`` per coordinate, and costs bits only where the range is
+    wide (one bit per doubling of the range beyond ``model_error / width_error``)."""
+    return min(width_error, model_error / clip_range)
 
 
 def narrowest_field_bits(
@@ -267,6 +292,25 @@ class UpdateSpec:
         return TAG_WORDS if self.model_key else 0
 
     @property
+    def metric_bits(self) -> int:
+        """Bits of one site's ``|round(m * 2^F) * w|`` at the widest metric range: the
+        exact value a metric slot carries (see :data:`METRIC_FRACTION_BITS`)."""
+        widest = max([self.metric_range, *(r for _, r in self.metric_ranges)])
+        return int(np.ceil(np.log2(widest + 1))) + METRIC_FRACTION_BITS + self.max_weight.bit_length() + 1
+
+    @property
+    def metric_limbs(self) -> int:
+        """Limbs of one metric slot's value, each below 2^limb_bits (the width at which
+        the cohort's sum of one limb cannot wrap)."""
+        return -(-self.metric_bits // self.quantization.limb_bits)
+
+    @property
+    def metric_words(self) -> int:
+        """Words of the metric slots: per slot the limbs of its positive and of its
+        negative part (one of them zero), after the delta and before the tag words."""
+        return 2 * self.metric_slots * self.metric_limbs if self.metric_slots else 0
+
+    @property
     def failure_counters_at(self) -> int:
         """Index, within the counters, of the first :data:`FAILURE_REASONS` counter (after
         the two range histograms, the two clip counts and the metric clip counts)."""
@@ -314,7 +358,7 @@ class UpdateSpec:
     def vector_length(self, model_size: int) -> int:
         """Words in the masked vector: model delta, metrics, counters, weight, count."""
         extra = self.quantization.extra_coordinates
-        return (self.encoded_size(model_size) + self.flag_words + self.metric_slots + self.tag_words + self.counters
+        return (self.encoded_size(model_size) + self.flag_words + self.metric_words + self.tag_words + self.counters
                 + extra)
 
     def to_config(self) -> dict[str, Any]:
@@ -529,18 +573,19 @@ def encode_update(
     c = spec.clip_range
     xi = xi_raw * (c / spec.int_clip_range)
     names, _ = metric_slot_names(metrics, spec)
-    m = np.zeros(spec.metric_slots, dtype=np.float64)
+    values: list[float] = []
     metric_clipped = np.zeros(spec.metric_slots, dtype=np.int64)
     for i, name in enumerate(names):
         value, r = float(metrics[name]), spec.range_of(name)
         if not np.isfinite(value):
             raise EncodingError(f"train metric {name!r} is not finite")
         metric_clipped[i] = abs(value) > r
-        m[i] = float(np.clip(value, -r, r)) * (c / r)
-    # The delta's parts and the metrics are encoded as parts of one vector: no
-    # concatenated copy of the model.
-    # Out-of-range values wrap (linear encoding, counted), never clip: see encode_parts.
-    enc = encode_parts([xf, xi, m], weight, spec.quantization, rng, tail_words=spec.tag_words + spec.counters, wrap=True)
+        values.append(float(np.clip(value, -r, r)))
+    # The delta's parts are encoded as parts of one vector: no concatenated copy of the
+    # model. Out-of-range values wrap (linear encoding, counted), never clip: see encode_parts.
+    enc = encode_parts([xf, xi], weight, spec.quantization, rng,
+                       tail_words=spec.metric_words + spec.tag_words + spec.counters, wrap=True)
+    enc.vector[x.size : x.size + spec.metric_words] = metric_limb_words(values, weight, spec)
     counters = np.concatenate([
         magnitude_histogram(xf, c), magnitude_histogram(xi_raw, spec.int_clip_range),
         np.array(enc.clipped_parts[:2], dtype=np.int64), metric_clipped, np.zeros(len(FAILURE_REASONS), np.int64),
@@ -550,6 +595,34 @@ def encode_update(
     return EncodedUpdate(enc.vector, enc.clipped_parts[0] + enc.clipped_parts[1], enc.clipped_parts)
 
 
+def metric_limb_words(values: Sequence[float], weight: int, spec: UpdateSpec) -> np.ndarray:
+    """The metric slots' words: ``round(m * 2^F) * w`` of each value, exact (Python
+    integers), as :attr:`UpdateSpec.metric_limbs` limbs of its positive and of its
+    negative part, low limb first. ``values`` are already within their ranges."""
+    out = np.zeros(spec.metric_words, dtype=dtype_for_bits(spec.field_bits))
+    k, limbs = spec.quantization.limb_bits, spec.metric_limbs
+    mask = (1 << k) - 1
+    for i, v in enumerate(values):
+        n = round(v * 2.0**METRIC_FRACTION_BITS) * int(weight)  # float * 2^F is exact; round() gives an int
+        base = (2 * i + (n < 0)) * limbs
+        mag = abs(n)
+        for j in range(limbs):
+            out[base + j] = (mag >> (k * j)) & mask
+    return out
+
+
+def metric_sums(words: np.ndarray, spec: UpdateSpec) -> list[int]:
+    """The cohort's exact ``sum(round(m * 2^F) * w)`` per slot from its summed limbs
+    (each limb sum is below 2^(b-1), so it decodes as a non-negative integer)."""
+    ints = [int(v) for v in from_field(np.asarray(words), spec.field_bits)]
+    k, limbs = spec.quantization.limb_bits, spec.metric_limbs
+    out = []
+    for i in range(spec.metric_slots):
+        pos, neg = (sum(ints[(2 * i + part) * limbs + j] << (k * j) for j in range(limbs)) for part in (0, 1))
+        out.append(pos - neg)
+    return out
+
+
 def weight_histogram(weight: int, max_weight: int) -> np.ndarray:
     """``out[k]`` = 1 if ``weight > 2^k``, k = 0 .. :func:`weight_bins` - 1."""
     return np.array([weight > (1 << k) for k in range(weight_bins(max_weight))], dtype=np.int64)
@@ -557,7 +630,7 @@ def weight_histogram(weight: int, max_weight: int) -> np.ndarray:
 
 def _write_counters(vector: np.ndarray, counters: np.ndarray, spec: UpdateSpec, body: int) -> None:
     cap = ((1 << (spec.field_bits - 1)) - 1) // spec.max_cohort  # the cohort's sum cannot wrap
-    start = body + spec.metric_slots + spec.tag_words
+    start = body + spec.metric_words + spec.tag_words
     vector[start : start + spec.counters] = to_field(np.minimum(counters, cap), spec.field_bits)
 
 
@@ -611,7 +684,7 @@ class DecodedUpdate:
     total_weight: int
     count: int
     weighted_delta_sum: np.ndarray
-    slot_means: tuple[float, ...] = ()  # metric slots, in units of the metric's range
+    slot_means: tuple[float, ...] = ()  # metric slots' weighted means (exact to 2^-(F+1), see metric_sums)
     clipped: tuple[int, int] = (0, 0)  # coordinates clipped (float part, integer part), all survivors
     metric_clipped: tuple[int, ...] = ()  # clients whose metric in each slot was clipped
     histograms: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # see magnitude_histogram
@@ -622,6 +695,12 @@ class DecodedUpdate:
     int_error_bound: float = 0.0
     weight_histogram: tuple[int, ...] = ()  # survivors with weight > 2^k, k = 0.. (outside DP)
     weights_over_scale: int = 0  # survivors whose weight exceeded the spec's weight scale
+
+    @property
+    def metric_error_bound(self) -> float:
+        """Max |released - true weighted mean| of a metric: each site's ``round(m * 2^F)``
+        is within 2^-(F+1) of m, and so is any weighted mean of them."""
+        return 2.0 ** -(METRIC_FRACTION_BITS + 1)
 
 
 def decode_update(
@@ -641,11 +720,9 @@ def decode_update(
     q = spec.quantization
     dec = decode_checked(total, q, survivors)
     k, t = spec.metric_slots, spec.counters
-    body = dec.weighted_sum[: dec.weighted_sum.size - t - spec.tag_words]
+    body = dec.weighted_sum[: dec.weighted_sum.size - t - spec.tag_words - spec.metric_words]
     flag_sum = float(np.sum(body[body.size - spec.flag_words :])) if spec.flag_words else 0.0
-    body = body[: body.size - spec.flag_words]
-    wsum = body[: body.size - k].copy()
-    slot_sums = body[body.size - k :]
+    wsum = body[: body.size - spec.flag_words].copy()
     bound = q.error_bound_for(dec.total_weight, survivors)
     weight = max(dec.total_weight, 1)  # 0 only when no survivor's update could be used
     if spec.dp_mode != "none":
@@ -659,7 +736,9 @@ def decode_update(
     c = spec.clip_range
     if spec.int_size:
         wsum[wsum.size - spec.int_size :] *= spec.int_clip_range / c
-    slot_means = tuple(float(v) / weight for v in slot_sums)
+    at_metrics = wsum.size + spec.flag_words
+    sums = metric_sums(total[at_metrics : at_metrics + spec.metric_words], spec)
+    slot_means = tuple(float(Fraction(v, weight << METRIC_FRACTION_BITS)) for v in sums)
     extra = spec.quantization.extra_coordinates
     raw = from_field(np.asarray(total[total.size - extra - t : total.size - extra]), spec.field_bits)
     hist_f, hist_i = raw[:HIST_BINS].copy(), raw[HIST_BINS : 2 * HIST_BINS].copy()
@@ -676,7 +755,7 @@ def decode_update(
     metrics: dict[str, float] = {}
     if metric_names is not None:
         for i, name in enumerate(metric_names[:k]):
-            metrics[name] = slot_means[i] * spec.range_of(name) / c
+            metrics[name] = slot_means[i]
     return DecodedUpdate(
         mean_delta=wsum / weight, metrics=metrics, total_weight=dec.total_weight, count=dec.count,
         weighted_delta_sum=wsum, slot_means=slot_means, clipped=clipped, metric_clipped=metric_clipped,

@@ -5,7 +5,15 @@ from strategies.secagg_strategy import (
     RoundReport,
     SecAggStrategy,
     SecureAggregationFailed,
+    SecureEvaluationUnavailable,
     check_wrappable,
 )
 
-__all__ = ["RoundReport", "SecAggConfig", "SecAggStrategy", "SecureAggregationFailed", "check_wrappable"]
+__all__ = [
+    "RoundReport",
+    "SecAggConfig",
+    "SecAggStrategy",
+    "SecureAggregationFailed",
+    "SecureEvaluationUnavailable",
+    "check_wrappable",
+]

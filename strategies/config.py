@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from sgs_flower.pipeline import DEFAULT_MAX_WEIGHT, DEFAULT_WIDTH_ERROR, MAX_METRIC_SLOTS
+from sgs_flower.pipeline import (
+    DEFAULT_MAX_WEIGHT,
+    DEFAULT_MODEL_ERROR,
+    DEFAULT_WIDTH_ERROR,
+    MAX_METRIC_SLOTS,
+)
 from sgs_flower.secagg.graph import CONSISTENCY_MODES
 
 
@@ -37,10 +42,13 @@ class SecAggConfig:
       at most ``target_error`` times the range (round 1 at the initial S) and from round
       2 on, in the steady state, ``2 n c / L`` (docs/protocol.md, "The weight scale").
     - ``field_bits``: the masked vector's word width b. 0 (the default): chosen per
-      round outside DP as the narrowest width that holds the cohort's sum at
-      ``width_error`` times the range (default 4e-3: 9 bits of precision, the bound
-      c / 255; b = 13 for 10 clients, 15 for 50, 16 for 100; upload about b / 32 of
-      float32), :func:`sgs_flower.pipeline.narrowest_field_bits`. The model-confidential
+      round outside DP as the narrowest width that holds the cohort's sum at a bound of
+      ``width_error`` times the range (default 4e-3) and at most ``model_error`` in the
+      model's own units (default 2^-15 ~ 3.1e-5, issue 28), whichever is finer
+      (:func:`sgs_flower.pipeline.width_error_for`): at the default range 1.0, 16 bits
+      of precision; b = 21 for 10 clients, 23 for 50, 24 for 100 (upload about b / 32 of
+      float32); a range of +-0.01 needs 10 bits (b = 15 for 10 clients),
+      :func:`sgs_flower.pipeline.narrowest_field_bits`. The model-confidential
       mode takes the same rule (its range bounds model coordinates, so its stated bound
       is c / 255 of the model; the `confidential` preset reached the same accuracy as at
       32 bits, docs/benchmarks.md). Distributed-DP rounds take the narrowest width that
@@ -51,8 +59,11 @@ class SecAggConfig:
       round (refused where it cannot hold the cohort); 32 is the old fixed layout
       (upload 1.0x float32). A site refuses a width below its ``sgs-min-bits``.
     - ``metric_slots``: how many numeric train metrics are aggregated (their weighted
-      mean, as FedAvg computes it); ``metric_range`` bounds each one unless
-      ``metric_ranges`` gives its own (a value beyond is clipped and counted).
+      mean, as FedAvg computes it, exact to 2^-53: each slot carries ``round(m * 2^52) *
+      num-examples`` in limbs, :data:`sgs_flower.pipeline.METRIC_FRACTION_BITS`);
+      ``metric_range`` (default 10^9) bounds each one unless ``metric_ranges`` gives its
+      own (a value beyond is clipped, counted and logged with its name); a wider range
+      costs a few bits of the slot's words, never precision.
     - ``max_poll_interval``: the longest wait (seconds) between two pulls of replies
       while an exchange is under way; pulls start at 5 ms and grow 1.2x per pull up to
       it (:mod:`strategies.exchange`), instead of Flower's fixed 3 s in a deployment.
@@ -79,6 +90,7 @@ class SecAggConfig:
     clip_range: float = 1.0
     field_bits: int = 0  # 0: chosen per round (narrowest_field_bits); else fixed in 8..64
     width_error: float = DEFAULT_WIDTH_ERROR
+    model_error: float = DEFAULT_MODEL_ERROR
     max_weight: int = DEFAULT_MAX_WEIGHT
     degree: int | None = None
     threshold: int | None = None
@@ -86,7 +98,7 @@ class SecAggConfig:
     stage_timeout: float = 600.0
     node_wait_timeout: float = 120.0
     metric_slots: int = 8
-    metric_range: float = 100.0
+    metric_range: float = 1e9
     metric_ranges: Mapping[str, float] = field(default_factory=dict)
     int_clip_range: float = 1024.0
     adaptive_range: bool = True
@@ -111,6 +123,8 @@ class SecAggConfig:
             raise bad("field_bits", f"must be 0 (chosen per round) or in 8..64, got {self.field_bits}")
         if not 0 < self.width_error < 1:
             raise bad("width_error", f"must be in (0, 1) (a fraction of the range), got {self.width_error}")
+        if not 0 < self.model_error < 1:
+            raise bad("model_error", f"must be in (0, 1) (a bound in the model's units), got {self.model_error}")
         if self.max_weight < 1:
             raise bad("max_weight", f"must be >= 1 (largest num-examples a client may report), got {self.max_weight}")
         if self.min_clients is not None and self.min_clients < 2:

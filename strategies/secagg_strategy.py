@@ -16,7 +16,14 @@ not: ``configure_train(r, model_r, ...)`` when round r starts (after round r-1's
 aggregate exists), ``aggregate_train`` on the secure aggregate (with no reply when the
 round aborted), then ``configure_evaluate`` and ``aggregate_evaluate``. A pipelined
 round's cohort, which must be known during the previous round, is drawn by
-:meth:`SecAggStrategy.sample_cohort` without calling any hook (see its docstring).
+:meth:`SecAggStrategy.sample_cohort` without calling any hook (see its docstring); a
+strategy whose ``configure_train`` chooses its own nodes has that choice honoured (a round
+it chose otherwise than foreseen is set up in full from its nodes).
+
+The wrapper stands where the user's strategy stood: a name it does not define itself
+(a subclass's own method or attribute) is read from the wrapped strategy. A wrapped
+strategy that overrides ``start`` is refused at construction (that ``start`` would never
+run); a subclass of ``SecAggStrategy`` may override ``start`` around ``super().start``.
 
 The server never sees an individual update, ``num-examples``, train or evaluation metric:
 they all travel inside masked vectors. Federated evaluation (``fraction_evaluate > 0``) is
@@ -38,13 +45,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import (
     Array,
     ArrayRecord,
     ConfigRecord,
+    Error,
     Message,
     MessageType,
     MetricRecord,
@@ -55,14 +63,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAvg,
+    FedAvgM,
     FedMedian,
+    FedProx,
     FedTrimmedAvg,
+    FedXgbBagging,
     Krum,
     MultiKrum,
     QFedAvg,
     Result,
     Strategy,
 )
+from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, log_strategy_start_info
 
 from sgs_flower.confidential.masked_model import (
@@ -89,12 +101,14 @@ from sgs_flower.pipeline import (
     narrowest_field_bits,
     retry_spec,
     spec_digest,
+    width_error_for,
 )
 from sgs_flower.secagg import wire
 from sgs_flower.secagg.errors import (
     ConfigurationError,
     InconsistentAggregateError,
     MalformedMessageError,
+    OverflowRiskError,
     ProtocolError,
     ReconstructionError,
     SecAggError,
@@ -107,6 +121,31 @@ from strategies.config import SecAggConfig
 from strategies.model_key_phase import ensure_model_key
 
 _NEEDS_INDIVIDUAL_UPDATES = (Krum, MultiKrum, FedMedian, FedTrimmedAvg, Bulyan, QFedAvg)
+# Flower's own strategies whose configure_train samples nodes exactly as FedAvg's does
+# (they add config keys or keep the arrays they are given, and call FedAvg's)
+_SAMPLES_AS_FEDAVG = (FedAvg, FedOpt, FedProx, FedAvgM, FedXgbBagging)
+
+
+def _check_start(inner: FedAvg) -> None:
+    """Refuse a wrapped strategy that overrides ``start``: SecAggStrategy runs the rounds
+    itself, so that ``start`` (checkpoints, a results file, early stopping ...) would
+    never run, and the run would go on without what it does, silently."""
+    if type(inner).start is Strategy.start:
+        return
+    name = type(inner).__name__
+    raise ConfigurationError(
+        f"{name} overrides start(); SecAggStrategy runs the rounds itself (each a secure round), so {name}.start "
+        f"would never run: move its per-round work into evaluate_fn / configure_train / aggregate_evaluate, or "
+        f"subclass SecAggStrategy and override start there to wrap super().start(...) (class "
+        f"MyRun(SecAggStrategy): def start(self, **kw): result = super().start(**kw); ...)")
+
+
+def _chooses_own_nodes(inner: FedAvg) -> bool:
+    """Whether the wrapped strategy's ``configure_train`` may choose other nodes than
+    FedAvg's uniform sample: any override outside Flower's own FedAvg family (a subclass
+    that picks its nodes, or that only steps a schedule: its code cannot be read)."""
+    owner = next(c for c in type(inner).__mro__ if "configure_train" in vars(c))
+    return owner not in _SAMPLES_AS_FEDAVG
 
 
 def _check_confidential(inner: FedAvg, dp: DPConfig | None) -> None:
@@ -162,6 +201,7 @@ class RoundReport:
     clipped: int = 0  # delta coordinates clipped, summed securely over the survivors
     clipped_fraction: float = 0.0
     metric_clipped: dict[str, int] = field(default_factory=dict)  # clients whose metric was clipped
+    update_rms: float = 0.0  # RMS of the released mean update's float part (the bound's scale)
     metrics_dropped: str = ""  # why train metrics were not released, if they were not
     error_bound: float = 0.0  # quantization bound on the released mean, per float coordinate
     # survivors whose update could not be used (the reason is counted inside the masked
@@ -207,6 +247,13 @@ class SecureAggregationFailed(RuntimeError):
     The message names the last round's cause, with the clients' own error replies."""
 
 
+class SecureEvaluationUnavailable(SecureAggregationFailed):
+    """The run stopped at its first federated evaluation that no site could answer: every
+    site's ClientApp raised on the secure evaluation's first message, because
+    ``secagg_mod`` does not wrap its evaluate function (the client line
+    ``@app.train(mods=[secagg_mod])`` wraps train only). The message names the fix."""
+
+
 def _group_client_errors(errors: Mapping[int, str]) -> str:
     """Clients' error replies grouped by reason: '3 x stage MASKED_INPUT: EncodingError: ...'."""
     counts = Counter(errors.values())
@@ -230,6 +277,16 @@ def _quiet_single_reply_log() -> Iterator[None]:
         FLOWER_LOGGER.removeFilter(f)
 
 
+#: Bits a round set up ahead may lack at its actual range before it sets up in full
+#: (see :meth:`SecAggStrategy._ahead_width`).
+AHEAD_SLACK_BITS = 2
+#: How much wider than round 1's configured range round 2's width is sized for (it is
+#: set up during round 1, before any range was measured): 4 bits, once per run, so a
+#: round 1 whose retries widened the range up to 16x still pipelines round 2 (3
+#: exchanges) at the model_error bound.
+UNMEASURED_RANGE_GROWTH = 16.0
+
+
 class SecAggStrategy(Strategy):
     """Secure aggregation around a weighted-mean strategy (see module docstring)."""
 
@@ -243,6 +300,11 @@ class SecAggStrategy(Strategy):
         **overrides: Any,
     ) -> None:
         self.inner = check_wrappable(strategy)
+        _check_start(self.inner)
+        self._own_nodes = _chooses_own_nodes(self.inner)  # then a round uses configure_train's nodes
+        self._last_chosen: list[int] = []  # the nodes configure_train chose last round
+        self._said_full_setup = False  # the INFO line on rounds set up in full for that reason, said once
+        self._unwrapped_eval: set[int] = set()  # nodes named in the ERROR on an unwrapped evaluate
         if config is not None and overrides:
             raise TypeError("pass either a SecAggConfig or keyword overrides, not both")
         self.config = config if config is not None else SecAggConfig(**overrides)
@@ -297,6 +359,22 @@ class SecAggStrategy(Strategy):
             log(WARNING, "%s", text)
             warnings.warn(text, UserWarning, stacklevel=3)
 
+    if not TYPE_CHECKING:  # hidden from mypy, which then still checks this class's own names
+
+        def __getattr__(self, name: str) -> Any:
+            """The wrapped strategy's own methods and attributes (``strategy.current_lr()``
+            on ``SecAggStrategy(MyFedAvg(...))``), for names this class does not have:
+            the wrapper stands where the user's strategy stood. Dunder names and an
+            instance without ``inner`` yet (while it is unpickled) are never forwarded."""
+            inner = self.__dict__.get("inner")
+            if inner is None or name.startswith("__"):
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            try:
+                return getattr(inner, name)
+            except AttributeError:
+                raise AttributeError(f"neither {type(self).__name__} nor the wrapped {type(inner).__name__} has "
+                                     f"an attribute {name!r}") from None
+
     # ------------------------------------------------------------ Strategy API
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.inner.configure_train(server_round, arrays, config, grid)
@@ -334,10 +412,10 @@ class SecAggStrategy(Strategy):
     ) -> Result:
         """Flower's ``Strategy.start`` loop (same logs, same ``Result``), each training
         round a secure round, and each federated evaluation one too (``secure_eval``).
-        Raises :class:`SecureAggregationFailed` when ``max_consecutive_aborts`` rounds in
-        a row abort, or every round did (an aborted evaluation never stops the run).
-        ``timeout`` is not used: every exchange, an evaluation's included, waits up to
-        ``SecAggConfig.stage_timeout``.
+        Raises :class:`SecureAggregationFailed` when ``max_consecutive_aborts`` rounds in a
+        row abort or all did, :class:`SecureEvaluationUnavailable` when no site's evaluate
+        has the mod (no other aborted evaluation stops the run). ``timeout`` is not used:
+        each exchange, an evaluation's included, waits up to ``SecAggConfig.stage_timeout``.
 
         ``first_round`` (ours, not Flower's): the rounds are numbered ``first_round`` ..
         ``first_round + num_rounds - 1``. A site contributes once per (run, round), so a
@@ -455,17 +533,49 @@ class SecAggStrategy(Strategy):
         weight scale S, and the bound grows as S / weight: that round is sized for
         weight 1 (``width_error / S``), so it needs no retry at a finer scale; later
         rounds know S within a factor 2 of the largest weight. A round set up ahead
-        (``ahead``) is used only if the current round succeeds, which measures them."""
+        (``ahead``) is used only if the current round succeeds, which measures them.
+        The bound is also at most ``model_error`` in the model's units at the next
+        round's range (:func:`~sgs_flower.pipeline.width_error_for`)."""
         c = self.config
         if c.field_bits:
             return c.field_bits
-        err = c.width_error
+        # a round set up ahead takes its width before this round's range adapts: it is
+        # sized for the widest range the adaptation can give it (range_margin times this
+        # one), and while no round has measured the range (round 1's is a guess, which a
+        # retry may widen many times over) for UNMEASURED_RANGE_GROWTH times that
+        grow = 1.0
+        if ahead and c.adaptive_range:
+            grow = c.range_margin * (1.0 if self._needed else UNMEASURED_RANGE_GROWTH)
+        scale = 1.0
         if c.max_weight > 1 and not self._weights_needed and c.weight_scale is None and not ahead:
-            err /= min(self.weight_scale, c.max_weight)
-        return narrowest_field_bits(cohort_size, c.max_weight, err)
+            scale = float(min(self.weight_scale, c.max_weight))
+        try:
+            return narrowest_field_bits(
+                cohort_size, c.max_weight, width_error_for(grow * self.ranges[0], c.width_error, c.model_error) / scale)
+        except OverflowRiskError:
+            # a range so wide (a huge outlier widened it) that model_error needs more than
+            # 64-bit words: the round keeps width_error of the range, and says so
+            log(WARNING, "a range of +-%g needs more than 64-bit words to hold model_error=%g; this round is "
+                "sized for width_error=%g of the range instead", grow * self.ranges[0], c.model_error, c.width_error)
+            return narrowest_field_bits(cohort_size, c.max_weight, c.width_error / scale)
+
+    def _ahead_width(self, ahead: _Ahead | None, cohort_size: int, plan: RoundPlan | None) -> int | None:
+        """The width of a round set up ahead, kept while it holds this round's bound within
+        :data:`AHEAD_SLACK_BITS` bits at the range this round now has; None: the width is
+        chosen afresh (the round then sets up in full if that changes its parameters).
+
+        Why a slack: the setup fixed the width one round early, before that round's range
+        adapted (and before any retry widened it), and setting up again costs two more
+        exchanges, which a deployment feels far more than one round's bound at up to 4x
+        the target (reported as it is; the next round is sized from the new range)."""
+        if ahead is None or plan is not None or self.config.field_bits:
+            return None
+        bits = ahead.params.field_bits
+        return bits if bits + AHEAD_SLACK_BITS >= self.field_bits_for(cohort_size) else None
 
     def make_spec(
-        self, cohort_size: int, plan: RoundPlan | None, like: list[np.ndarray] | None = None, ahead: bool = False
+        self, cohort_size: int, plan: RoundPlan | None, like: list[np.ndarray] | None = None, ahead: bool = False,
+        field_bits: int | None = None,
     ) -> UpdateSpec:
         """The round's spec. Outside DP its word width is the narrowest that holds the
         cohort's sum at ``width_error`` times the range (unless ``field_bits`` fixes it):
@@ -477,7 +587,7 @@ class SecAggStrategy(Strategy):
             return UpdateSpec(
                 clip_range=self.ranges[0], int_clip_range=self.ranges[1], max_cohort=cohort_size,
                 max_weight=c.max_weight, weight_scale=min(self.weight_scale, c.max_weight),
-                field_bits=self.field_bits_for(cohort_size, ahead),
+                field_bits=field_bits or self.field_bits_for(cohort_size, ahead),
                 metric_slots=0 if c.confidential else c.metric_slots,
                 metric_range=c.metric_range, metric_ranges=tuple(sorted(c.metric_ranges.items())),
                 int_size=int_size_of(like) if like is not None else 0, model_key=self.model_key,
@@ -520,20 +630,10 @@ class SecAggStrategy(Strategy):
         # The round's one configure_train call, made now that its model exists: for the
         # model and config it sends and the strategy's own bookkeeping (FedOpt keeps the
         # arrays it is given as the model its aggregate_train steps from; a subclass may
-        # step a learning-rate schedule). A round set up ahead keeps the cohort that
-        # sample_cohort drew for it during the previous round; the nodes this call
-        # sampled are then not used.
+        # step a learning-rate schedule: its config goes out with the masked-input request,
+        # pipelined or not). Which nodes train: :meth:`_round_cohort`.
         instructions = list(inner.configure_train(server_round, arrays, train_config, grid))
-        if ahead is not None and instructions:
-            cohort = list(ahead.cohort)
-            report = ahead.report
-            if {m.metadata.dst_node_id for m in instructions} != set(cohort):
-                log(INFO, "secure round %s: its cohort of %d was sampled during round %s (set up ahead); "
-                    "configure_train's own sample is not used", server_round, len(cohort), server_round - 1)
-        else:
-            cohort = [m.metadata.dst_node_id for m in instructions]
-            report = RoundReport(server_round, "aborted", cohort=sorted(cohort))
-            ahead = None
+        cohort, report, ahead = self._round_cohort(server_round, instructions, ahead)
         self.reports.append(report)
         a_key, c_key = inner.arrayrecord_key, inner.configrecord_key
         model = instructions[0].content.array_records[a_key] if instructions else arrays
@@ -555,7 +655,7 @@ class SecAggStrategy(Strategy):
                 report.status, report.reason = "budget-exhausted", str(exc)
                 raise
         try:
-            spec = self.make_spec(len(cohort), plan, like)
+            spec = self.make_spec(len(cohort), plan, like, field_bits=self._ahead_width(ahead, len(cohort), plan))
             params = self._round_params(grid, server_round, cohort, spec, model_size, plan)
             digest = binding_digest(named, dict(cfg), spec.to_config())
             for m in instructions[1:]:
@@ -683,6 +783,37 @@ class SecAggStrategy(Strategy):
                 _group_client_errors(report.client_errors) or "none")
         return new_arrays, new_metrics
 
+    def _round_cohort(
+        self, server_round: int, instructions: list[Message], ahead: _Ahead | None,
+    ) -> tuple[list[int], RoundReport, _Ahead | None]:
+        """The round's cohort, its report, and the advance setup it uses (None: it sets up
+        in full).
+
+        A strategy that samples as FedAvg does keeps the cohort drawn for the round during
+        the previous one (configure_train's draw is just another uniform sample of the
+        same size). One whose ``configure_train`` may choose its nodes itself (an override
+        outside Flower's FedAvg family) has its choice honoured: the advance setup is used
+        only when it was made for exactly those nodes, else the round sets up in full from
+        configure_train's nodes (five exchanges instead of three; said once per run)."""
+        chosen = sorted({m.metadata.dst_node_id for m in instructions})
+        self._last_chosen = chosen
+        if ahead is not None and instructions:
+            if set(ahead.cohort) == set(chosen):
+                return list(ahead.cohort), ahead.report, ahead
+            if not self._own_nodes:
+                log(INFO, "secure round %s: its cohort of %d was sampled during round %s (set up ahead); "
+                    "configure_train's own (uniform) sample is not used", server_round, len(ahead.cohort),
+                    server_round - 1)
+                return list(ahead.cohort), ahead.report, ahead
+            if not self._said_full_setup:
+                self._said_full_setup = True
+                log(INFO, "secure round %s: %s.configure_train chose other nodes than the cohort set up ahead during "
+                    "round %s; its choice is honoured: such a round is set up in full from configure_train's nodes "
+                    "(5 exchanges instead of 3; a round whose nodes it chose as in the round before stays "
+                    "pipelined). Said once.", server_round, type(self.inner).__name__, server_round - 1)
+        cohort = [m.metadata.dst_node_id for m in instructions]
+        return cohort, RoundReport(server_round, "aborted", cohort=sorted(cohort)), None
+
     def _round_params(
         self, grid: Grid, server_round: int, cohort: list[int], spec: UpdateSpec, model_size: int,
         plan: RoundPlan | None,
@@ -710,14 +841,20 @@ class SecAggStrategy(Strategy):
         the previous round's aggregate; calling it early (with the previous model) would
         run its side effects twice per round, or, kept as the round's only call, hand
         FedOpt the wrong model to step from. So ``configure_train`` runs once, when the
-        round starts, and a pipelined round ignores the nodes it sampled. A strategy that
-        chooses nodes itself in ``configure_train`` has that choice honoured in rounds
-        set up in full; to pipeline with it, override this method (a subclass of
-        ``SecAggStrategy``) with the same choice."""
+        round starts, and a pipelined round ignores the nodes it sampled.
+
+        A strategy whose ``configure_train`` may choose its nodes itself (an override
+        outside Flower's FedAvg family) is taken to choose as it did last round (the
+        same nodes, all still connected; else []): a round it then chooses that way
+        stays pipelined, any other choice is honoured by a full setup
+        (:meth:`_round_cohort`). To pipeline a choice that changes every round, override
+        this method (a subclass of ``SecAggStrategy``) with the same choice."""
         inner = self.inner
         nodes = list(grid.get_node_ids())  # one snapshot: never waits mid-round
         if inner.fraction_train == 0.0 or len(nodes) < self._nodes_needed():
             return []
+        if self._own_nodes:
+            return list(self._last_chosen) if set(self._last_chosen) <= set(nodes) else []
         size = max(int(len(nodes) * inner.fraction_train), inner.min_train_nodes)
         return sorted(random.sample(nodes, size)) if size <= len(nodes) else []
 
@@ -857,10 +994,15 @@ class SecAggStrategy(Strategy):
         report.metric_clipped = {
             name: decoded.metric_clipped[i] for i, name in enumerate(decoded.metrics) if decoded.metric_clipped[i]
         }
+        # the bound next to the scale of what it bounds: the released mean update's RMS
+        # (the server holds it anyway), so a user reads how coarse the round really was
+        rms = float(np.sqrt(np.mean(np.square(decoded.mean_delta[:float_size])))) if float_size else 0.0
+        report.update_rms = rms
         log(INFO, "secure round %s: %d of %d coordinates beyond the range +-%g (integer entries +-%g), weight "
-            "scale %d, %d retries; quantization error <= %.3g per coordinate", report.server_round, report.clipped,
-            n * (float_size + int_size), spec.clip_range, spec.int_clip_range, spec.weight_unit, report.retries,
-            decoded.error_bound)
+            "scale %d, %d retries, %d-bit words; quantization error <= %.3g per coordinate (%.2g of the mean "
+            "update's RMS %.3g)", report.server_round, report.clipped, n * (float_size + int_size), spec.clip_range,
+            spec.int_clip_range, spec.weight_unit, report.retries, spec.field_bits, decoded.error_bound,
+            decoded.error_bound / rms if rms > 0 else float("inf"), rms)
         if report.clipped:
             log(WARNING, "secure round %s: %d coordinates lay beyond the range even after %d retries: nothing is "
                 "released this round", report.server_round, report.clipped, report.retries)
@@ -955,34 +1097,18 @@ class SecAggStrategy(Strategy):
         ahead: _Ahead | None = None,
         ahead_parts: Mapping[int, wire.Message] | None = None,
         message_type: str = MessageType.TRAIN,
+        error_replies: dict[int, Error] | None = None,
     ) -> tuple[dict[int, wire.Message | bytes], dict[int, wire.Message | bytes]]:
         """One server -> clients -> server exchange of this round, which may also carry
         the next round's parts (``ahead``): a node in both gets one message of two parts,
         a node only in the next round's cohort a message of that round's part alone.
         Returns the valid replies to each round (the second empty without ``ahead``).
-        ``message_type`` is ``EVALUATE`` for a secure evaluation round (never with ``ahead``)."""
+        ``message_type`` is ``EVALUATE`` for a secure evaluation round (never with ``ahead``).
+        With ``error_replies``, this round's error replies are collected there (node ->
+        the Error) for the caller to sort, instead of recorded and logged one per node."""
         parts = dict(ahead_parts or {}) if ahead is not None else {}
-        messages: list[Message] = []
-        kinds: list[tuple[int, Stage | None]] = []  # per message: node, stage of its next-round part
-        for node in sorted(set(outgoing) | set(parts)):
-            if node in outgoing:
-                rec = ConfigRecord({wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(outgoing[node]),
-                                    **(extra_fields or {})})
-                nm = parts.get(node)
-                if nm is not None:
-                    rec[wire.FIELD_NEXT_STAGE] = int(nm.stage)
-                    rec[wire.FIELD_NEXT_PAYLOAD] = wire.encode(nm)
-                content = RecordDict({wire.RECORD_KEY: rec, **(extra or {})})
-                m = Message(content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
-                kinds.append((node, nm.stage if nm is not None else None))
-            else:  # a setup-only message for the next round
-                assert ahead is not None
-                nm = parts[node]
-                rec = ConfigRecord({wire.FIELD_STAGE: int(nm.stage), wire.FIELD_PAYLOAD: wire.encode(nm)})
-                m = Message(RecordDict({wire.RECORD_KEY: rec}), dst_node_id=node, message_type=MessageType.TRAIN,
-                            group_id=str(ahead.server_round))
-                kinds.append((node, None))
-            messages.append(m)
+        messages, kinds = self._stage_messages(server_round, stage, outgoing, extra, extra_fields, ahead, parts,
+                                               message_type)
         t0 = time.monotonic()
         replies, _ = exchange.send_and_receive(grid, messages, self.config.stage_timeout, self.config.max_poll_interval)
         report.stage_seconds[stage.name] = report.stage_seconds.get(stage.name, 0.0) + time.monotonic() - t0
@@ -1000,9 +1126,10 @@ class SecAggStrategy(Strategy):
             target = report if mine else ahead.report  # type: ignore[union-attr]
             own_stage = stage if mine else parts[node].stage
             if reply.has_error():
-                target.client_errors[node] = f"stage {own_stage.name}: {reply.error.reason}"
-                log(WARNING, "node %s failed at stage %s of round %s: %s", node, own_stage.name, target.server_round,
-                    reply.error.reason)
+                if error_replies is not None and mine:
+                    error_replies[node] = reply.error
+                else:
+                    self._client_error(target, node, own_stage, reply.error.reason)
                 continue
             if reply.metadata.src_node_id != node:
                 target.rejected[node] = f"reply for node {node} came from node {reply.metadata.src_node_id}"
@@ -1028,6 +1155,43 @@ class SecAggStrategy(Strategy):
                 elif part is not None:
                     out_next[node] = part
         return out, out_next
+
+    @staticmethod
+    def _stage_messages(
+        server_round: int, stage: Stage, outgoing: Mapping[int, wire.Message],
+        extra: Mapping[str, ArrayRecord | ConfigRecord] | None, extra_fields: Mapping[str, str] | None,
+        ahead: _Ahead | None, parts: Mapping[int, wire.Message], message_type: str,
+    ) -> tuple[list[Message], list[tuple[int, Stage | None]]]:
+        """The messages of one exchange (see :meth:`_exchange`), and per message its node
+        and the stage of the next round's part it carries (None: none)."""
+        messages: list[Message] = []
+        kinds: list[tuple[int, Stage | None]] = []
+        for node in sorted(set(outgoing) | set(parts)):
+            if node in outgoing:
+                rec = ConfigRecord({wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(outgoing[node]),
+                                    **(extra_fields or {})})
+                nm = parts.get(node)
+                if nm is not None:
+                    rec[wire.FIELD_NEXT_STAGE] = int(nm.stage)
+                    rec[wire.FIELD_NEXT_PAYLOAD] = wire.encode(nm)
+                content = RecordDict({wire.RECORD_KEY: rec, **(extra or {})})
+                m = Message(content, dst_node_id=node, message_type=message_type, group_id=str(server_round))
+                kinds.append((node, nm.stage if nm is not None else None))
+            else:  # a setup-only message for the next round
+                assert ahead is not None
+                nm = parts[node]
+                rec = ConfigRecord({wire.FIELD_STAGE: int(nm.stage), wire.FIELD_PAYLOAD: wire.encode(nm)})
+                m = Message(RecordDict({wire.RECORD_KEY: rec}), dst_node_id=node, message_type=MessageType.TRAIN,
+                            group_id=str(ahead.server_round))
+                kinds.append((node, None))
+            messages.append(m)
+        return messages, kinds
+
+    @staticmethod
+    def _client_error(report: RoundReport, node: int, stage: Stage, reason: str | None) -> None:
+        """A client's error reply: recorded in its round's report and logged, one WARNING per node."""
+        report.client_errors[node] = f"stage {stage.name}: {reason}"
+        log(WARNING, "node %s failed at stage %s of round %s: %s", node, stage.name, report.server_round, reason)
 
 
 def metric_names_of(reply: Message) -> tuple[tuple[str, ...], tuple[str, ...]]:

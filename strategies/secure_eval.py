@@ -21,10 +21,19 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Mapping
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -75,7 +84,7 @@ def secure_evaluate(
                                   message_type=MessageType.EVALUATE)[0]
 
     try:
-        rosters = server.collect_keys(exchange(Stage.ADVERTISE_KEYS, server.setup_messages()))
+        rosters = server.collect_keys(_advertise(strategy, grid, server_round, server, report))
         bundles = server.collect_shares(exchange(Stage.SHARE_KEYS, rosters))
         requests = server.collect_masked(exchange(Stage.MASKED_INPUT, bundles, extra=extra, extra_fields=fields,
                                                   names=names))
@@ -94,9 +103,7 @@ def secure_evaluate(
     report.total_weight = decoded.total_weight
     report.failures = dict(decoded.failures)
     report.weight_scale = spec.weight_unit
-    # slot error bound (units of the clip range 1.0) times the widest metric range: the
-    # bound on every released metric's weighted mean
-    report.error_bound = decoded.error_bound * max([spec.metric_range, *(r for _, r in spec.metric_ranges)])
+    report.error_bound = decoded.metric_error_bound  # the metrics are exact (pipeline.METRIC_FRACTION_BITS)
     report.metric_clipped = {n: decoded.metric_clipped[i] for i, n in enumerate(decoded.metrics)
                              if decoded.metric_clipped[i]}
     for name, k in report.metric_clipped.items():
@@ -120,6 +127,65 @@ def secure_evaluate(
         "quantization error <= %.3g per metric", server_round, len(report.survivors), len(cohort),
         decoded.total_weight, report.exchanges, report.seconds, report.error_bound)
     return agg
+
+
+#: What an evaluate function the mod does not wrap looks like at the first stage: the
+#: ClientApp raised (on a protocol message it cannot read), where the mod would have
+#: answered, or refused with its own code (``MOD_FAILED_PRECONDITION``).
+_UNWRAPPED_CODE = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+_FIX = ("secagg_mod must wrap evaluate as well as train: write the client as `app = ClientApp(mods=[secagg_mod])` "
+        "(every handler) or `@app.evaluate(mods=[secagg_mod])`, or evaluate on the server only "
+        "(fraction_evaluate=0.0, evaluate_fn)")
+
+
+def _advertise(
+    strategy: SecAggStrategy, grid: Grid, server_round: int, server: SecAggServer, report: RoundReport,
+) -> dict[int, wire.Message | bytes]:
+    """The evaluation round's first exchange (keys). A site whose ClientApp raised on it
+    runs the user's evaluate without the mod: it is named in one ERROR per run (not one
+    warning per node and round) and counts as dropped; if no site answered for that
+    reason, the run stops (:func:`_unwrapped`). Other error replies are logged as usual."""
+    errors: dict[int, Error] = {}
+    replies = strategy._exchange(grid, server_round, Stage.ADVERTISE_KEYS, server.setup_messages(), report,
+                                 message_type=MessageType.EVALUATE, error_replies=errors)[0]
+    unwrapped: dict[int, str] = {}
+    for node, error in sorted(errors.items()):
+        if error.code == _UNWRAPPED_CODE:
+            unwrapped[node] = error.reason or ""
+            report.client_errors[node] = (f"stage {Stage.ADVERTISE_KEYS.name}: the ClientApp raised (evaluate not "
+                                          "wrapped by secagg_mod)")
+        else:
+            strategy._client_error(report, node, Stage.ADVERTISE_KEYS, error.reason)
+    if unwrapped:
+        _unwrapped(strategy, report, unwrapped, alone=not replies and len(unwrapped) == len(errors))
+    return replies
+
+
+def _unwrapped(strategy: SecAggStrategy, report: RoundReport, unwrapped: Mapping[int, str], alone: bool) -> None:
+    """One ERROR naming the sites whose evaluate is not wrapped and the fix (once per run
+    for each site). ``alone``: no site of the cohort answered, all for that reason:
+    evaluation can never run, so the run stops with :class:`SecureEvaluationUnavailable`
+    here, at its first evaluation, rather than train on with no evaluation."""
+    from strategies.secagg_strategy import SecureEvaluationUnavailable
+
+    nodes = sorted(unwrapped)
+    shown = ", ".join(map(str, nodes[:10])) + (f" and {len(nodes) - 10} more" if len(nodes) > 10 else "")
+    first = " ".join(next(iter(unwrapped.values())).split())  # Flower's reason spans lines (a traceback)
+    first = first if len(first) <= 240 else "..." + first[-240:]  # its cause is at its end
+    cause = (f"their ClientApp raised on the secure evaluation's first message (stage ADVERTISE_KEYS): it reached "
+             f"the user's evaluate function, which secagg_mod does not wrap. {_FIX}. (First error: {first})")
+    if alone:
+        text = (f"secure evaluation of round {report.server_round} is unavailable: none of the {len(report.cohort)} "
+                f"sites of its cohort answered it, and {len(nodes)} of them (nodes {shown}) cannot: {cause}")
+        report.status, report.reason = "unavailable", text
+        strategy.stopped = text
+        log(ERROR, "%s", text)
+        raise SecureEvaluationUnavailable(text)
+    if set(nodes) <= strategy._unwrapped_eval:
+        return  # already named this run: they count as dropped, as in the round they were named
+    strategy._unwrapped_eval |= set(nodes)
+    log(ERROR, "secure evaluation of round %s: %d of %d sites (nodes %s) cannot take part and count as dropped: %s",
+        report.server_round, len(nodes), len(report.cohort), shown, cause)
 
 
 def _prepare(

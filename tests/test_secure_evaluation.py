@@ -231,7 +231,10 @@ def test_custom_evaluate_metrics_aggregation_is_warned_about():
 def test_eval_spec_is_exact_enough_and_never_needs_a_retry():
     spec = eval_spec(max_cohort=1000, max_weight=1_000_000, metric_slots=8, metric_range=100.0)
     assert spec.field_bits == 64 and spec.weight_unit == spec.max_weight
-    assert spec.vector_length(0) < 100
+    # issue 28: each metric slot carries its exact weighted value in limbs, positive and
+    # negative part apart (2 limbs each at 64 bits), so 8 slots take 32 words, not 8
+    assert spec.metric_limbs == 2 and spec.metric_words == 32
+    assert spec.vector_length(0) == spec.metric_words + spec.counters + spec.quantization.extra_coordinates < 128
 
 
 @pytest.mark.parametrize("mode", ["central-dp", "distributed-dp"])

@@ -119,12 +119,12 @@ def message_client_app(profile_dir: str | None = None) -> Any:
 
     from clients import secagg_mod
 
-    app = ClientApp()
     mods: list[Any] = [secagg_mod]
     if profile_dir is not None:
         mods = [profiling_mod(profile_dir, secagg_mod)]
+    app = ClientApp(mods=mods)  # the README's client line: the mod on every handler
 
-    @app.train(mods=mods)
+    @app.train()
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
         arrays = msg.content["arrays"]

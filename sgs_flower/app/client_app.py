@@ -12,10 +12,10 @@ from flwr.clientapp import ClientApp
 
 from clients import secagg_mod
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])  # every handler: a federated evaluation would be secure too
 
 
-@app.train(mods=[secagg_mod])
+@app.train()
 def train(msg: Message, context: Context) -> Message:
     """The user's train function. The training code (torch, Opacus) is imported here,
     on the first message that trains, not with the app: ``secagg_mod`` answers the

@@ -83,7 +83,7 @@ def zeros_like_layout(layout: Layout) -> list[np.ndarray]:
 
 def model_words(spec: UpdateSpec, model_size: int) -> int:
     """Words of the vector covered by the MAC: the encoded model and the metric slots."""
-    return spec.encoded_size(model_size) + spec.metric_slots
+    return spec.encoded_size(model_size) + spec.metric_words
 
 
 def masked_positions(spec: UpdateSpec, model_size: int) -> np.ndarray:
