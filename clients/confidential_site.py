@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from clients.records import read_arrays
 from sgs_flower.confidential import masked_model as mm
 from sgs_flower.confidential import model_key as mk
 from sgs_flower.secagg.errors import MalformedMessageError, ModelIntegrityError, ModelKeyError
@@ -129,7 +130,7 @@ def open_model(model: ArrayRecord, want_key: str, run_id: int, state: mk.KeyStat
             raise ModelIntegrityError(
                 f"this run's model is masked since round {newest}; a plaintext model (one the server chose) is refused")
         return model, state
-    masked = mm.MaskedModel.from_arrays({k: v.numpy() for k, v in model.items()})
+    masked = mm.MaskedModel.from_arrays(dict(read_arrays(model)))
     if masked.run_id == run_id and newest is not None and masked.round_id < newest:
         raise ModelIntegrityError(
             f"the masked model is of round {masked.round_id}, older than round {newest} this site already "
@@ -154,5 +155,5 @@ def open_for_evaluation(model: ArrayRecord, run_id: int, state: mk.KeyState) -> 
                 f"this run's model is masked since round {state.newest[str(run_id)]}; a plaintext model to evaluate "
                 "(one the server chose) is refused")
         return model, state
-    masked = mm.MaskedModel.from_arrays({k: v.numpy() for k, v in model.items()})
+    masked = mm.MaskedModel.from_arrays(dict(read_arrays(model)))
     return open_model(model, masked.key_id, run_id, state)

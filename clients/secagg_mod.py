@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
@@ -72,6 +73,7 @@ from flwr.app import (
 from flwr.common.constant import ErrorCode
 
 from clients import confidential_site
+from clients.records import read_arrays
 from sgs_flower.confidential.masked_model import Layout, RoundContext, flat_model, layout_of, seal
 from sgs_flower.dp.site import SiteAccountant, SiteBudgetError, SiteState, default_state_file
 from sgs_flower.evaluation import (
@@ -266,9 +268,23 @@ def secagg_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
     return run_secagg(msg, context, call_next, default_encoder)
 
 
+def _answer_at_quantum(arrived: float, policy: ClientPolicy) -> None:
+    """Hold a masked-input reply until a multiple of ``sgs-reply-quantum`` after the
+    request arrived (issue 29): the site trains inside that exchange, so an immediate
+    reply tells the server its training time, which grows with its num-examples
+    (measured: ~0.15 ms per example, docs/threat_model.md). With a quantum above the
+    longest training the reply time is the quantum for every site."""
+    if policy.reply_quantum <= 0:
+        return
+    elapsed = time.monotonic() - arrived
+    target = max(1, math.ceil(elapsed / policy.reply_quantum)) * policy.reply_quantum
+    time.sleep(max(0.0, target - elapsed))
+
+
 def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Encoder) -> Message:
+    arrived = time.monotonic()
     if msg.metadata.message_type == MessageType.EVALUATE:
-        return run_secure_evaluate(msg, context, call_next)
+        return run_secure_evaluate(msg, context, call_next, arrived)
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     policy = _policy_or_refusal(msg, context)
@@ -306,6 +322,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
             client.expect_masked_input(server_msg)
             reply, names = _on_masked_input(msg, context, client, server_msg, rec, call_next, encoder, policy, site,
                                             state_path)
+            _answer_at_quantum(arrived, policy)
         elif stage == Stage.RETRY:
             reply = _on_retry(msg, context, client, server_msg, encoder, policy, state_path)
         else:
@@ -474,7 +491,7 @@ def _on_masked_input(
         key_state = confidential_site.load_key_state(context, state_path, policy)
         model, key_state = confidential_site.open_model(wire_model, spec.model_key, server_msg.run_id, key_state)
         confidential_site.save_key_state(context, state_path, key_state)
-    named = [(k, v.numpy()) for k, v in model.items()]
+    named = read_arrays(model)
     model_size = int(sum(a.size for _, a in named))
     if spec.dp_mode == "none" and spec.int_size != int_size_of([a for _, a in named]):
         raise MalformedMessageError("the update spec's int_size does not match the global model's integer entries")
@@ -482,7 +499,7 @@ def _on_masked_input(
         raise PolicyError("the round's vector exceeds this site's limit (sgs-max-vector)")
     # The model is hashed once: its digest keys the masks (with config and spec) and is
     # what the site remembers so that one model is never aggregated twice.
-    m_digest = model_digest(named if model is wire_model else [(k, v.numpy()) for k, v in wire_model.items()])
+    m_digest = model_digest(named if model is wire_model else read_arrays(wire_model))
     digest = binding_digest(m_digest, dict(cfg), spec.to_config())
     sketch = model_sketch((a for _, a in named), bytes.fromhex(site.sketch_key))
     if spec.dp_mode == "distributed":
@@ -775,7 +792,7 @@ def _local_model_message(msg: Message, context: Context, policy: ClientPolicy, s
     return Message(content=content, metadata=msg.metadata)  # type: ignore[call-overload]
 
 
-def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext) -> Message:
+def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext, arrived: float | None = None) -> Message:
     """Answer one exchange of a secure evaluation round (``sgs_flower.evaluation``).
 
     The same protocol as training, on its own protocol instance (``EVAL_STATE_KEY``), so
@@ -783,7 +800,9 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext) -> 
     here, and never a pipelined part. At the masked-input stage the user's evaluate runs
     (:func:`_evaluate_and_encode`); its metrics leave the site only masked. A plain
     evaluate message is refused while the site requires secure aggregation: it would
-    send this site's metrics to the server in the clear."""
+    send this site's metrics to the server in the clear. ``arrived``: when the message
+    reached the mod (for ``sgs-reply-quantum``; now when not given)."""
+    arrived = time.monotonic() if arrived is None else arrived
     policy = _policy_or_refusal(msg, context)
     if isinstance(policy, Message):
         return policy
@@ -821,6 +840,7 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext) -> 
         if stage == Stage.MASKED_INPUT:
             client.expect_masked_input(server_msg)
             reply, names = _evaluate_and_encode(msg, context, client, server_msg, rec, call_next, policy, state_path)
+            _answer_at_quantum(arrived, policy)
         elif stage == Stage.RETRY:
             raise StaleMessageError("an evaluation round has no retry (its weight scale is max_weight)")
         else:
@@ -869,7 +889,7 @@ def _evaluate_and_encode(
     check_eval_spec(spec, policy.max_vector_length)
     model = msg.content.array_records[a_key]
     cfg = msg.content.config_records[c_key]
-    m_digest = model_digest([(k, v.numpy()) for k, v in model.items()])
+    m_digest = model_digest(read_arrays(model))
     digest = eval_binding_digest(m_digest, dict(cfg), spec)
     plain = Message(content=RecordDict({a_key: model, c_key: cfg}), metadata=msg.metadata)  # type: ignore[call-overload]
     eval_msg = _local_model_message(plain, context, policy, state_path)

@@ -13,7 +13,7 @@ Three ClientApps written for this test, modelled on Flower's examples (not copie
   ``noise_multiplier``, ``max_grad_norm``, ``delta``).
 
 Each runs as a 5-SuperNode simulation with ``SecAggStrategy(FedAvg(...))`` and
-``@app.train(mods=[secagg_mod])`` and nothing else; plain FedAvg's round 1 is Flower's
+``ClientApp(mods=[secagg_mod])`` (the README's lines, issue 28) and nothing else; plain FedAvg's round 1 is Flower's
 own ``FedAvg.aggregate_train`` over the same train functions' plaintext replies. The secure round-1 model must be
 within the round's documented quantization bound of FedAvg's; the secure train metrics
 within their bound of FedAvg's weighted means.

@@ -467,3 +467,21 @@ def test_under_distributed_dp_differencing_beyond_near_copies_recovers_only_nois
     rms_error = float(np.sqrt(np.mean((d6 - 0.06) ** 2)))
     assert rms_error > 0.5 * z * spec5.l2_clip  # std sqrt(2) z clip, per coordinate, in clip units
     assert rms_error > 5 * 0.06  # the update is far below the noise
+
+
+@pytest.mark.parametrize("data", [b"", b"\x93NUMPY\x09\x09garbage", bytes(range(64))])
+def test_a_fuzzed_array_payload_is_a_typed_error_before_training(data):
+    """Issue 29: an Array whose bytes are not a NumPy array made the mod raise numpy's
+    untyped ValueError ("format version") where it reads the model; it is a typed
+    MalformedMessageError naming the entry, answered before the user's code runs."""
+    sites = {u: ModSite(u) for u in range(1, N_MOD + 1)}
+    spec = _spec()
+    bundles = _through_shares(sites, spec)
+    extra, fields = _masked_extra(spec)
+    first = next(iter(extra["arrays"]))
+    good = extra["arrays"][first]
+    extra["arrays"][first] = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=data)
+    out = sites[1].send(Stage.MASKED_INPUT, bundles[1], extra, fields)
+    assert out.has_error() and out.error.reason.startswith("MalformedMessageError"), out.error.reason
+    assert repr(first) in out.error.reason and "not a valid array" in out.error.reason
+    assert sites[1].trained == 0

@@ -51,6 +51,9 @@ NODE_CONFIG_KEYS = {
     "sgs-dp-min-noise": "distributed DP: smallest noise multiplier this site accepts (default 0.5)",
     "sgs-dp-max-epsilon": "distributed DP: this site's budget against the server; 0 = account only",
     "sgs-dp-delta": "distributed DP: delta of this site's accounting (default 1e-5)",
+    "sgs-reply-quantum": "seconds: the site answers a masked-input request (where it trains) only at a multiple of "
+                         "this after it arrived, so its reply time tells the server ceil(train time / quantum), not "
+                         "its num-examples (default 0: as soon as it is done)",
 }
 
 
@@ -75,6 +78,7 @@ class ClientPolicy:
     dp_min_noise_multiplier: float = 0.5
     dp_max_epsilon: float = 0.0
     dp_delta: float = 1e-5
+    reply_quantum: float = 0.0
 
     def __post_init__(self) -> None:
         if self.min_cohort < 3:
@@ -99,6 +103,8 @@ class ClientPolicy:
             raise ConfigurationError("sgs-dp-max-epsilon must be >= 0 (0: account only)")
         if not 0 < self.dp_delta < 1:
             raise ConfigurationError("sgs-dp-delta must be in (0, 1)")
+        if not (0 <= self.reply_quantum <= 3600 and math.isfinite(self.reply_quantum)):
+            raise ConfigurationError(f"sgs-reply-quantum must be in 0..3600 seconds, got {self.reply_quantum}")
 
     # ------------------------------------------------------------ checks
     def check_round(
@@ -177,6 +183,7 @@ class ClientPolicy:
             dp_min_noise_multiplier=get("sgs-dp-min-noise", float, 0.5),
             dp_max_epsilon=get("sgs-dp-max-epsilon", float, 0.0),
             dp_delta=get("sgs-dp-delta", float, 1e-5),
+            reply_quantum=get("sgs-reply-quantum", float, 0.0),
         )
 
 
