@@ -1026,9 +1026,12 @@ class SecAggStrategy(Strategy):
             # model-confidential: the in-range bins are masked, so a need is never below the
             # range: the range only widens (no margin, else it would double every round)
             margin = 1.0 if self.config.confidential else self.config.range_margin
+            # a part the model does not have keeps its range: its "need" is the range itself,
+            # which the margin would otherwise double every round (+-1024 became +-524288
+            # over the app's 10 rounds, which has no integer entries)
             self.ranges = (
-                adapted_range([f for f, _ in recent], spec.clip_range, margin),
-                adapted_range([i for _, i in recent], spec.int_clip_range, margin),
+                adapted_range([f for f, _ in recent], spec.clip_range, margin) if float_size else spec.clip_range,
+                adapted_range([i for _, i in recent], spec.int_clip_range, margin) if int_size else spec.int_clip_range,
             )
             log(INFO, "secure round %s: next round's range +-%g (integer entries +-%g), weight scale %d",
                 report.server_round, *self.ranges, self.weight_scale or spec.max_weight)
