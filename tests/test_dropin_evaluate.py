@@ -38,7 +38,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from test_dropin_examples import N, drop_in, initial, numpy_train
+from test_dropin_examples import BNNet, N, bn_train, drop_in, initial, numpy_train, opacus_train
 from test_pipelined_rounds import _local_grid, task_identity  # noqa: F401 - the fixture is used by name
 
 from clients import secagg_mod
@@ -61,11 +61,59 @@ def numpy_evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def torch_evaluate(msg: Message, context: Context) -> Message:
+    """quickstart-pytorch style evaluate of the BatchNorm CNN (eval mode, its running
+    statistics used): cross-entropy and accuracy on the partition's stand-in test set."""
+    import torch
+
+    pid = int(context.node_config["partition-id"])
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(1000 + pid)
+    n = 200 + 50 * pid
+    x, y = torch.randn(n, 3, 8, 8, generator=gen) * (1 + pid), torch.randint(0, 10, (n,), generator=gen)
+    net = BNNet()
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+        loss = float(torch.nn.functional.cross_entropy(out, y))
+        acc = float((out.argmax(1) == y).float().mean())
+    metrics = MetricRecord({"num-examples": n, "eval_loss": loss, "eval_acc": acc})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def linear_evaluate(msg: Message, context: Context) -> Message:
+    """The opacus example's evaluate of its linear model: loss and accuracy on a stand-in
+    test set of the partition."""
+    import torch
+
+    pid = int(context.node_config["partition-id"])
+    gen = torch.Generator().manual_seed(2000 + pid)
+    n = 120 + 30 * pid
+    x, y = torch.randn(n, 20, generator=gen), torch.randint(0, 4, (n,), generator=gen)
+    net = torch.nn.Linear(20, 4)
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    with torch.no_grad():
+        out = net(x)
+        loss = float(torch.nn.functional.cross_entropy(out, y))
+        acc = float((out.argmax(1) == y).float().mean())
+    metrics = MetricRecord({"num-examples": n, "eval_loss": loss, "eval_acc": acc})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+#: The modelled apps with an evaluate function: (train, evaluate, num-examples of partition pid)
+APPS: dict[str, tuple[Any, Any, Any]] = {
+    "numpy": (numpy_train, numpy_evaluate, lambda pid: 100 + 37 * pid),
+    "torch": (bn_train, torch_evaluate, lambda pid: 200 + 50 * pid),
+    "opacus": (opacus_train, linear_evaluate, lambda pid: 120 + 30 * pid),
+}
+
+
 def _inner() -> FedAvg:
     return FedAvg(fraction_evaluate=1.0, min_train_nodes=N, min_available_nodes=N, min_evaluate_nodes=N)
 
 
-def _simulate(app: ClientApp) -> dict[str, Any]:
+def _simulate(app: ClientApp, kind: str = "numpy") -> dict[str, Any]:
     """``ROUNDS`` secure rounds with federated evaluation on N SuperNodes; the released
     model of each round is kept (``evaluate_fn``), and a SecureAggregationFailed is kept
     too (a user's ServerApp would end with it)."""
@@ -80,7 +128,7 @@ def _simulate(app: ClientApp) -> dict[str, Any]:
 
         out["strategy"] = strategy
         try:
-            out["result"] = strategy.start(grid=grid, initial_arrays=initial("numpy"), num_rounds=ROUNDS,
+            out["result"] = strategy.start(grid=grid, initial_arrays=initial(kind), num_rounds=ROUNDS,
                                            evaluate_fn=keep)
         except SecureEvaluationUnavailable as exc:
             out["error"] = exc
@@ -89,7 +137,7 @@ def _simulate(app: ClientApp) -> dict[str, Any]:
     return out
 
 
-def _plain_evaluation(rnd: int, model: dict[str, np.ndarray]) -> MetricRecord:
+def _plain_evaluation(rnd: int, model: dict[str, np.ndarray], evaluate: Any = numpy_evaluate) -> MetricRecord:
     """Plain FedAvg's federated evaluation of ``model``: the N evaluate functions' plaintext
     replies, aggregated by Flower's own ``FedAvg.aggregate_evaluate``."""
     replies = []
@@ -99,20 +147,24 @@ def _plain_evaluation(rnd: int, model: dict[str, np.ndarray]) -> MetricRecord:
         content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in model.items()}),
                               "config": ConfigRecord({"server-round": rnd})})
         msg = Message(content, dst_node_id=pid + 1, message_type=MessageType.EVALUATE, group_id=str(rnd))
-        replies.append(numpy_evaluate(msg, ctx))
+        replies.append(evaluate(msg, ctx))
     agg = FedAvg().aggregate_evaluate(rnd, replies)
     assert agg is not None
     return agg
 
 
-def test_the_readme_client_line_keeps_fedavgs_federated_evaluation(caplog):
-    """``ClientApp(mods=[secagg_mod])`` with a train and an evaluate function: every
-    round's evaluation is released, in Result and in the log as plain Flower's, and
-    equals plain FedAvg's aggregate_evaluate on the same released model."""
-    app = drop_in(numpy_train)  # ClientApp(mods=[secagg_mod]) + @app.train()
-    app.evaluate()(numpy_evaluate)
+@pytest.mark.parametrize("kind", sorted(APPS))
+def test_the_readme_client_line_keeps_fedavgs_federated_evaluation(caplog, kind):
+    """``ClientApp(mods=[secagg_mod])`` with a train and an evaluate function, in every
+    modelled app (quickstart-numpy, the BatchNorm CNN, the opacus example's model):
+    every round's evaluation is released, in Result and in the log as plain Flower's,
+    and equals plain FedAvg's aggregate_evaluate on the same released model within 1e-5
+    relative (issue 28: the metrics travel exactly)."""
+    train, evaluate, examples = APPS[kind]
+    app = drop_in(train)  # ClientApp(mods=[secagg_mod]) + @app.train()
+    app.evaluate()(evaluate)
     with caplog.at_level(logging.INFO):
-        out = _simulate(app)
+        out = _simulate(app, kind)
     assert "error" not in out, out.get("error")
     strategy, result = out["strategy"], out["result"]
     assert [r.status for r in strategy.reports] == ["ok"] * ROUNDS
@@ -120,12 +172,12 @@ def test_the_readme_client_line_keeps_fedavgs_federated_evaluation(caplog):
     assert sorted(result.evaluate_metrics_clientapp) == list(range(1, ROUNDS + 1))
     for rnd in range(1, ROUNDS + 1):
         secure = result.evaluate_metrics_clientapp[rnd]
-        plain = _plain_evaluation(rnd, out["models"][rnd])
+        plain = _plain_evaluation(rnd, out["models"][rnd], evaluate)
         assert set(secure) == set(plain) == {"eval_loss", "eval_acc"}
         for name in plain:
             s, p = float(secure[name]), float(plain[name])  # type: ignore[arg-type]
             assert abs(s - p) <= 1e-5 * abs(p), (rnd, name, s, p)
-        assert strategy.eval_reports[rnd - 1].total_weight == sum(100 + 37 * pid for pid in range(N))
+        assert strategy.eval_reports[rnd - 1].total_weight == sum(examples(pid) for pid in range(N))
     logged = [r.getMessage() for r in caplog.records]  # Flower's own start logs each round's aggregate this way
     assert sum("eval_loss" in m and m.startswith("\t└──> Aggregated MetricRecord") for m in logged) == ROUNDS
     assert not any("failed at stage" in m for m in logged)
