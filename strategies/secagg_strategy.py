@@ -280,10 +280,10 @@ def _quiet_single_reply_log() -> Iterator[None]:
 #: Bits a round set up ahead may lack at its actual range before it sets up in full
 #: (see :meth:`SecAggStrategy._ahead_width`).
 AHEAD_SLACK_BITS = 2
-#: How much wider than round 1's configured range round 2's width is sized for (it is
-#: set up during round 1, before any range was measured): 4 bits, once per run, so a
-#: round 1 whose retries widened the range up to 16x still pipelines round 2 (3
-#: exchanges) at the model_error bound.
+#: How much wider than round 1's configured range (times range_margin) round 2's width
+#: is sized for (it is set up during round 1, before any range was measured): 4 bits,
+#: once per run, so a round 1 whose retries widened the range up to 16x still pipelines
+#: round 2 (3 exchanges) at the model_error bound.
 UNMEASURED_RANGE_GROWTH = 16.0
 
 
@@ -539,13 +539,15 @@ class SecAggStrategy(Strategy):
         c = self.config
         if c.field_bits:
             return c.field_bits
-        # a round set up ahead takes its width before this round's range adapts: it is
-        # sized for the widest range the adaptation can give it (range_margin times this
-        # one), and while no round has measured the range (round 1's is a guess, which a
-        # retry may widen many times over) for UNMEASURED_RANGE_GROWTH times that
+        # a round set up ahead takes its width before this round's range adapts. Once a
+        # round has measured the range it is sized for this range (in the steady state the
+        # range stays; a doubling costs that one round a bound of 2x model_error, within
+        # AHEAD_SLACK_BITS, rather than a bit in every round); while none has (round 1's
+        # range is a guess, which a retry may widen many times over) for
+        # UNMEASURED_RANGE_GROWTH times range_margin times it
         grow = 1.0
-        if ahead and c.adaptive_range:
-            grow = c.range_margin * (1.0 if self._needed else UNMEASURED_RANGE_GROWTH)
+        if ahead and c.adaptive_range and not self._needed:
+            grow = c.range_margin * UNMEASURED_RANGE_GROWTH
         scale = 1.0
         if c.max_weight > 1 and not self._weights_needed and c.weight_scale is None and not ahead:
             scale = float(min(self.weight_scale, c.max_weight))
