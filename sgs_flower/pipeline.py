@@ -210,8 +210,9 @@ class UpdateSpec:
     model_key: str = ""
 
     def __post_init__(self) -> None:
-        if not self.metric_range > 0:
-            raise ConfigurationError(f"metric_range must be > 0, got {self.metric_range}")
+        if not (self.metric_range > 0 and np.isfinite(self.metric_range)):
+            # finite: a slot's limbs are sized from it (metric_bits); infinity would size nothing
+            raise ConfigurationError(f"metric_range must be a positive finite number, got {self.metric_range}")
         for name, r in self.metric_ranges:
             if not (isinstance(name, str) and r > 0 and np.isfinite(r)):
                 raise ConfigurationError(f"metric_ranges[{name!r}] must be a positive finite number, got {r}")

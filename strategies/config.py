@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -139,8 +140,8 @@ class SecAggConfig:
             raise bad("node_wait_timeout", f"must be >= 0 seconds, got {self.node_wait_timeout}")
         if not 0 <= self.metric_slots <= MAX_METRIC_SLOTS:
             raise bad("metric_slots", f"must be in 0..{MAX_METRIC_SLOTS}, got {self.metric_slots}")
-        if not self.metric_range > 0:
-            raise bad("metric_range", f"must be > 0, got {self.metric_range}")
+        if not (self.metric_range > 0 and math.isfinite(self.metric_range)):
+            raise bad("metric_range", f"must be a positive finite number, got {self.metric_range}")
         for name, r in self.metric_ranges.items():
             if not r > 0:
                 raise bad("metric_ranges", f"the range of {name!r} must be > 0, got {r}")

@@ -485,3 +485,19 @@ def test_a_fuzzed_array_payload_is_a_typed_error_before_training(data):
     assert out.has_error() and out.error.reason.startswith("MalformedMessageError"), out.error.reason
     assert repr(first) in out.error.reason and "not a valid array" in out.error.reason
     assert sites[1].trained == 0
+
+
+@pytest.mark.parametrize("metric_range", [float("inf"), float("nan"), -1.0, 0.0])
+def test_a_metric_range_that_sizes_no_limbs_is_a_typed_error_before_training(metric_range):
+    """Issue 28 sizes each exact metric slot's limbs from the spec's metric range: a lying
+    server's infinite (or non-positive) range is refused as a malformed spec, never an
+    untyped OverflowError from sizing the limbs."""
+    sites = {u: ModSite(u) for u in range(1, N_MOD + 1)}
+    spec = _spec()
+    bundles = _through_shares(sites, spec)
+    extra, fields = _masked_extra(spec)
+    extra[wire.SPEC_KEY]["metric_range"] = metric_range
+    out = sites[1].send(Stage.MASKED_INPUT, bundles[1], extra, fields)
+    assert out.has_error() and out.error.reason.startswith("MalformedMessageError"), out.error.reason
+    assert "metric_range must be a positive finite number" in out.error.reason
+    assert sites[1].trained == 0
