@@ -36,14 +36,12 @@ at construction.
 from __future__ import annotations
 
 import io
-import logging
 import random
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +56,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.common.logger import FLOWER_LOGGER, log
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -119,6 +117,13 @@ from sgs_flower.secagg.wire import ShareBundle, Stage
 from strategies import exchange
 from strategies.config import SecAggConfig
 from strategies.model_key_phase import ensure_model_key
+from strategies.report import (
+    RoundReport,
+    SecureAggregationFailed,
+    group_client_errors,
+    quiet_single_reply_log,
+)
+from strategies.secure_eval import secure_evaluate
 
 _NEEDS_INDIVIDUAL_UPDATES = (Krum, MultiKrum, FedMedian, FedTrimmedAvg, Bulyan, QFedAvg)
 # Flower's own strategies whose configure_train samples nodes exactly as FedAvg's does
@@ -179,45 +184,6 @@ def check_wrappable(strategy: Strategy) -> FedAvg:
 
 
 @dataclass
-class RoundReport:
-    """What happened in one secure round (also logged)."""
-
-    server_round: int
-    status: str  # "ok", "aborted", "inconsistent", "budget-exhausted"
-    cohort: list[int] = field(default_factory=list)
-    survivors: list[int] = field(default_factory=list)
-    dropped: dict[int, str] = field(default_factory=dict)
-    rejected: dict[int, str] = field(default_factory=dict)
-    client_errors: dict[int, str] = field(default_factory=dict)
-    reason: str = ""
-    seconds: float = 0.0
-    total_weight: int = 0
-    stage_seconds: dict[str, float] = field(default_factory=dict)  # per exchange, server side included
-    exchanges: int = 0  # server -> clients -> server exchanges this round made (5 in full, 3 pipelined)
-    pipelined: bool = False  # its keys and shares travelled on the previous round's exchanges
-    next_round_set_up: bool = False  # the next round's keys and shares travelled on this round's exchanges
-    clip_range: float = 0.0  # the round's ranges (float and integer parts of the delta)
-    int_clip_range: float = 0.0
-    clipped: int = 0  # delta coordinates clipped, summed securely over the survivors
-    clipped_fraction: float = 0.0
-    metric_clipped: dict[str, int] = field(default_factory=dict)  # clients whose metric was clipped
-    update_rms: float = 0.0  # RMS of the released mean update's float part (the bound's scale)
-    metrics_dropped: str = ""  # why train metrics were not released, if they were not
-    error_bound: float = 0.0  # quantization bound on the released mean, per float coordinate
-    # survivors whose update could not be used (the reason is counted inside the masked
-    # vector, never sent as an error reply): by reason outside DP; under DP a noisy count
-    failures: dict[str, int] = field(default_factory=dict)
-    failed_estimate: float = 0.0
-    # retries of the masked input (docs/protocol.md, "Retry"): out-of-range values or a
-    # weight scale that did not fit the cohort's weights; the released aggregate is the
-    # last attempt's (clip_range, int_clip_range and weight_scale are its)
-    retries: int = 0
-    retry_reasons: list[str] = field(default_factory=list)
-    weight_scale: int = 0  # S: coordinates carried (w / S) * x (outside DP)
-    field_bits: int = 0  # the masked vector's word width b (chosen per round unless fixed)
-
-
-@dataclass
 class _Ahead:
     """The next round, set up during the current one: its cohort (drawn by
     :meth:`SecAggStrategy.sample_cohort`, not by the wrapped strategy's
@@ -239,42 +205,6 @@ class _StillOutOfRange(SecAggError):
     def __init__(self, text: str, spec: UpdateSpec, decoded: DecodedUpdate) -> None:
         super().__init__(text)
         self.spec, self.decoded = spec, decoded
-
-
-class SecureAggregationFailed(RuntimeError):
-    """The run stopped: too many secure rounds in a row aborted (or all of them did).
-
-    The message names the last round's cause, with the clients' own error replies."""
-
-
-class SecureEvaluationUnavailable(SecureAggregationFailed):
-    """The run stopped at its first federated evaluation that no site could answer: every
-    site's ClientApp raised on the secure evaluation's first message, because
-    ``secagg_mod`` does not wrap its evaluate function (the client line
-    ``@app.train(mods=[secagg_mod])`` wraps train only). The message names the fix."""
-
-
-def _group_client_errors(errors: Mapping[int, str]) -> str:
-    """Clients' error replies grouped by reason: '3 x stage MASKED_INPUT: EncodingError: ...'."""
-    counts = Counter(errors.values())
-    return "; ".join(f"{n} x {reason}" for reason, n in counts.most_common())
-
-
-@contextmanager
-def _quiet_single_reply_log() -> Iterator[None]:
-    """Hide the wrapped strategy's 'aggregate_train: Received 1 results' line: it is fed
-    one synthetic reply (the secure aggregate), and the line would mislead."""
-
-    class _Drop(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("%s: Received %s results")
-
-    f = _Drop()
-    FLOWER_LOGGER.addFilter(f)
-    try:
-        yield
-    finally:
-        FLOWER_LOGGER.removeFilter(f)
 
 
 #: Bits a round set up ahead may lack at its actual range before it sets up in full
@@ -421,8 +351,6 @@ class SecAggStrategy(Strategy):
         ``first_round + num_rounds - 1``. A site contributes once per (run, round), so a
         second ``start`` in the same run (a benchmark alternating strategies, a training
         continued in the same ServerApp) must number its rounds after the first's."""
-        from strategies.secure_eval import secure_evaluate  # it builds on this module
-
         log(INFO, "Starting %s strategy with secure aggregation (SecAgg+):", type(self.inner).__name__)
         log_strategy_start_info(num_rounds, initial_arrays, train_config, evaluate_config)
         self.summary()
@@ -766,7 +694,7 @@ class SecAggStrategy(Strategy):
         aggregate = ArrayRecord({k: Array(a) for (k, _), a in zip(named, new_named, strict=True)})
         metrics = MetricRecord({inner.weighted_by_key: decoded.total_weight, **decoded.metrics})
         reply = Message(RecordDict({a_key: aggregate, "metrics": metrics}), reply_to=instructions[0])
-        with _quiet_single_reply_log():
+        with quiet_single_reply_log():
             new_arrays, new_metrics = inner.aggregate_train(server_round, [reply])
         if new_arrays is not None:  # keep the model's dtypes and shapes (FedAvg's weighted sum may upcast)
             new_arrays = ArrayRecord({
@@ -782,7 +710,7 @@ class SecAggStrategy(Strategy):
         )
         if report.dropped:
             log(INFO, "secure round %s: dropped %s; client errors: %s", server_round, report.dropped,
-                _group_client_errors(report.client_errors) or "none")
+                group_client_errors(report.client_errors) or "none")
         return new_arrays, new_metrics
 
     def _round_cohort(
@@ -1076,7 +1004,7 @@ class SecAggStrategy(Strategy):
     ) -> tuple[None, None]:
         report.status = status
         if report.client_errors:
-            reason = f"{reason} (client errors: {_group_client_errors(report.client_errors)})"
+            reason = f"{reason} (client errors: {group_client_errors(report.client_errors)})"
         report.reason = reason
         report.seconds = time.monotonic() - t0
         log(WARNING, "secure round %s %s, global model unchanged: %s", report.server_round, status, reason)

@@ -43,9 +43,15 @@ from sgs_flower.secagg import wire
 from sgs_flower.secagg.errors import ConfigurationError, InconsistentAggregateError, SecAggError
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.wire import Stage
+from strategies.report import (
+    RoundReport,
+    SecureEvaluationUnavailable,
+    group_client_errors,
+    quiet_single_reply_log,
+)
 
-if TYPE_CHECKING:
-    from strategies.secagg_strategy import RoundReport, SecAggStrategy
+if TYPE_CHECKING:  # only for annotations: the strategy passes itself in, so no import cycle
+    from strategies.secagg_strategy import SecAggStrategy
 
 #: Server -> clients -> server exchanges of one secure evaluation round (no retry: its
 #: weight scale is max_weight, and the model part is empty).
@@ -58,8 +64,6 @@ def secure_evaluate(
     """Round ``server_round``'s federated evaluation as a secure round; returns what the
     wrapped strategy's ``aggregate_evaluate`` returns (None when nothing was released).
     Its :class:`RoundReport` is appended to ``strategy.eval_reports``."""
-    from strategies.secagg_strategy import RoundReport, _quiet_single_reply_log
-
     inner = strategy.inner
     messages = list(inner.configure_evaluate(server_round, arrays, config, grid))
     if not messages:  # asked every round, with no reply when nothing was sent, as Flower's loop does
@@ -119,7 +123,7 @@ def secure_evaluate(
             len(report.survivors), reasons)
     metrics = MetricRecord({inner.weighted_by_key: decoded.total_weight, **decoded.metrics})
     reply = Message(RecordDict({"metrics": metrics}), reply_to=messages[0])
-    with _quiet_single_reply_log():
+    with quiet_single_reply_log():
         agg = inner.aggregate_evaluate(server_round, [reply])
     report.status = "ok"
     report.seconds = time.monotonic() - t0
@@ -166,8 +170,6 @@ def _unwrapped(strategy: SecAggStrategy, report: RoundReport, unwrapped: Mapping
     for each site). ``alone``: no site of the cohort answered, all for that reason:
     evaluation can never run, so the run stops with :class:`SecureEvaluationUnavailable`
     here, at its first evaluation, rather than train on with no evaluation."""
-    from strategies.secagg_strategy import SecureEvaluationUnavailable
-
     nodes = sorted(unwrapped)
     shown = ", ".join(map(str, nodes[:10])) + (f" and {len(nodes) - 10} more" if len(nodes) > 10 else "")
     first = " ".join(next(iter(unwrapped.values())).split())  # Flower's reason spans lines (a traceback)
@@ -243,11 +245,9 @@ def _abort(
 ) -> MetricRecord | None:
     """Nothing is released; the wrapped strategy's ``aggregate_evaluate`` is asked with no
     reply (as Flower's loop does when every evaluation failed); model and ledger untouched."""
-    from strategies.secagg_strategy import _group_client_errors
-
     report.status = status
     if report.client_errors:
-        reason = f"{reason} (client errors: {_group_client_errors(report.client_errors)})"
+        reason = f"{reason} (client errors: {group_client_errors(report.client_errors)})"
     if any(e.startswith(f"stage {Stage.ADVERTISE_KEYS.name}:") for e in report.client_errors.values()):
         reason += ("; a site answers secure evaluation only with secagg_mod on its evaluate function "
                    "(@app.evaluate(mods=[secagg_mod]) or ClientApp(mods=[secagg_mod]))")
