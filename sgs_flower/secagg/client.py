@@ -55,6 +55,7 @@ from sgs_flower.secagg.graph import (
     neighbours_of,
     validate,
 )
+from sgs_flower.secagg.groups import GroupRule, check_whole_groups
 from sgs_flower.secagg.memo import memo_by_identity
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander
@@ -338,10 +339,12 @@ class AwaitingConsistency:
     mask_context: bytes = b""  # what the masks were keyed with (a retry derives its context from it)
 
     def on_consistency(
-        self, msg: ConsistencyRequest, ident: bytes, history: dict[str, str]
+        self, msg: ConsistencyRequest, ident: bytes, history: dict[str, str], groups: GroupRule | None = None
     ) -> tuple[AwaitingUnmask, ConsistencySignature]:
         u, sec = self.node_id, self.secrets
         u3 = check_survivor_set(msg.survivors, u, sec, self.held, self.identities, self.min_survivors)
+        if groups is not None:  # the site's sgs-min-group: a union of whole groups, or no signature
+            check_whole_groups(u3, self.identities, groups)
         key = self.model_digest.hex()
         signed = survivor_set_digest(u3)
         if history.get(key, signed) != signed:
@@ -795,7 +798,7 @@ class SecAggClient:
             self.last_masked = (setup.run_id, setup.round_id)
             return masked
         if isinstance(st, AwaitingConsistency) and isinstance(msg, ConsistencyRequest):
-            self.state, signature = st.on_consistency(msg, self.identity, self.history)
+            self.state, signature = st.on_consistency(msg, self.identity, self.history, self.policy.group_rule)
             return signature
         if isinstance(st, AwaitingUnmask) and isinstance(msg, UnmaskRequest):
             self.state, response = st.on_unmask(msg)

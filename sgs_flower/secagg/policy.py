@@ -14,6 +14,7 @@ import os
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from sgs_flower.secagg.errors import ConfigurationError, PolicyError
@@ -24,6 +25,7 @@ from sgs_flower.secagg.graph import (
     active_threshold,
     default_degree,
 )
+from sgs_flower.secagg.groups import GroupRule
 from sgs_flower.secagg.identity import Roster, read_identity
 
 ENV_VAR = "SGS_NODE_CONFIG"  # the same keys for sites whose node config cannot be set (simulation)
@@ -51,6 +53,8 @@ NODE_CONFIG_KEYS = {
     "sgs-dp-min-noise": "distributed DP: smallest noise multiplier this site accepts (default 0.5)",
     "sgs-dp-max-epsilon": "distributed DP: this site's budget against the server; 0 = account only",
     "sgs-dp-delta": "distributed DP: delta of this site's accounting (default 1e-5)",
+    "sgs-min-group": "sign only survivor sets that are unions of whole groups of at least this many sites, the "
+                     "groups derived from sgs-roster by a public rule (0: off; needs sgs-roster)",
     "sgs-reply-quantum": "seconds: the site answers a masked-input request (where it trains) only at a multiple of "
                          "this after it arrived, so its reply time tells the server ceil(train time / quantum), not "
                          "its num-examples (default 0: as soon as it is done)",
@@ -79,6 +83,7 @@ class ClientPolicy:
     dp_max_epsilon: float = 0.0
     dp_delta: float = 1e-5
     reply_quantum: float = 0.0
+    min_group: int = 0
 
     def __post_init__(self) -> None:
         if self.min_cohort < 3:
@@ -103,6 +108,14 @@ class ClientPolicy:
             raise ConfigurationError("sgs-dp-max-epsilon must be >= 0 (0: account only)")
         if not 0 < self.dp_delta < 1:
             raise ConfigurationError("sgs-dp-delta must be in (0, 1)")
+        if self.min_group == 1 or self.min_group < 0:
+            raise ConfigurationError(f"sgs-min-group must be 0 (off) or at least 2, got {self.min_group}")
+        if self.min_group and self.roster is None:
+            raise ConfigurationError("sgs-min-group needs sgs-roster: the groups are derived from the pinned roster, "
+                                     "never from what the server presents")
+        if self.min_group and self.roster is not None and len(self.roster.keys) < self.min_group:
+            raise ConfigurationError(f"sgs-min-group = {self.min_group} but the roster holds {len(self.roster.keys)} "
+                                     "keys: no group could be whole")
         if not (0 <= self.reply_quantum <= 3600 and math.isfinite(self.reply_quantum)):
             raise ConfigurationError(f"sgs-reply-quantum must be in 0..3600 seconds, got {self.reply_quantum}")
 
@@ -184,7 +197,22 @@ class ClientPolicy:
             dp_max_epsilon=get("sgs-dp-max-epsilon", float, 0.0),
             dp_delta=get("sgs-dp-delta", float, 1e-5),
             reply_quantum=get("sgs-reply-quantum", float, 0.0),
+            min_group=get("sgs-min-group", int, 0),
         )
+
+    @property
+    def group_rule(self) -> GroupRule | None:
+        """The groups this site requires survivor sets to respect (``sgs-min-group``)."""
+        if not self.min_group or self.roster is None:
+            return None
+        return _group_rule(self.roster.keys, self.min_group)
+
+
+@lru_cache(maxsize=8)
+def _group_rule(roster: frozenset[bytes], min_group: int) -> GroupRule:
+    """One rule (and its partition, computed once) per roster and group size: every
+    message of every round asks for it."""
+    return GroupRule(roster, min_group)
 
 
 def parse_node_config_text(text: str) -> dict[str, str]:

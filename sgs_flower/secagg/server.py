@@ -44,6 +44,7 @@ from sgs_flower.secagg.graph import (
     neighbours,
     validate,
 )
+from sgs_flower.secagg.groups import GroupRule, whole_group_members
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander, reduce_mod
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, decode
 from sgs_flower.secagg.wire import (
@@ -151,8 +152,12 @@ class SecAggServer:
     before :meth:`collect_masked`.
     """
 
-    def __init__(self, params: RoundParams, bound_digest: bytes | None = b"") -> None:
+    def __init__(self, params: RoundParams, bound_digest: bytes | None = b"", groups: GroupRule | None = None) -> None:
         self.params = params
+        # participation in whole groups (sgs_flower.secagg.groups): a member of a group
+        # that did not send its masked input whole stays out of the sum, as a dropout
+        self.groups = groups
+        self.group_excluded: set[int] = set()
         p = params
         assert p.degree is not None and p.threshold is not None
         self.graph = neighbours(p.cohort, p.degree, p.graph_seed)
@@ -343,7 +348,7 @@ class SecAggServer:
                 f"round {self.params.round_id}: bind_model() must bind the round's model before masked inputs"
             )
         ok = self._accept(replies, self.u2, MaskedInput)
-        acc = np.zeros(self.params.vector_length, dtype=self.dtype)
+        valid: dict[int, np.ndarray] = {}
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, MaskedInput)
             vec = msg.vector
@@ -361,6 +366,16 @@ class SecAggServer:
                 )
                 self.dropped[node] = Stage.MASKED_INPUT
                 continue
+            valid[node] = vec
+        if self.groups is not None:
+            identities = {v: a.identity_key for v, a in self.advertised.items()}
+            keep = whole_group_members(valid, identities, self.groups)
+            self.group_excluded = set(valid) - keep
+            for node in self.group_excluded:  # its masks are recovered as a dropout's; its self-mask hides its input
+                self.dropped[node] = Stage.MASKED_INPUT
+            valid = {v: vec for v, vec in valid.items() if v in keep}
+        acc = np.zeros(self.params.vector_length, dtype=self.dtype)
+        for node, vec in valid.items():
             np.add(acc, vec, out=acc)
             self.u3.add(node)
         self._require(len(self.u3), "sent masked inputs")

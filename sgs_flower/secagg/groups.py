@@ -1,0 +1,102 @@
+"""Participation in whole groups (Multi-RoundSecAgg, So et al., AAAI 2023), against a
+server that lies.
+
+Why: secure aggregation hides one round's inputs, but two released sums over cohorts that
+differ by one site differ by that site's update (when the model moved little between
+them), and a server that samples cohorts at random collects such pairs by itself. If
+every sum is over a union of whole groups of at least ``G`` sites, every linear
+combination of released sums is constant on each group, so no site is ever alone in a
+difference: the most any combination isolates is a whole group's sum.
+
+The partition is not the server's choice: both sides derive it from the federation's
+pinned roster of identity keys by a fixed public rule (:func:`partition`), so it is
+stable across rounds and across runs of the same roster and needs no message. A site
+that requires groups (``sgs-min-group``, which needs ``sgs-roster``) signs a survivor
+set only if it is a union of whole groups (:func:`check_whole_groups`, beside the
+consistency check, before any share is revealed); the honest server leaves a group with a
+missing member out of the sum whole (:func:`whole_group_members`).
+
+A roster change changes the partition: sites of the new roster derive new groups, and a
+sum over old groups and one over new groups can differ by fewer than ``G`` sites. That
+is a limit (docs/threat_model.md): pin a roster per federation and keep it, or add sites
+in whole groups at the end of the hash order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+
+from sgs_flower.secagg.errors import ConfigurationError, PolicyError
+
+_DOMAIN = b"sgs-flower/groups/v1"
+
+
+def _order(key: bytes) -> bytes:
+    return hashlib.sha256(_DOMAIN + key).digest()
+
+
+def partition(identities: Iterable[bytes], min_group: int) -> tuple[frozenset[bytes], ...]:
+    """The federation's groups: its identity keys in the order of their domain-separated
+    SHA-256, cut into consecutive groups of ``min_group``; a remainder smaller than that
+    joins the last group (so every group has at least ``min_group`` members, at most
+    ``2 * min_group - 1``). Fewer keys than ``min_group`` are refused: no group could be
+    whole without them all."""
+    if min_group < 2:
+        raise ConfigurationError(f"a group needs at least 2 sites, got min_group={min_group}")
+    keys = sorted(set(identities), key=_order)
+    if len(keys) < min_group:
+        raise ConfigurationError(f"{len(keys)} identities cannot form a group of {min_group}")
+    whole = len(keys) - len(keys) % min_group
+    groups = [keys[i : i + min_group] for i in range(0, whole, min_group)]
+    groups[-1].extend(keys[whole:])
+    return tuple(frozenset(g) for g in groups)
+
+
+@dataclass(frozen=True)
+class GroupRule:
+    """The partition of a roster into groups of at least ``min_group`` (server and sites
+    derive the same one)."""
+
+    roster: frozenset[bytes]
+    min_group: int
+
+    @cached_property
+    def groups(self) -> tuple[frozenset[bytes], ...]:
+        return partition(self.roster, self.min_group)
+
+    @cached_property
+    def group_of(self) -> dict[bytes, int]:
+        return {k: i for i, g in enumerate(self.groups) for k in g}
+
+    def split(self, members: Iterable[bytes]) -> list[int]:
+        """Indices of the groups that ``members`` (identity keys) touch but do not hold
+        whole; a key off the roster counts as a group of its own, never whole."""
+        present = set(members)
+        touched = {self.group_of.get(k, -1) for k in present}
+        return sorted(i for i in touched if i < 0 or not self.groups[i] <= present)
+
+
+def check_whole_groups(survivors: Iterable[int], identities: Mapping[int, bytes], rule: GroupRule) -> None:
+    """Site side: refuse a survivor set that is not a union of whole groups (a
+    :class:`PolicyError` naming how many groups it splits), before the site signs it."""
+    split = rule.split(identities[v] for v in survivors)
+    if split:
+        raise PolicyError(
+            f"the survivor set splits {len(split)} of the federation's {len(rule.groups)} groups (sgs-min-group = "
+            f"{rule.min_group}): a sum over part of a group could be differenced against another round's to isolate "
+            "one site; refused before any share is revealed"
+        )
+
+
+def whole_group_members(nodes: Iterable[int], identities: Mapping[int, bytes], rule: GroupRule) -> set[int]:
+    """Server side: the nodes of ``nodes`` whose whole group is among them (the others'
+    inputs stay out of the sum, as a dropout's)."""
+    present = {identities[v]: v for v in nodes if v in identities}
+    keep: set[int] = set()
+    for group in rule.groups:
+        if group <= present.keys():
+            keep.update(present[k] for k in group)
+    return keep

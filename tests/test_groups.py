@@ -1,0 +1,258 @@
+"""Issue 29 (core): participation in whole groups, against a server that lies.
+
+Twelve sites pinned in a roster, groups of at least three (``sgs-min-group = 3``). The
+partition is derived from the roster by a public rule; a site signs only survivor sets
+that are unions of whole groups, before any share is revealed; the honest server leaves a
+group with a missing member out of the sum whole. Each test compares the secure sum with
+the plaintext sum of the sites it claims, and plays the server that lies.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sgs_flower.secagg import identity
+from sgs_flower.secagg.client import SecAggClient
+from sgs_flower.secagg.errors import ConfigurationError, PolicyError, ThresholdError
+from sgs_flower.secagg.groups import GroupRule, check_whole_groups, partition, whole_group_members
+from sgs_flower.secagg.identity import Roster
+from sgs_flower.secagg.policy import ClientPolicy
+from sgs_flower.secagg.prg import dtype_for_bits
+from sgs_flower.secagg.server import RoundParams, SecAggServer
+from sgs_flower.secagg.simulate import run_protocol
+from sgs_flower.secagg.wire import Stage
+
+N, G, M, BITS = 12, 3, 16, 24
+SECRETS = {u: identity.generate_identity() for u in range(1, N + 1)}
+PUBLIC = {u: identity.identity_public(k) for u, k in SECRETS.items()}
+ROSTER = Roster(frozenset(PUBLIC.values()))
+RULE = GroupRule(ROSTER.keys, G)
+GROUP_OF_NODE = {u: RULE.group_of[PUBLIC[u]] for u in PUBLIC}
+
+
+def _nodes_of(group: int) -> set[int]:
+    return {u for u, g in GROUP_OF_NODE.items() if g == group}
+
+
+def _clients(min_group: int = G) -> dict[int, SecAggClient]:
+    policy = ClientPolicy(roster=ROSTER, min_group=min_group)
+    return {u: SecAggClient(u, identity=SECRETS[u], policy=policy) for u in PUBLIC}
+
+
+def _inputs(seed: int) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    dtype = dtype_for_bits(BITS)
+    return {u: (rng.integers(0, 1 << BITS, M, dtype=np.uint64)).astype(dtype) for u in PUBLIC}
+
+
+def _round(cohort: tuple[int, ...], round_id: int, groups: GroupRule | None, drops=None, clients=None):
+    params = RoundParams(run_id=1, round_id=round_id, cohort=cohort, vector_length=M, field_bits=BITS)
+    server = SecAggServer(params, groups=groups)
+    clients = clients if clients is not None else _clients()
+    vectors = _inputs(7)
+    outcome = run_protocol(server, {u: clients[u] for u in cohort}, {u: vectors[u] for u in cohort}, drops)
+    return server, outcome, vectors
+
+
+def _plain_sum(vectors: dict[int, np.ndarray], nodes: set[int]) -> np.ndarray:
+    total = np.zeros(M, dtype=np.uint64)
+    for u in nodes:
+        total = total + vectors[u].astype(np.uint64)
+    return (total & np.uint64((1 << BITS) - 1)).astype(dtype_for_bits(BITS))
+
+
+# ---------------------------------------------------------------- the public rule
+def test_the_partition_is_a_public_function_of_the_roster_alone():
+    keys = sorted(PUBLIC.values())
+    groups = partition(keys, G)
+    assert groups == partition(reversed(keys), G) == RULE.groups  # order of presentation is irrelevant
+    assert sorted(len(g) for g in groups) == [3, 3, 3, 3] and frozenset().union(*groups) == frozenset(keys)
+    more = [*keys, identity.identity_public(identity.generate_identity())]
+    assert sorted(len(g) for g in partition(more, G)) == [3, 3, 3, 4]  # a remainder joins the last group
+    with pytest.raises(ConfigurationError, match="cannot form a group of 3"):
+        partition(keys[:2], G)
+
+
+def test_a_site_policy_with_groups_needs_its_own_roster():
+    with pytest.raises(ConfigurationError, match="sgs-min-group needs sgs-roster"):
+        ClientPolicy(min_group=3)
+    with pytest.raises(ConfigurationError, match="0 \\(off\\) or at least 2"):
+        ClientPolicy(roster=ROSTER, min_group=1)
+    with pytest.raises(ConfigurationError, match="no group could be whole"):
+        ClientPolicy(roster=ROSTER, min_group=13)
+    assert ClientPolicy(roster=ROSTER, min_group=3).group_rule == RULE
+
+
+# ---------------------------------------------------------------- honest rounds
+def test_a_round_of_whole_groups_sums_exactly():
+    cohort = tuple(sorted(PUBLIC))
+    server, outcome, vectors = _round(cohort, 1, RULE)
+    assert set(outcome.survivors) == set(cohort) and not server.group_excluded
+    np.testing.assert_array_equal(outcome.total, _plain_sum(vectors, set(cohort)))
+
+
+def test_a_dropout_takes_its_whole_group_out_of_the_sum():
+    """Site 1 drops before its masked input: its two group-mates' inputs stay out of the
+    sum as dropouts' (their masks recovered, their self-masks hide them); the released
+    sum is the plaintext sum of the three whole groups left (nine sites: the consistency
+    quorum of a cohort of twelve, so a group costs no more than the round can give)."""
+    cohort = tuple(sorted(PUBLIC))
+    mates = _nodes_of(GROUP_OF_NODE[1]) - {1}
+    server, outcome, vectors = _round(cohort, 2, RULE, {Stage.MASKED_INPUT: {1}})
+    assert server.group_excluded == mates
+    assert set(outcome.survivors) == set(cohort) - mates - {1}
+    np.testing.assert_array_equal(outcome.total, _plain_sum(vectors, set(outcome.survivors)))
+
+
+# ---------------------------------------------------------------- the lying server
+def test_a_server_that_keeps_a_split_group_gets_no_signature():
+    """The same dropout, but the server keeps site 1's group-mates in the sum (it ignores
+    the groups): every site refuses to sign the survivor set, so no share is revealed
+    and nothing is released."""
+    cohort = tuple(sorted(PUBLIC))
+    clients = _clients()
+    with pytest.raises(ThresholdError):
+        _round(cohort, 3, None, {Stage.MASKED_INPUT: {1}}, clients)
+    # each refusal is the group check's, before signing: no site reached the unmask stage
+    assert all(c.stage is None or c.stage < Stage.UNMASK for c in clients.values())
+
+
+def test_the_issues_attack_two_cohorts_that_differ_by_one_site_is_refused():
+    """Round A over all twelve sites; round B over a cohort without site v. A server that
+    ignores the groups gets no signature in round B; one that follows them leaves v's
+    group out whole, so the difference of the two sums is v's whole group, never v."""
+    cohort = tuple(sorted(PUBLIC))
+    v = 4
+    without_v = tuple(u for u in cohort if u != v)
+    _, a, vectors = _round(cohort, 10, RULE)
+    with pytest.raises(ThresholdError):
+        _round(without_v, 11, None)
+    server, b, _ = _round(without_v, 12, RULE)
+    group = _nodes_of(GROUP_OF_NODE[v])
+    assert server.group_excluded == group - {v}
+    diff = (a.total.astype(np.int64) - b.total.astype(np.int64)) % (1 << BITS)
+    np.testing.assert_array_equal(diff, _plain_sum(vectors, group).astype(np.int64))
+    assert not np.array_equal(diff, vectors[v].astype(np.int64))
+
+
+def test_each_site_refuses_to_sign_a_split_group_with_a_policy_error():
+    """Through the stages by hand: the lying server drops site 1 at the masked input but
+    asks everyone to sign a set with its group-mates in it; every site's reply is the
+    group check's PolicyError, before it signs (so before any share is revealed)."""
+    cohort = tuple(sorted(PUBLIC))
+    clients = _clients()
+    params = RoundParams(run_id=1, round_id=20, cohort=cohort, vector_length=M, field_bits=BITS)
+    server = SecAggServer(params)  # ignores the groups
+    vectors = _inputs(5)
+    rosters = server.collect_keys({u: clients[u].handle(m) for u, m in server.setup_messages().items()})
+    bundles = server.collect_shares({u: clients[u].handle(m) for u, m in rosters.items()})
+    masked = {u: clients[u].handle(m, vector=vectors[u]) for u, m in bundles.items() if u != 1}
+    requests = server.collect_masked(masked)
+    for u, req in requests.items():
+        with pytest.raises(PolicyError, match="splits 1 of the federation's 4 groups"):
+            clients[u].handle(req)
+
+
+def test_a_site_checks_the_set_it_is_asked_to_sign_not_the_servers_word():
+    """The check itself: a set that is a union of whole groups passes; one that lacks a
+    single member of a group is a PolicyError naming the split."""
+    everyone = set(PUBLIC)
+    check_whole_groups(everyone, PUBLIC, RULE)
+    check_whole_groups(everyone - _nodes_of(0), PUBLIC, RULE)
+    with pytest.raises(PolicyError, match="splits 1 of the federation's 4 groups"):
+        check_whole_groups(everyone - {next(iter(_nodes_of(0)))}, PUBLIC, RULE)
+    stranger = identity.identity_public(identity.generate_identity())
+    with pytest.raises(PolicyError, match="splits 1"):  # a key off the roster is never a whole group
+        check_whole_groups(everyone | {99}, {**PUBLIC, 99: stranger}, RULE)
+
+
+# ---------------------------------------------------------------- over many rounds
+def _survivor_matrix(groups_on: bool, rounds: int = 20, seed: int = 3) -> np.ndarray:
+    """Indicator rows of the released survivor sets of ``rounds`` honest rounds: random
+    cohorts (whole groups sampled, 3 of 4, when ``groups_on``, else 9 random sites) and
+    random dropouts before the masked input (1 in 10)."""
+    rng = np.random.default_rng(seed)
+    nodes = sorted(PUBLIC)
+    rows = []
+    for _ in range(rounds):
+        if groups_on:
+            picked = rng.choice(len(RULE.groups), size=3, replace=False)
+            cohort = sorted(u for g in picked for u in _nodes_of(int(g)))
+        else:
+            cohort = sorted(int(u) for u in rng.choice(nodes, size=9, replace=False))
+        drops = {int(u) for u in cohort if rng.random() < 0.1}
+        survivors = set(cohort) - drops
+        if groups_on:
+            survivors = whole_group_members(survivors, PUBLIC, RULE)
+        if len(survivors) < 3:
+            continue
+        rows.append([1.0 if u in survivors else 0.0 for u in nodes])
+    return np.array(rows)
+
+
+def _spans_a_single_site(matrix: np.ndarray) -> list[int]:
+    """Sites v whose indicator e_v lies in the row span (rank does not grow with it)."""
+    rank = np.linalg.matrix_rank(matrix)
+    out = []
+    for i in range(matrix.shape[1]):
+        e = np.zeros((1, matrix.shape[1]))
+        e[0, i] = 1.0
+        if np.linalg.matrix_rank(np.vstack([matrix, e])) == rank:
+            out.append(i)
+    return out
+
+
+def test_twenty_rounds_of_groups_span_no_vector_on_fewer_than_g_sites():
+    """Issue 29's span test: every released set is a union of whole groups, so every
+    vector of their span is constant on each group: its support is a union of groups (at
+    least G sites). Random cohorts of single sites, the same number of rounds, do span a
+    single site (what an honest-but-curious server collects by itself)."""
+    with_groups = _survivor_matrix(groups_on=True)
+    assert len(with_groups) >= 15
+    nodes = sorted(PUBLIC)
+    for g in range(len(RULE.groups)):
+        cols = [nodes.index(u) for u in _nodes_of(g)]
+        assert all(np.array_equal(with_groups[:, cols[0]], with_groups[:, c]) for c in cols[1:])
+    assert _spans_a_single_site(with_groups) == []
+    assert _spans_a_single_site(_survivor_matrix(groups_on=False)) != []
+
+
+# ---------------------------------------------------------------- through the real mod
+def test_through_the_mod_a_cohort_without_one_site_is_refused_before_any_share(tmp_path):
+    """The issue's attack through ``secagg_mod``: sites configured as a deployment would be
+    (``--node-config sgs-identity-key=... sgs-roster=... sgs-min-group=3``), a round over
+    the roster's sites but one. Every site trains (its update stays masked) and then
+    answers the consistency request with the group check's error: no signature, so no
+    share, so the server never gets the sum that differs from a full round's by one site."""
+    from test_active_server import ModSite, _spec, finish_mod_round, mod_round_to_consistency
+
+    from sgs_flower.pipeline import decode_update
+    from sgs_flower.secagg.wire import Stage as WireStage
+
+    n = 6
+    publics = {u: identity.write_identity(tmp_path / f"site{u}.key") for u in range(1, n + 1)}
+    roster = tmp_path / "roster.txt"
+    roster.write_text("".join(f"{k.hex()} site{u}\n" for u, k in publics.items()))
+    rule = GroupRule(frozenset(publics.values()), 3)
+    v = 6
+    mates = {u for u in publics if rule.group_of[publics[u]] == rule.group_of[publics[v]]} - {v}
+
+    def site(u: int) -> ModSite:
+        return ModSite(u, {"sgs-identity-key": str(tmp_path / f"site{u}.key"), "sgs-roster": str(roster),
+                           "sgs-min-group": "3"})
+
+    sites = {u: site(u) for u in publics if u != v}
+    server, reqs = mod_round_to_consistency(sites, _spec(n=n - 1))
+    assert all(s.trained == 1 for s in sites.values())
+    for u, req in reqs.items():
+        out = sites[u].send(WireStage.CONSISTENCY, req)
+        assert out.has_error() and out.error.reason.startswith("PolicyError"), out.error.reason
+        assert "splits 1 of the federation's 2 groups" in out.error.reason
+    # the same sites sign a round over whole groups: the check is not a blanket refusal
+    whole = {u: site(u) for u in publics if u != v and u not in mates}
+    spec = _spec(n=len(whole))
+    server, reqs = mod_round_to_consistency(whole, spec, round_id=4)
+    total = finish_mod_round(whole, server, reqs)
+    decoded = decode_update(total, spec, len(whole), 15, ["train_loss"])
+    assert decoded.count == len(whole) and decoded.total_weight == sum(10 + u for u in whole)
