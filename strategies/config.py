@@ -83,6 +83,14 @@ class SecAggConfig:
       neighbourhood (O(k) verifications; at most floor(k/3) colluders per
       neighbourhood). Only sites whose policy sets ``sgs-consistency=neighbourhood``
       join such a round; the others refuse it with a ``PolicyError``.
+    - ``min_group`` / ``roster`` (issue 29): participation in whole groups. With
+      ``min_group = G`` (0: off) and the federation's roster file, the server derives the
+      sites' groups of at least G (:mod:`sgs_flower.secagg.groups`, the rule the sites
+      apply with ``sgs-min-group``) and leaves a group with a member missing at the
+      masked input out of the sum whole (``RoundReport.group_excluded``), so no two
+      released sums differ by fewer than G sites. Sites that require it refuse to sign any
+      other survivor set. Sample whole groups (``fraction_train=1.0`` today: the wrapped
+      strategy does not sample by group yet, and a partial group costs its members' updates).
     - ``max_consecutive_aborts``: this many aborted rounds in a row stop the run with
       :class:`~strategies.SecureAggregationFailed` (a run whose rounds all abort stops
       with it too).
@@ -111,6 +119,8 @@ class SecAggConfig:
     max_poll_interval: float = 0.5
     confidential: bool = False
     consistency: str = "global"
+    min_group: int = 0
+    roster: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -161,5 +171,10 @@ class SecAggConfig:
         if self.consistency not in CONSISTENCY_MODES:
             raise bad("consistency", f"must be one of {', '.join(map(repr, CONSISTENCY_MODES))}, got "
                       f"{self.consistency!r}")
+        if self.min_group == 1 or self.min_group < 0:
+            raise bad("min_group", f"must be 0 (off) or at least 2, got {self.min_group}")
+        if self.min_group and not self.roster:
+            raise bad("min_group", "needs roster: the groups are derived from the federation's pinned roster (the "
+                      "sites' sgs-roster), by the rule the sites apply")
         if self.max_consecutive_aborts < 1:
             raise bad("max_consecutive_aborts", f"must be >= 1, got {self.max_consecutive_aborts}")

@@ -54,6 +54,7 @@ class RoundReport:
     retry_reasons: list[str] = field(default_factory=list)
     weight_scale: int = 0  # S: coordinates carried (w / S) * x (outside DP)
     field_bits: int = 0  # the masked vector's word width b (chosen per round unless fixed)
+    group_excluded: int = 0  # updates left out with their group (SecAggConfig.min_group), issue 29
 
 
 class SecureAggregationFailed(RuntimeError):

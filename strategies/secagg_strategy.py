@@ -112,6 +112,8 @@ from sgs_flower.secagg.errors import (
     SecAggError,
     ThresholdError,
 )
+from sgs_flower.secagg.groups import GroupRule
+from sgs_flower.secagg.identity import Roster
 from sgs_flower.secagg.server import RoundParams, SecAggServer
 from sgs_flower.secagg.wire import ShareBundle, Stage
 from strategies import exchange
@@ -253,6 +255,9 @@ class SecAggStrategy(Strategy):
         self.model_key = ""  # model-confidential mode: the sites' model key id, once agreed
         self._keyed: set[int] = set()  # nodes known to hold it
         self._layout: Layout = ()  # the plaintext model's entries (names, shapes, dtypes)
+        # participation in whole groups (issue 29): the sites' partition of the roster
+        self.groups = (GroupRule(Roster.load(self.config.roster).keys, self.config.min_group)
+                       if self.config.min_group and self.config.roster else None)
         if self.config.confidential:
             _check_confidential(self.inner, dp)
         self.privacy: DPAggregator | None = None
@@ -612,7 +617,7 @@ class SecAggStrategy(Strategy):
             server.bind_model(digest)  # masks are keyed with the model this request carries
             report.pipelined = True
         else:
-            server = SecAggServer(params, bound_digest=digest)
+            server = SecAggServer(params, bound_digest=digest, groups=self.groups)
         # The model travels once, with the masked-input request (where training happens);
         # its digest keys the masks, so a client given another model cannot unmask.
         train_extra: dict[str, ArrayRecord | ConfigRecord] = {
@@ -812,7 +817,7 @@ class SecAggStrategy(Strategy):
         except (BudgetExhaustedError, ValueError) as exc:  # ConfigurationError is a ValueError
             log(INFO, "round %s is not set up ahead: %s", server_round, exc)
             return None
-        return _Ahead(server_round, cohort, params, SecAggServer(params, bound_digest=None),
+        return _Ahead(server_round, cohort, params, SecAggServer(params, bound_digest=None, groups=self.groups),
                       RoundReport(server_round, "aborted", cohort=cohort))
 
     def _ahead_step(self, ahead: _Ahead | None, step: Callable[[_Ahead], Any]) -> Any:
@@ -997,6 +1002,11 @@ class SecAggStrategy(Strategy):
     def _fill(self, report: RoundReport, server: SecAggServer) -> None:
         report.dropped = {n: s.name for n, s in server.dropped.items()}
         report.rejected.update({n: f"{type(e).__name__}: {e}" for n, e in server.rejected.items()})
+        if server.group_excluded and not report.group_excluded:
+            report.group_excluded = len(server.group_excluded)
+            log(WARNING, "round %s: %d updates left out of the sum with their group, a member of which sent no "
+                "masked input (SecAggConfig.min_group=%d: a sum is over whole groups only)", report.server_round,
+                report.group_excluded, self.config.min_group)
 
     def _abort(
         self, report: RoundReport, reason: str, t0: float, plan: RoundPlan | None, status: str = "aborted",

@@ -76,7 +76,7 @@ def secure_evaluate(
         spec, params, digest, extra, fields = _prepare(strategy, grid, server_round, messages, cohort)
     except ConfigurationError as exc:
         return _abort(strategy, report, f"not run: {exc}", t0)
-    server = SecAggServer(params, bound_digest=digest)
+    server = SecAggServer(params, bound_digest=digest, groups=strategy.groups)
     names: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def exchange(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_pipelined_rounds import task_identity  # noqa: F401 - the fixture is used by name
 
 from sgs_flower.secagg import identity
 from sgs_flower.secagg.client import SecAggClient
@@ -256,3 +257,90 @@ def test_through_the_mod_a_cohort_without_one_site_is_refused_before_any_share(t
     total = finish_mod_round(whole, server, reqs)
     decoded = decode_update(total, spec, len(whole), 15, ["train_loss"])
     assert decoded.count == len(whole) and decoded.total_weight == sum(10 + u for u in whole)
+
+
+# ---------------------------------------------------------------- through the strategy
+class _GroupSite:
+    """An in-process SuperNode behind the real mod, configured with its identity, the
+    roster and ``sgs-min-group``; ``x -> x + 0.01 * node``; ``crash`` = the rounds in which
+    its ClientApp crashes at the masked input (an error reply: a dropout)."""
+
+    def __init__(self, node: int, config: dict, crash: tuple[int, ...] = ()) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.node, self.crash = node, crash
+        self.context = Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
+
+    def train(self, msg, context):
+        from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+        new = ArrayRecord({k: Array((a.numpy() + 0.01 * self.node).astype(np.float32))
+                           for k, a in msg.content["arrays"].items()})
+        return Message(RecordDict({"arrays": new, "metrics": MetricRecord({"num-examples": 10 + self.node})}),
+                       reply_to=msg)
+
+    def handle(self, msg):
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode
+
+        from clients.secagg_mod import secagg_mod
+        from sgs_flower.secagg import wire
+
+        rec = msg.content.config_records.get(wire.RECORD_KEY)
+        if (rec is not None and rec.get(wire.FIELD_STAGE) == int(Stage.MASKED_INPUT)
+                and int(msg.metadata.group_id) in self.crash):
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="crashed"), reply_to=msg)
+        return secagg_mod(msg, self.context, self.train)
+
+
+def _group_run(tmp_path, server_groups: bool, crash_node: int, rounds: int = 3):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+    from flwr.serverapp.strategy import FedAvg
+    from test_pipelined_rounds import _local_grid
+
+    from strategies import SecAggConfig, SecAggStrategy
+
+    roster = tmp_path / "roster.txt"
+    for u, key in SECRETS.items():
+        (tmp_path / f"site{u}.key").write_text(key.hex() + "\n")
+    roster.write_text("".join(f"{PUBLIC[u].hex()} site{u}\n" for u in sorted(PUBLIC)))
+    sites = {u: _GroupSite(u, {"sgs-identity-key": str(tmp_path / f"site{u}.key"), "sgs-roster": str(roster),
+                               "sgs-min-group": str(G)}, crash=(2,) if u == crash_node else ())
+             for u in PUBLIC}
+    config = SecAggConfig(min_group=G, roster=str(roster)) if server_groups else SecAggConfig()
+    strategy = SecAggStrategy(FedAvg(fraction_evaluate=0.0, min_train_nodes=N, min_available_nodes=N), config)
+    models = {}
+
+    def keep(rnd, arrays):
+        models[rnd] = arrays["w"].numpy().copy()
+        return MetricRecord({"round": rnd})
+
+    strategy.start(grid=_local_grid(sites), initial_arrays=ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
+                   num_rounds=rounds, train_config=ConfigRecord({"lr": 1.0}), evaluate_fn=keep)
+    return strategy.reports, models
+
+
+def test_the_strategy_with_groups_releases_fedavg_over_whole_groups_only(task_identity, tmp_path):  # noqa: F811
+    """Site 1 crashes at round 2's masked input: the server (SecAggConfig(min_group=3,
+    roster=...)) leaves its two group-mates out with it, and round 2's model is FedAvg's
+    over the nine sites of the three whole groups left, within the round's bound."""
+    reports, models = _group_run(tmp_path, server_groups=True, crash_node=1)
+    assert [r.status for r in reports] == ["ok", "ok", "ok"]
+    mates = _nodes_of(GROUP_OF_NODE[1]) - {1}
+    r2 = reports[1]
+    assert r2.group_excluded == len(mates) and set(r2.survivors) == set(PUBLIC) - mates - {1}
+    w = {u: 10 + u for u in r2.survivors}
+    step = sum(w[u] * 0.01 * u for u in w) / sum(w.values())
+    np.testing.assert_allclose(models[2] - models[1], step, atol=r2.error_bound + 1e-6)
+    assert reports[0].group_excluded == reports[2].group_excluded == 0
+
+
+def test_a_server_without_the_groups_gets_no_sum_over_a_split_group(task_identity, tmp_path):  # noqa: F811
+    """The same crash with a server that ignores the groups (a lying or misconfigured
+    one): every site refuses to sign a survivor set that splits site 1's group, so round 2
+    aborts with the sites' reason and the global model does not move."""
+    reports, models = _group_run(tmp_path, server_groups=False, crash_node=1)
+    r2 = reports[1]
+    assert r2.status == "aborted"
+    assert "splits 1 of the federation's 4 groups" in r2.reason
+    np.testing.assert_array_equal(models[2], models[1])
