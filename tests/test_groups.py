@@ -9,13 +9,20 @@ the plaintext sum of the sites it claims, and plays the server that lies.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from test_pipelined_rounds import task_identity  # noqa: F401 - the fixture is used by name
 
 from sgs_flower.secagg import identity
 from sgs_flower.secagg.client import SecAggClient
-from sgs_flower.secagg.errors import ConfigurationError, PolicyError, ThresholdError
+from sgs_flower.secagg.errors import (
+    ConfigurationError,
+    InconsistentRequestError,
+    PolicyError,
+    ThresholdError,
+)
 from sgs_flower.secagg.groups import GroupRule, check_whole_groups, partition, whole_group_members
 from sgs_flower.secagg.identity import Roster
 from sgs_flower.secagg.policy import ClientPolicy
@@ -344,3 +351,51 @@ def test_a_server_without_the_groups_gets_no_sum_over_a_split_group(task_identit
     assert r2.status == "aborted"
     assert "splits 1 of the federation's 4 groups" in r2.reason
     np.testing.assert_array_equal(models[2], models[1])
+
+
+def test_a_group_left_out_whole_still_signs_so_nine_sites_survive_one_dropout():
+    """Nine sites in three groups: one dropout leaves six survivors, below the consistency
+    quorum of seven; the two left-out group-mates sign the survivor set too (they sent
+    their masked inputs; their self-masks keep them hidden), so the round completes, with
+    the exact sum of the six. Neither of them is asked for, or answers, a retry."""
+    nine = {u: SECRETS[u] for u in range(1, 10)}
+    roster9 = Roster(frozenset(identity.identity_public(k) for k in nine.values()))
+    rule9 = GroupRule(roster9.keys, G)
+    policy = ClientPolicy(roster=roster9, min_group=G)
+    clients = {u: SecAggClient(u, identity=k, policy=policy) for u, k in nine.items()}
+    cohort = tuple(sorted(nine))
+    params = RoundParams(run_id=1, round_id=30, cohort=cohort, vector_length=M, field_bits=BITS)
+    server = SecAggServer(params, groups=rule9)
+    vectors = _inputs(11)
+    publics = {u: identity.identity_public(k) for u, k in nine.items()}
+    mates = {u for u in nine if rule9.group_of[publics[u]] == rule9.group_of[publics[1]]} - {1}
+    outcome = run_protocol(server, clients, {u: vectors[u] for u in cohort}, {Stage.MASKED_INPUT: {1}})
+    assert server.group_excluded == mates and mates <= server.u4  # they signed
+    assert set(outcome.survivors) == set(cohort) - mates - {1}
+    np.testing.assert_array_equal(outcome.total, _plain_sum(vectors, set(outcome.survivors)))
+    retry = server.retry_messages()
+    assert set(retry) == set(outcome.survivors)
+    forged = dataclasses.replace(next(iter(retry.values())), recipient=min(mates))
+    with pytest.raises(PolicyError, match="not among the survivors it signed for"):
+        clients[min(mates)].handle(forged, vector=vectors[min(mates)])
+
+
+def test_a_site_left_out_of_a_split_group_does_not_sign():
+    """A lying server leaves site u out of the survivor set but keeps one of u's
+    group-mates in it: u's group is not left out whole, so u refuses to sign (its input
+    was dropped while its group is split), as every other site does."""
+    cohort = tuple(sorted(PUBLIC))
+    clients = _clients()
+    params = RoundParams(run_id=1, round_id=31, cohort=cohort, vector_length=M, field_bits=BITS)
+    server = SecAggServer(params)
+    vectors = _inputs(13)
+    rosters = server.collect_keys({u: clients[u].handle(m) for u, m in server.setup_messages().items()})
+    bundles = server.collect_shares({u: clients[u].handle(m) for u, m in rosters.items()})
+    requests = server.collect_masked({u: clients[u].handle(m, vector=vectors[u]) for u, m in bundles.items()})
+    u = 1
+    keep_one = min(_nodes_of(GROUP_OF_NODE[u]) - {u})
+    survivors = tuple(v for v in cohort if v != u)
+    assert keep_one in survivors
+    req = dataclasses.replace(requests[keep_one], recipient=u, survivors=survivors)
+    with pytest.raises(InconsistentRequestError, match="says node 1 dropped"):
+        clients[u].handle(req)

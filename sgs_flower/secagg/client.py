@@ -55,7 +55,7 @@ from sgs_flower.secagg.graph import (
     neighbours_of,
     validate,
 )
-from sgs_flower.secagg.groups import GroupRule, check_whole_groups
+from sgs_flower.secagg.groups import GroupRule, check_whole_groups, left_out_members
 from sgs_flower.secagg.memo import memo_by_identity
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander
@@ -342,8 +342,12 @@ class AwaitingConsistency:
         self, msg: ConsistencyRequest, ident: bytes, history: dict[str, str], groups: GroupRule | None = None
     ) -> tuple[AwaitingUnmask, ConsistencySignature]:
         u, sec = self.node_id, self.secrets
-        u3 = check_survivor_set(msg.survivors, u, sec, self.held, self.identities, self.min_survivors)
-        if groups is not None:  # the site's sgs-min-group: a union of whole groups, or no signature
+        # the site's sgs-min-group: a union of whole groups, or no signature. A site whose
+        # group is left out whole (a member of it sent no masked input) signs too, so the
+        # consistency quorum counts it (its own input stays out, hidden by its self-mask)
+        left_out = left_out_members(msg.survivors, self.identities, groups) if groups is not None else set()
+        u3 = check_survivor_set(msg.survivors, u, sec, self.held, self.identities, self.min_survivors, left_out)
+        if groups is not None:
             check_whole_groups(u3, self.identities, groups)
         key = self.model_digest.hex()
         signed = survivor_set_digest(u3)
@@ -363,7 +367,8 @@ class AwaitingConsistency:
             history.pop(next(iter(history)))
         signature = identity.sign(ident, keys.consistency_statement(sec.share_context, u3))
         reply = ConsistencySignature(run_id=msg.run_id, round_id=msg.round_id, sender=u, signature=signature)
-        return AwaitingUnmask(u, sec, self.roster, self.identities, self.held, u3, self.mask_context), reply
+        return (AwaitingUnmask(u, sec, self.roster, self.identities, self.held, u3, self.mask_context,
+                               groups is not None), reply)
 
 
 def check_survivor_set(
@@ -373,13 +378,17 @@ def check_survivor_set(
     held: dict[int, tuple[bytes, bytes]],
     identities: dict[int, bytes],
     min_survivors: int,
+    left_out: frozenset[int] | set[int] = frozenset(),
 ) -> tuple[int, ...]:
     """The survivor set as this client can vouch for it, or an error naming the check.
+    ``left_out``: under participation in whole groups, the cohort members whose whole
+    group is outside the set: this client may be one (its absence is then no
+    inconsistency), and they may sign, so the consistency quorum counts them.
 
     Only O(k) Python work beyond C-speed set operations on the list: the checks are on
     this client's own neighbourhood (who sent it shares), and the set's size."""
     u3, members = _survivor_view(tuple(survivors))
-    if u not in members:
+    if u not in members and u not in left_out:
         raise InconsistentRequestError(f"survivor set says node {u} dropped, but it sent its masked input")
     if not _all_advertised(members, identities):
         unknown = sorted(members - identities.keys())
@@ -390,7 +399,7 @@ def check_survivor_set(
             f"survivor set names neighbours {unseen} that never sent node {u} their shares; refused"
         )
     quorum = consistency_quorum(len(sec.setup.cohort))
-    if len(u3) < max(quorum, min_survivors):
+    if len(u3) < min_survivors or len(u3) + len(left_out) < quorum:
         raise InconsistentRequestError(
             f"survivor set has {len(u3)} nodes, fewer than the {max(quorum, min_survivors)} this "
             "round needs (consistency quorum or the survivors the noise was calibrated for); refused"
@@ -409,6 +418,9 @@ class AwaitingUnmask:
     held: dict[int, tuple[bytes, bytes]]
     survivors: tuple[int, ...]
     mask_context: bytes = b""
+    # under whole-group participation the quorum counts every cohort member that signed,
+    # the members of groups left out whole included (each honest site signs one set)
+    cohort_signers: bool = False
 
     def on_unmask(self, msg: UnmaskRequest) -> tuple[Unmasked, UnmaskResponse]:
         """Reveal shares for the set this client signed, once the quorum of the round's
@@ -448,7 +460,7 @@ class AwaitingUnmask:
         quorum = consistency_quorum(len(self.secrets.setup.cohort))
         valid: set[int] = set()
         for signer, signature in msg.signatures:
-            if signer not in members:
+            if signer not in members and not (self.cohort_signers and signer in self.identities):
                 raise InconsistentRequestError(f"consistency signature from node {signer}, which is not a survivor")
             if signer in valid:
                 raise MalformedMessageError(f"two consistency signatures from node {signer}")
@@ -482,7 +494,7 @@ class AwaitingUnmask:
         valid: set[int] = set()
         seen: set[int] = set()
         for signer, signature in msg.signatures:
-            if signer not in members:
+            if signer not in members and not (self.cohort_signers and signer in self.identities):
                 raise InconsistentRequestError(f"consistency signature from node {signer}, which is not a survivor")
             if signer in seen:
                 raise MalformedMessageError(f"two consistency signatures from node {signer}")
@@ -521,6 +533,9 @@ class Unmasked:
 
     def check_retry(self, msg: RetryRequest) -> None:
         u = self.node_id
+        if u not in self.survivors:  # left out with its group: its input never enters a sum
+            raise PolicyError(f"node {u} is not among the survivors it signed for (its group was left out); a retry "
+                              "of its input is refused")
         if tuple(sorted(msg.survivors)) != self.survivors or len(msg.survivors) != len(self.survivors):
             raise InconsistentRequestError(
                 f"retry request names another survivor set than the one node {u} signed and unmasked for; refused"
@@ -875,6 +890,8 @@ def _instance_dict(st: ClientState, node_id: int, prefix: str) -> dict[str, Any]
         out[prefix + "mask_context"] = st.mask_context
     if isinstance(st, AwaitingUnmask | Unmasked):
         out[prefix + "survivors"] = list(st.survivors)
+    if isinstance(st, AwaitingUnmask):
+        out[prefix + "cohort_signers"] = st.cohort_signers
     if isinstance(st, Unmasked):
         out[prefix + "attempts"] = st.attempts
     return out
@@ -914,4 +931,4 @@ def _instance_from(d: dict[str, Any], node_id: int, prefix: str) -> ClientState:
     if name != "AwaitingUnmask":
         raise MalformedMessageError("saved client state names an unknown stage")
     return AwaitingUnmask(node_id, sec, roster, table, held, tuple(int(v) for v in d[prefix + "survivors"]),
-                          mask_context)
+                          mask_context, bool(d.get(prefix + "cohort_signers", False)))

@@ -100,3 +100,11 @@ def whole_group_members(nodes: Iterable[int], identities: Mapping[int, bytes], r
         if group <= present.keys():
             keep.update(present[k] for k in group)
     return keep
+
+
+def left_out_members(survivors: Iterable[int], identities: Mapping[int, bytes], rule: GroupRule) -> set[int]:
+    """The cohort's nodes (those in ``identities``) whose whole group is outside
+    ``survivors``: they may sign the set without being in it, and the consistency quorum
+    counts them (a group left out whole, because a member sent no masked input)."""
+    present = {rule.group_of.get(identities.get(v, b""), -1) for v in survivors}
+    return {v for v, key in identities.items() if rule.group_of.get(key, -1) not in present | {-1}}

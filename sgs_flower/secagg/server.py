@@ -379,7 +379,7 @@ class SecAggServer:
             np.add(acc, vec, out=acc)
             self.u3.add(node)
         self._require(len(self.u3), "sent masked inputs")
-        self._require_quorum(len(self.u3), "sent masked inputs")
+        self._require_quorum(len(self.u3 | self._group_signers()), "sent masked inputs")
         self._acc = acc
         self.stage = Stage.CONSISTENCY
         p = self.params
@@ -388,8 +388,16 @@ class SecAggServer:
         survivors = self._survivors = tuple(sorted(self.u3))
         return {
             v: ConsistencyRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors)
-            for v in survivors
+            for v in sorted(self.u3 | self._group_signers())
         }
+
+    def _group_signers(self) -> set[int]:
+        """Members of groups left out whole that may still sign the survivor set (global
+        quorum only): the quorum counts every cohort member that signed, and they did send
+        their masked inputs (sgs_flower.secagg.groups)."""
+        if self.groups is None or self.params.consistency == CONSISTENCY_NEIGHBOURHOOD:
+            return set()
+        return set(self.group_excluded)
 
     def _require_quorum(self, count: int, what: str) -> None:
         if count < self.params.quorum:
@@ -412,7 +420,7 @@ class SecAggServer:
           client whose masks then lack t answering neighbours could not be unmasked: the
           round aborts here, before any share is revealed."""
         self._expect(Stage.CONSISTENCY)
-        ok = self._accept(replies, set(self.u3), ConsistencySignature)
+        ok = self._accept(replies, self.u3 | self._group_signers(), ConsistencySignature)
         survivors = self._survivors
         statement = keys.consistency_statement(self.share_context, survivors)
         for node, msg in sorted(ok.items()):
