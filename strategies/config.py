@@ -89,8 +89,10 @@ class SecAggConfig:
       apply with ``sgs-min-group``) and leaves a group with a member missing at the
       masked input out of the sum whole (``RoundReport.group_excluded``), so no two
       released sums differ by fewer than G sites. Sites that require it refuse to sign any
-      other survivor set. Sample whole groups (``fraction_train=1.0`` today: the wrapped
-      strategy does not sample by group yet, and a partial group costs its members' updates).
+      other survivor set. ``fraction_train`` and ``min_train_nodes`` then apply to whole
+      groups (once the sites' identities are known from their first advertisements: the
+      first two rounds take every connected node), and ``RoundReport.groups`` names the
+      groups each sum is over.
     - ``max_consecutive_aborts``: this many aborted rounds in a row stop the run with
       :class:`~strategies.SecureAggregationFailed` (a run whose rounds all abort stops
       with it too).

@@ -55,6 +55,7 @@ class RoundReport:
     weight_scale: int = 0  # S: coordinates carried (w / S) * x (outside DP)
     field_bits: int = 0  # the masked vector's word width b (chosen per round unless fixed)
     group_excluded: int = 0  # updates left out with their group (SecAggConfig.min_group), issue 29
+    groups: list[int] = field(default_factory=list)  # the groups (roster partition indices) whose sum it is
 
 
 class SecureAggregationFailed(RuntimeError):

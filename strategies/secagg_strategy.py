@@ -258,6 +258,7 @@ class SecAggStrategy(Strategy):
         # participation in whole groups (issue 29): the sites' partition of the roster
         self.groups = (GroupRule(Roster.load(self.config.roster).keys, self.config.min_group)
                        if self.config.min_group and self.config.roster else None)
+        self._identities: dict[int, bytes] = {}  # node id -> identity key, as advertised (to sample by group)
         if self.config.confidential:
             _check_confidential(self.inner, dp)
         self.privacy: DPAggregator | None = None
@@ -568,7 +569,7 @@ class SecAggStrategy(Strategy):
         # step a learning-rate schedule: its config goes out with the masked-input request,
         # pipelined or not). Which nodes train: :meth:`_round_cohort`.
         instructions = list(inner.configure_train(server_round, arrays, train_config, grid))
-        cohort, report, ahead = self._round_cohort(server_round, instructions, ahead)
+        cohort, report, ahead = self._round_cohort(server_round, instructions, ahead, grid)
         self.reports.append(report)
         a_key, c_key = inner.arrayrecord_key, inner.configrecord_key
         model = instructions[0].content.array_records[a_key] if instructions else arrays
@@ -719,7 +720,7 @@ class SecAggStrategy(Strategy):
         return new_arrays, new_metrics
 
     def _round_cohort(
-        self, server_round: int, instructions: list[Message], ahead: _Ahead | None,
+        self, server_round: int, instructions: list[Message], ahead: _Ahead | None, grid: Grid | None = None,
     ) -> tuple[list[int], RoundReport, _Ahead | None]:
         """The round's cohort, its report, and the advance setup it uses (None: it sets up
         in full).
@@ -732,6 +733,13 @@ class SecAggStrategy(Strategy):
         configure_train's nodes (five exchanges instead of three; said once per run)."""
         chosen = sorted({m.metadata.dst_node_id for m in instructions})
         self._last_chosen = chosen
+        if self.groups is not None and instructions and grid is not None:
+            # participation in whole groups: the cohort is whole groups (the advance setup
+            # drew it the same way), never configure_train's uniform draw of single nodes
+            if ahead is not None:
+                return list(ahead.cohort), ahead.report, ahead
+            cohort = self._group_cohort(list(grid.get_node_ids())) or chosen
+            return cohort, RoundReport(server_round, "aborted", cohort=sorted(cohort)), None
         if ahead is not None and instructions:
             if set(ahead.cohort) == set(chosen):
                 return list(ahead.cohort), ahead.report, ahead
@@ -788,10 +796,31 @@ class SecAggStrategy(Strategy):
         nodes = list(grid.get_node_ids())  # one snapshot: never waits mid-round
         if inner.fraction_train == 0.0 or len(nodes) < self._nodes_needed():
             return []
+        if self.groups is not None:
+            return self._group_cohort(nodes)
         if self._own_nodes:
             return list(self._last_chosen) if set(self._last_chosen) <= set(nodes) else []
         size = max(int(len(nodes) * inner.fraction_train), inner.min_train_nodes)
         return sorted(random.sample(nodes, size)) if size <= len(nodes) else []
+
+    def _group_cohort(self, nodes: list[int]) -> list[int]:
+        """Participation in whole groups (``SecAggConfig.min_group``): a cohort of whole
+        groups, ``fraction_train`` of the groups whose every roster member is a connected
+        node of known identity (at least ``min_train_nodes`` nodes' worth), drawn
+        uniformly; plus every connected node whose identity is not known yet (learnt at
+        its first advertisement; a partial group is left out by the server). While no
+        identity is known, every connected node."""
+        assert self.groups is not None
+        rule, known = self.groups, self._identities
+        by_key = {known[v]: v for v in nodes if v in known}
+        unknown = sorted(v for v in nodes if v not in known)
+        complete = [sorted(by_key[k] for k in g) for g in rule.groups if g <= by_key.keys()]
+        if not complete:
+            return sorted(nodes)
+        inner = self.inner
+        want = max(int(len(complete) * inner.fraction_train), -(-inner.min_train_nodes // rule.min_group), 1)
+        picked = random.sample(complete, min(want, len(complete)))
+        return sorted({v for g in picked for v in g} | set(unknown))
 
     def _prepare_ahead(
         self, grid: Grid, server_round: int, like: list[np.ndarray], model_size: int,
@@ -1000,6 +1029,12 @@ class SecAggStrategy(Strategy):
         return ""
 
     def _fill(self, report: RoundReport, server: SecAggServer) -> None:
+        self._identities.update((v, a.identity_key) for v, a in server.advertised.items())
+        if self.groups is not None and report.survivors and not report.groups:
+            report.groups = sorted({self.groups.group_of[k] for v in report.survivors
+                                    if (k := self._identities.get(v)) in self.groups.group_of})
+            log(INFO, "round %s: a sum over whole groups %s of the roster's %d (SecAggConfig.min_group=%d)",
+                report.server_round, report.groups, len(self.groups.groups), self.groups.min_group)
         report.dropped = {n: s.name for n, s in server.dropped.items()}
         report.rejected.update({n: f"{type(e).__name__}: {e}" for n, e in server.rejected.items()})
         if server.group_excluded and not report.group_excluded:

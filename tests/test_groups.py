@@ -300,7 +300,7 @@ class _GroupSite:
         return secagg_mod(msg, self.context, self.train)
 
 
-def _group_run(tmp_path, server_groups: bool, crash_node: int, rounds: int = 3):
+def _group_run(tmp_path, server_groups: bool, crash_node: int, rounds: int = 3, fraction: float = 1.0):
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
     from flwr.serverapp.strategy import FedAvg
     from test_pipelined_rounds import _local_grid
@@ -315,7 +315,9 @@ def _group_run(tmp_path, server_groups: bool, crash_node: int, rounds: int = 3):
                                "sgs-min-group": str(G)}, crash=(2,) if u == crash_node else ())
              for u in PUBLIC}
     config = SecAggConfig(min_group=G, roster=str(roster)) if server_groups else SecAggConfig()
-    strategy = SecAggStrategy(FedAvg(fraction_evaluate=0.0, min_train_nodes=N, min_available_nodes=N), config)
+    inner = FedAvg(fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=int(N * fraction),
+                   min_available_nodes=N)
+    strategy = SecAggStrategy(inner, config)
     models = {}
 
     def keep(rnd, arrays):
@@ -399,3 +401,21 @@ def test_a_site_left_out_of_a_split_group_does_not_sign():
     req = dataclasses.replace(requests[keep_one], recipient=u, survivors=survivors)
     with pytest.raises(InconsistentRequestError, match="says node 1 dropped"):
         clients[u].handle(req)
+
+
+def test_the_strategy_samples_whole_groups(task_identity, tmp_path):  # noqa: F811
+    """fraction_train applies to groups: with half of the four groups per round, once the
+    sites' identities are known (after round 1's advertisements; round 2 was drawn during
+    round 1) every cohort is two whole groups, every sum is over whole groups (the report
+    names them), and the rounds still release FedAvg's model."""
+    reports, models = _group_run(tmp_path, server_groups=True, crash_node=0, rounds=5, fraction=0.5)
+    assert [r.status for r in reports] == ["ok"] * 5
+    for r in reports:
+        assert set(r.survivors) == {u for g in r.groups for u in _nodes_of(g)}  # whole groups, named
+    for r in reports[2:]:
+        assert len(r.cohort) == 2 * G and len(r.groups) == 2
+    models[0] = np.zeros(4, np.float32)
+    for r in reports:  # FedAvg over the round's survivors (weights 10 + node), within the bound
+        step = sum((10 + u) * 0.01 * u for u in r.survivors) / sum(10 + u for u in r.survivors)
+        np.testing.assert_allclose(models[r.server_round] - models[r.server_round - 1], step,
+                                   atol=r.error_bound + 1e-6)
