@@ -74,12 +74,7 @@ def torch_evaluate(msg: Message, context: Context) -> Message:
     net = BNNet()
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
     net.eval()
-    with torch.no_grad():
-        out = net(x)
-        loss = float(torch.nn.functional.cross_entropy(out, y))
-        acc = float((out.argmax(1) == y).float().mean())
-    metrics = MetricRecord({"num-examples": n, "eval_loss": loss, "eval_acc": acc})
-    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+    return _loss_and_accuracy_reply(msg, net, x, y)
 
 
 def linear_evaluate(msg: Message, context: Context) -> Message:
@@ -93,11 +88,19 @@ def linear_evaluate(msg: Message, context: Context) -> Message:
     x, y = torch.randn(n, 20, generator=gen), torch.randint(0, 4, (n,), generator=gen)
     net = torch.nn.Linear(20, 4)
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    return _loss_and_accuracy_reply(msg, net, x, y)
+
+
+def _loss_and_accuracy_reply(msg: Message, net: Any, x: Any, y: Any) -> Message:
+    """The evaluate reply of a torch app: cross-entropy and accuracy of ``net`` on (x, y),
+    weighted by the number of examples."""
+    import torch
+
     with torch.no_grad():
         out = net(x)
         loss = float(torch.nn.functional.cross_entropy(out, y))
         acc = float((out.argmax(1) == y).float().mean())
-    metrics = MetricRecord({"num-examples": n, "eval_loss": loss, "eval_acc": acc})
+    metrics = MetricRecord({"num-examples": len(y), "eval_loss": loss, "eval_acc": acc})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 

@@ -34,10 +34,20 @@ def _modules(folder: str) -> Iterator[Path]:
     yield from sorted((ROOT / folder).rglob("*.py"))
 
 
-def _imports(path: Path) -> set[str]:
-    """Absolute names imported by ``path`` (``from a.b import c`` gives ``a.b`` and ``a.b.c``)."""
+def _imports(path: Path, runtime_only: bool = False) -> set[str]:
+    """Absolute names imported by ``path`` (``from a.b import c`` gives ``a.b`` and ``a.b.c``).
+    ``runtime_only``: without the imports under ``if TYPE_CHECKING:`` (annotations only:
+    they never run, so they make no cycle)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    skipped: set[int] = set()
+    if runtime_only:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                skipped.update(id(n) for stmt in node.body for n in ast.walk(stmt))
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -157,26 +167,6 @@ def test_the_client_app_loads_without_torch_opacus_or_dp_accounting():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-def _runtime_imports(path: Path) -> set[str]:
-    """As :func:`_imports`, without the imports under ``if TYPE_CHECKING:`` (annotations
-    only: they never run, so they make no cycle)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            skipped.update(id(n) for stmt in node.body for n in ast.walk(stmt))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
-
-
 def test_the_glue_modules_import_each_other_without_a_cycle():
     """Issue 30: ``strategies/secagg_strategy.py`` and ``strategies/secure_eval.py`` used to
     import each other (lazily, inside functions); what both need lives in
@@ -188,7 +178,7 @@ def test_the_glue_modules_import_each_other_without_a_cycle():
             if path.name == "__init__.py":
                 continue
             mod = _rel(path)[:-3].replace("/", ".")
-            graph[mod] = {n for n in _runtime_imports(path) if n.split(".")[0] in ("strategies", "clients")}
+            graph[mod] = {n for n in _imports(path, runtime_only=True) if n.split(".")[0] in ("strategies", "clients")}
     edges = {m: {t for t in graph if any(n == t or n.startswith(t + ".") for n in deps) and t != m}
              for m, deps in graph.items()}
 
