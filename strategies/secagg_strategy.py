@@ -803,10 +803,11 @@ class SecAggStrategy(Strategy):
         size = max(int(len(nodes) * inner.fraction_train), inner.min_train_nodes)
         return sorted(random.sample(nodes, size)) if size <= len(nodes) else []
 
-    def _group_cohort(self, nodes: list[int]) -> list[int]:
+    def _group_cohort(self, nodes: list[int], evaluate: bool = False) -> list[int]:
         """Participation in whole groups (``SecAggConfig.min_group``): a cohort of whole
-        groups, ``fraction_train`` of the groups whose every roster member is a connected
-        node of known identity (at least ``min_train_nodes`` nodes' worth), drawn
+        groups, ``fraction_train`` (``fraction_evaluate`` for an evaluation round) of the
+        groups whose every roster member is a connected node of known identity (at least
+        ``min_train_nodes`` / ``min_evaluate_nodes`` nodes' worth), drawn
         uniformly; plus every connected node whose identity is not known yet (learnt at
         its first advertisement; a partial group is left out by the server). While no
         identity is known, every connected node."""
@@ -818,7 +819,9 @@ class SecAggStrategy(Strategy):
         if not complete:
             return sorted(nodes)
         inner = self.inner
-        want = max(int(len(complete) * inner.fraction_train), -(-inner.min_train_nodes // rule.min_group), 1)
+        fraction, least = ((inner.fraction_evaluate, inner.min_evaluate_nodes) if evaluate
+                           else (inner.fraction_train, inner.min_train_nodes))
+        want = max(int(len(complete) * fraction), -(-least // rule.min_group), 1)
         picked = random.sample(complete, min(want, len(complete)))
         return sorted({v for g in picked for v in g} | set(unknown))
 

@@ -70,6 +70,8 @@ def secure_evaluate(
         return inner.aggregate_evaluate(server_round, [])
     t0 = time.monotonic()
     cohort = sorted({m.metadata.dst_node_id for m in messages})
+    if strategy.groups is not None:  # whole groups, as training's cohorts (issue 29)
+        cohort = strategy._group_cohort(list(grid.get_node_ids()), evaluate=True) or cohort
     report = RoundReport(server_round, "aborted", cohort=cohort)
     strategy.eval_reports.append(report)
     try:

@@ -300,7 +300,8 @@ class _GroupSite:
         return secagg_mod(msg, self.context, self.train)
 
 
-def _group_run(tmp_path, server_groups: bool, crash_node: int, rounds: int = 3, fraction: float = 1.0):
+def _group_run(tmp_path, server_groups: bool, crash_node: int, rounds: int = 3, fraction: float = 1.0,
+               evaluate: bool = False):
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
     from flwr.serverapp.strategy import FedAvg
     from test_pipelined_rounds import _local_grid
@@ -315,8 +316,8 @@ def _group_run(tmp_path, server_groups: bool, crash_node: int, rounds: int = 3, 
                                "sgs-min-group": str(G)}, crash=(2,) if u == crash_node else ())
              for u in PUBLIC}
     config = SecAggConfig(min_group=G, roster=str(roster)) if server_groups else SecAggConfig()
-    inner = FedAvg(fraction_train=fraction, fraction_evaluate=0.0, min_train_nodes=int(N * fraction),
-                   min_available_nodes=N)
+    inner = FedAvg(fraction_train=fraction, fraction_evaluate=fraction if evaluate else 0.0,
+                   min_train_nodes=int(N * fraction), min_evaluate_nodes=int(N * fraction), min_available_nodes=N)
     strategy = SecAggStrategy(inner, config)
     models = {}
 
@@ -326,6 +327,8 @@ def _group_run(tmp_path, server_groups: bool, crash_node: int, rounds: int = 3, 
 
     strategy.start(grid=_local_grid(sites), initial_arrays=ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
                    num_rounds=rounds, train_config=ConfigRecord({"lr": 1.0}), evaluate_fn=keep)
+    if evaluate:
+        return strategy.eval_reports, models
     return strategy.reports, models
 
 
@@ -419,3 +422,14 @@ def test_the_strategy_samples_whole_groups(task_identity, tmp_path):  # noqa: F8
         step = sum((10 + u) * 0.01 * u for u in r.survivors) / sum(10 + u for u in r.survivors)
         np.testing.assert_allclose(models[r.server_round] - models[r.server_round - 1], step,
                                    atol=r.error_bound + 1e-6)
+
+
+def test_evaluation_rounds_sample_and_sum_whole_groups(task_identity, tmp_path):  # noqa: F811
+    """Differences over evaluation rounds: a secure evaluation round samples whole groups
+    too (fraction_evaluate of them, once the identities are known), and its sum is over
+    whole groups, so two evaluations never differ by one site's metrics."""
+    reports, _ = _group_run(tmp_path, server_groups=True, crash_node=0, rounds=4, fraction=0.5, evaluate=True)
+    assert [r.status for r in reports] == ["ok"] * 4
+    for r in reports:
+        assert set(r.survivors) == {u for g in r.groups for u in _nodes_of(g)}
+    assert all(len(r.cohort) == 2 * G for r in reports[1:])  # identities known after round 1's training
