@@ -19,10 +19,10 @@ Why the round is bound apart from training (docs/protocol.md, "Secure evaluation
   sets, and evaluating model ``x`` never blocks training from ``x`` (the next round
   trains from the model the previous evaluation evaluated).
 
-Why a 64-bit field: the vector holds ``metric_slots`` + counters + 2 words (under a
-hundred), so its width costs nothing, and it lets the weight scale be ``max_weight``
-(no weight can exceed it, so no retry is ever needed) while the quantization bound
-stays ~1e-10 of the metric's range.
+Why a 64-bit field: the vector holds the metric slots' limbs (2 per part at 64 bits:
+the metrics are exact, issue 28), the counters and 2 words (about a hundred), so its
+width costs nothing, and it lets the weight scale be ``max_weight`` (no weight can
+exceed it, so no retry is ever needed).
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def secure_evaluate(
     report.status = "ok"
     report.seconds = time.monotonic() - t0
     log(INFO, "secure evaluation %s: %d/%d clients aggregated (total num-examples %d) in %d exchanges, %.2f s; "
-        "quantization error <= %.3g per metric", server_round, len(report.survivors), len(cohort),
+        "metrics exact to %.3g", server_round, len(report.survivors), len(cohort),
         decoded.total_weight, report.exchanges, report.seconds, report.error_bound)
     return agg
 
