@@ -720,7 +720,7 @@ class SecAggStrategy(Strategy):
         return new_arrays, new_metrics
 
     def _round_cohort(
-        self, server_round: int, instructions: list[Message], ahead: _Ahead | None, grid: Grid | None = None,
+        self, server_round: int, instructions: list[Message], ahead: _Ahead | None, grid: Grid,
     ) -> tuple[list[int], RoundReport, _Ahead | None]:
         """The round's cohort, its report, and the advance setup it uses (None: it sets up
         in full).
@@ -733,7 +733,7 @@ class SecAggStrategy(Strategy):
         configure_train's nodes (five exchanges instead of three; said once per run)."""
         chosen = sorted({m.metadata.dst_node_id for m in instructions})
         self._last_chosen = chosen
-        if self.groups is not None and instructions and grid is not None:
+        if self.groups is not None and instructions:
             # participation in whole groups: the cohort is whole groups (the advance setup
             # drew it the same way), never configure_train's uniform draw of single nodes
             if ahead is not None:
