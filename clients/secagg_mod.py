@@ -128,6 +128,7 @@ KEPT_DELTA_SUFFIX = ".kept-delta.npy"  # ... and its delta (outside DP only), in
 STALE_DELTA_SECONDS = 3600.0  # a kept delta this old is left over from an earlier run
 MEMORY_STATE = "memory"  # sgs-state-file value: remember only for this run
 IDENTITY_KEY = "sgs.secagg.identity"  # a run-scoped identity, when the site configured none
+FEDERATION_KEY = "sgs.secagg.federation"  # identity keys learnt at the run's first round (no roster)
 SITE_KEY = "sgs.secagg.site"  # SiteState, when the site configured no state file
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:/+-]{0,63}")
@@ -203,12 +204,28 @@ def _load_client(context: Context, ident: bytes, policy: ClientPolicy, site: Sit
         if rec is None
         else SecAggClient.from_state_dict(dict(rec), ident, policy)
     )
+    _load_federation(context, client)
     client.history = dict(site.history) | client.history
     return client
 
 
 def _save_client(context: Context, client: SecAggClient) -> None:
     context.state[STATE_KEY] = ConfigRecord(client.state_dict())
+    _save_federation(context, client)
+
+
+def _load_federation(context: Context, client: SecAggClient) -> None:
+    """The federation learnt at the run's first round (whole-group participation without
+    a roster, :mod:`sgs_flower.secagg.groups`): one record for the train and the
+    evaluation instances, so both check survivor sets against the same groups."""
+    rec = context.state.config_records.get(FEDERATION_KEY)
+    if rec is not None:
+        client.federation = frozenset(bytes(k) for k in rec["keys"])  # type: ignore[union-attr,arg-type]
+
+
+def _save_federation(context: Context, client: SecAggClient) -> None:
+    if client.federation and FEDERATION_KEY not in context.state.config_records:
+        context.state[FEDERATION_KEY] = ConfigRecord({"keys": sorted(client.federation)})
 
 
 # ---------------------------------------------------------------- replies
@@ -311,6 +328,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         logger.warning("discarding unreadable secure-aggregation state: %r", exc)
         client = SecAggClient(int(context.node_id), identity=ident, policy=policy)
         client.history = dict(site.history)
+        _load_federation(context, client)
     try:
         rec, stage, server_msg = _protocol_part(msg)
         if is_eval_round(server_msg.round_id):
@@ -828,6 +846,7 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext, arr
         logger.warning("discarding unreadable secure-evaluation state: %r", exc)
         client = SecAggClient(int(context.node_id), identity=ident, policy=policy)
     client.history = dict(site.history) | client.history
+    _load_federation(context, client)
     try:
         rec, stage, server_msg = _protocol_part(msg)
         if not is_eval_round(server_msg.round_id):
@@ -864,6 +883,7 @@ def _save_eval_client(context: Context, client: SecAggClient) -> None:
     state = client.state_dict()
     state["history_models"], state["history_sets"] = [], []
     context.state[EVAL_STATE_KEY] = ConfigRecord(state)
+    _save_federation(context, client)
 
 
 def _evaluate_and_encode(

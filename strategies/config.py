@@ -13,6 +13,7 @@ from sgs_flower.pipeline import (
     MAX_METRIC_SLOTS,
 )
 from sgs_flower.secagg.graph import CONSISTENCY_MODES
+from sgs_flower.secagg.groups import DEFAULT_MIN_GROUP
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,10 @@ class SecAggConfig:
       other survivor set. ``fraction_train`` and ``min_train_nodes`` then apply to whole
       groups (once the sites' identities are known from their first advertisements: the
       first two rounds take every connected node), and ``RoundReport.groups`` names the
-      groups each sum is over.
+      groups each sum is over. The default is ``DEFAULT_MIN_GROUP`` (3, the sites' default
+      too). Without a ``roster``, the federation is learnt on first use: the identities
+      that advertised keys in the run's first round, as each site learns them at its first
+      round; later keys are never in a whole group (pin a roster to add sites).
     - ``max_consecutive_aborts``: this many aborted rounds in a row stop the run with
       :class:`~strategies.SecureAggregationFailed` (a run whose rounds all abort stops
       with it too).
@@ -121,7 +125,7 @@ class SecAggConfig:
     max_poll_interval: float = 0.5
     confidential: bool = False
     consistency: str = "global"
-    min_group: int = 0
+    min_group: int = DEFAULT_MIN_GROUP
     roster: str | None = None
 
     def __post_init__(self) -> None:
@@ -175,8 +179,5 @@ class SecAggConfig:
                       f"{self.consistency!r}")
         if self.min_group == 1 or self.min_group < 0:
             raise bad("min_group", f"must be 0 (off) or at least 2, got {self.min_group}")
-        if self.min_group and not self.roster:
-            raise bad("min_group", "needs roster: the groups are derived from the federation's pinned roster (the "
-                      "sites' sgs-roster), by the rule the sites apply")
         if self.max_consecutive_aborts < 1:
             raise bad("max_consecutive_aborts", f"must be >= 1, got {self.max_consecutive_aborts}")

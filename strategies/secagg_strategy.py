@@ -255,7 +255,9 @@ class SecAggStrategy(Strategy):
         self.model_key = ""  # model-confidential mode: the sites' model key id, once agreed
         self._keyed: set[int] = set()  # nodes known to hold it
         self._layout: Layout = ()  # the plaintext model's entries (names, shapes, dtypes)
-        # participation in whole groups (issue 29): the sites' partition of the roster
+        # participation in whole groups (issue 29): the sites' partition of the roster, or
+        # of the federation learnt at the first round (None until then)
+        self.grouped = bool(self.config.min_group)
         self.groups = (GroupRule(Roster.load(self.config.roster).keys, self.config.min_group)
                        if self.config.min_group and self.config.roster else None)
         self._identities: dict[int, bytes] = {}  # node id -> identity key, as advertised (to sample by group)
@@ -615,10 +617,11 @@ class SecAggStrategy(Strategy):
             ahead = None
         if ahead is not None:
             server = ahead.server
+            server.groups = server.groups or self.groups  # learnt during the round it was set up in
             server.bind_model(digest)  # masks are keyed with the model this request carries
             report.pipelined = True
         else:
-            server = SecAggServer(params, bound_digest=digest, groups=self.groups)
+            server = SecAggServer(params, bound_digest=digest, groups=self.groups, min_group=self.config.min_group)
         # The model travels once, with the masked-input request (where training happens);
         # its digest keys the masks, so a client given another model cannot unmask.
         train_extra: dict[str, ArrayRecord | ConfigRecord] = {
@@ -733,7 +736,7 @@ class SecAggStrategy(Strategy):
         configure_train's nodes (five exchanges instead of three; said once per run)."""
         chosen = sorted({m.metadata.dst_node_id for m in instructions})
         self._last_chosen = chosen
-        if self.groups is not None and instructions:
+        if self.grouped and instructions:
             # participation in whole groups: the cohort is whole groups (the advance setup
             # drew it the same way), never configure_train's uniform draw of single nodes
             if ahead is not None:
@@ -796,7 +799,7 @@ class SecAggStrategy(Strategy):
         nodes = list(grid.get_node_ids())  # one snapshot: never waits mid-round
         if inner.fraction_train == 0.0 or len(nodes) < self._nodes_needed():
             return []
-        if self.groups is not None:
+        if self.grouped:
             return self._group_cohort(nodes)
         if self._own_nodes:
             return list(self._last_chosen) if set(self._last_chosen) <= set(nodes) else []
@@ -811,8 +814,9 @@ class SecAggStrategy(Strategy):
         uniformly; plus every connected node whose identity is not known yet (learnt at
         its first advertisement; a partial group is left out by the server). While no
         identity is known, every connected node."""
-        assert self.groups is not None
         rule, known = self.groups, self._identities
+        if rule is None:  # the federation is learnt at the first round: all of it takes part
+            return sorted(nodes)
         by_key = {known[v]: v for v in nodes if v in known}
         unknown = sorted(v for v in nodes if v not in known)
         complete = [sorted(by_key[k] for k in g) for g in rule.groups if g <= by_key.keys()]
@@ -849,7 +853,8 @@ class SecAggStrategy(Strategy):
         except (BudgetExhaustedError, ValueError) as exc:  # ConfigurationError is a ValueError
             log(INFO, "round %s is not set up ahead: %s", server_round, exc)
             return None
-        return _Ahead(server_round, cohort, params, SecAggServer(params, bound_digest=None, groups=self.groups),
+        return _Ahead(server_round, cohort, params, SecAggServer(params, bound_digest=None, groups=self.groups,
+                                                                  min_group=self.config.min_group),
                       RoundReport(server_round, "aborted", cohort=cohort))
 
     def _ahead_step(self, ahead: _Ahead | None, step: Callable[[_Ahead], Any]) -> Any:
@@ -1033,10 +1038,16 @@ class SecAggStrategy(Strategy):
 
     def _fill(self, report: RoundReport, server: SecAggServer) -> None:
         self._identities.update((v, a.identity_key) for v, a in server.advertised.items())
+        if self.groups is None and server.groups is not None:  # learnt at the first round, as the sites learn it
+            self.groups = server.groups
+            log(INFO, "round %s: no roster, so the federation is the %d sites of this round's cohort (learnt on "
+                "first use, as each site learns it): %d groups of at least %d (SecAggConfig.min_group); later "
+                "sites are never in a whole group (pin a roster to add sites)", report.server_round,
+                len(server.groups.roster), len(server.groups.groups), server.groups.min_group)
         if self.groups is not None and report.survivors and not report.groups:
             report.groups = sorted({self.groups.group_of[k] for v in report.survivors
                                     if (k := self._identities.get(v)) in self.groups.group_of})
-            log(INFO, "round %s: a sum over whole groups %s of the roster's %d (SecAggConfig.min_group=%d)",
+            log(INFO, "round %s: a sum over whole groups %s of the federation's %d (SecAggConfig.min_group=%d)",
                 report.server_round, report.groups, len(self.groups.groups), self.groups.min_group)
         report.dropped = {n: s.name for n, s in server.dropped.items()}
         report.rejected.update({n: f"{type(e).__name__}: {e}" for n, e in server.rejected.items()})

@@ -70,7 +70,7 @@ def secure_evaluate(
         return inner.aggregate_evaluate(server_round, [])
     t0 = time.monotonic()
     cohort = sorted({m.metadata.dst_node_id for m in messages})
-    if strategy.groups is not None:  # whole groups, as training's cohorts (issue 29)
+    if strategy.grouped:  # whole groups, as training's cohorts (issue 29)
         cohort = strategy._group_cohort(list(grid.get_node_ids()), evaluate=True) or cohort
     report = RoundReport(server_round, "aborted", cohort=cohort)
     strategy.eval_reports.append(report)
@@ -78,7 +78,7 @@ def secure_evaluate(
         spec, params, digest, extra, fields = _prepare(strategy, grid, server_round, messages, cohort)
     except ConfigurationError as exc:
         return _abort(strategy, report, f"not run: {exc}", t0)
-    server = SecAggServer(params, bound_digest=digest, groups=strategy.groups)
+    server = SecAggServer(params, bound_digest=digest, groups=strategy.groups, min_group=strategy.config.min_group)
     names: dict[int, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def exchange(

@@ -10,6 +10,7 @@ the plaintext sum of the sites it claims, and plays the server that lies.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import pytest
@@ -82,14 +83,101 @@ def test_the_partition_is_a_public_function_of_the_roster_alone():
         partition(keys[:2], G)
 
 
-def test_a_site_policy_with_groups_needs_its_own_roster():
-    with pytest.raises(ConfigurationError, match="sgs-min-group needs sgs-roster"):
-        ClientPolicy(min_group=3)
+def test_a_site_policy_checks_its_group_size_and_roster():
     with pytest.raises(ConfigurationError, match="0 \\(off\\) or at least 2"):
         ClientPolicy(roster=ROSTER, min_group=1)
     with pytest.raises(ConfigurationError, match="no group could be whole"):
         ClientPolicy(roster=ROSTER, min_group=13)
     assert ClientPolicy(roster=ROSTER, min_group=3).group_rule == RULE
+    # without a roster the groups are learnt at the first round (not from the policy alone)
+    assert ClientPolicy(min_group=3).group_rule is None
+    assert ClientPolicy.from_node_config({}).min_group == 3  # on by default
+
+
+# ------------------------------------------------- no roster: the federation learnt on first use
+def _unpinned(min_group: int = G) -> dict[int, SecAggClient]:
+    policy = ClientPolicy(min_group=min_group)
+    return {u: SecAggClient(u, identity=SECRETS[u], policy=policy) for u in PUBLIC}
+
+
+def _learning_round(cohort, round_id, clients, drops=None, groups=None, min_group=G):
+    """One round at its own global model (its digest), so no site's memory of the sets
+    it signed refuses it: only the groups can."""
+    params = RoundParams(run_id=1, round_id=round_id, cohort=cohort, vector_length=M, field_bits=BITS)
+    digest = hashlib.sha256(b"model %d" % round_id).digest()
+    server = SecAggServer(params, bound_digest=digest, groups=groups, min_group=min_group)
+    vectors = _inputs(round_id)
+    outcome = run_protocol(server, {u: clients[u] for u in cohort}, {u: vectors[u] for u in cohort}, drops,
+                           bound_digests={u: digest for u in cohort})
+    return server, outcome, vectors
+
+
+def _asked_to_sign(cohort, round_id, clients, drop):
+    """A lying server's round by hand, up to the consistency requests: it drops ``drop``
+    at the masked input and asks the rest to sign (it claims no groups)."""
+    params = RoundParams(run_id=1, round_id=round_id, cohort=cohort, vector_length=M, field_bits=BITS)
+    digest = hashlib.sha256(b"model %d" % round_id).digest()
+    server, vectors = SecAggServer(params, bound_digest=digest), _inputs(round_id)
+    rosters = server.collect_keys({u: clients[u].handle(m) for u, m in server.setup_messages().items()})
+    bundles = server.collect_shares({u: clients[u].handle(m) for u, m in rosters.items()})
+    masked = {u: clients[u].handle(m, vector=vectors.get(u, vectors[1]), bound_digest=digest)
+              for u, m in bundles.items() if u not in drop}
+    return server.collect_masked(masked)
+
+
+def test_without_a_roster_sites_and_server_learn_the_same_partition_at_the_first_round():
+    """No roster: the first round's cohort is the federation, for the server and every
+    site alike (the same public rule over the same signed identities); a later dropout
+    takes its whole learnt group out of the sum, and the sum is the plaintext sum of the
+    rest."""
+    clients = _unpinned()
+    cohort = tuple(sorted(PUBLIC))
+    server, outcome, vectors = _learning_round(cohort, 1, clients)
+    assert server.groups is not None and server.groups.groups == RULE.groups
+    assert all(c.federation == ROSTER.keys for c in clients.values())
+    np.testing.assert_array_equal(outcome.total, _plain_sum(vectors, set(cohort)))
+    mates = _nodes_of(GROUP_OF_NODE[1]) - {1}
+    server, outcome, vectors = _learning_round(cohort, 2, clients, {Stage.MASKED_INPUT: {1}}, groups=server.groups)
+    assert server.group_excluded == mates
+    np.testing.assert_array_equal(outcome.total, _plain_sum(vectors, set(cohort) - mates - {1}))
+
+
+def test_without_a_roster_the_issues_attack_is_refused_after_the_first_round():
+    """Round A over all twelve; round B, a lying server's, over all but site v (it drops v
+    at the masked input, keeps v's group-mates and claims no groups). Every site checks
+    against the partition it learnt in round A and refuses to sign, with the group
+    check's PolicyError, before any share is revealed."""
+    clients = _unpinned()
+    cohort = tuple(sorted(PUBLIC))
+    _learning_round(cohort, 1, clients)
+    for u, req in _asked_to_sign(cohort, 2, clients, {4}).items():
+        with pytest.raises(PolicyError, match="splits 1 of the federation's 4 groups"):
+            clients[u].handle(req)
+
+
+def test_without_a_roster_a_key_that_joins_later_is_never_in_a_whole_group():
+    """A sybil (or a late site) of a key the sites did not see at their first round, in
+    site v's place: every site refuses the survivor set that holds it (a key off the
+    learnt federation is never a whole group), so the server cannot swap it in for v."""
+    clients = _unpinned()
+    cohort = tuple(sorted(PUBLIC))
+    _learning_round(cohort, 1, clients)
+    swapped = {**{u: c for u, c in clients.items() if u != 4}, 99: SecAggClient(99, policy=ClientPolicy(min_group=G))}
+    requests = _asked_to_sign(tuple(sorted(swapped)), 2, swapped, set())
+    for u, req in requests.items():
+        if u == 99:
+            continue
+        with pytest.raises(PolicyError, match="splits 2 of the federation's 4 groups"):
+            swapped[u].handle(req)
+
+
+def test_without_a_roster_a_first_cohort_smaller_than_a_group_is_refused():
+    policy = ClientPolicy(min_group=4)
+    clients = {u: SecAggClient(u, identity=SECRETS[u], policy=policy) for u in (1, 2, 3)}
+    params = RoundParams(run_id=1, round_id=1, cohort=(1, 2, 3), vector_length=M, field_bits=BITS)
+    with pytest.raises(ThresholdError, match="fewer than one group of min_group = 4"):
+        run_protocol(SecAggServer(params, min_group=4), clients, {u: _inputs(1)[u] for u in (1, 2, 3)})
+    assert all(not c.federation for c in clients.values())
 
 
 # ---------------------------------------------------------------- honest rounds
@@ -315,7 +403,7 @@ def _group_run(tmp_path, server_groups: bool, crash_node: int, rounds: int = 3, 
     sites = {u: _GroupSite(u, {"sgs-identity-key": str(tmp_path / f"site{u}.key"), "sgs-roster": str(roster),
                                "sgs-min-group": str(G)}, crash=(2,) if u == crash_node else ())
              for u in PUBLIC}
-    config = SecAggConfig(min_group=G, roster=str(roster)) if server_groups else SecAggConfig()
+    config = SecAggConfig(min_group=G, roster=str(roster)) if server_groups else SecAggConfig(min_group=0)
     inner = FedAvg(fraction_train=fraction, fraction_evaluate=fraction if evaluate else 0.0,
                    min_train_nodes=int(N * fraction), min_evaluate_nodes=int(N * fraction), min_available_nodes=N)
     strategy = SecAggStrategy(inner, config)
@@ -345,6 +433,40 @@ def test_the_strategy_with_groups_releases_fedavg_over_whole_groups_only(task_id
     step = sum(w[u] * 0.01 * u for u in w) / sum(w.values())
     np.testing.assert_allclose(models[2] - models[1], step, atol=r2.error_bound + 1e-6)
     assert reports[0].group_excluded == reports[2].group_excluded == 0
+
+
+def test_at_default_settings_the_groups_are_learnt_and_a_crash_takes_its_group_out(task_identity):  # noqa: F811
+    """Nothing configured on either side (no roster, no identity key, no sgs-min-group,
+    SecAggConfig()): the federation is learnt at round 1, and site 1's crash at round 2's
+    masked input takes its learnt group out of the sum whole; round 2 is FedAvg over the
+    whole groups left, and the difference of rounds 1 and 2 is never one site's."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+    from flwr.serverapp.strategy import FedAvg
+    from test_pipelined_rounds import _local_grid
+
+    from strategies import SecAggStrategy
+
+    sites = {u: _GroupSite(u, {}, crash=(2,) if u == 1 else ()) for u in PUBLIC}
+    strategy = SecAggStrategy(FedAvg(fraction_evaluate=0.0, min_available_nodes=N))
+    models = {}
+
+    def keep(rnd, arrays):
+        models[rnd] = arrays["w"].numpy().copy()
+        return MetricRecord({"round": rnd})
+
+    strategy.start(grid=_local_grid(sites), initial_arrays=ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
+                   num_rounds=3, train_config=ConfigRecord({"lr": 1.0}), evaluate_fn=keep)
+    reports, rule = strategy.reports, strategy.groups
+    assert rule is not None and rule.min_group == 3 and len(rule.roster) == N
+    assert [r.status for r in reports] == ["ok", "ok", "ok"]
+    node_of = {k: v for v, k in strategy._identities.items()}
+    mates = {node_of[k] for k in rule.groups[rule.group_of[strategy._identities[1]]]} - {1}
+    r2 = reports[1]
+    assert len(mates) >= 2 and r2.group_excluded == len(mates)
+    assert set(r2.survivors) == set(PUBLIC) - mates - {1}
+    w = {u: 10 + u for u in r2.survivors}
+    step = sum(w[u] * 0.01 * u for u in w) / sum(w.values())
+    np.testing.assert_allclose(models[2] - models[1], step, atol=r2.error_bound + 1e-6)
 
 
 def test_a_server_without_the_groups_gets_no_sum_over_a_split_group(task_identity, tmp_path):  # noqa: F811

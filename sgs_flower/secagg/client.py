@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -604,9 +604,28 @@ class SecAggClient:
     # pipelined part is accepted only riding on the message just answered
     answered: tuple[int, int, int] = (-1, -1, 0)
     history: dict[str, str] = field(default_factory=dict)
+    # participation in whole groups without a pinned roster: the identity keys of the
+    # cohort of the first survivor set this client was asked to sign in the run (learnt on
+    # first use, see sgs_flower.secagg.groups); empty until then
+    federation: frozenset[bytes] = frozenset()
 
     def __post_init__(self) -> None:
         self.state = AwaitingSetup(self.node_id)
+
+    def group_rule(self, cohort: Mapping[int, bytes]) -> GroupRule | None:
+        """The groups a survivor set must respect: the pinned roster's, else those of the
+        federation learnt at this client's first consistency check (from ``cohort``, the
+        identities that advertised keys in that round), else None (groups off)."""
+        rule = self.policy.group_rule
+        if rule is not None or not self.policy.min_group or self.policy.roster is not None:
+            return rule
+        if not self.federation:
+            keys = frozenset(cohort.values())
+            if len(keys) < self.policy.min_group:
+                raise PolicyError(f"the cohort holds {len(keys)} sites, fewer than one group of sgs-min-group = "
+                                  f"{self.policy.min_group}: no sum over it could be over a whole group")
+            self.federation = keys
+        return self.policy.learnt_group_rule(self.federation)
 
     @property
     def stage(self) -> Stage | None:
@@ -813,7 +832,8 @@ class SecAggClient:
             self.last_masked = (setup.run_id, setup.round_id)
             return masked
         if isinstance(st, AwaitingConsistency) and isinstance(msg, ConsistencyRequest):
-            self.state, signature = st.on_consistency(msg, self.identity, self.history, self.policy.group_rule)
+            groups = self.group_rule(st.identities)
+            self.state, signature = st.on_consistency(msg, self.identity, self.history, groups)
             return signature
         if isinstance(st, AwaitingUnmask) and isinstance(msg, UnmaskRequest):
             self.state, response = st.on_unmask(msg)

@@ -16,6 +16,16 @@ set only if it is a union of whole groups (:func:`check_whole_groups`, beside th
 consistency check, before any share is revealed); the honest server leaves a group with a
 missing member out of the sum whole (:func:`whole_group_members`).
 
+Without a pinned roster (a simulation, or sites that set none) the federation is learnt on
+first use, as SSH learns a host key: at the first survivor set a site is asked to sign in a
+run, it takes the identity keys of that round's cohort (each signed by its owner at the
+key advertisement) as the federation and partitions them by the same rule; the server
+learns the same set from the same advertisements (``SecAggServer(min_group=...)``). A key
+that joins later is off the learnt federation: it is never in a whole group, so no honest
+site signs a sum that holds it. What this cannot stop: a server that lies at that first
+round (sybils of its own, or a cohort it chose) fixes the federation; pin a roster where
+that matters (docs/threat_model.md).
+
 A roster change changes the partition: sites of the new roster derive new groups, and a
 sum over old groups and one over new groups can differ by fewer than ``G`` sites. That
 is a limit (docs/threat_model.md): pin a roster per federation and keep it, or add sites
@@ -32,6 +42,15 @@ from functools import cached_property
 from sgs_flower.secagg.errors import ConfigurationError, PolicyError
 
 _DOMAIN = b"sgs-flower/groups/v1"
+
+# The default group size (site ``sgs-min-group``, server ``SecAggConfig.min_group``). Why
+# 3: a difference of sums can isolate at most one group's sum, and in a group of 2 either
+# member reads the other's update off that sum (a server colluding with one site), so 3 is
+# the smallest size where one colluding member still leaves two honest updates summed. In
+# the app's 10-site federation it makes groups of 3, 3 and 4: fraction_train can still pick
+# a third of the sites, and a dropout costs 2-3 other updates (scripts/bench_groups.py:
+# about 12 % of the updates at 5 % dropout). Larger groups cost more updates per dropout.
+DEFAULT_MIN_GROUP = 3
 
 
 def _order(key: bytes) -> bytes:

@@ -25,7 +25,7 @@ from sgs_flower.secagg.graph import (
     active_threshold,
     default_degree,
 )
-from sgs_flower.secagg.groups import GroupRule
+from sgs_flower.secagg.groups import DEFAULT_MIN_GROUP, GroupRule
 from sgs_flower.secagg.identity import Roster, read_identity
 
 ENV_VAR = "SGS_NODE_CONFIG"  # the same keys for sites whose node config cannot be set (simulation)
@@ -54,7 +54,8 @@ NODE_CONFIG_KEYS = {
     "sgs-dp-max-epsilon": "distributed DP: this site's budget against the server; 0 = account only",
     "sgs-dp-delta": "distributed DP: delta of this site's accounting (default 1e-5)",
     "sgs-min-group": "sign only survivor sets that are unions of whole groups of at least this many sites, the "
-                     "groups derived from sgs-roster by a public rule (0: off; needs sgs-roster)",
+                     "groups derived by a public rule from sgs-roster, else from the cohort of the run's first "
+                     "round (default 3; 0: off, and two sums over cohorts that differ by one site reveal it)",
     "sgs-reply-quantum": "seconds: the site answers a masked-input request (where it trains) only at a multiple of "
                          "this after it arrived, so its reply time tells the server ceil(train time / quantum), not "
                          "its num-examples (default 0: as soon as it is done)",
@@ -110,9 +111,6 @@ class ClientPolicy:
             raise ConfigurationError("sgs-dp-delta must be in (0, 1)")
         if self.min_group == 1 or self.min_group < 0:
             raise ConfigurationError(f"sgs-min-group must be 0 (off) or at least 2, got {self.min_group}")
-        if self.min_group and self.roster is None:
-            raise ConfigurationError("sgs-min-group needs sgs-roster: the groups are derived from the pinned roster, "
-                                     "never from what the server presents")
         if self.min_group and self.roster is not None and len(self.roster.keys) < self.min_group:
             raise ConfigurationError(f"sgs-min-group = {self.min_group} but the roster holds {len(self.roster.keys)} "
                                      "keys: no group could be whole")
@@ -197,15 +195,23 @@ class ClientPolicy:
             dp_max_epsilon=get("sgs-dp-max-epsilon", float, 0.0),
             dp_delta=get("sgs-dp-delta", float, 1e-5),
             reply_quantum=get("sgs-reply-quantum", float, 0.0),
-            min_group=get("sgs-min-group", int, 0),
+            min_group=get("sgs-min-group", int, DEFAULT_MIN_GROUP),
         )
 
     @property
     def group_rule(self) -> GroupRule | None:
-        """The groups this site requires survivor sets to respect (``sgs-min-group``)."""
+        """The groups of the pinned roster this site requires survivor sets to respect
+        (``sgs-min-group``); None without a roster (the site learns its federation at its
+        first round: :meth:`learnt_group_rule`) or with groups off."""
         if not self.min_group or self.roster is None:
             return None
         return _group_rule(self.roster.keys, self.min_group)
+
+    def learnt_group_rule(self, federation: frozenset[bytes]) -> GroupRule | None:
+        """The groups of a federation learnt on first use (no roster pinned)."""
+        if not self.min_group or self.roster is not None or not federation:
+            return None
+        return _group_rule(federation, self.min_group)
 
 
 @lru_cache(maxsize=8)

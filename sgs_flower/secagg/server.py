@@ -152,11 +152,17 @@ class SecAggServer:
     before :meth:`collect_masked`.
     """
 
-    def __init__(self, params: RoundParams, bound_digest: bytes | None = b"", groups: GroupRule | None = None) -> None:
+    def __init__(
+        self, params: RoundParams, bound_digest: bytes | None = b"", groups: GroupRule | None = None,
+        min_group: int = 0,
+    ) -> None:
         self.params = params
         # participation in whole groups (sgs_flower.secagg.groups): a member of a group
-        # that did not send its masked input whole stays out of the sum, as a dropout
+        # that did not send its masked input whole stays out of the sum, as a dropout.
+        # Without a roster's groups, ``min_group`` learns them from this round's signed
+        # advertisements, as the sites do at their first round of a run
         self.groups = groups
+        self.min_group = min_group
         self.group_excluded: set[int] = set()
         p = params
         assert p.degree is not None and p.threshold is not None
@@ -367,6 +373,12 @@ class SecAggServer:
                 self.dropped[node] = Stage.MASKED_INPUT
                 continue
             valid[node] = vec
+        if self.groups is None and self.min_group:
+            federation = frozenset(a.identity_key for a in self.advertised.values())
+            if len(federation) < self.min_group:
+                raise ThresholdError(f"{len(federation)} sites advertised keys, fewer than one group of min_group = "
+                                     f"{self.min_group}: no sum could be over a whole group")
+            self.groups = GroupRule(federation, self.min_group)
         if self.groups is not None:
             identities = {v: a.identity_key for v, a in self.advertised.items()}
             keep = whole_group_members(valid, identities, self.groups)
