@@ -688,8 +688,10 @@ class SecAggStrategy(Strategy):
             report.field_bits = spec.field_bits  # the plan's width (_range_report fills it outside DP)
             # noise (central), account and write the ledger BEFORE the aggregate is used
             # (also when it is then not applied: the server has computed the sum)
+            groups = ({"groups": list(report.groups), "group_excluded": report.group_excluded,
+                       "min_group": self.config.min_group} if self.groups is not None else None)
             mean_delta = self.privacy.release(plan, decoded.weighted_delta_sum, decoded.count,
-                                              len(cohort) - decoded.count)
+                                              len(cohort) - decoded.count, groups=groups)
         else:
             mean_delta = decoded.mean_delta
             if not unusable:

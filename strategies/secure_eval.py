@@ -176,8 +176,14 @@ def _unwrapped(strategy: SecAggStrategy, report: RoundReport, unwrapped: Mapping
     shown = ", ".join(map(str, nodes[:10])) + (f" and {len(nodes) - 10} more" if len(nodes) > 10 else "")
     first = " ".join(next(iter(unwrapped.values())).split())  # Flower's reason spans lines (a traceback)
     first = first if len(first) <= 240 else "..." + first[-240:]  # its cause is at its end
-    cause = (f"their ClientApp raised on the secure evaluation's first message (stage ADVERTISE_KEYS): it reached "
-             f"the user's evaluate function, which secagg_mod does not wrap. {_FIX}. (First error: {first})")
+    if "No evaluate function registered" in first:  # Flower's error for an app with no @app.evaluate() at all
+        cause = ("their ClientApp has no evaluate function: register one with @app.evaluate() (secagg_mod wraps it "
+                 f"when the app is `ClientApp(mods=[secagg_mod])`), or evaluate on the server only "
+                 f"(fraction_evaluate=0.0, evaluate_fn). (First error: {first})")
+    else:
+        cause = (f"their ClientApp raised on the secure evaluation's first message (stage ADVERTISE_KEYS): it "
+                 f"reached the user's evaluate function, which secagg_mod does not wrap. {_FIX}. (First error: "
+                 f"{first})")
     if alone:
         text = (f"secure evaluation of round {report.server_round} is unavailable: none of the {len(report.cohort)} "
                 f"sites of its cohort answered it, and {len(nodes)} of them (nodes {shown}) cannot: {cause}")

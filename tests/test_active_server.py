@@ -251,10 +251,17 @@ MODEL = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "b": np.ze
 
 
 class ModSite:
-    """One SuperNode: a Context and the user's unchanged train function behind the mod."""
+    """One SuperNode: a Context and the user's unchanged train function behind the mod.
+
+    Whole-group participation is off here (``sgs-min-group = 0``) unless a test sets it:
+    these tests isolate the single-round checks (quorum, signatures, stale messages),
+    and at the default (3) a split survivor set is refused by the group check first
+    (``test_split_attack_at_default_settings_is_refused_by_the_group_check``,
+    tests/test_groups.py)."""
 
     def __init__(self, node: int, node_config: dict | None = None) -> None:
-        self.context = Context(run_id=1, node_id=node, node_config=node_config or {}, state=RecordDict(), run_config={})
+        config = {"sgs-min-group": "0", **(node_config or {})}
+        self.context = Context(run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={})
         self.trained = 0
         self.loss = 0.123456789 + node
 
@@ -322,6 +329,21 @@ def test_split_attack_through_the_mod_is_refused():
                                                          signatures=forwarded))
         assert out.has_error()
         assert out.error.reason.startswith(("SignatureError", "InconsistentRequestError"))
+
+
+def test_split_attack_at_default_settings_is_refused_by_the_group_check():
+    """The same split at the sites' default policy (groups of 3, learnt at the first
+    round): no site signs either half, each with the group check's PolicyError, so not
+    even a signature leaves a site."""
+    sites = {u: ModSite(u, {"sgs-min-group": "3"}) for u in range(1, N_MOD + 1)}
+    server, reqs = mod_round_to_consistency(sites, _spec())
+    everyone = tuple(sorted(server.u3))
+    without_2 = tuple(v for v in everyone if v != 2)
+    for u in everyone:
+        if u == 2:
+            continue
+        out = sites[u].send(Stage.CONSISTENCY, dataclasses.replace(reqs[u], survivors=without_2))
+        assert out.has_error() and out.error.reason.startswith("PolicyError: the survivor set splits 1 of")
 
 
 def test_honest_round_through_the_mod_is_exact():

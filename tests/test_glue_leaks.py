@@ -316,7 +316,10 @@ def _difference_attack(node_config: dict | None, nudge: float | None = None):
 
 def test_a_one_ulp_nudged_model_over_a_cohort_without_one_site_is_refused_at_default_settings():
     """Attack 3: the model moved by one ulp has a new digest; the five sites that were in
-    both rounds see a near copy of a model they signed another set for, and refuse."""
+    both rounds see a near copy of a model they signed another set for, and refuse.
+    (Whole-group participation is off in this file's sites, ModSite, to isolate the
+    near-copy rule; at the sites' true default the group check refuses first:
+    ``test_beyond_the_near_copy_distance_the_groups_refuse_at_default_settings``.)"""
     errors, leaked = _difference_attack(None)
     assert leaked is None and len(errors) == 5
     assert all("PolicyError" in e and "near copy" in e for e in errors)
@@ -346,10 +349,21 @@ def test_beyond_the_near_copy_distance_only_noise_protects_documented_limit():
     0.1 > 0.01 x 0.19, site 5's) is a new model: the rounds run, and for a train step that does not
     depend on the model (this test's) the difference is site 6's update. Secure
     aggregation alone does not stop differencing over models that really differ; the
-    distributed-DP preset's noise does (docs/threat_model.md)."""
+    distributed-DP preset's noise does (docs/threat_model.md). That is with whole-group
+    participation off (``sgs-min-group=0``, ModSite's setting here); the test below is
+    the same attack at the default."""
     errors, leaked = _difference_attack(None, 0.1)
     assert not errors and leaked is not None
     np.testing.assert_allclose(leaked[0], 0.06, atol=1e-4)
+
+
+def test_beyond_the_near_copy_distance_the_groups_refuse_at_default_settings():
+    """The same two rounds at the sites' default (groups of 3, learnt at round 3 from the
+    six sites' signed identities: two groups of three): round 4's cohort lacks site 6, so
+    it splits site 6's group, and all five sites refuse to sign, before any share."""
+    errors, leaked = _difference_attack({"sgs-min-group": "3"}, 0.1)
+    assert leaked is None and len(errors) == 5
+    assert all(e.startswith("PolicyError: the survivor set splits 1 of the federation's 2 groups") for e in errors)
 
 
 def test_the_same_model_under_a_new_run_is_refused_without_any_state_file_configured():

@@ -15,10 +15,12 @@ client changes the sum by at most ``clip_norm`` (add/remove) whatever its
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,11 +286,15 @@ class DPAggregator:
         survivors: int,
         dropouts: int,
         rng: np.random.Generator | None = None,
+        groups: Mapping[str, Any] | None = None,
     ) -> np.ndarray:
         """Noise (central), account, write the ledger, then return the mean delta.
 
         ``summed`` is the decoded sum of the survivors' clipped updates (with their
-        noise shares in distributed DP), in model coordinates.
+        noise shares in distributed DP), in model coordinates. ``groups``: under
+        participation in whole groups, which groups the sum is over and how many updates
+        partial groups cost (kept in the ledger entry's ``extra``, so the hash chain
+        covers it: a later claim about which groups were summed can be checked).
         """
         dp = self.dp
         assert dp.clip_norm is not None
@@ -312,7 +318,10 @@ class DPAggregator:
             }
         self.accountant.compose_round(events)
         if self.ledger is not None:
-            record_round(self.ledger, self._entry(plan, survivors, dropouts, noise_rec, events), self.accountant)
+            entry = self._entry(plan, survivors, dropouts, noise_rec, events)
+            if groups is not None:
+                entry = dataclasses.replace(entry, extra={**entry.extra, "groups": dict(groups)})
+            record_round(self.ledger, entry, self.accountant)
         return noisy / survivors
 
     def abort(self, plan: RoundPlan | None, server_round: int, cohort: int, survivors: int, reason: str) -> None:
