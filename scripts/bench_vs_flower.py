@@ -7,7 +7,7 @@ backend and cheap deterministic client for every run; each variant runs in its o
 process (this script with ``--worker``). What runs, how it is timed and how the models
 are checked: :mod:`sgs_flower.app.bench_flower`, which holds the benchmark.
 
-Usage: python scripts/bench_vs_flower.py [--quick] [--n N] [--m M] [--rounds R]
+Usage: python scripts/bench_vs_flower.py [--quick] [--n N] [--m M] [--rounds R] [--groups-off]
 Human-readable lines go to stderr; the last line on stdout is one JSON object.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sgs_flower.app.bench_flower import BACKEND, VARIANTS, compare, run_worker
+from sgs_flower.app.bench_flower import BACKEND, NO_GROUPS, VARIANTS, compare, run_worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", type=int, default=None, help="model parameters (float32); default 5,000,000")
     ap.add_argument("--rounds", type=int, default=None, help="rounds per run, >= 2; default 3")
     ap.add_argument("--legacy-plain", action="store_true", help="also run the legacy DefaultWorkflow without SecAgg+")
+    ap.add_argument("--groups-off", action="store_true",
+                    help="also run ours with whole-group participation off (the round time before issue 29)")
     ap.add_argument("--verbose", action="store_true", help="keep Flower's INFO logs")
     ap.add_argument("--profile", metavar="DIR", default=None,
                     help="cProfile the ServerApp and every client mod call of plain/ours into DIR")
-    ap.add_argument("--worker", choices=(*VARIANTS, "flower_plain"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=(*VARIANTS, NO_GROUPS, "flower_plain"), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     n = args.n if args.n is not None else (5 if args.quick else 50)
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     variants = [*VARIANTS, "flower_plain"] if args.legacy_plain else list(VARIANTS)
+    if args.groups_off:
+        variants.append(NO_GROUPS)
     if args.profile is not None:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     print(f"bench_vs_flower: n={n} clients, m={m:,} float32 parameters, {rounds} rounds, "

@@ -56,6 +56,10 @@ MAX_WEIGHT = 16  # >= NUM_EXAMPLES (ours: bounds the field; Flower: weight ratio
 N_ARRAYS = 8
 INIT_SCALE = 0.05  # initial weights ~ N(0, 0.05^2): well inside Flower's clipping range 8
 VARIANTS = ("plain", "flower", "ours")
+# ours with whole-group participation off on both sides (SecAggConfig(min_group=0), the
+# sites' sgs-min-group=0): the round time before issue 29 made groups the default
+NO_GROUPS = "ours_nogroups"
+OURS = ("ours", NO_GROUPS)
 BACKEND: dict[str, Any] = {
     "client_resources": {"num_cpus": 1},
     "init_args": {"num_cpus": 2, "logging_level": "error"},
@@ -199,8 +203,9 @@ def message_server_main(
 
     def main(grid: Grid, context: Context) -> None:
         inner = FedAvg(fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+        groups = {"min_group": 0} if variant == NO_GROUPS else {}
         strategy = inner if variant == "plain" else SecAggStrategy(
-            inner, SecAggConfig(max_weight=MAX_WEIGHT, metric_slots=0)
+            inner, SecAggConfig(max_weight=MAX_WEIGHT, metric_slots=0, **groups)  # type: ignore[arg-type]
         )
         times: dict[int, float] = out.setdefault("times", {})
 
@@ -221,7 +226,7 @@ def message_server_main(
         if prof is not None and profile_dir is not None:
             prof.disable()
             prof.dump_stats(os.path.join(profile_dir, f"server_{variant}.prof"))
-        if variant == "ours":
+        if variant in OURS:
             reps = strategy.reports  # type: ignore[union-attr]
             out["secure_statuses"] = [r.status for r in reps]
             out["secure_round_seconds"] = [r.seconds for r in reps]
@@ -283,7 +288,9 @@ def run_worker(variant: str, n: int, m: int, rounds: int, out_path: Path, verbos
     server: Any
     if variant == "plain":  # these sites accept plain rounds (the mod refuses them by default)
         os.environ["SGS_NODE_CONFIG"] = "sgs-require-secagg=false"
-    if variant in ("plain", "ours"):
+    if variant == NO_GROUPS:
+        os.environ["SGS_NODE_CONFIG"] = "sgs-min-group=0"
+    if variant in ("plain", *OURS):
         server = ServerApp()
         server.main()(message_server_main(variant, n, m, rounds, out, profile_dir))
         client = message_client_app(profile_dir)
@@ -323,7 +330,7 @@ def run_variant(
     out_path = workdir / f"{variant}.json"
     cmd = [sys.executable, str(driver), "--worker", variant, "--n", str(n), "--m", str(m),
            "--rounds", str(rounds), "--out", str(out_path)] + (["--verbose"] if verbose else [])
-    if profile is not None and variant in ("plain", "ours"):
+    if profile is not None and variant in ("plain", *OURS):
         cmd += ["--profile", str(Path(profile).resolve())]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     t = time.perf_counter()
@@ -397,6 +404,14 @@ def compare(n: int, m: int, rounds: int, variants: list[str], verbose: bool, pro
         "flower_num_shares": results["flower"].get("flower_num_shares"),
         "flower_threshold": results["flower"].get("flower_threshold"),
     }
+    if NO_GROUPS in sec:
+        out["ours_nogroups_seconds_per_round"] = sec[NO_GROUPS]
+        out["ours_groups_over_no_groups"] = sec["ours"] / sec[NO_GROUPS]
+        out["ours_nogroups_max_abs_diff_vs_plain"] = max_abs_diff(finals[NO_GROUPS], finals["plain"])
+        out["ours_nogroups_exchanges"] = results[NO_GROUPS].get("exchanges")
+        print(f"whole-group participation (the default) over groups off: {out['ours_groups_over_no_groups']:.3f}x "
+              f"({sec['ours']:.2f} vs {sec[NO_GROUPS]:.2f} s/round; exchanges {out['ours_exchanges']} vs "
+              f"{out['ours_nogroups_exchanges']})", file=sys.stderr)
     if "flower_plain" in sec:
         out["flower_plain_seconds_per_round"] = sec["flower_plain"]
         out["flower_secaggplus_over_flower_plain"] = sec["flower"] / sec["flower_plain"]

@@ -78,6 +78,7 @@ def make_strategy(s: Settings, initial: ArrayRecord) -> Strategy:
         clip_range=float(s["clip-range"]), field_bits=int(s["field-bits"]), max_weight=int(s["max-weight"]),
         min_clients=int(s["min-clients"]) or None, stage_timeout=float(s["stage-timeout"]),
         confidential=bool(s["confidential"]), consistency=str(s["consistency"]),
+        min_group=int(s["min-group"]), roster=str(Path(s["roster"]).expanduser()) if s["roster"] else None,
     )
     ledger = str(Path(s["ledger"]).expanduser().resolve()) if s["ledger"] else None
     if ledger:

@@ -40,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "secure-aggregation": True,
     "confidential": False,
     "consistency": "global",
+    "min-group": 3,
+    "roster": "",
     "clip-range": 1.0,
     "field-bits": 0,
     "max-weight": 1_000_000,
@@ -133,6 +135,12 @@ def _validate(v: dict[str, Any]) -> None:
     if v["consistency"] not in CONSISTENCY_MODES:
         raise bad("consistency", f"must be one of {CONSISTENCY_MODES} ('neighbourhood': the quorum per "
                   "neighbourhood for large cohorts; the sites must opt in with sgs-consistency=neighbourhood)")
+    if int(v["min-group"]) == 1 or int(v["min-group"]) < 0:
+        raise bad("min-group", "must be 0 (off) or at least 2: every sum is over whole groups of at least this many "
+                  "sites, so two sums never differ by one site (the sites' sgs-min-group must match)")
+    if v["roster"] and not Path(str(v["roster"])).expanduser().is_file():
+        raise bad("roster", f"names no file: {v['roster']!r} (the federation's roster of identity keys, the file "
+                  "the sites pin with sgs-roster; empty: the groups are learnt at the first round)")
     if v["confidential"]:
         if not v["secure-aggregation"] or v["dp-mode"] != "none":
             raise bad("confidential", "the model-confidential mode runs on secure aggregation without DP: set "

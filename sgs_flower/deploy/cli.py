@@ -97,11 +97,15 @@ def run_local(args: argparse.Namespace) -> int:
         # the sites' own opt-in: the mod refuses plain train messages by default
         extra["sgs-require-secagg"] = False
         notes.append("plain run: the sites opt in to plain rounds (sgs-require-secagg=false)")
+    if run_config.get("min-group") == 0:  # the sites' own opt-out, as the server's (this tool plays both)
+        extra["sgs-min-group"] = 0
+        notes.append("whole-group participation off: the sites set sgs-min-group=0")
     setup, roster = None, None
     if not args.no_roster:
         from sgs_flower.deploy.identities import roster_setup
 
         setup, roster = roster_setup(workdir, args.supernodes)
+        run_config.setdefault("roster", str(roster))  # the server's groups are the pinned roster's, as the sites'
     with LocalDeployment(
         args.supernodes, workdir, tls=not args.insecure, supernode_auth=not args.no_auth,
         node_config_extra=extra, node_setup=setup,
