@@ -1049,8 +1049,12 @@ class SecAggStrategy(Strategy):
         if self.groups is not None and report.survivors and not report.groups:
             report.groups = sorted({self.groups.group_of[k] for v in report.survivors
                                     if (k := self._identities.get(v)) in self.groups.group_of})
-            log(INFO, "round %s: a sum over whole groups %s of the federation's %d (SecAggConfig.min_group=%d)",
-                report.server_round, report.groups, len(self.groups.groups), self.groups.min_group)
+            total = len(self.groups.groups)
+            missing = sorted(set(range(total)) - set(report.groups))
+            shown = ("every group" if not missing else "not in it: groups " + ", ".join(map(str, missing[:10]))
+                     + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+            log(INFO, "round %s: a sum over %d whole groups of the federation's %d (%s; SecAggConfig.min_group=%d)",
+                report.server_round, len(report.groups), total, shown, self.groups.min_group)
         report.dropped = {n: s.name for n, s in server.dropped.items()}
         report.rejected.update({n: f"{type(e).__name__}: {e}" for n, e in server.rejected.items()})
         if server.group_excluded and not report.group_excluded:

@@ -322,6 +322,9 @@ def test_dp_budget_stops_training_and_a_new_server_resumes_the_ledger(tmp_path):
     assert records[-1]["epsilon_consumer"] == pytest.approx(eps[2], rel=1e-6)
     assert records[-1]["epsilon_consumer"] > spent1
     assert records[-1]["noise"]["survivors"] == N
+    # participation in whole groups, under the hash chain: the four sites are one learnt
+    # group of at least 3 (the default), summed whole, no update lost to a partial group
+    assert [r["extra"]["groups"] for r in records] == [{"groups": [0], "group_excluded": 0, "min_group": 3}] * 3
     assert verify(ledger).ok
 
 
