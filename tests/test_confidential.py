@@ -515,3 +515,35 @@ def test_an_unreadable_key_file_refuses_evaluation_instead_of_accepting_a_plaint
     with pytest.raises(ValueError):
         _local_model_message(msg, ss[1].context, _site_policy(ss[1]), _state_path(ss[1]))
     assert len(ss[1].evaluated) == 0
+
+
+class _DropAtMasked(DirectGrid):
+    """Node ``node`` never gets round ``rnd``'s masked-input request (it drops there)."""
+
+    def __init__(self, sites: dict[int, Site], node: int, rnd: int) -> None:
+        super().__init__(sites)
+        self.node, self.rnd = node, rnd
+
+    def outgoing(self, messages: list[Message]) -> list[Message]:
+        def dropped(m: Message) -> bool:
+            rec = m.content.config_records.get(wire.RECORD_KEY)
+            return (m.metadata.dst_node_id == self.node and rec is not None and str(m.metadata.group_id) == str(self.rnd)
+                    and rec.get(wire.FIELD_STAGE) == int(wire.Stage.MASKED_INPUT))
+        return [m for m in messages if not dropped(m)]
+
+
+def test_a_dropout_takes_its_whole_group_out_of_the_masked_model_too():
+    """The model-confidential mode at the default whole-group participation, nine sites
+    (three learnt groups of 3): site 1 drops at round 2's masked input, its group-mates are
+    left out with it, and the model every site unmasks in round 3 is FedAvg of the six
+    sites of the two whole groups left, within the round's bound."""
+    ss = sites(9)
+    st, _ = run(_DropAtMasked(ss, 1, 2), rounds=3, st=strategy(n=9))
+    r2 = st.reports[1]
+    assert [r.status for r in st.reports] == ["ok"] * 3
+    assert r2.group_excluded == 2 and len(r2.survivors) == 6 and 1 not in r2.survivors
+    survivors = [ss[u] for u in r2.survivors]
+    expect = fedavg_of(survivors, survivors[0].seen[1])
+    for s in ss.values():
+        for k in SHAPES:
+            np.testing.assert_allclose(s.seen[-1][k], expect[k], atol=r2.error_bound + 1e-6)

@@ -974,3 +974,25 @@ def test_confidential_rounds_stay_pipelined_and_the_key_phase_runs_once():
     sent_models = [m.content.array_records["arrays"] for m in grid.sent if "arrays" in m.content.array_records]
     assert sum(WORDS_KEY not in a for a in sent_models) == 5  # only round 1's initial model is plaintext
     assert all(len(s.seen) == 4 for s in sites.values())
+
+
+def test_groups_learnt_in_round_1_hold_in_the_rounds_set_up_ahead(task_identity):
+    """Whole-group participation at its default, nine sites (three learnt groups of 3):
+    round 2 is set up during round 1, before the server has learnt the groups; it still
+    sums whole groups, pipelined (3 exchanges). Site 4 crashes at round 3's masked input:
+    its group is left out whole in a pipelined round, and round 3's model is FedAvg's over
+    the six sites left, within the round's bound."""
+    from flwr.serverapp.strategy import FedAvg
+
+    models, secure, _inner, _sites = _run_hooked(FedAvg, True, rounds=3, n=9, fail=lambda u: (3,) if u == 4 else ())
+    reports = secure.reports
+    assert [r.status for r in reports] == ["ok"] * 3
+    assert [r.exchanges for r in reports] == [5, 3, 3] and [r.pipelined for r in reports] == [False, True, True]
+    assert [r.groups for r in reports[:2]] == [[0, 1, 2]] * 2 and reports[1].group_excluded == 0
+    r3 = reports[2]
+    assert r3.group_excluded == 2 and len(r3.survivors) == 6 and 4 not in r3.survivors and len(r3.groups) == 2
+    w = {u: 10 + u for u in r3.survivors}
+    prev = models[2][0].astype(np.float64)
+    lr = _schedule(3)[2]  # the hooked strategy's lr schedule
+    want = sum(w[u] * lr * (0.2 * u - 0.6 - prev) for u in w) / sum(w.values())  # x + lr (target - x), averaged
+    np.testing.assert_allclose(models[3][0] - prev, want, atol=r3.error_bound + 1e-6)

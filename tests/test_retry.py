@@ -518,3 +518,57 @@ def test_kept_deltas_left_by_an_earlier_run_are_collected_after_an_hour():
     sites = {u: OutlierSite(u) for u in range(1, N_MOD + 1)}
     _unmasked_round(sites, _spec(weight_scale=16))
     assert not stale.exists() and fresh.exists()
+
+
+class _CrashAtMasked(StrategySite):
+    """A site whose ClientApp crashes at round ``rnd``'s masked input (a dropout there)."""
+
+    def __init__(self, node: int, step, rnd: int) -> None:
+        super().__init__(node, step)
+        self.rnd = rnd
+
+    def handle(self, msg):
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode
+
+        rec = msg.content.config_records.get(wire.RECORD_KEY)
+        if (rec is not None and rec.get(wire.FIELD_STAGE) == int(Stage.MASKED_INPUT)
+                and int(msg.metadata.group_id) == self.rnd):
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="simulated crash"), reply_to=msg)
+        return super().handle(msg)
+
+
+def test_a_retry_in_a_round_with_a_group_left_out_goes_to_the_whole_groups_only(task_identity):
+    """Whole-group participation at its default (three groups of 3 learnt at round 1 from
+    the nine sites): site 1 crashes at round 2's masked input, so its two group-mates are
+    left out with it; every update of round 2 is out of range, so the round is retried,
+    and the retry goes to the two other groups alone (a left-out site would refuse it).
+    The released model is FedAvg's over those six sites."""
+    from flwr.serverapp.strategy import FedAvg
+    from test_pipelined_rounds import _local_grid
+
+    from strategies import SecAggStrategy
+
+    def step(node, rnd, shape):
+        d = np.full(shape, 0.01 * node, dtype=np.float32)
+        if rnd == 2:
+            d.flat[0] = 5.0
+        return d
+
+    sites = {u: (_CrashAtMasked(u, step, 2) if u == 1 else StrategySite(u, step)) for u in range(1, 10)}
+    strategy = SecAggStrategy(FedAvg(fraction_evaluate=0.0, min_train_nodes=9, min_available_nodes=9))
+    models = {}
+
+    def keep(rnd, arrays):
+        models[rnd] = arrays["w"].numpy().copy()
+        return MetricRecord({"round": rnd})
+
+    strategy.start(grid=_local_grid(sites), initial_arrays=ArrayRecord({"w": Array(np.zeros((4, 5), np.float32))}),
+                   num_rounds=2, train_config=ConfigRecord({"lr": 1.0}), evaluate_fn=keep)
+    r1, r2 = strategy.reports
+    assert r1.status == "ok" and r2.status == "ok" and r2.retries == 1
+    assert r2.group_excluded == 2 and len(r2.survivors) == 6 and 1 not in r2.survivors
+    w = {u: 10 + u for u in r2.survivors}
+    expect = np.full(20, sum(w[u] * 0.01 * u for u in w) / sum(w.values()))
+    expect[0] = 5.0
+    np.testing.assert_allclose((models[2] - models[1]).ravel(), expect, atol=r2.error_bound + 1e-6)
