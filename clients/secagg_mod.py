@@ -206,6 +206,7 @@ def _load_client(context: Context, ident: bytes, policy: ClientPolicy, site: Sit
     )
     _load_federation(context, client)
     client.history = dict(site.history) | client.history
+    client.roster_epochs = list(site.roster_epochs)
     return client
 
 
@@ -328,6 +329,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
         logger.warning("discarding unreadable secure-aggregation state: %r", exc)
         client = SecAggClient(int(context.node_id), identity=ident, policy=policy)
         client.history = dict(site.history)
+        client.roster_epochs = list(site.roster_epochs)
         _load_federation(context, client)
     try:
         rec, stage, server_msg = _protocol_part(msg)
@@ -366,6 +368,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
     _save_client(context, client)
     if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered (never twice), with the model's sketch
         site.history = dict(client.history)
+        site.roster_epochs = list(client.roster_epochs)
         pending = context.state.config_records.get(PENDING_KEY)
         if pending is not None and str(pending["digest"]) in site.history:
             digest = bytes.fromhex(str(pending["digest"]))
@@ -846,6 +849,7 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext, arr
         logger.warning("discarding unreadable secure-evaluation state: %r", exc)
         client = SecAggClient(int(context.node_id), identity=ident, policy=policy)
     client.history = dict(site.history) | client.history
+    client.roster_epochs = list(site.roster_epochs)
     _load_federation(context, client)
     try:
         rec, stage, server_msg = _protocol_part(msg)
@@ -872,6 +876,7 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext, arr
     _save_eval_client(context, client)
     if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered, under the evaluation's own key
         site.history = dict(client.history)
+        site.roster_epochs = list(client.roster_epochs)
         _save_site(context, state_path, site)
     return _protocol_reply(msg, stage, reply, names)
 

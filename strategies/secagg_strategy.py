@@ -258,7 +258,7 @@ class SecAggStrategy(Strategy):
         # participation in whole groups (issue 29): the sites' partition of the roster, or
         # of the federation learnt at the first round (None until then)
         self.grouped = bool(self.config.min_group)
-        self.groups = (GroupRule(Roster.load(self.config.roster).keys, self.config.min_group)
+        self.groups = (GroupRule.of(Roster.load(self.config.roster), self.config.min_group)
                        if self.config.min_group and self.config.roster else None)
         self._identities: dict[int, bytes] = {}  # node id -> identity key, as advertised (to sample by group)
         if self.config.confidential:

@@ -555,3 +555,101 @@ def test_evaluation_rounds_sample_and_sum_whole_groups(task_identity, tmp_path):
     for r in reports:
         assert set(r.survivors) == {u for g in r.groups for u in _nodes_of(g)}
     assert all(len(r.cohort) == 2 * G for r in reports[1:])  # identities known after round 1's training
+
+
+# ---------------------------------------------------------------- a roster change: epochs and revocations
+def _roster_text(epochs: list[list[int]], revoked: frozenset[int] = frozenset(), keys=None) -> str:
+    keys = keys or PUBLIC
+    blocks = ["".join(f"{'revoked ' if u in revoked else ''}{keys[u].hex()} site{u}\n" for u in e) for e in epochs]
+    return "epoch\n".join(blocks)
+
+
+def test_a_roster_file_parses_epochs_and_revoked_keys_in_place():
+    r = Roster.parse(_roster_text([[1, 2, 3, 4, 5, 6], [7, 8, 9]], revoked=frozenset({2})))
+    assert r.epochs == (frozenset(PUBLIC[u] for u in range(1, 7)), frozenset(PUBLIC[u] for u in (7, 8, 9)))
+    assert PUBLIC[2] not in r and r.revoked == {PUBLIC[2]} and len(r.keys) == 8
+    for text, why in ((_roster_text([[1, 2], []]), "lists no identity keys"),
+                      ("epoch\n" + _roster_text([[1, 2, 3]]), "an epoch lists no identity keys"),
+                      (_roster_text([[1, 2, 3]]) + f"revoked {PUBLIC[1].hex()}\n", "key listed twice")):
+        with pytest.raises(ConfigurationError, match=why):
+            Roster.parse(text)
+    with pytest.raises(ConfigurationError, match="roster epoch 2 holds 2 keys, fewer than one group of 3"):
+        _ = GroupRule.of(Roster.parse(_roster_text([[1, 2, 3, 4, 5, 6], [7, 8]])), G).groups
+
+
+def test_adding_sites_as_an_epoch_or_revoking_one_never_regroups_anyone():
+    """Nine sites, then three more as a new epoch, then site 1 revoked: the first nine's
+    groups are the same in all three rosters (a regrouping is what a re-partition of the
+    twelve by the hash rule alone would do); site 1's group keeps its place, never whole."""
+    old = GroupRule.of(Roster.parse(_roster_text([list(range(1, 10))])), G)
+    grown = GroupRule.of(Roster.parse(_roster_text([list(range(1, 10)), [10, 11, 12]])), G)
+    revoked = GroupRule.of(Roster.parse(_roster_text([list(range(1, 10)), [10, 11, 12]], frozenset({1}))), G)
+    assert grown.groups[:3] == old.groups == revoked.groups[:3]
+    assert grown.groups[3] == revoked.groups[3] == frozenset(PUBLIC[u] for u in (10, 11, 12))
+    assert set(partition([PUBLIC[u] for u in range(1, 13)], G)) != set(grown.groups)  # what epochs avoid
+    ident = {u: PUBLIC[u] for u in range(2, 13)}  # site 1 can never be in a cohort again
+    mates = {u for u in ident if revoked.group_of[PUBLIC[u]] == revoked.group_of[PUBLIC[1]]}
+    assert len(mates) == 2 and whole_group_members(ident, ident, revoked) == set(ident) - mates
+
+
+def test_sums_before_and_after_a_roster_change_span_no_vector_on_fewer_than_g_sites():
+    """Twenty rounds under the first roster (nine sites) and twenty after sites 10-12
+    joined as an epoch and site 1 was revoked, random whole groups and 10 % dropout, plus
+    every group summed alone under each roster: every one of the survivor sets is constant
+    on each group of the final rule (which holds the first roster's groups unchanged), so
+    no single site is in their span."""
+    rng = np.random.default_rng(29)
+    rosters = [Roster.parse(_roster_text([list(range(1, 10))])),
+               Roster.parse(_roster_text([list(range(1, 10)), [10, 11, 12]], frozenset({1})))]
+    nodes = list(range(1, 13))
+    rows = []
+    for roster in rosters:
+        rule = GroupRule.of(roster, G)
+        ident = {u: PUBLIC[u] for u in nodes if PUBLIC[u] in roster}
+        draws = [{u for u in ident if rng.random() < 0.9} for _ in range(20)]
+        draws += [{u for u in ident if PUBLIC[u] in g} for g in rule.groups]
+        for sampled in draws:
+            keep = whole_group_members(sampled, ident, rule)
+            if keep:
+                rows.append([1.0 if u in keep else 0.0 for u in nodes])
+    matrix = np.array(rows)
+    final = GroupRule.of(rosters[1], G)
+    for g in final.groups:
+        cols = [nodes.index(u) for u in nodes if PUBLIC[u] in g]
+        assert all(np.array_equal(matrix[:, cols[0]], matrix[:, c]) for c in cols[1:])
+    assert len(matrix) >= 30 and _spans_a_single_site(matrix) == []
+
+
+def test_a_site_refuses_a_roster_whose_signed_epoch_changed_and_accepts_a_new_epoch(tmp_path):
+    """Through the mod, with a state file: the site signs a round under a roster of nine;
+    the operator then edits that epoch (site 9 swapped for site 10: a regrouping) and the
+    site refuses the next round with a PolicyError before it signs; the same nine plus a new
+    epoch of three is accepted, and survives a new process (the state file)."""
+    from test_active_server import MODEL, ModSite, _spec, finish_mod_round, mod_round_to_consistency
+
+    roster = tmp_path / "roster.txt"
+    for u, key in SECRETS.items():
+        (tmp_path / f"site{u}.key").write_text(key.hex() + "\n")
+
+    def site(u: int) -> ModSite:
+        return ModSite(u, {"sgs-identity-key": str(tmp_path / f"site{u}.key"), "sgs-roster": str(roster),
+                           "sgs-min-group": "3", "sgs-state-file": str(tmp_path / f"state{u}.json")})
+
+    nine = list(range(1, 10))
+    roster.write_text(_roster_text([nine]))
+    sites = {u: site(u) for u in nine}
+    server, reqs = mod_round_to_consistency(sites, _spec(n=9), round_id=3)
+    finish_mod_round(sites, server, reqs)
+    edited = [*range(1, 9), 10]
+    roster.write_text(_roster_text([edited]))
+    sites = {u: site(u) for u in edited}
+    _server, reqs = mod_round_to_consistency(sites, _spec(n=9), round_id=4)
+    for u in range(1, 9):
+        out = sites[u].send(Stage.CONSISTENCY, reqs[u])
+        assert out.has_error() and "PolicyError: the roster's epoch 1 is not the one this site signed" in out.error.reason
+    roster.write_text(_roster_text([nine, [10, 11, 12]]))
+    sites = {u: site(u) for u in range(1, 13)}
+    moved = {k: v + 0.5 for k, v in MODEL.items()}  # another model (the sites remember what they signed for)
+    server, reqs = mod_round_to_consistency(sites, _spec(n=12), round_id=5, model=moved)
+    total = finish_mod_round(sites, server, reqs)
+    assert total is not None and len(server.u3) == 12

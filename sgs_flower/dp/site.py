@@ -149,10 +149,14 @@ class SiteState:
     dp_events: list[dict[str, Any]] = field(default_factory=list)
     models: list[dict[str, Any]] = field(default_factory=list)
     sketch_key: str = field(default_factory=lambda: os.urandom(32).hex())
+    # the digests of the pinned roster's epochs the site signed sums under (whole-group
+    # participation: a changed epoch would regroup sites; sgs_flower.secagg.groups)
+    roster_epochs: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps({"version": 2, "history": self.history, "dp_events": self.dp_events,
-                           "models": self.models, "sketch_key": self.sketch_key})
+                           "models": self.models, "sketch_key": self.sketch_key,
+                           "roster_epochs": self.roster_epochs})
 
     @classmethod
     def from_json(cls, text: str) -> SiteState:
@@ -164,7 +168,8 @@ class SiteState:
         key = str(data["sketch_key"])
         if len(bytes.fromhex(key)) != 32:
             raise ValueError("site state file holds a malformed sketch key")
-        return cls(dict(data["history"]), list(data["dp_events"]), list(data["models"]), key)
+        return cls(dict(data["history"]), list(data["dp_events"]), list(data["models"]), key,
+                   [str(d) for d in data.get("roster_epochs", [])])
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SiteState:

@@ -55,7 +55,7 @@ from sgs_flower.secagg.graph import (
     neighbours_of,
     validate,
 )
-from sgs_flower.secagg.groups import GroupRule, check_whole_groups, left_out_members
+from sgs_flower.secagg.groups import GroupRule, check_epochs, check_whole_groups, left_out_members
 from sgs_flower.secagg.memo import memo_by_identity
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.prg import dtype_for_bits, get_expander
@@ -608,6 +608,9 @@ class SecAggClient:
     # cohort of the first survivor set this client was asked to sign in the run (learnt on
     # first use, see sgs_flower.secagg.groups); empty until then
     federation: frozenset[bytes] = frozenset()
+    # with a pinned roster: the digests of the roster epochs this site signed sums under
+    # (kept in the site's state file across runs), so an edited epoch is refused
+    roster_epochs: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.state = AwaitingSetup(self.node_id)
@@ -617,6 +620,8 @@ class SecAggClient:
         federation learnt at this client's first consistency check (from ``cohort``, the
         identities that advertised keys in that round), else None (groups off)."""
         rule = self.policy.group_rule
+        if rule is not None and self.policy.roster is not None:  # a roster change never regroups (groups.py)
+            self.roster_epochs = check_epochs(self.roster_epochs, self.policy.roster)
         if rule is not None or not self.policy.min_group or self.policy.roster is not None:
             return rule
         if not self.federation:

@@ -26,10 +26,16 @@ site signs a sum that holds it. What this cannot stop: a server that lies at tha
 round (sybils of its own, or a cohort it chose) fixes the federation; pin a roster where
 that matters (docs/threat_model.md).
 
-A roster change changes the partition: sites of the new roster derive new groups, and a
-sum over old groups and one over new groups can differ by fewer than ``G`` sites. That
-is a limit (docs/threat_model.md): pin a roster per federation and keep it, or add sites
-in whole groups at the end of the hash order.
+A roster change never regroups anyone. The roster is cut into **epochs**
+(:class:`~sgs_flower.secagg.identity.Roster`): each epoch is partitioned on its own, and
+the federation's groups are those of every epoch in order. Sites join as a new epoch of
+at least ``G`` keys (new groups, the old ones unchanged); a site that leaves is
+**revoked** in place (its key stays in its group, which can then never be whole, so its
+group-mates sit out rather than being regrouped with others). Every sum, before and
+after the change, is then a union of blocks of one fixed partition, and so is every
+linear combination of sums. A site remembers the digests of the epochs it signed sums
+under (its state file) and refuses a roster that changed one of them
+(:func:`check_epochs`): an edited or reordered epoch would regroup sites.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from sgs_flower.secagg.errors import ConfigurationError, PolicyError
+from sgs_flower.secagg.identity import Roster
 
 _DOMAIN = b"sgs-flower/groups/v1"
 
@@ -77,14 +84,33 @@ def partition(identities: Iterable[bytes], min_group: int) -> tuple[frozenset[by
 @dataclass(frozen=True)
 class GroupRule:
     """The partition of a roster into groups of at least ``min_group`` (server and sites
-    derive the same one)."""
+    derive the same one): each of ``epochs`` partitioned on its own, in order (one epoch,
+    the whole ``roster``, when none are given)."""
 
     roster: frozenset[bytes]
     min_group: int
+    epochs: tuple[frozenset[bytes], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.epochs:  # one epoch: the whole roster (so equal rules compare equal)
+            object.__setattr__(self, "epochs", (self.roster,))
+
+    @classmethod
+    def of(cls, roster: Roster, min_group: int) -> GroupRule:
+        """The rule of a pinned roster file: its epochs, revoked keys in their places."""
+        return cls(frozenset().union(*roster.epochs), min_group, roster.epochs)
 
     @cached_property
     def groups(self) -> tuple[frozenset[bytes], ...]:
-        return partition(self.roster, self.min_group)
+        if len(self.epochs) <= 1:
+            return partition(self.roster, self.min_group)
+        out: list[frozenset[bytes]] = []
+        for i, epoch in enumerate(self.epochs):
+            if len(epoch) < self.min_group:
+                raise ConfigurationError(f"roster epoch {i + 1} holds {len(epoch)} keys, fewer than one group of "
+                                         f"{self.min_group}: add sites in epochs of at least {self.min_group}")
+            out.extend(partition(epoch, self.min_group))
+        return tuple(out)
 
     @cached_property
     def group_of(self) -> dict[bytes, int]:
@@ -96,6 +122,28 @@ class GroupRule:
         present = set(members)
         touched = {self.group_of.get(k, -1) for k in present}
         return sorted(i for i in touched if i < 0 or not self.groups[i] <= present)
+
+
+def epoch_digests(roster: Roster) -> list[str]:
+    """One digest per epoch of ``roster`` (its keys, revoked ones included, sorted): what a
+    site remembers of the partition it signed sums under."""
+    return [hashlib.sha256(_DOMAIN + b"/epoch" + b"".join(sorted(e))).hexdigest() for e in roster.epochs]
+
+
+def check_epochs(signed_under: list[str], roster: Roster) -> list[str]:
+    """Site side: the roster's epoch digests, if the epochs this site already signed sums
+    under are the first of them unchanged; else a :class:`PolicyError` (a roster whose
+    earlier epoch was edited, reordered or dropped would regroup sites, and a sum over
+    new groups could then differ from an earlier one by fewer than a group)."""
+    now = epoch_digests(roster)
+    if now[: len(signed_under)] != signed_under:
+        changed = next((i for i, d in enumerate(signed_under) if i >= len(now) or now[i] != d), len(signed_under))
+        raise PolicyError(
+            f"the roster's epoch {changed + 1} is not the one this site signed sums under (sgs-min-group): a changed "
+            "epoch regroups sites, so a sum over the new groups could differ from an earlier one by fewer than a "
+            "group; add sites as a new epoch and revoke leaving ones in place ('revoked <key>'), never edit one"
+        )
+    return now
 
 
 def check_whole_groups(survivors: Iterable[int], identities: Mapping[int, bytes], rule: GroupRule) -> None:

@@ -97,41 +97,65 @@ def read_identity(path: str | Path) -> bytes:
 
 @dataclass(frozen=True)
 class Roster:
-    """The identity public keys a site accepts in a cohort (pinned locally)."""
+    """The identity public keys a site accepts in a cohort (pinned locally).
+
+    The file may be cut into **epochs** (a line ``epoch`` starts the next one) and may
+    list **revoked** keys (``revoked <hex> [name]``). Why: participation in whole groups
+    partitions each epoch on its own (:mod:`sgs_flower.secagg.groups`), so adding sites
+    as a new epoch leaves every earlier group as it was, and a revoked key keeps its place
+    in its group (which can then never be whole) instead of regrouping the others; either
+    way no two sums ever differ by fewer than a group. ``keys`` are the accepted keys
+    (revoked ones are not); ``epochs`` every epoch's keys, revoked included."""
 
     keys: frozenset[bytes]
     names: tuple[tuple[bytes, str], ...] = ()
+    epochs: tuple[frozenset[bytes], ...] = ()
+    revoked: frozenset[bytes] = frozenset()
 
     def __post_init__(self) -> None:
-        for k in self.keys:
+        for k in self.keys | self.revoked:
             if len(k) != IDENTITY_KEY_BYTES:
                 raise ConfigurationError(f"roster key {k.hex()} is not a 32-byte Ed25519 public key")
+        if not self.epochs:  # one epoch: the roster as listed
+            object.__setattr__(self, "epochs", (self.keys | self.revoked,))
 
     def __contains__(self, key: object) -> bool:
         return key in self.keys
 
     @classmethod
     def parse(cls, text: str, source: str = "roster") -> Roster:
-        keys: list[bytes] = []
+        epochs: list[list[bytes]] = [[]]
         names: list[tuple[bytes, str]] = []
+        revoked: set[bytes] = set()
+        seen: set[bytes] = set()
         for lineno, line in enumerate(text.splitlines(), 1):
             body = line.split("#", 1)[0].strip()
             if not body:
                 continue
-            hexkey, _, name = body.partition(" ")
+            if body == "epoch":
+                if not epochs[-1]:
+                    raise ConfigurationError(f"{source}:{lineno}: an epoch lists no identity keys")
+                epochs.append([])
+                continue
+            is_revoked = body.startswith("revoked ")
+            hexkey, _, name = body.removeprefix("revoked ").strip().partition(" ")
             try:
                 key = bytes.fromhex(hexkey)
             except ValueError as exc:
                 raise ConfigurationError(f"{source}:{lineno}: not a hex public key") from exc
             if len(key) != IDENTITY_KEY_BYTES:
                 raise ConfigurationError(f"{source}:{lineno}: a public key is {IDENTITY_KEY_BYTES} bytes (64 hex digits)")
-            if key in keys:
-                raise ConfigurationError(f"{source}:{lineno}: key listed twice")
-            keys.append(key)
-            names.append((key, name.strip()))
+            if key in seen:
+                raise ConfigurationError(f"{source}:{lineno}: key listed twice (revoke a key where it is listed)")
+            seen.add(key)
+            epochs[-1].append(key)
+            (revoked.add(key) if is_revoked else names.append((key, name.strip())))
+        keys = frozenset(seen - revoked)
         if not keys:
             raise ConfigurationError(f"{source} lists no identity keys")
-        return cls(frozenset(keys), tuple(names))
+        if not epochs[-1]:
+            raise ConfigurationError(f"{source}: its last epoch lists no identity keys")
+        return cls(keys, tuple(names), tuple(frozenset(e) for e in epochs), frozenset(revoked))
 
     @classmethod
     def load(cls, path: str | Path) -> Roster:

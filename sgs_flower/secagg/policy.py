@@ -205,13 +205,19 @@ class ClientPolicy:
         first round: :meth:`learnt_group_rule`) or with groups off."""
         if not self.min_group or self.roster is None:
             return None
-        return _group_rule(self.roster.keys, self.min_group)
+        return _roster_rule(self.roster, self.min_group)
 
     def learnt_group_rule(self, federation: frozenset[bytes]) -> GroupRule | None:
         """The groups of a federation learnt on first use (no roster pinned)."""
         if not self.min_group or self.roster is not None or not federation:
             return None
         return _group_rule(federation, self.min_group)
+
+
+@lru_cache(maxsize=8)
+def _roster_rule(roster: Roster, min_group: int) -> GroupRule:
+    """The pinned roster's rule (its epochs), computed once per roster and group size."""
+    return GroupRule.of(roster, min_group)
 
 
 @lru_cache(maxsize=8)
