@@ -11,7 +11,7 @@ difference: the most any combination isolates is a whole group's sum.
 The partition is not the server's choice: both sides derive it from the federation's
 pinned roster of identity keys by a fixed public rule (:func:`partition`), so it is
 stable across rounds and across runs of the same roster and needs no message. A site
-that requires groups (``sgs-min-group``, which needs ``sgs-roster``) signs a survivor
+that requires groups (``sgs-min-group``, default :data:`DEFAULT_MIN_GROUP`) signs a survivor
 set only if it is a union of whole groups (:func:`check_whole_groups`, beside the
 consistency check, before any share is revealed); the honest server leaves a group with a
 missing member out of the sum whole (:func:`whole_group_members`).
