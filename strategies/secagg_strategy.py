@@ -1070,6 +1070,11 @@ class SecAggStrategy(Strategy):
         report.status = status
         if report.client_errors:
             reason = f"{reason} (client errors: {group_client_errors(report.client_errors)})"
+            if "survivor set splits" in reason:  # the sites' groups are not the server's
+                reason += (f" (the sites hold another partition into groups than this server, min_group="
+                           f"{self.config.min_group}, roster={self.config.roster!r}: give the server the roster file "
+                           "the sites pin, SecAggConfig(roster=...) or run-config roster=..., and the sites' "
+                           "sgs-min-group as min_group)")
         report.reason = reason
         report.seconds = time.monotonic() - t0
         log(WARNING, "secure round %s %s, global model unchanged: %s", report.server_round, status, reason)

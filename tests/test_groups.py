@@ -477,6 +477,7 @@ def test_a_server_without_the_groups_gets_no_sum_over_a_split_group(task_identit
     r2 = reports[1]
     assert r2.status == "aborted"
     assert "splits 1 of the federation's 4 groups" in r2.reason
+    assert "give the server the roster file the sites pin" in r2.reason  # the fix, server-side
     np.testing.assert_array_equal(models[2], models[1])
 
 
