@@ -79,10 +79,10 @@ class SecAggConfig:
       and bound into the round context its sites sign. ``"global"`` (the default):
       a site reveals shares only once floor(2n/3) + 1 of the cohort signed the
       identical survivor set (secure against fewer than n/3 colluding clients
-      anywhere; each site verifies up to ~2n/3 Ed25519 signatures). ``"neighbourhood"``
-      (opt-in, for cohorts where that is too costly): two thirds of each site's closed
-      neighbourhood (O(k) verifications; at most floor(k/3) colluders per
-      neighbourhood). Only sites whose policy sets ``sgs-consistency=neighbourhood``
+      anywhere; proven by one BLS aggregate signature, one verification per site per
+      round, each peer's key checked once per run). ``"neighbourhood"`` (opt-in):
+      two thirds of each site's closed neighbourhood (O(k) Ed25519 verifications; at
+      most floor(k/3) colluders per neighbourhood). Only sites whose policy sets ``sgs-consistency=neighbourhood``
       join such a round; the others refuse it with a ``PolicyError``.
     - ``min_group`` / ``roster`` (issue 29): participation in whole groups. With
       ``min_group = G`` (0: off) and the federation's roster file, the server derives the

@@ -32,10 +32,11 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from lying_server import aggregate, aggregate_request
 
 from clients.secagg_mod import secagg_mod
 from sgs_flower.pipeline import UpdateSpec, binding_digest, decode_update
-from sgs_flower.secagg import identity, keys, wire
+from sgs_flower.secagg import bls, identity, keys, wire
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import (
     InconsistentRequestError,
@@ -49,7 +50,7 @@ from sgs_flower.secagg.graph import consistency_quorum, graph_seed, neighbours, 
 from sgs_flower.secagg.identity import Roster
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.server import RoundParams, SecAggServer
-from sgs_flower.secagg.wire import ConsistencyRequest, Setup, Stage, UnmaskRequest
+from sgs_flower.secagg.wire import ConsistencyRequest, Setup, Stage
 from strategies.secagg_strategy import parse_reply
 
 TaskIdentity.run_id = 1  # Flower messages built outside a running app need a task identity
@@ -97,9 +98,10 @@ def split_attack(n: int):
     for u, survivors in told.items():
         if clients[u].stage != Stage.UNMASK:
             continue
-        # forward every signature the server holds, on any set (it hopes the count suffices)
+        # forward every signature the server holds, on any set (it hopes the count suffices):
+        # in a global round, added into one aggregate over every signer
         forwarded = tuple(sorted((s, sig) for group in sigs.values() for s, sig in group.items()))
-        req = UnmaskRequest(run_id=7, round_id=3, recipient=u, survivors=survivors, signatures=forwarded)
+        req = aggregate_request(7, 3, u, survivors, forwarded)
         try:
             revealed[u] = [clients[u].handle(req)]
         except ProtocolError as exc:
@@ -134,7 +136,7 @@ def test_split_with_only_matching_signatures_is_refused_for_lack_of_quorum():
         sig[u] = (s, clients[u].handle(dataclasses.replace(reqs[u], survivors=s)).signature)  # type: ignore[attr-defined]
     for u in (1, 3):
         mine = tuple((v, sg) for v, (s, sg) in sig.items() if s == a)
-        req = UnmaskRequest(run_id=7, round_id=3, recipient=u, survivors=a, signatures=mine)
+        req = aggregate_request(7, 3, u, a, mine)
         with pytest.raises(InconsistentRequestError, match=r"only 4 survivors signed the survivor set, 5 are needed"):
             clients[u].handle(req)
 
@@ -144,9 +146,14 @@ def test_forged_consistency_signature_is_refused():
     replies = {u: clients[u].handle(r) for u, r in reqs.items()}
     unmask = server.collect_consistency(replies)
     req = unmask[1]
-    forged = tuple((v, (b"\x00" * 64 if v == 3 else s)) for v, s in req.signatures)
-    with pytest.raises(SignatureError, match="consistency signature of node 3 does not verify"):
-        clients[1].handle(dataclasses.replace(req, signatures=forged))
+    # a global round's request carries one aggregate: node 3's part of it is forged
+    # (another key's signature on the same statement), the signer list unchanged
+    forger = SecAggClient(99)
+    statement = keys.consistency_statement(server.share_context, req.survivors)
+    fake = bls.sign(bls.run_secret(forger.identity, 7), statement)
+    forged = aggregate(fake if v == 3 else replies[v].signature for v in req.signers)  # type: ignore[attr-defined]
+    with pytest.raises(SignatureError, match="aggregate consistency signature of the 5 listed signers does not verify"):
+        clients[1].handle(dataclasses.replace(req, aggregate=forged))
 
 
 def test_honest_round_unmasks_after_consistency():
@@ -325,8 +332,7 @@ def test_split_attack_through_the_mod_is_refused():
         sigs.setdefault(s, {})[u] = reply.signature  # type: ignore[attr-defined]
     for u, s in ((1, everyone), (4, without_2)):
         forwarded = tuple(sorted((v, sg) for group in sigs.values() for v, sg in group.items()))
-        out = sites[u].send(Stage.UNMASK, UnmaskRequest(run_id=1, round_id=3, recipient=u, survivors=s,
-                                                         signatures=forwarded))
+        out = sites[u].send(Stage.UNMASK, aggregate_request(1, 3, u, s, forwarded))
         assert out.has_error()
         assert out.error.reason.startswith(("SignatureError", "InconsistentRequestError"))
 

@@ -17,8 +17,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+from lying_server import aggregate, aggregate_request
 
-from sgs_flower.secagg import keys
+from sgs_flower.secagg import bls, keys
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import (
     ConfigurationError,
@@ -125,31 +126,37 @@ def test_global_round_forwards_every_signature_and_needs_the_global_quorum():
     assert (q, qk) == (27, 12)
     replies = {u: clients[u].handle(r) for u, r in reqs.items()}
     unmask = server.collect_consistency(replies)
-    assert all(len(r.signatures) == N_SPARSE for r in unmask.values())  # all of them, as before
+    assert all(len(r.signers) == N_SPARSE for r in unmask.values())  # all of them, as before (one aggregate)
     # the neighbourhood's signatures (enough for the opt-in mode) do not satisfy a global round
     u = 1
-    mine = tuple((v, s) for v, s in unmask[u].signatures if v in server.graph[u] | {u})
+    mine = tuple((v, replies[v].signature) for v in unmask[u].signers if v in server.graph[u] | {u})  # type: ignore[attr-defined]
     assert qk <= len(mine) < q
     with pytest.raises(InconsistentRequestError, match=rf"only {len(mine)} survivors signed the survivor set, "
                                                        rf"{q} are needed"):
-        clients[u].handle(dataclasses.replace(unmask[u], signatures=mine))
+        clients[u].handle(aggregate_request(4, 2, u, unmask[u].survivors, mine))
     out = server.collect_unmask({v: clients[v].handle(r) for v, r in unmask.items() if v != u})
     np.testing.assert_array_equal(out.total, sum(inputs.values()).astype(np.uint32))
 
 
 def test_global_round_refuses_a_forged_or_missing_signature():
     server, clients, _inputs, reqs = _until_consistency(N_SPARSE)
-    unmask = server.collect_consistency({u: clients[u].handle(r) for u, r in reqs.items()})
+    replies = {u: clients[u].handle(r) for u, r in reqs.items()}
+    unmask = server.collect_consistency(replies)
     req = unmask[2]
     q = consistency_quorum(N_SPARSE)
-    # a forged signature from outside client 2's neighbourhood is still checked globally
-    outsider = next(v for v, _ in req.signatures[:q] if v not in server.graph[2] and v != 2)
-    forged = tuple((v, b"\x00" * 64 if v == outsider else s) for v, s in req.signatures)
-    with pytest.raises(SignatureError, match=f"consistency signature of node {outsider} does not verify"):
-        clients[2].handle(dataclasses.replace(req, signatures=forged))
+    # a forged signature from outside client 2's neighbourhood is still checked globally:
+    # in the aggregate, the outsider's part is another key's signature on the statement
+    outsider = next(v for v in req.signers[:q] if v not in server.graph[2] and v != 2)
+    statement = keys.consistency_statement(server.share_context, req.survivors)
+    fake = bls.sign(bls.run_secret(SecAggClient(99).identity, 4), statement)
+    forged = aggregate(fake if v == outsider else replies[v].signature for v in req.signers)  # type: ignore[attr-defined]
+    with pytest.raises(SignatureError, match=f"aggregate consistency signature of the {N_SPARSE} listed signers "
+                                             "does not verify"):
+        clients[2].handle(dataclasses.replace(req, aggregate=forged))
     # one signature short of the quorum (another client: a refusal ends a client's round)
+    short = tuple((v, replies[v].signature) for v in unmask[3].signers[: q - 1])  # type: ignore[attr-defined]
     with pytest.raises(InconsistentRequestError, match=f"only {q - 1} survivors signed"):
-        clients[3].handle(dataclasses.replace(unmask[3], signatures=unmask[3].signatures[: q - 1]))
+        clients[3].handle(aggregate_request(4, 2, 3, unmask[3].survivors, short))
 
 
 def test_global_round_aborts_below_the_global_count_of_signers():
@@ -186,7 +193,7 @@ def test_split_survivor_sets_are_refused_in_the_global_mode():
 
 
 def _unmask_request(u: int, survivors: tuple[int, ...], signatures: tuple[tuple[int, bytes], ...]) -> UnmaskRequest:
-    return UnmaskRequest(run_id=4, round_id=2, recipient=u, survivors=survivors, signatures=signatures)
+    return aggregate_request(4, 2, u, survivors, signatures)  # a global round: one aggregate
 
 
 # ---------------------------------------------------------------- the neighbourhood mode

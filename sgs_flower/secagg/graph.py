@@ -20,7 +20,8 @@ How k, t and the consistency quorum are chosen (the active-server model):
   cohort on the identical survivor set. An honest client signs one survivor set per
   round, so two different sets can both reach q signatures only if 2q <= n + n_C, i.e.
   only with n/3 or more colluding clients, wherever they are. A client unmasks only
-  with a quorum on the set it signed itself, and verifies at most q signatures.
+  with a quorum on the set it signed itself, proven by one BLS aggregate signature
+  over the listed signers (one verification per client: :mod:`sgs_flower.secagg.bls`).
 - Consistency quorum, per neighbourhood (issue 21; opt-in, a round announcing
   ``consistency="neighbourhood"`` is refused by sites whose policy does not set
   ``sgs-consistency=neighbourhood``): a client reveals shares only when

@@ -43,9 +43,14 @@ from sgs_flower.secagg.errors import MalformedMessageError
 # issue 21, where an unmask request carries only the recipient's neighbours' signatures,
 # which a /4 site would refuse as too few), and the round context binds it; the masked
 # vector travels packed at the round's width b (issue 21), and masked inputs declare it.
-PROTOCOL_VERSION = "sgs-secagg+/5"
+# /6: the global consistency quorum is one BLS aggregate signature (issue 30): a global
+# round's advertisement carries a BLS key with its proof of possession and identity
+# binding, the key roster every member's, the unmask request one aggregate and its
+# signers, which a /5 site could not check: a /5 peer is refused at its first message.
+PROTOCOL_VERSION = "sgs-secagg+/6"
 CRYPTO_SUITE = (
     "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir-GF(2^31-1)+Ed25519(identities)"
+    "+BLS12-381-PoP(global consistency)"
 )
 MAGIC = b"SGS2"
 
@@ -146,11 +151,17 @@ class Setup(Message):
 class KeyRoster(Message):
     """Stage 1 -> 2: the signed keys of the recipient's neighbours that advertised, and
     the identity key of every cohort member that advertised (to check consistency
-    signatures later; with a roster, the recipient refuses keys not on it)."""
+    signatures later; with a roster, the recipient refuses keys not on it).
+
+    ``bls_keys`` (global consistency rounds only, else empty): every such member's BLS
+    key entry (:data:`sgs_flower.secagg.bls.ENTRY_BYTES`: key, proof of possession,
+    identity binding), which the recipient checks once per key before it shares anything
+    (a key it cannot check is a refusal, a rogue key never gets into an aggregate)."""
 
     recipient: int
     keys: tuple[NeighbourKeys, ...]
     identities: tuple[tuple[int, bytes], ...]
+    bls_keys: tuple[tuple[int, bytes], ...] = ()
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.SHARE_KEYS
     to_server: ClassVar[bool] = False
@@ -181,12 +192,19 @@ class ConsistencyRequest(Message):
 
 @dataclass(frozen=True)
 class UnmaskRequest(Message):
-    """Stage 4 -> 5: U3 again, with the survivors' signatures on it. There is no
-    'dropped' list to lie in: the recipient derives who dropped from what it saw."""
+    """Stage 4 -> 5: U3 again, with the proof that a quorum signed it. There is no
+    'dropped' list to lie in: the recipient derives who dropped from what it saw.
+
+    In a global round the proof is ``aggregate`` (one 96-byte BLS signature, the sum of
+    the signers' signatures) and ``signers`` (their node ids), and ``signatures`` is
+    empty; in a neighbourhood round it is ``signatures`` (per signer, Ed25519) and the
+    other two are empty."""
 
     recipient: int
     survivors: tuple[int, ...]
-    signatures: tuple[tuple[int, bytes], ...]
+    signatures: tuple[tuple[int, bytes], ...] = ()
+    aggregate: bytes = b""
+    signers: tuple[int, ...] = ()
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.UNMASK
     to_server: ClassVar[bool] = False
@@ -210,12 +228,19 @@ class RetryRequest(Message):
 # ---------------------------------------------------------------- client -> server
 @dataclass(frozen=True)
 class AdvertiseKeys(Message):
+    """The round's keys, signed with the identity key (``signature``); in a global
+    round also the site's BLS key for the run, its proof of possession and its Ed25519
+    binding to the identity (:mod:`sgs_flower.secagg.bls`), empty otherwise."""
+
     sender: int
     c_pk: bytes
     s_pk: bytes
     self_mask_commitment: bytes
     identity_key: bytes
     signature: bytes
+    bls_key: bytes = b""
+    bls_pop: bytes = b""
+    bls_binding: bytes = b""
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.ADVERTISE_KEYS
     to_server: ClassVar[bool] = True
@@ -242,7 +267,9 @@ class MaskedInput(Message):
 
 @dataclass(frozen=True)
 class ConsistencySignature(Message):
-    """The sender's Ed25519 signature over the round and the survivor set it was sent."""
+    """The sender's signature over the round and the survivor set it was sent: BLS
+    (96 bytes, under the key it advertised) in a global round, Ed25519 (64 bytes) in a
+    neighbourhood round."""
 
     sender: int
     signature: bytes
@@ -293,9 +320,10 @@ _INT_FIELDS = {
     "recipient": (1 << 64) - 1, "degree": MAX_LIST_ITEMS, "threshold": MAX_LIST_ITEMS,
     "field_bits": 64, "vector_length": MAX_VECTOR_WORDS, "attempt": 64,
 }
-_NODE_LIST_FIELDS = ("cohort", "survivors")
-_BYTES_FIELDS = ("c_pk", "s_pk", "self_mask_commitment", "identity_key", "signature")
-_PAIR_FIELDS = ("ciphertexts", "self_mask_shares", "key_shares", "identities", "signatures")
+_NODE_LIST_FIELDS = ("cohort", "survivors", "signers")
+_BYTES_FIELDS = ("c_pk", "s_pk", "self_mask_commitment", "identity_key", "signature", "bls_key", "bls_pop",
+                 "bls_binding", "aggregate")
+_PAIR_FIELDS = ("ciphertexts", "self_mask_shares", "key_shares", "identities", "signatures", "bls_keys")
 
 
 def _b64(b: bytes) -> str:
