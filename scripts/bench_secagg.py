@@ -26,8 +26,14 @@
      default; 0 turns it off): ``SecAggServer(min_group=3)`` and
      ``ClientPolicy(min_group=3)``, the federation learnt from the round's cohort (no
      pinned roster in a simulation). A group with a member that dropped before the
-     masked input stays out of the sum whole (about 14 % of the sites at 5 % dropout
-     and groups of 3), and in the global mode its members still sign the survivor set.
+     masked input stays out of the sum whole (at 5 % dropout and groups of 3, about
+     10 % of the cohort besides the 5 % that dropped), and in the global mode its
+     members still sign the survivor set.
+     The neighbourhood quorum does not count those members' signatures, so at 5 %
+     dropout its neighbourhoods fall short and the round aborts (ThresholdError at the
+     consistency stage, seen at every size from 250); such a round is reported
+     (``round_aborted_with_groups``) and run again without groups, and the table says
+     which rounds ran with groups.
 
    The simulated sites run in ``--workers`` worker processes (default: the CPU count;
    ``round_workers``), as deployed sites run on their own machines: each site still
@@ -704,6 +710,7 @@ def floor_figures(r: dict, units: UnitCosts) -> dict[str, float]:
         "sym_floor_seconds": sym, "ratio_with_sym": round_cpu / (floor + sym),
         "all_process_cpu_seconds": r["cpu_seconds"], "wall_seconds": r["seconds"],
         "per_run_deployed_site_seconds": units.price(ops["deployed_site_per_run"]),
+        **{f"cpu_{k}": v for k, v in r["cpu_by_stage"].items()},
     }
 
 
