@@ -9,21 +9,80 @@
    with signatures and the consistency check) for n = 100, 250, 1,000 and 10,000 at
    m = 10,000 with 5 % dropout, each in a fresh process (so its peak resident memory is
    its own), the growth exponent fitted over those sizes (least squares on log-log),
-   and the peak memory of the largest round. These rounds use the **neighbourhood**
-   consistency quorum (``consistency="neighbourhood"``, the simulated sites opted in
-   with ``sgs-consistency=neighbourhood``): the opt-in mode for large cohorts, O(k)
-   signature checks per site, at most floor(k/3) colluders per neighbourhood. The
-   default global quorum (~2n/3 verifications per site, O(n^2) per round) is timed
-   beside it at the sizes up to 1,000 that are run (``round_seconds_global``).
+   and the peak memory of the largest round. Issue 30, point 4 ("benchmarks of the
+   product path"), as far as it goes **without the round driver** (points 1-2 of issue
+   30 are not built): the rounds still go through ``simulate_round`` (the in-process
+   driver, ``sgs_flower.secagg.simulate``), not through one driver shared with the
+   Flower strategy, so retries, the model-key phase, evaluation rounds, pipelining and
+   the site's state file are not in them. What the simulation can switch on is on:
+
+   - both consistency quorums at every size (``--modes``): the **default global**
+     quorum (floor(2n/3) + 1 of the cohort, proven to each site by one BLS aggregate
+     signature, ``sgs_flower.secagg.bls``) is the primary mode (``round_seconds``,
+     ``round_consistency``), the opt-in **neighbourhood** quorum (O(k) Ed25519 checks
+     per site; the sites opted in with ``sgs-consistency``) is timed beside it
+     (``round_seconds_neighbourhood``);
+   - participation in whole groups (``--min-group``, default 3, the Flower glue's
+     default; 0 turns it off): ``SecAggServer(min_group=3)`` and
+     ``ClientPolicy(min_group=3)``, the federation learnt from the round's cohort (no
+     pinned roster in a simulation). A group with a member that dropped before the
+     masked input stays out of the sum whole (at 5 % dropout and groups of 3, about
+     10 % of the cohort besides the 5 % that dropped), and in the global mode its
+     members still sign the survivor set.
+     The neighbourhood quorum does not count those members' signatures, so at 5 %
+     dropout its neighbourhoods fall short and the round aborts (ThresholdError at the
+     consistency stage, seen at every size from 250); such a round is reported
+     (``round_aborted_with_groups``) and run again without groups, and the table says
+     which rounds ran with groups.
+
    The simulated sites run in ``--workers`` worker processes (default: the CPU count;
    ``round_workers``), as deployed sites run on their own machines: each site still
    verifies every signature and makes every key agreement itself, so the wall time
    with W workers is about the total site CPU over W plus the server's.
    ``round_cpu_seconds`` is the CPU of all the round's processes (the bench process and
-   its workers); ``round_peak_rss_bytes`` is the bench process's peak resident memory
+   its workers: with the inputs' encoding and the pipes' pickling); ``round_peak_rss_bytes``
+   is the bench process's peak resident memory
    plus, per worker, its peak beyond the pages it inherited at the fork (those are the
    parent's, shared copy-on-write, and counted once there): an upper bound of the
    round's simultaneous memory, since the processes' peaks need not coincide.
+
+   Per round and mode it also reports (``round_floor``):
+
+   - **per-site CPU**: the CPU the sites spent in ``SecAggClient.handle`` (measured
+     with ``time.process_time`` around each batch of handle calls inside the worker
+     processes, so without the pipes' pickling), summed over the sites and divided by n;
+   - **server CPU**: the server's own calls (``setup_messages``, ``collect_*``) in the
+     bench process;
+   - the round's **public-key floor**: the public-key operations the protocol must make,
+     counted from the round's own graph and sets (U1..U4), times each operation's unit
+     CPU cost measured in the same run with the same libraries (``cryptography``'s
+     X25519 and Ed25519, ``blspy``), at the message lengths the protocol signs (the
+     consistency statement holds 8 bytes per survivor, so its signatures hash O(n)
+     bytes). Counted per site: 2 X25519 key generations; an X25519 agreement per
+     neighbour for the share keys (``on_roster``) and one per neighbour that shared for
+     the pairwise masks (``mask_input``); an Ed25519 signature of its advertisement and
+     a verification of each neighbour's; in the global mode a BLS key and proof of
+     possession (PoP), an Ed25519 signature binding it to the identity, one BLS
+     signature of the survivor set, one parse of the aggregate and one
+     ``FastAggregateVerify`` over the signers' keys; in the neighbourhood mode one
+     Ed25519 signature of the survivor set and a verification of each forwarded
+     neighbour's. On the server: an Ed25519 verification of each advertisement; an
+     X25519 key generation (the rebuilt key's check) and an agreement per surviving
+     neighbour for each site that dropped after sharing (or was left out with its
+     group); in the global mode a parse of each BLS signature, their aggregation and one
+     ``FastAggregateVerify``; in the neighbourhood mode an Ed25519 verification per
+     signature. **Per run, not per round** (a steady-state round of a run does not pay
+     them; these benchmark rounds are a run's first): checking each member's BLS key (PoP
+     and Ed25519 binding, ``bls.bound_key``), which a deployed site does once per run for
+     each of the n - 1 other members and the simulation once per process (its verified
+     keys are cached per process: the server's and each worker's), so the floor counts
+     them as the simulation pays them (n per process) and ``per_run_deployed_site_seconds``
+     says what one deployed site pays at its first round. Not in the floor (checks a
+     protocol could do without a scalar multiplication): the server's X25519 low-order
+     probe of each advertised key (a key generation and 2 agreements per site). The
+     symmetric work (AES-CTR keystreams of the masks: 1 + k per site, the self masks
+     and dropped sites' pairwise masks on the server) is reported beside it
+     (``sym_floor``), not in the public-key floor.
 4. Upload bytes per client (keys, encrypted shares, masked vector and unmask shares, as
    encoded on the wire) over the float32 bytes of the same update.
 5. The masked-input stage, what a client does after training, at m = 5,000,000 and
@@ -43,9 +102,9 @@
    the widths in ``field_bits``); and the masked-input stage of [5] at the width chosen
    for its cohort of k + 1, against the floor of its narrower keystreams.
 
-Usage: python scripts/bench_secagg.py [--quick] [--sizes 100,250,1000,10000]
-[--global-sizes 100,250] [--workers W]; one round alone: --one-round N [--consistency
-neighbourhood|global] [--workers W]. The last line
+Usage: python scripts/bench_secagg.py [--quick] [--rounds-only] [--sizes 100,250,1000,10000]
+[--modes global,neighbourhood] [--min-group 3] [--workers W]; one round alone: --one-round N
+[--consistency global|neighbourhood] [--min-group G] [--workers W]. The last line
 printed is one JSON object. Timings on a shared machine are noisy: every figure is one
 run (the round sizes) or the best of a few (the stages).
 """
@@ -54,15 +113,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
+from blspy import G1Element, G2Element, PopSchemeMPL
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sgs_flower.pipeline import (
     DEFAULT_MAX_WEIGHT,
@@ -73,13 +139,18 @@ from sgs_flower.pipeline import (
     narrowest_field_bits,
     width_error_for,
 )
+from sgs_flower.secagg import bls, keys
 from sgs_flower.secagg.client import SecAggClient
+from sgs_flower.secagg.errors import ThresholdError
 from sgs_flower.secagg.graph import (
+    CONSISTENCY_GLOBAL,
     CONSISTENCY_MODES,
+    CONSISTENCY_NEIGHBOURHOOD,
     consistency_quorum,
     default_degree,
     neighbourhood_quorum,
 )
+from sgs_flower.secagg.groups import DEFAULT_MIN_GROUP
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.prg import MaskExpander, dtype_for_bits, keystream_bytes
 from sgs_flower.secagg.server import RoundParams, SecAggServer
@@ -236,41 +307,216 @@ def default_workers() -> int:
 
 
 def one_round(
-    n: int, m: int = 10_000, seed: int = 1, consistency: str = "neighbourhood", workers: int = 1
-) -> dict[str, float]:
+    n: int, m: int = 10_000, seed: int = 1, consistency: str = CONSISTENCY_GLOBAL, workers: int = 1,
+    min_group: int = DEFAULT_MIN_GROUP,
+) -> dict:
     """One whole in-process round of n clients, 5 % dropping before the masked input, in
-    the given consistency mode (the sites opted in to it), the sites in ``workers``
-    processes; its seconds, the CPU seconds of all its processes (this one and the
-    workers) and its peak resident memory (bytes: this process's peak plus each worker's
-    peak beyond what it inherited at the fork, see the module doc)."""
+    the given consistency mode (the sites opted in to it), with participation in whole
+    groups of ``min_group`` (0: off), the sites in ``workers`` processes; its seconds,
+    the CPU seconds of all its processes (this one and the workers), the sites' and the
+    server's own CPU (``sites_cpu_seconds``, ``server_cpu_seconds``), the public-key
+    operations it made (``ops``, :func:`round_ops`) and its peak resident memory (bytes:
+    this process's peak plus each worker's peak beyond what it inherited at the fork, see
+    the module doc)."""
     rng = np.random.default_rng(seed)
     xs = [rng.uniform(-1, 1, m) for _ in range(n)]
     dropped = rng.choice(n, n // 20, replace=False).tolist()
     t, cpu = time.perf_counter(), time.process_time()
-    res = simulate_round(xs, dropouts={Stage.MASKED_INPUT: dropped}, seed=0, consistency=consistency,
-                         workers=workers)
+    try:
+        res = simulate_round(xs, dropouts={Stage.MASKED_INPUT: dropped}, seed=0, consistency=consistency,
+                             workers=workers, min_group=min_group)
+    except ThresholdError as exc:  # the round aborted (nothing released): say why, time nothing
+        return {"aborted": str(exc), "seconds": time.perf_counter() - t, "consistency": consistency,
+                "min_group": min_group}
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     worker_cpu = sum(w.cpu_seconds for w in res.worker_stats)
     ref = np.mean([xs[i] for i in res.survivors], axis=0)
     assert np.max(np.abs(res.aggregate - ref)) <= res.config.error_bound
-    assert len(res.survivors) == n - len(dropped)
+    assert res.server is not None
+    left_out = len(res.server.group_excluded)  # whole groups with a dropped member (min_group)
+    assert len(res.survivors) == n - len(dropped) - left_out
     own = peak_rss_bytes()
     worker_own = sum(w.own_peak_bytes for w in res.worker_stats)
+    sites_cpu = sum(v for k, v in res.cpu_seconds.items() if k.startswith("sites_"))
+    server_cpu = sum(v for k, v in res.cpu_seconds.items() if k.startswith("server_"))
     return {
         "seconds": seconds, "cpu_seconds": cpu + worker_cpu, "parent_cpu_seconds": cpu,
         "worker_cpu_seconds": worker_cpu, "workers": res.workers, "peak_rss_bytes": float(own + worker_own),
         "parent_peak_rss_bytes": float(own), "worker_own_peak_rss_bytes": float(worker_own),
         "worker_peak_rss_bytes": [float(w.peak_rss_bytes) for w in res.worker_stats],
+        "sites_cpu_seconds": sites_cpu, "server_cpu_seconds": server_cpu, "cpu_by_stage": res.cpu_seconds,
+        "consistency": consistency, "min_group": min_group, "survivors": len(res.survivors),
+        "left_out": left_out, "signers": len(res.server.u4), "degree": res.server.params.degree,
+        "ops": round_ops(res.server, len(res.worker_stats)),
         **{f"stage_{k}": v for k, v in res.seconds.items()},
     }
 
 
-def round_in_subprocess(n: int, consistency: str = "neighbourhood", workers: int = 1) -> dict[str, float]:
+def round_in_subprocess(n: int, consistency: str = CONSISTENCY_GLOBAL, workers: int = 1,
+                        min_group: int = DEFAULT_MIN_GROUP) -> dict:
     """:func:`one_round` in a fresh interpreter, so that the peak memory is the round's."""
     proc = subprocess.run([sys.executable, __file__, "--one-round", str(n), "--consistency", consistency,
-                           "--workers", str(workers)],
+                           "--workers", str(workers), "--min-group", str(min_group)],
                           capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------ [3] the public-key floor
+def round_ops(server: SecAggServer, worker_processes: int) -> dict[str, dict[str, int]]:
+    """The public-key operations a finished round had to make (module doc, [3]), counted
+    from its server's graph and sets: ``{"sites": ..., "server": ..., "sites_per_run": ...,
+    "server_per_run": ..., "sites_sym": ..., "server_sym": ...}``, each a count by
+    operation key (``op`` or ``op:argument:...``, priced by :class:`UnitCosts`).
+
+    ``*_per_run`` are paid once per run (the BLS key, its PoP and binding, and the key
+    checks: per process that holds sites, so ``worker_processes`` times for the sites;
+    with the sites in this process, 0, the server's checks having filled the cache).
+    ``*_sym`` are AES-CTR keystreams of the vector's length (not public-key work)."""
+    p = server.params
+    g = server.graph
+    n = len(p.cohort)
+    u1, u2, u3, u4 = set(server.advertised), server.u2, server.u3, server.u4
+    maskers = u3 | server.group_excluded  # every site that sent a masked input
+    gone = u2 - u3  # shared keys, then dropped or left out with its group: its pairwise masks are rebuilt
+    zero = bytes(32)
+    adv = len(keys.advertise_statement(server.share_context, 1, zero, zero, zero))
+    bind = len(bls.binding_statement(p.run_id, bytes(bls.PUBLIC_KEY_BYTES)))
+    cons = len(keys.consistency_statement(server.share_context, sorted(u3)))
+    sites: Counter[str] = Counter()
+    srv: Counter[str] = Counter()
+    sites_run: Counter[str] = Counter()
+    srv_run: Counter[str] = Counter()
+    sites["x25519_keygen"] += 2 * n  # c_sk and s_sk, fresh per round
+    sites[f"ed25519_sign:{adv}"] += len(u1)
+    rosters = sum(len(g[u] & u1) for u in u1)  # each verifies and agrees with every advertised neighbour
+    sites[f"ed25519_verify:{adv}"] += rosters
+    sites["x25519_agree"] += rosters + sum(len(g[u] & u2) for u in maskers)  # share keys, then pairwise masks
+    srv[f"ed25519_verify:{adv}"] += len(u1)
+    srv["x25519_keygen"] += len(gone)  # the rebuilt masking key checked against its public key
+    srv["x25519_agree"] += sum(len(g[v] & u3) for v in gone)
+    if p.consistency == CONSISTENCY_NEIGHBOURHOOD:
+        assert p.degree is not None
+        need = neighbourhood_quorum(p.degree) - 1
+        answering = sum(1 for v in u4 if len(g[v] & u4) >= need)
+        sites[f"ed25519_sign:{cons}"] += len(u4)
+        sites[f"ed25519_verify:{cons}"] += need * answering
+        srv[f"ed25519_verify:{cons}"] += len(u4)
+    else:
+        s = len(u4)
+        sites[f"bls_sign:{cons}"] += s
+        sites["bls_g2_parse"] += s  # the aggregate, at each signer
+        sites[f"bls_fav:{s}:{cons}"] += s
+        srv["bls_g2_parse"] += s
+        srv[f"bls_aggregate:{s}"] += 1
+        srv[f"bls_fav:{s}:{cons}"] += 1
+        sites_run["bls_keygen_pop"] += n
+        sites_run[f"ed25519_sign:{bind}"] += n
+        sites_run["bls_key_check"] += n * worker_processes
+        sites_run[f"ed25519_verify:{bind}"] += n * worker_processes
+        srv_run["bls_key_check"] += len(u1)
+        srv_run[f"ed25519_verify:{bind}"] += len(u1)
+    m = p.vector_length
+    sym_sites = Counter({f"keystream:{m}": sum(1 + len(g[u] & u2) for u in maskers)})
+    sym_srv = Counter({f"keystream:{m}": len(u3) + sum(len(g[v] & u3) for v in gone)})
+    return {"sites": dict(sites), "server": dict(srv), "sites_per_run": dict(sites_run),
+            "server_per_run": dict(srv_run), "sites_sym": dict(sym_sites), "server_sym": dict(sym_srv),
+            "deployed_site_per_run": {"bls_keygen_pop": 1, f"ed25519_sign:{bind}": 1,
+                                      "bls_key_check": n - 1, f"ed25519_verify:{bind}": n - 1}
+            if p.consistency != CONSISTENCY_NEIGHBOURHOOD else {}}
+
+
+def _cpu_per_call(fn: Callable[[], object], batch: int, repeats: int = 3) -> float:
+    """CPU seconds per call of ``fn`` (``time.process_time``), the least of ``repeats``
+    batches: on a shared machine the least disturbed batch."""
+    best = math.inf
+    for _ in range(repeats):
+        t = time.process_time()
+        for _ in range(batch):
+            fn()
+        best = min(best, (time.process_time() - t) / batch)
+    return best
+
+
+class UnitCosts:
+    """The CPU cost of each public-key operation of :func:`round_ops`, measured here with
+    the protocol's libraries (``cryptography`` X25519/Ed25519, ``blspy`` PopSchemeMPL), on
+    messages of the lengths the protocol signs, once per operation key."""
+
+    POOL = 32  # distinct BLS keys behind a FastAggregateVerify over many signers (its cost is the count's)
+
+    def __init__(self, batch_scale: float = 1.0) -> None:
+        self.scale = batch_scale
+        self.seconds: dict[str, float] = {}
+        self._x_sk = X25519PrivateKey.generate()
+        self._x_pk = X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self._e_sk = Ed25519PrivateKey.generate()
+        self._e_pk = self._e_sk.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self._b_sks = [PopSchemeMPL.key_gen(bytes([i]) * 32) for i in range(self.POOL)]
+        self._b_pks = [sk.get_g1() for sk in self._b_sks]
+
+    def _batch(self, n: int) -> int:
+        return max(1, int(n * self.scale))
+
+    def __call__(self, key: str) -> float:
+        if key not in self.seconds:
+            self.seconds[key] = self._measure(key)
+        return self.seconds[key]
+
+    def _measure(self, key: str) -> float:
+        op, *args = key.split(":")
+        a = [int(v) for v in args]
+        if op == "x25519_keygen":
+            return _cpu_per_call(
+                lambda: X25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw),
+                self._batch(200))
+        if op == "x25519_agree":
+            return _cpu_per_call(lambda: self._x_sk.exchange(X25519PublicKey.from_public_bytes(self._x_pk)),
+                                 self._batch(200))
+        if op == "ed25519_sign":
+            msg = bytes(a[0])
+            return _cpu_per_call(lambda: self._e_sk.sign(msg), self._batch(200 if a[0] < 4096 else 50))
+        if op == "ed25519_verify":
+            msg = bytes(a[0])
+            sig = self._e_sk.sign(msg)
+            return _cpu_per_call(lambda: Ed25519PublicKey.from_public_bytes(self._e_pk).verify(sig, msg),
+                                 self._batch(200 if a[0] < 4096 else 50))
+        if op == "bls_keygen_pop":
+            seed = bytes(range(32))
+
+            def keygen_pop() -> None:
+                sk = PopSchemeMPL.key_gen(seed)
+                sk.get_g1()
+                PopSchemeMPL.pop_prove(sk)
+
+            return _cpu_per_call(keygen_pop, self._batch(20))
+        if op == "bls_key_check":
+            pk, pop = bytes(self._b_pks[0]), bytes(PopSchemeMPL.pop_prove(self._b_sks[0]))
+            return _cpu_per_call(
+                lambda: PopSchemeMPL.pop_verify(G1Element.from_bytes(pk), G2Element.from_bytes(pop)), self._batch(20))
+        if op == "bls_sign":
+            msg = bytes(a[0])
+            return _cpu_per_call(lambda: PopSchemeMPL.sign(self._b_sks[0], msg), self._batch(20))
+        if op == "bls_g2_parse":
+            raw = bytes(PopSchemeMPL.sign(self._b_sks[0], b"x"))
+            return _cpu_per_call(lambda: G2Element.from_bytes(raw), self._batch(100))
+        if op == "bls_aggregate":
+            sigs = [PopSchemeMPL.sign(sk, b"x") for sk in self._b_sks]
+            many = [sigs[i % self.POOL] for i in range(a[0])]
+            return _cpu_per_call(lambda: PopSchemeMPL.aggregate(many), 1)
+        if op == "bls_fav":
+            count, length = a
+            msg = bytes(length)
+            sigs = [PopSchemeMPL.sign(sk, msg) for sk in self._b_sks]
+            pks = [self._b_pks[i % self.POOL] for i in range(count)]
+            agg = PopSchemeMPL.aggregate([sigs[i % self.POOL] for i in range(count)])
+            assert PopSchemeMPL.fast_aggregate_verify(pks, msg, agg)
+            return _cpu_per_call(lambda: PopSchemeMPL.fast_aggregate_verify(pks, msg, agg), self._batch(3))
+        if op == "keystream":  # AES-256-CTR of a.0 32-bit words, added into a vector (symmetric, not in the floor)
+            return keystream_floor(8, a[0], repeats=3) / 8
+        raise ValueError(f"unknown operation {key!r}")
+
+    def price(self, ops: dict[str, int]) -> float:
+        return sum(count * self(key) for key, count in ops.items())
 
 
 def growth_exponent(sizes: list[int], seconds: list[float]) -> float:
@@ -333,29 +579,38 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="smaller sizes; finishes within 60 s")
     ap.add_argument("--sizes", help="comma-separated round sizes for [3] (default 100,250,1000,10000; "
                     "--quick: 100,250)")
-    ap.add_argument("--global-sizes", help="comma-separated sizes of [3] also run with the default global "
-                    "consistency quorum (default: those of --sizes up to 1000)")
+    ap.add_argument("--modes", default=f"{CONSISTENCY_GLOBAL},{CONSISTENCY_NEIGHBOURHOOD}",
+                    help="comma-separated consistency quorums of [3], each run at every size, the first the "
+                    "primary (default: global,neighbourhood)")
+    ap.add_argument("--min-group", type=int, default=DEFAULT_MIN_GROUP,
+                    help=f"participation in whole groups of this many sites in [3] (default {DEFAULT_MIN_GROUP}, "
+                    "the Flower glue's; 0: off)")
     ap.add_argument("--rounds-only", action="store_true", help="run only [3], the whole rounds")
     ap.add_argument("--one-round", type=int, help=argparse.SUPPRESS)  # internal: one round, one JSON line
-    ap.add_argument("--consistency", default="neighbourhood", choices=CONSISTENCY_MODES,
-                    help="consistency quorum of --one-round (default neighbourhood)")
+    ap.add_argument("--consistency", default=CONSISTENCY_GLOBAL, choices=CONSISTENCY_MODES,
+                    help="consistency quorum of --one-round (default global)")
     ap.add_argument("--workers", type=int, default=default_workers(),
                     help="worker processes the whole rounds' sites run in (default: the CPU count, "
                     f"{default_workers()} here; 1: all in the bench process)")
     args = ap.parse_args(argv)
     if args.workers < 1:
         ap.error("--workers must be at least 1")
+    if args.min_group == 1 or args.min_group < 0:
+        ap.error("--min-group must be 0 (off) or at least 2")
     if args.one_round:
-        res = one_round(args.one_round, consistency=args.consistency, workers=args.workers)
+        res = one_round(args.one_round, consistency=args.consistency, workers=args.workers,
+                        min_group=args.min_group)
         print(json.dumps(res))
         return res
     quick = args.quick
     out: dict = {"quick": quick}
     sizes = [int(v) for v in args.sizes.split(",")] if args.sizes else ([100, 250] if quick else [100, 250, 1000, 10_000])
-    global_sizes = ([int(v) for v in args.global_sizes.split(",") if v] if args.global_sizes is not None
-                    else [n for n in sizes if n <= 1000])
+    modes = [v for v in args.modes.split(",") if v]
+    for mode in modes:
+        if mode not in CONSISTENCY_MODES:
+            ap.error(f"--modes: unknown consistency quorum {mode!r} (one of {', '.join(CONSISTENCY_MODES)})")
     if args.rounds_only:
-        return whole_rounds(out, sizes, global_sizes, args.workers)
+        return whole_rounds(out, sizes, modes, args.workers, args.min_group, quick)
 
     # 1. client masking, m coordinates, k = 10 neighbours (complete graph of 11)
     m = 1_000_000
@@ -433,43 +688,137 @@ def main(argv: list[str] | None = None) -> dict:
           f"{c['client_unmask_seconds'] * 1e3:.1f} ms with the global quorum (default, {consistency_quorum(n2)} "
           f"signatures), {cn['client_unmask_seconds'] * 1e3:.1f} ms with the neighbourhood quorum (opt-in, "
           f"{neighbourhood_quorum(default_degree(n2)) - 1} neighbours' signatures)", file=sys.stderr)
-    return whole_rounds(out, sizes, global_sizes, args.workers)
+    return whole_rounds(out, sizes, modes, args.workers, args.min_group, quick)
 
 
-def whole_rounds(out: dict, sizes: list[int], global_sizes: list[int] | None = None, workers: int = 1) -> dict:
+def floor_figures(r: dict, units: UnitCosts) -> dict[str, float]:
+    """A round's measured CPU beside its public-key floor (module doc, [3]): per site
+    (sites' CPU over n), on the server, and for the round (sites + server)."""
+    ops = r["ops"]
+    n = r["n"]
+    sites_floor = units.price(ops["sites"]) + units.price(ops["sites_per_run"])
+    server_floor = units.price(ops["server"]) + units.price(ops["server_per_run"])
+    per_run = units.price(ops["sites_per_run"]) + units.price(ops["server_per_run"])
+    sym = units.price(ops["sites_sym"]) + units.price(ops["server_sym"])
+    round_cpu = r["sites_cpu_seconds"] + r["server_cpu_seconds"]
+    floor = sites_floor + server_floor
+    return {
+        "site_cpu_ms": 1e3 * r["sites_cpu_seconds"] / n, "site_floor_ms": 1e3 * sites_floor / n,
+        "server_cpu_seconds": r["server_cpu_seconds"], "server_floor_seconds": server_floor,
+        "round_cpu_seconds": round_cpu, "floor_seconds": floor, "ratio": round_cpu / floor,
+        "per_run_floor_seconds": per_run, "steady_floor_seconds": floor - per_run,
+        "sym_floor_seconds": sym, "ratio_with_sym": round_cpu / (floor + sym),
+        "all_process_cpu_seconds": r["cpu_seconds"], "wall_seconds": r["seconds"],
+        "per_run_deployed_site_seconds": units.price(ops["deployed_site_per_run"]),
+        **{f"cpu_{k}": v for k, v in r["cpu_by_stage"].items()},
+    }
+
+
+# issue 30's acceptance figures for the default mode (in-process rounds, m = 10,000, 5 %
+# dropout, 2 worker processes)
+ACCEPT_WALL = {1000: 10.0, 10_000: 120.0}
+ACCEPT_SITE_CPU_GROWTH = 2.0  # per-site CPU at n = 10,000 over that at n = 100
+ACCEPT_FLOOR_RATIO = 1.5  # round CPU over the public-key floor
+
+
+def acceptance(table: dict[str, dict[int, dict[str, float]]], workers: int) -> list[dict]:
+    """Issue 30's four figures for the default (global) mode beside what was measured:
+    each a dict with the target, the measured value and whether it holds (None: not run)."""
+    glob = table.get(CONSISTENCY_GLOBAL, {})
+    out: list[dict] = []
+    for n, limit in ACCEPT_WALL.items():
+        got = glob[n]["wall_seconds"] if n in glob else None
+        out.append({"figure": f"n = {n:,} wall <= {limit:.0f} s ({workers} workers)", "target": limit,
+                    "measured": got, "holds": None if got is None else got <= limit})
+    growth = glob[10_000]["site_cpu_ms"] / glob[100]["site_cpu_ms"] if 10_000 in glob and 100 in glob else None
+    out.append({"figure": f"per-site CPU at n = 10,000 <= {ACCEPT_SITE_CPU_GROWTH:.0f}x that at n = 100",
+                "target": ACCEPT_SITE_CPU_GROWTH, "measured": growth,
+                "holds": None if growth is None else growth <= ACCEPT_SITE_CPU_GROWTH})
+    worst = max((f["ratio"] for f in glob.values()), default=None)
+    out.append({"figure": f"round CPU <= {ACCEPT_FLOOR_RATIO}x the public-key floor (worst size)",
+                "target": ACCEPT_FLOOR_RATIO, "measured": worst,
+                "holds": None if worst is None else worst <= ACCEPT_FLOOR_RATIO})
+    return out
+
+
+def whole_rounds(out: dict, sizes: list[int], modes: list[str] | None = None, workers: int = 1,
+                 min_group: int = DEFAULT_MIN_GROUP, quick: bool = False) -> dict:
     """[3]: whole rounds at m = 10,000 with 5 % dropout, each in its own process (its
-    sites in ``workers`` processes of their own), with the neighbourhood consistency
-    quorum (sites opted in) and, at ``global_sizes``, with the default global one too;
-    prints the final JSON line."""
-    out["round_consistency"] = "neighbourhood"  # the mode of round_seconds* (sites opted in)
+    sites in ``workers`` processes of their own), in each consistency mode of ``modes``
+    (default: the global quorum, then the neighbourhood one) at every size, with
+    participation in whole groups of ``min_group``; each beside its public-key floor
+    (units measured here, :class:`UnitCosts`); prints the table, issue 30's acceptance
+    figures and the final JSON line."""
+    modes = modes or [CONSISTENCY_GLOBAL, CONSISTENCY_NEIGHBOURHOOD]
+    out["round_consistency"] = modes[0]  # the mode of round_seconds* (the default: global)
+    out["round_modes"] = modes
     out["round_workers"] = workers
-    rounds: dict[int, dict[str, float]] = {}
+    out["round_min_group"] = min_group
+    units = UnitCosts(batch_scale=0.25 if quick else 1.0)
+    raw: dict[str, dict[int, dict]] = {mode: {} for mode in modes}
+    table: dict[str, dict[int, dict[str, float]]] = {mode: {} for mode in modes}
+    aborted: dict[str, dict[str, str]] = {}
     for n in sizes:
-        rounds[n] = round_in_subprocess(n, workers=workers)
-        r = rounds[n]
-        print(f"[3] round n={n:,} m=10,000 5% dropout, neighbourhood quorum (opt-in): {r['seconds']:.2f} s "
-              f"({r['cpu_seconds']:.2f} s CPU, {r['workers']:.0f} workers), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
-    glob: dict[int, dict[str, float]] = {}
-    for n in global_sizes or []:
-        glob[n] = round_in_subprocess(n, "global", workers)
-        r = glob[n]
-        print(f"[3] round n={n:,} m=10,000 5% dropout, global quorum (default): {r['seconds']:.2f} s "
-              f"({r['cpu_seconds']:.2f} s CPU, {r['workers']:.0f} workers), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr)
-    out["round_seconds_global"] = {str(k): v["seconds"] for k, v in glob.items()}
-    out["round_cpu_seconds_global"] = {str(k): v["cpu_seconds"] for k, v in glob.items()}
-    out["round_seconds"] = {str(k): v["seconds"] for k, v in rounds.items()}
+        for mode in modes:
+            r = round_in_subprocess(n, mode, workers, min_group)
+            if "aborted" in r and r["min_group"]:
+                # the neighbourhood quorum does not count the signatures of groups left out
+                # whole: at 5 % dropout with groups of 3 (~14 % left out) neighbourhoods fall
+                # short and the round aborts; its figures are then those without groups
+                aborted.setdefault(mode, {})[str(n)] = r["aborted"]
+                print(f"[3] round n={n:,} {mode} quorum, groups of {min_group}: ABORTED after {r['seconds']:.1f} s "
+                      f"({r['aborted'][:160]}...); run again without groups", file=sys.stderr, flush=True)
+                r = round_in_subprocess(n, mode, workers, 0)
+            if "aborted" in r:
+                raise RuntimeError(f"round n={n} {mode} aborted: {r['aborted']}")
+            r = raw[mode][n] = {**r, "n": n}
+            f = table[mode][n] = floor_figures(r, units)
+            print(f"[3] round n={n:,} m=10,000 5% dropout, {mode} quorum{' (default)' if mode == CONSISTENCY_GLOBAL else ''}"
+                  f", groups of {r['min_group'] or 'none'}: {r['seconds']:.2f} s ({r['cpu_seconds']:.2f} s CPU, "
+                  f"{r['workers']:.0f} workers), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB; per site "
+                  f"{f['site_cpu_ms']:.2f} ms CPU (floor {f['site_floor_ms']:.2f}), server {f['server_cpu_seconds']:.2f} s "
+                  f"(floor {f['server_floor_seconds']:.2f}), round {f['round_cpu_seconds']:.2f} s CPU = "
+                  f"{f['ratio']:.2f}x its public-key floor {f['floor_seconds']:.2f} s", file=sys.stderr, flush=True)
+    print("[3] public-key unit costs (CPU, this run): " + ", ".join(
+        f"{k} {v * 1e6:.0f} us" for k, v in sorted(units.seconds.items())), file=sys.stderr)
+    print("[3] | n | mode | groups | wall s | per-site CPU ms | per-site floor ms | server CPU s | server floor s | "
+          "round CPU s | PK floor s (per run) | ratio | all-process CPU s | AES floor s | left out | peak GiB |",
+          file=sys.stderr)
+    for n in sizes:
+        for mode in modes:
+            f, r = table[mode][n], raw[mode][n]
+            print(f"[3] | {n:,} | {mode} | {r['min_group'] or '-'} | {f['wall_seconds']:.1f} | {f['site_cpu_ms']:.2f} | {f['site_floor_ms']:.2f} | "
+                  f"{f['server_cpu_seconds']:.2f} | {f['server_floor_seconds']:.2f} | {f['round_cpu_seconds']:.1f} | "
+                  f"{f['floor_seconds']:.1f} ({f['per_run_floor_seconds']:.1f}) | {f['ratio']:.2f} | "
+                  f"{f['all_process_cpu_seconds']:.1f} | {f['sym_floor_seconds']:.2f} | {r['left_out']} | "
+                  f"{r['peak_rss_bytes'] / 2**30:.2f} |", file=sys.stderr)
+    accept = acceptance(table, workers)
+    for a in accept:
+        verdict = "not run" if a["holds"] is None else ("holds" if a["holds"] else "FAILS")
+        got = "-" if a["measured"] is None else f"{a['measured']:.2f}"
+        print(f"[3] issue 30 acceptance: {a['figure']}: measured {got}: {verdict}", file=sys.stderr)
+    primary = raw[modes[0]]
+    out["round_seconds"] = {str(k): v["seconds"] for k, v in primary.items()}
     # CPU seconds of the round's processes (bench process + workers): on a shared machine,
     # less disturbed by the others' load
-    out["round_cpu_seconds"] = {str(k): v["cpu_seconds"] for k, v in rounds.items()}
-    out["round_peak_rss_bytes"] = {str(k): v["peak_rss_bytes"] for k, v in rounds.items()}
-    out["round_seconds_n1000"] = rounds[1000]["seconds"] if 1000 in rounds else None
-    out["round_seconds_n10000"] = rounds[10_000]["seconds"] if 10_000 in rounds else None
-    out["round_peak_rss_gib_n10000"] = rounds[10_000]["peak_rss_bytes"] / 2**30 if 10_000 in rounds else None
+    out["round_cpu_seconds"] = {str(k): v["cpu_seconds"] for k, v in primary.items()}
+    out["round_peak_rss_bytes"] = {str(k): v["peak_rss_bytes"] for k, v in primary.items()}
+    for mode in modes[1:]:
+        out[f"round_seconds_{mode}"] = {str(k): v["seconds"] for k, v in raw[mode].items()}
+        out[f"round_cpu_seconds_{mode}"] = {str(k): v["cpu_seconds"] for k, v in raw[mode].items()}
+    out["round_floor"] = {mode: {str(n): f for n, f in table[mode].items()} for mode in modes}
+    out["round_min_group_by_mode"] = {mode: {str(n): r["min_group"] for n, r in raw[mode].items()} for mode in modes}
+    out["round_aborted_with_groups"] = aborted
+    out["round_unit_cpu_seconds"] = units.seconds
+    out["round_acceptance"] = accept
+    out["round_seconds_n1000"] = primary[1000]["seconds"] if 1000 in primary else None
+    out["round_seconds_n10000"] = primary[10_000]["seconds"] if 10_000 in primary else None
+    out["round_peak_rss_gib_n10000"] = primary[10_000]["peak_rss_bytes"] / 2**30 if 10_000 in primary else None
     out["round_growth_sizes"] = sizes
     if len(sizes) > 1:
-        out["round_growth_exponent"] = growth_exponent(sizes, [rounds[n]["seconds"] for n in sizes])
-        out["round_cpu_growth_exponent"] = growth_exponent(sizes, [rounds[n]["cpu_seconds"] for n in sizes])
-        print(f"[3] time grows as n^{out['round_growth_exponent']:.2f} (CPU time as "
+        out["round_growth_exponent"] = growth_exponent(sizes, [primary[n]["seconds"] for n in sizes])
+        out["round_cpu_growth_exponent"] = growth_exponent(sizes, [primary[n]["cpu_seconds"] for n in sizes])
+        print(f"[3] {modes[0]} quorum: time grows as n^{out['round_growth_exponent']:.2f} (CPU time as "
               f"n^{out['round_cpu_growth_exponent']:.2f}; fit over n = {sizes})", file=sys.stderr)
     print(json.dumps(out))
     return out

@@ -125,3 +125,22 @@ def test_small_batches_give_the_same_round(wire: bool) -> None:
     assert np.array_equal(serial.total, par.total)
     assert serial.survivors == par.survivors and serial.dropped == par.dropped
     assert serial_up == par_up
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cpu_by_stage_and_whole_groups(workers: int) -> None:
+    """``cpu_seconds`` holds the sites' handling CPU (summed over sites, wherever they
+    ran) and the server's own, for each of the five stages; ``min_group`` turns on
+    participation in whole groups on both sides: the survivors are the sites that sent
+    their masked input less the members of groups left out whole."""
+    xs = _inputs()
+    res = simulate_round(xs, dropouts={Stage.MASKED_INPUT: [0, 17]}, seed=4, workers=workers, min_group=3)
+    stages = {f"{side}_stage{s}" for side in ("sites", "server") for s in range(1, 6)}
+    assert set(res.cpu_seconds) == stages and all(v >= 0 for v in res.cpu_seconds.values())
+    assert sum(v for k, v in res.cpu_seconds.items() if k.startswith("sites_")) > 0
+    assert res.server is not None
+    left_out = res.server.group_excluded
+    assert left_out and not left_out & {1, 18}
+    assert len(res.survivors) == N - 2 - len(left_out)
+    survivors = [xs[i] for i in res.survivors]
+    assert np.max(np.abs(res.aggregate - np.mean(survivors, axis=0))) <= res.config.error_bound

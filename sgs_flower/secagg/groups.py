@@ -173,5 +173,7 @@ def left_out_members(survivors: Iterable[int], identities: Mapping[int, bytes], 
     """The cohort's nodes (those in ``identities``) whose whole group is outside
     ``survivors``: they may sign the set without being in it, and the consistency quorum
     counts them (a group left out whole, because a member sent no masked input)."""
-    present = {rule.group_of.get(identities.get(v, b""), -1) for v in survivors}
-    return {v for v, key in identities.items() if rule.group_of.get(key, -1) not in present | {-1}}
+    # the groups with a survivor, and -1 (off the federation): built once, not per member
+    # (``present | {-1}`` inside the comprehension copied it n times: O(n^2) per site)
+    excluded = {rule.group_of.get(identities.get(v, b""), -1) for v in survivors} | {-1}
+    return {v for v, key in identities.items() if rule.group_of.get(key, -1) not in excluded}

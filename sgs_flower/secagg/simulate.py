@@ -49,6 +49,11 @@ class RoundResult:
     upload_bytes: dict[int, int] = field(default_factory=dict)
     workers: int = 1  # processes the sites ran in (1: this one)
     worker_stats: list[WorkerStats] = field(default_factory=list)  # per worker process, when workers > 1
+    # CPU seconds by stage: "sites_stageN", the sites' handling summed over sites (measured
+    # around their handle calls, in whichever process they ran), and "server_stageN", the
+    # server's own calls (setup_messages and collect_*) in this process
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    server: SecAggServer | None = None  # the round's server: its graph and U2, U3, U4 (benchmarks)
 
 
 def _stage_key(stage: Stage | int | str) -> Stage:
@@ -88,24 +93,33 @@ def run_protocol(
     bound_digests: Mapping[int, bytes] | None = None,
     seconds: dict[str, float] | None = None,
     upload_bytes: dict[int, int] | None = None,
+    cpu_seconds: dict[str, float] | None = None,
 ) -> RoundOutcome:
     """Drive the five stages; a client in ``dropouts[stage]`` sends nothing from that
     stage on. With ``wire=True`` every message goes through its byte encoding.
 
     ``clients`` are the sites, either in this process (a mapping) or spread over worker
     processes (:class:`SiteShards`, which then hold their state between the stages);
-    the messages, refusals and results are the same either way."""
+    the messages, refusals and results are the same either way. ``cpu_seconds`` gets
+    the server's CPU by stage ("server_stageN") and, for sites in this process, theirs
+    ("sites_stageN"; sites in workers report it in :attr:`SiteShards.stats`)."""
+    cpu = cpu_seconds if cpu_seconds is not None else {}
     if isinstance(clients, SiteShards):
         answer_all: _AnswerAll = clients.answer
     else:
         local = clients
 
         def answer_all(items: list[_Item], wire: bool) -> dict[int, Message | bytes | None]:
-            return {
+            t = time.process_time()
+            out = {
                 node: _answer(local[node], encode_message(msg) if wire else msg, kw, wire) for node, msg, kw in items
             }
+            if items:
+                key = f"sites_stage{int(items[0][1].stage)}"
+                cpu[key] = cpu.get(key, 0.0) + time.process_time() - t
+            return out
 
-    return _drive(server, answer_all, vectors, dropouts, wire, bound_digests, seconds, upload_bytes)
+    return _drive(server, answer_all, vectors, dropouts, wire, bound_digests, seconds, upload_bytes, cpu)
 
 
 def _drive(
@@ -117,6 +131,7 @@ def _drive(
     bound_digests: Mapping[int, bytes] | None,
     seconds: dict[str, float] | None,
     upload_bytes: dict[int, int] | None,
+    cpu: dict[str, float],
 ) -> RoundOutcome:
     drops = {s: set(v) for s, v in (dropouts or {}).items()}
     gone: set[int] = set()
@@ -148,20 +163,29 @@ def _drive(
         timing[f"clients_stage{int(stage)}"] = time.perf_counter() - t0
         return replies
 
+    def server_call(stage: Stage, call: Callable[..., Any], *args: Any) -> Any:
+        t = time.process_time()
+        try:
+            return call(*args)
+        finally:
+            key = f"server_stage{int(stage)}"
+            cpu[key] = cpu.get(key, 0.0) + time.process_time() - t
+
     t = time.perf_counter()
-    rosters = server.collect_keys(exchange(Stage.ADVERTISE_KEYS, server.setup_messages()))
+    setup = server_call(Stage.ADVERTISE_KEYS, server.setup_messages)
+    rosters = server_call(Stage.ADVERTISE_KEYS, server.collect_keys, exchange(Stage.ADVERTISE_KEYS, setup))
     timing["server_stage1"] = time.perf_counter() - t - timing["clients_stage1"]
     t = time.perf_counter()
-    bundles = server.collect_shares(exchange(Stage.SHARE_KEYS, rosters))
+    bundles = server_call(Stage.SHARE_KEYS, server.collect_shares, exchange(Stage.SHARE_KEYS, rosters))
     timing["server_stage2"] = time.perf_counter() - t - timing["clients_stage2"]
     t = time.perf_counter()
-    requests = server.collect_masked(exchange(Stage.MASKED_INPUT, bundles))
+    requests = server_call(Stage.MASKED_INPUT, server.collect_masked, exchange(Stage.MASKED_INPUT, bundles))
     timing["server_stage3"] = time.perf_counter() - t - timing["clients_stage3"]
     t = time.perf_counter()
-    unmask = server.collect_consistency(exchange(Stage.CONSISTENCY, requests))
+    unmask = server_call(Stage.CONSISTENCY, server.collect_consistency, exchange(Stage.CONSISTENCY, requests))
     timing["server_stage4"] = time.perf_counter() - t - timing["clients_stage4"]
     t = time.perf_counter()
-    outcome = server.collect_unmask(exchange(Stage.UNMASK, unmask))
+    outcome: RoundOutcome = server_call(Stage.UNMASK, server.collect_unmask, exchange(Stage.UNMASK, unmask))
     timing["server_stage5"] = time.perf_counter() - t - timing["clients_stage5"]
     return outcome
 
@@ -171,11 +195,14 @@ def _drive(
 class WorkerStats:
     """What one worker process of :class:`SiteShards` used: its CPU seconds (user +
     system, since it started), its resident memory when it started (what it shares,
-    copy-on-write, with the process that forked it) and its peak resident memory."""
+    copy-on-write, with the process that forked it), its peak resident memory, and the
+    CPU seconds its sites spent answering, by stage ("sites_stageN": measured around
+    their handle calls, so without the pipe transfers)."""
 
     cpu_seconds: float
     start_rss_bytes: int
     peak_rss_bytes: int
+    handle_cpu_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def own_peak_bytes(self) -> int:
@@ -214,18 +241,21 @@ def _shard_main(conn: Connection, ids: tuple[int, ...], policy: ClientPolicy) ->
     :class:`WorkerStats`."""
     start_rss = _status_bytes("VmRSS")
     clients = {u: SecAggClient(u, policy=policy) for u in ids}
+    handle_cpu: dict[str, float] = {}
     conn.send(("ready", None))
     while True:
         request = conn.recv()
         if request[0] == "stop":
             usage = resource.getrusage(resource.RUSAGE_SELF)
             peak = _status_bytes("VmHWM") or usage.ru_maxrss * 1024  # ru_maxrss: KiB on Linux
-            conn.send(("stats", WorkerStats(usage.ru_utime + usage.ru_stime, start_rss, peak)))
+            conn.send(("stats", WorkerStats(usage.ru_utime + usage.ru_stime, start_rss, peak, handle_cpu)))
             conn.close()
             return
-        _, wire, items = request
+        _, wire, items, stage = request
         try:
+            t = time.process_time()
             out = {node: _answer(clients[node], msg, kw, wire) for node, msg, kw in items}
+            handle_cpu[stage] = handle_cpu.get(stage, 0.0) + time.process_time() - t
         except BaseException as exc:  # a bug, not a refusal: the parent raises it
             conn.send(("error", _portable(exc), traceback.format_exc()))
             continue
@@ -344,11 +374,12 @@ class SiteShards:
             parts[self._shard_of[item[0]]].append(item)
         pending = {conn: self._batches(part, wire) for conn, part in zip(self._conns, parts, strict=True)}
         busy: list[Connection] = []
+        stage = f"sites_stage{int(items[0][1].stage)}" if items else ""
 
         def send_next(conn: Connection) -> None:
             batch = next(pending[conn], None)
             if batch is not None:
-                conn.send(("answer", wire, batch))
+                conn.send(("answer", wire, batch, stage))
                 busy.append(conn)
 
         for conn in self._conns:
@@ -415,6 +446,7 @@ def simulate_round(
     integer_noise: Sequence[np.ndarray] | None = None,
     consistency: str = "global",
     workers: int = 1,
+    min_group: int = 0,
 ) -> RoundResult:
     """Securely aggregate ``inputs`` (one float array per client, same shape).
 
@@ -432,7 +464,13 @@ def simulate_round(
     ``workers`` plus the server's. The messages, refusals and results are those of
     ``workers=1``; ``seconds["clients_stageN"]`` is then the wall time of the parallel
     stage, and ``worker_stats`` what each worker used (its CPU and memory are not in
-    this process's own figures).
+    this process's own figures). ``cpu_seconds`` holds the sites' CPU by stage, summed
+    over sites wherever they ran, and the server's.
+
+    ``min_group`` >= 2 turns on participation in whole groups (:mod:`sgs_flower.secagg.groups`,
+    the Flower glue's default is 3) on both sides: the server (``SecAggServer(min_group=...)``)
+    and the sites (``sgs-min-group``) learn the federation from this round's cohort, and a
+    group with a member that sent no masked input stays out of the sum whole.
     """
     n = len(inputs)
     if weights is None:
@@ -457,26 +495,32 @@ def simulate_round(
         run_id=run_id, round_id=round_id, cohort=tuple(ids), vector_length=m, field_bits=field_bits,
         degree=degree, threshold=threshold, min_clients=min_clients, consistency=consistency,
     )
-    server = SecAggServer(params)
+    server = SecAggServer(params, min_group=min_group)
     # the simulated sites accept this cohort's size (the default policy stops at 1,000)
     # and, when the round asks for it, the neighbourhood quorum
-    policy = ClientPolicy(max_cohort=max(ClientPolicy().max_cohort, n), consistency=consistency)
+    policy = ClientPolicy(max_cohort=max(ClientPolicy().max_cohort, n), consistency=consistency, min_group=min_group)
     drops = {_stage_key(s): {i + 1 for i in v} for s, v in (dropouts or {}).items()}
     seconds: dict[str, float] = {}
     upload: dict[int, int] = {}
     vectors = {u: e.vector for u, e in zip(ids, encoded, strict=True)}
     stats: list[WorkerStats] = []
+    cpu: dict[str, float] = {}
     used = 1
     if workers > 1:
         shards = SiteShards(ids, policy, workers)
         used = shards.workers  # at most one per site
         try:
-            outcome = run_protocol(server, shards, vectors, drops, wire, seconds=seconds, upload_bytes=upload)
+            outcome = run_protocol(server, shards, vectors, drops, wire, seconds=seconds, upload_bytes=upload,
+                                   cpu_seconds=cpu)
         finally:
             stats = shards.close()
+        for st in stats:
+            for key, value in st.handle_cpu_seconds.items():
+                cpu[key] = cpu.get(key, 0.0) + value
     else:
         clients = {u: SecAggClient(u, policy=policy) for u in ids}
-        outcome = run_protocol(server, clients, vectors, drops, wire, seconds=seconds, upload_bytes=upload)
+        outcome = run_protocol(server, clients, vectors, drops, wire, seconds=seconds, upload_bytes=upload,
+                               cpu_seconds=cpu)
     decoded = decode_checked(outcome.total, config, len(outcome.survivors))
     survivors = [u - 1 for u in outcome.survivors]
     return RoundResult(
@@ -490,6 +534,8 @@ def simulate_round(
         upload_bytes={u - 1: b for u, b in upload.items()},
         workers=used,
         worker_stats=stats,
+        cpu_seconds=cpu,
+        server=server,
     )
 
 
