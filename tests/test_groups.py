@@ -654,3 +654,26 @@ def test_a_site_refuses_a_roster_whose_signed_epoch_changed_and_accepts_a_new_ep
     server, reqs = mod_round_to_consistency(sites, _spec(n=12), round_id=5, model=moved)
     total = finish_mod_round(sites, server, reqs)
     assert total is not None and len(server.u3) == 12
+
+
+@pytest.mark.parametrize("dropped", [{1}, {1, 2, 3, 4, 5}])
+def test_the_neighbourhood_quorum_counts_the_members_of_a_group_left_out_whole(dropped):
+    """The opt-in neighbourhood quorum with groups of 3 (learnt), 60 sites: sites that
+    drop at the masked input take their groups out (about 10 % of the cohort with the 5
+    %-like drop here); those members still sign the one survivor set, and their
+    neighbours count them, so every neighbourhood keeps its quorum and the round releases
+    the plaintext sum of the whole groups left (before, the server did not ask them and
+    such a round aborted with a ThresholdError)."""
+    n = 60
+    policy = ClientPolicy(consistency="neighbourhood", min_group=G, max_cohort=n)
+    clients = {u: SecAggClient(u, policy=policy) for u in range(1, n + 1)}
+    params = RoundParams(run_id=1, round_id=1, cohort=tuple(range(1, n + 1)), vector_length=M, field_bits=BITS,
+                         consistency="neighbourhood")
+    server = SecAggServer(params, min_group=G)
+    rng = np.random.default_rng(3)
+    vectors = {u: rng.integers(0, 1 << BITS, M, dtype=np.uint64).astype(dtype_for_bits(BITS)) for u in clients}
+    outcome = run_protocol(server, clients, vectors, {Stage.MASKED_INPUT: dropped})
+    assert server.group_excluded and not server.group_excluded & set(outcome.survivors)
+    assert set(outcome.survivors) == set(clients) - dropped - server.group_excluded
+    assert server.group_excluded <= server.u4  # the left-out members signed and were counted
+    np.testing.assert_array_equal(outcome.total, _plain_sum(vectors, set(outcome.survivors)))
