@@ -29,9 +29,9 @@
      masked input stays out of the sum whole (at 5 % dropout and groups of 3, about
      10 % of the cohort besides the 5 % that dropped), and in the global mode its
      members still sign the survivor set.
-     The neighbourhood quorum does not count those members' signatures, so at 5 %
-     dropout its neighbourhoods fall short and the round aborts (ThresholdError at the
-     consistency stage, seen at every size from 250); such a round is reported
+     The neighbourhood quorum counts those members' signatures too (it did not when
+     this benchmark was written, and such rounds aborted with a ThresholdError at the
+     consistency stage: docs/benchmarks.md); a round that still aborts is reported
      (``round_aborted_with_groups``) and run again without groups, and the table says
      which rounds ran with groups.
 
