@@ -95,7 +95,7 @@ from sgs_flower.pipeline import (
     model_digest,
     spec_digest,
 )
-from sgs_flower.secagg import wire
+from sgs_flower.secagg import bls, wire
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import (
     EncodingError,
@@ -129,6 +129,7 @@ STALE_DELTA_SECONDS = 3600.0  # a kept delta this old is left over from an earli
 MEMORY_STATE = "memory"  # sgs-state-file value: remember only for this run
 IDENTITY_KEY = "sgs.secagg.identity"  # a run-scoped identity, when the site configured none
 FEDERATION_KEY = "sgs.secagg.federation"  # identity keys learnt at the run's first round (no roster)
+BLS_VERIFIED_KEY = "sgs.secagg.bls-verified"  # digests of the peers' BLS keys this site checked (bls.py)
 SITE_KEY = "sgs.secagg.site"  # SiteState, when the site configured no state file
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:/+-]{0,63}")
@@ -218,15 +219,24 @@ def _save_client(context: Context, client: SecAggClient) -> None:
 def _load_federation(context: Context, client: SecAggClient) -> None:
     """The federation learnt at the run's first round (whole-group participation without
     a roster, :mod:`sgs_flower.secagg.groups`): one record for the train and the
-    evaluation instances, so both check survivor sets against the same groups."""
+    evaluation instances, so both check survivor sets against the same groups. Also the
+    peers' BLS keys this site already checked (a deployed site runs each message in a new
+    process: :func:`sgs_flower.secagg.bls.trust_verified`)."""
     rec = context.state.config_records.get(FEDERATION_KEY)
     if rec is not None:
         client.federation = frozenset(bytes(k) for k in rec["keys"])  # type: ignore[union-attr,arg-type]
+    verified = context.state.config_records.get(BLS_VERIFIED_KEY)
+    if verified is not None:
+        bls.trust_verified(bytes(verified["digests"]))  # type: ignore[arg-type]
 
 
 def _save_federation(context: Context, client: SecAggClient) -> None:
     if client.federation and FEDERATION_KEY not in context.state.config_records:
         context.state[FEDERATION_KEY] = ConfigRecord({"keys": sorted(client.federation)})
+    digests = bls.verified_digests()
+    kept = context.state.config_records.get(BLS_VERIFIED_KEY)
+    if digests and (kept is None or len(bytes(kept["digests"])) != len(digests)):  # type: ignore[arg-type]
+        context.state[BLS_VERIFIED_KEY] = ConfigRecord({"digests": digests})
 
 
 # ---------------------------------------------------------------- replies

@@ -416,3 +416,42 @@ def test_the_bls_signature_covers_the_statement_the_ed25519_path_signs():
     statement = keys.consistency_statement(server.share_context, reqs[1].survivors)
     assert bls.verify(server._bls_table[1], statement, bls.parse_signature(reply.signature, "sig"))  # type: ignore[attr-defined]
     assert not bls.verify(server._bls_table[2], statement, bls.parse_signature(reply.signature, "sig"))  # type: ignore[attr-defined]
+
+
+class _CountingPop:
+    """blspy's PopSchemeMPL with its pop_verify calls counted (the costly per-peer check)."""
+
+    calls = 0
+
+    def __getattr__(self, name):
+        return getattr(PopSchemeMPL, name)
+
+    def pop_verify(self, pk, proof):
+        _CountingPop.calls += 1
+        return PopSchemeMPL.pop_verify(pk, proof)
+
+
+@pytest.mark.parametrize("keep_state", [True, False])
+def test_a_deployed_site_checks_each_peer_key_once_per_run_across_processes(monkeypatch, keep_state):
+    """Through the Flower mod: a deployed site runs each message in a new process (here:
+    the process cache cleared between stages). With the digests of the keys it checked
+    kept in its own Context.state, its unmask stage checks no proof of possession again;
+    without them (the control) it checks every peer's again."""
+    from test_active_server import ModSite, _spec, finish_mod_round, mod_round_to_consistency
+
+    from clients.secagg_mod import BLS_VERIFIED_KEY
+
+    bls.clear_cache()
+    sites = {u: ModSite(u) for u in range(1, 6)}
+    server, reqs = mod_round_to_consistency(sites, _spec(n=5))
+    assert all(len(bytes(s.context.state.config_records[BLS_VERIFIED_KEY]["digests"])) == 5 * bls.DIGEST_BYTES
+               for s in sites.values())
+    bls.clear_cache()  # a new process
+    if not keep_state:
+        for s in sites.values():
+            del s.context.state.config_records[BLS_VERIFIED_KEY]
+    monkeypatch.setattr(bls, "PopSchemeMPL", _CountingPop())
+    _CountingPop.calls = 0
+    total = finish_mod_round(sites, server, reqs)
+    assert total is not None
+    assert _CountingPop.calls == (0 if keep_state else 5)  # the in-process cache then serves the 4 other sites
