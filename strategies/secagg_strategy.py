@@ -255,6 +255,7 @@ class SecAggStrategy(Strategy):
         self.model_key = ""  # model-confidential mode: the sites' model key id, once agreed
         self._keyed: set[int] = set()  # nodes known to hold it
         self._layout: Layout = ()  # the plaintext model's entries (names, shapes, dtypes)
+        self._said_rounded_up = False  # a pick of configure_train rounded up to whole groups: said once
         # participation in whole groups (issue 29): the sites' partition of the roster, or
         # of the federation learnt at the first round (None until then)
         self.grouped = bool(self.config.min_group)
@@ -738,9 +739,24 @@ class SecAggStrategy(Strategy):
         configure_train's nodes (five exchanges instead of three; said once per run)."""
         chosen = sorted({m.metadata.dst_node_id for m in instructions})
         self._last_chosen = chosen
+        if self.grouped and instructions and self._own_nodes and self.groups is not None:
+            # a pick of its own, under participation in whole groups: rounded up to the
+            # whole groups of the picked nodes (a part of a group could never be summed)
+            cohort = self._whole_groups_of(chosen, list(grid.get_node_ids()))
+            if set(cohort) != set(chosen) and not self._said_rounded_up:
+                self._said_rounded_up = True
+                log(INFO, "secure round %s: %s.configure_train picked %d nodes; participation in whole groups "
+                    "(SecAggConfig.min_group=%d) rounds that up to the whole groups they are in: %d nodes (set "
+                    "min_group=0, and the sites' sgs-min-group=0, to use a pick as it is and give up the "
+                    "protection across rounds). Said once.", server_round, type(self.inner).__name__, len(chosen),
+                    self.config.min_group, len(cohort))
+            if ahead is not None and set(ahead.cohort) == set(cohort):
+                return list(ahead.cohort), ahead.report, ahead
+            return cohort, RoundReport(server_round, "aborted", cohort=cohort), None
         if self.grouped and instructions:
             # participation in whole groups: the cohort is whole groups (the advance setup
-            # drew it the same way), never configure_train's uniform draw of single nodes
+            # drew it the same way), never configure_train's uniform draw of single nodes;
+            # while the groups are not learnt yet, every connected node
             if ahead is not None:
                 return list(ahead.cohort), ahead.report, ahead
             cohort = self._group_cohort(list(grid.get_node_ids())) or chosen
@@ -801,12 +817,24 @@ class SecAggStrategy(Strategy):
         nodes = list(grid.get_node_ids())  # one snapshot: never waits mid-round
         if inner.fraction_train == 0.0 or len(nodes) < self._nodes_needed():
             return []
+        if self.grouped and self._own_nodes and self.groups is not None:  # its last pick, up to whole groups
+            return self._whole_groups_of(self._last_chosen, nodes) if set(self._last_chosen) <= set(nodes) else []
         if self.grouped:
             return self._group_cohort(nodes)
         if self._own_nodes:
             return list(self._last_chosen) if set(self._last_chosen) <= set(nodes) else []
         size = max(int(len(nodes) * inner.fraction_train), inner.min_train_nodes)
         return sorted(random.sample(nodes, size)) if size <= len(nodes) else []
+
+    def _whole_groups_of(self, picked: list[int], nodes: list[int]) -> list[int]:
+        """``picked`` with the other connected members of each group a picked node is in
+        (nodes of unknown identity kept as picked: a partial group is left out by the
+        server)."""
+        rule, known = self.groups, self._identities
+        assert rule is not None
+        by_key = {known[v]: v for v in nodes if v in known}
+        touched = {rule.group_of[known[v]] for v in picked if known.get(v) in rule.group_of}
+        return sorted(set(picked) | {by_key[k] for g in touched for k in rule.groups[g] if k in by_key})
 
     def _group_cohort(self, nodes: list[int], evaluate: bool = False) -> list[int]:
         """Participation in whole groups (``SecAggConfig.min_group``): a cohort of whole

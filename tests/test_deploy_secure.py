@@ -48,7 +48,13 @@ CLIP_NORM = 2.0
 NOISE_MULTIPLIER = 1e-5  # must be > 0; std of the released mean = z * C / n = 6.7e-6
 # Local training pinned (cheap, and the clip-norm margin below was measured for it);
 # both runs of a comparison use the same values whatever pyproject.toml's defaults are.
-TRAIN_CONFIG: dict[str, Any] = {"local-epochs": 1, "lr": 0.05, "batch-size": 32, "seed": 0}
+# Whole-group participation is off on both sides in this module ("min-group": 0 here,
+# sgs-min-group=0 in the sites' node config): three or four sites are one group of the
+# default 3, the roster's fourth key (absent until the kill test adds its node) would keep
+# that group from ever being whole, and the kill test's dropout would take it out whole.
+# These tests are about distributed DP and dropout recovery in a deployment; the groups
+# have their own (tests/test_groups.py, tests/test_dropin_attack.py).
+TRAIN_CONFIG: dict[str, Any] = {"local-epochs": 1, "lr": 0.05, "batch-size": 32, "seed": 0, "min-group": 0}
 DDP_RUN_CONFIG: dict[str, Any] = {
     **TRAIN_CONFIG,
     # distributed DP on the secagg preset's model and optimizer (the distributed-dp preset
@@ -91,7 +97,8 @@ def dep(tmp_path_factory: pytest.TempPathFactory):
     # the default floor (0.5) they refuse z = 1e-5 and every round aborts.
     setup, _roster = roster_setup(workdir, N_NODES + 1)
     d = LocalDeployment(N_NODES, workdir, startup_timeout=180, node_setup=setup,
-                        node_config_extra={"sgs-require-secagg": False, "sgs-dp-min-noise": 0.0})
+                        node_config_extra={"sgs-require-secagg": False, "sgs-dp-min-noise": 0.0,
+                                           "sgs-min-group": 0})
     try:
         d.start()
         yield d

@@ -216,9 +216,9 @@ class _Site:
     """An in-process SuperNode: its ClientApp is built as a user writes it (``wrapped``:
     the README's line; else the former ``@app.train(mods=[secagg_mod])``)."""
 
-    def __init__(self, node: int, wrapped: bool) -> None:
-        self.context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1}, state=RecordDict(),
-                               run_config={})
+    def __init__(self, node: int, wrapped: bool, node_config: dict | None = None) -> None:
+        self.context = Context(run_id=1, node_id=node, node_config={"partition-id": node - 1, **(node_config or {})},
+                               state=RecordDict(), run_config={})
         if wrapped:
             self.app = drop_in(numpy_train)
             self.app.evaluate()(numpy_evaluate)
@@ -243,9 +243,12 @@ def test_sites_with_an_unwrapped_evaluate_are_named_once_and_count_as_dropped(ta
     """Two of eight sites kept the former client line: the evaluations run with the other
     six (each site's threshold, 5 of its 7 neighbours, still holds), and the server names
     the two in one ERROR for the whole run."""
-    sites = {u: _Site(u, wrapped=u > 2) for u in range(1, 9)}
+    # whole-group participation off on both sides: an unwrapped site takes its whole group
+    # out of every evaluation, and with 8 sites (two learnt groups) nodes 1 and 2 may be in
+    # both; this test is about naming them (groups: tests/test_groups.py)
+    sites = {u: _Site(u, wrapped=u > 2, node_config={"sgs-min-group": "0"}) for u in range(1, 9)}
     inner = FedAvg(fraction_evaluate=1.0, min_train_nodes=8, min_available_nodes=8, min_evaluate_nodes=8)
-    strategy = SecAggStrategy(inner, SecAggConfig(node_wait_timeout=1))
+    strategy = SecAggStrategy(inner, SecAggConfig(node_wait_timeout=1, min_group=0))
     with caplog.at_level(logging.INFO):
         result = strategy.start(grid=_local_grid(sites), initial_arrays=initial("numpy"), num_rounds=2)
     assert [r.status for r in strategy.reports] == ["ok", "ok"]

@@ -187,12 +187,15 @@ def test_secure_fedadam_applies_its_optimizer_to_the_secure_aggregate(tmp_path, 
     assert _maxdiff(plain["models"][3], secure["models"][3]) <= max(1e-3, 1e2 * max(r.error_bound for r in secure["strategy"].reports))
 
 
-def test_client_crashing_after_sharing_keys_and_server_sees_no_plaintext(tmp_path):
+def test_client_crashing_after_sharing_keys_and_server_sees_no_plaintext(tmp_path, monkeypatch):
     """Partition 1's node crashes in round 2 after sharing its keys; the survivors'
     aggregate is exact. Every message the server receives is recorded and checked. Five
     clients: under the active-server thresholds (t = floor(2k/3) + 1) four tolerate no
-    dropout."""
-    cfg = SecAggConfig()
+    dropout. Whole-group participation is off on both sides here (five sites are one
+    group of the default 3, which the crash would take out whole:
+    ``test_at_defaults_a_crash_in_a_one_group_federation_releases_nothing``)."""
+    monkeypatch.setenv("SGS_NODE_CONFIG", "sgs-min-group=0")
+    cfg = SecAggConfig(min_group=0)
     n = 5
     out = _simulate(lambda: SecAggStrategy(_inner(n=n), cfg), recording_client(tmp_path, crash=lambda p, r: p == 1 and r == 2),
                     rounds=2, grid_wrapper=RecordingGrid, n=n)
@@ -262,8 +265,23 @@ def test_a_train_step_that_raises_is_counted_inside_the_sum_not_an_error_reply(t
     assert _maxdiff(out["models"][2], weighted_mean(others)) <= reports[1].error_bound + 1e-6
 
 
-def test_below_threshold_round_is_skipped_and_model_unchanged(tmp_path):
-    cfg = SecAggConfig(min_clients=3)
+def test_at_defaults_a_crash_in_a_one_group_federation_releases_nothing(tmp_path):
+    """The same crash at the defaults: the five sites are one learnt group of at least 3,
+    so the crash takes the group out whole and round 2 releases nothing (the cost of
+    whole groups in a federation this small, docs/threat_model.md); the model stays round
+    1's and round 3 trains again."""
+    n = 5
+    out = _simulate(lambda: SecAggStrategy(_inner(n=n)), recording_client(tmp_path, crash=lambda p, r: p == 1 and r == 2),
+                    rounds=3, n=n)
+    reports = out["strategy"].reports
+    assert [r.status for r in reports] == ["ok", "aborted", "ok"]
+    assert reports[1].group_excluded == n - 1 and "0 clients sent masked inputs" in reports[1].reason
+    assert _maxdiff(out["models"][2], out["models"][1]) == 0.0
+
+
+def test_below_threshold_round_is_skipped_and_model_unchanged(tmp_path, monkeypatch):
+    monkeypatch.setenv("SGS_NODE_CONFIG", "sgs-min-group=0")  # the threshold alone (groups: the test above)
+    cfg = SecAggConfig(min_clients=3, min_group=0)
     out = _simulate(lambda: SecAggStrategy(_inner(), cfg),
                     recording_client(tmp_path, crash=lambda p, r: p in (0, 1) and r == 2), rounds=3)
     reports = out["strategy"].reports

@@ -258,11 +258,15 @@ def test_secure_evaluation_under_dp_presets(task_identity, mode):  # noqa: F811
         assert abs(float(result.evaluate_metrics_clientapp[1][k]) - float(plain[k])) <= strategy.eval_reports[0].error_bound  # type: ignore[arg-type]
 
 
-def test_one_model_is_not_evaluated_over_two_survivor_sets_but_still_trains(task_identity):  # noqa: F811
+@pytest.mark.parametrize("site_groups", [False, True])
+def test_one_model_is_not_evaluated_over_two_survivor_sets_but_still_trains(task_identity, site_groups):  # noqa: F811
     """A lying server evaluates the same model twice (two server rounds) over cohorts
     differing by one site, to difference out that site's metrics: the sites refuse to
     sign a second survivor set for that evaluated model (nothing is released). Training
-    from that very model is not blocked (the evaluation's memory is its own)."""
+    from that very model is not blocked (the evaluation's memory is its own). The server
+    claims no groups (``min_group=0``: it follows its Sneaky pick); sites with groups off
+    refuse by their memory of the model, sites at the default (groups of 3) by the group
+    check first."""
     from strategies.secure_eval import secure_evaluate
 
     class Sneaky(FedAvg):
@@ -272,15 +276,18 @@ def test_one_model_is_not_evaluated_over_two_survivor_sets_but_still_trains(task
 
     n = 5
     sites = {u: EvalSite(u) for u in range(1, n + 1)}
+    for site in sites.values():
+        site.context.node_config.update({} if site_groups else {"sgs-min-group": "0"})
     strategy = SecAggStrategy(Sneaky(fraction_evaluate=1.0, min_train_nodes=n, min_available_nodes=n,
-                                     min_evaluate_nodes=4), SecAggConfig())
+                                     min_evaluate_nodes=4), SecAggConfig(min_group=0))
     grid = _local_grid(sites)
     model = ArrayRecord({k: Array(v) for k, v in MODEL.items()})
     first = secure_evaluate(strategy, grid, 1, model, ConfigRecord({"server-round": 1}))
     assert first is not None and strategy.eval_reports[0].status == "ok"
     second = secure_evaluate(strategy, grid, 2, model, ConfigRecord({"server-round": 1}))
     assert second is None and strategy.eval_reports[1].status == "aborted"
-    assert "already aggregated over another survivor set" in strategy.eval_reports[1].reason
+    why = "splits 1 of the federation's 1 groups" if site_groups else "already aggregated over another survivor set"
+    assert why in strategy.eval_reports[1].reason
     strategy.inner.fraction_evaluate = 0.0
     strategy.start(grid=grid, initial_arrays=model, num_rounds=1, train_config=ConfigRecord({"lr": 1.0}))
     assert [r.status for r in strategy.reports] == ["ok"]

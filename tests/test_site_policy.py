@@ -13,6 +13,7 @@ from sgs_flower.dp.site import DPContribution, SiteAccountant, SiteBudgetError, 
 from sgs_flower.pipeline import UpdateSpec
 from sgs_flower.secagg import identity
 from sgs_flower.secagg.errors import ConfigurationError, PolicyError
+from sgs_flower.secagg.groups import DEFAULT_MIN_GROUP
 from sgs_flower.secagg.identity import Roster
 from sgs_flower.secagg.policy import ClientPolicy, parse_node_config_text, site_policy
 
@@ -55,7 +56,9 @@ def test_policy_reads_node_config_over_the_environment(tmp_path):
     assert p.require_secure_aggregation is False
     assert p.dp_min_noise_multiplier == 1.5
     assert p.identity_key == identity.read_identity(key)
-    assert site_policy({}, {}) == ClientPolicy()
+    # a site's default policy has whole-group participation on (the library's bare
+    # ClientPolicy() leaves groups to its caller, who must give the server the same rule)
+    assert site_policy({}, {}) == ClientPolicy(min_group=DEFAULT_MIN_GROUP)
     assert parse_node_config_text('a=1 b="x y"') == {"a": "1", "b": "x y"}
 
 

@@ -114,11 +114,11 @@ def seen_by_sites(dump: Path, rnd: int) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(dump.glob(f"r{rnd}_p*.json"))]
 
 
-def simulate(dump: Path, inner: FedAvg) -> dict[str, Any]:
+def simulate(dump: Path, inner: FedAvg, config: SecAggConfig | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def main(grid: Grid, context: Context) -> None:
-        strategy = SecAggStrategy(inner)  # the server half of the drop-in, as the README writes it
+        strategy = SecAggStrategy(inner, config)  # the server half of the drop-in, as the README writes it
         out["strategy"] = strategy
         out["lr_2"] = strategy.current_lr(2)  # the subclass's own method, through the wrapper
         out["result"] = strategy.start(grid=grid, initial_arrays=initial("numpy"), num_rounds=ROUNDS)
@@ -148,8 +148,11 @@ def test_the_wrapper_forwards_the_subclass_and_its_lr_schedule_reaches_every_sit
 
 
 @pytest.mark.slow
-def test_the_nodes_configure_train_picks_are_the_rounds_cohort(tmp_path):
-    out = simulate(tmp_path, _inner(PickingFedAvg))
+def test_the_nodes_configure_train_picks_are_the_rounds_cohort(tmp_path, monkeypatch):
+    # a pick used as it is: whole-group participation off on both sides (with it, a pick is
+    # rounded up to whole groups: test_a_pick_is_rounded_up_to_whole_groups_under_the_default)
+    monkeypatch.setenv("SGS_NODE_CONFIG", "sgs-min-group=0")
+    out = simulate(tmp_path, _inner(PickingFedAvg), SecAggConfig(min_group=0))
     strategy = out["strategy"]
     picked = strategy.picked  # forwarded: the subclass's own attribute
     reports = strategy.reports
@@ -171,9 +174,11 @@ def test_a_pick_that_changes_every_round_is_honoured_by_full_setups(task_identit
     once), every round aggregates exactly them, and each site trains only in the rounds
     it was picked for, with the round's lr."""
     sites = {u: HookSite(u, secure=True) for u in range(1, 6)}
+    for site in sites.values():  # a pick used as it is: groups off on both sides (the test below has them)
+        site.context.node_config["sgs-min-group"] = "0"
     inner = PickingFedAvg(pick=lambda rnd, ids: [ids[(rnd - 1 + k) % len(ids)] for k in range(3)],
                           fraction_evaluate=0.0, min_available_nodes=5)
-    strategy = SecAggStrategy(inner, SecAggConfig(node_wait_timeout=1))
+    strategy = SecAggStrategy(inner, SecAggConfig(node_wait_timeout=1, min_group=0))
     with caplog.at_level(logging.INFO):
         strategy.start(grid=_local_grid(sites), initial_arrays=ArrayRecord({k: Array(v) for k, v in HOOK_MODEL.items()}),
                        num_rounds=4, train_config=ConfigRecord({"lr": 1.0}))
@@ -188,6 +193,30 @@ def test_a_pick_that_changes_every_round_is_honoured_by_full_setups(task_identit
         assert [(rnd, lr) for rnd, lr, _ in site.received] == [(r, lr_of(r)) for r in range(1, 5) if u in want[r]]
     said = [r.getMessage() for r in caplog.records if "chose other nodes than the cohort set up ahead" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("secure round 2: PickingFedAvg.configure_train")
+
+
+def test_a_pick_is_rounded_up_to_whole_groups_under_the_default(task_identity, caplog):  # noqa: F811
+    """At the defaults (groups of 3 learnt at round 1), a configure_train that picks one
+    node each round: round 1 takes every node (the federation is learnt there), later
+    rounds the picked node's whole group (said once), the same group each round, so round
+    3 was set up ahead for it; every site of the group, and only those, trains."""
+    sites = {u: HookSite(u, secure=True) for u in range(1, 10)}
+    inner = PickingFedAvg(pick=lambda rnd, ids: [ids[0]], fraction_evaluate=0.0, min_available_nodes=9)
+    strategy = SecAggStrategy(inner, SecAggConfig(node_wait_timeout=1))
+    with caplog.at_level(logging.INFO):
+        strategy.start(grid=_local_grid(sites), initial_arrays=ArrayRecord({k: Array(v) for k, v in HOOK_MODEL.items()}),
+                       num_rounds=3, train_config=ConfigRecord({"lr": 1.0}))
+    rule, ident = strategy.groups, strategy._identities
+    assert rule is not None
+    group = sorted(u for u in sites if rule.group_of[ident[u]] == rule.group_of[ident[1]])
+    reports = strategy.reports
+    assert [r.status for r in reports] == ["ok"] * 3
+    assert [r.cohort for r in reports] == [list(range(1, 10)), group, group]
+    assert [r.pipelined for r in reports] == [False, False, True]
+    for u, site in sites.items():
+        assert [rnd for rnd, _, _ in site.received] == ([1, 2, 3] if u in group else [1])
+    said = [r.getMessage() for r in caplog.records if "rounds that up to the whole groups" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("secure round 2: PickingFedAvg.configure_train picked 1 nodes")
 
 
 class CheckpointFedAvg(LRScheduleFedAvg):

@@ -105,7 +105,10 @@ def run_local(args: argparse.Namespace) -> int:
         from sgs_flower.deploy.identities import roster_setup
 
         setup, roster = roster_setup(workdir, args.supernodes)
-        run_config.setdefault("roster", str(roster))  # the server's groups are the pinned roster's, as the sites'
+        from sgs_flower.deploy.runs import app_config
+
+        if "roster" in app_config(Path(args.app)):  # an app that takes it (ours): the server's groups are the roster's
+            run_config.setdefault("roster", str(roster))
     with LocalDeployment(
         args.supernodes, workdir, tls=not args.insecure, supernode_auth=not args.no_auth,
         node_config_extra=extra, node_setup=setup,
