@@ -96,7 +96,9 @@ class SecAggConfig:
       groups each sum is over. The default is ``DEFAULT_MIN_GROUP`` (3, the sites' default
       too). Without a ``roster``, the federation is learnt on first use: the identities
       that advertised keys in the run's first round, as each site learns them at its first
-      round; later keys are never in a whole group (pin a roster to add sites).
+      round; later keys are never in a whole group (pin a roster to add sites). A
+      wrapped ``configure_train`` that picks its own nodes has its pick rounded up to the
+      whole groups of the picked nodes (said once).
     - ``max_consecutive_aborts``: this many aborted rounds in a row stop the run with
       :class:`~strategies.SecureAggregationFailed` (a run whose rounds all abort stops
       with it too).
