@@ -205,18 +205,31 @@ def _load_client(context: Context, ident: bytes, policy: ClientPolicy, site: Sit
         if rec is None
         else SecAggClient.from_state_dict(dict(rec), ident, policy)
     )
-    _load_federation(context, client)
-    client.history = dict(site.history) | client.history
-    client.roster_epochs = list(site.roster_epochs)
+    _from_site(context, client, site)
     return client
 
 
 def _save_client(context: Context, client: SecAggClient) -> None:
     context.state[STATE_KEY] = ConfigRecord(client.state_dict())
-    _save_federation(context, client)
+    _save_run_memory(context, client)
 
 
-def _load_federation(context: Context, client: SecAggClient) -> None:
+def _from_site(context: Context, client: SecAggClient, site: SiteState) -> None:
+    """Hand a protocol instance (train or evaluation) what the site remembers: the sets it
+    signed and the roster epochs it signed under (its state file), and the run's memory
+    (:func:`_load_run_memory`)."""
+    client.history = dict(site.history) | client.history
+    client.roster_epochs = list(site.roster_epochs)
+    _load_run_memory(context, client)
+
+
+def _into_site(client: SecAggClient, site: SiteState) -> None:
+    """Take back what a consistency stage added to the site's memory (saved by the caller)."""
+    site.history = dict(client.history)
+    site.roster_epochs = list(client.roster_epochs)
+
+
+def _load_run_memory(context: Context, client: SecAggClient) -> None:
     """The federation learnt at the run's first round (whole-group participation without
     a roster, :mod:`sgs_flower.secagg.groups`): one record for the train and the
     evaluation instances, so both check survivor sets against the same groups. Also the
@@ -230,13 +243,13 @@ def _load_federation(context: Context, client: SecAggClient) -> None:
         bls.trust_verified(bytes(verified["digests"]))  # type: ignore[arg-type]
 
 
-def _save_federation(context: Context, client: SecAggClient) -> None:
+def _save_run_memory(context: Context, client: SecAggClient) -> None:
     if client.federation and FEDERATION_KEY not in context.state.config_records:
         context.state[FEDERATION_KEY] = ConfigRecord({"keys": sorted(client.federation)})
-    digests = bls.verified_digests()
+    count = bls.verified_count()  # joined only when the site checked new keys (every message passes here)
     kept = context.state.config_records.get(BLS_VERIFIED_KEY)
-    if digests and (kept is None or len(bytes(kept["digests"])) != len(digests)):  # type: ignore[arg-type]
-        context.state[BLS_VERIFIED_KEY] = ConfigRecord({"digests": digests})
+    if count and (kept is None or len(bytes(kept["digests"])) != count * bls.DIGEST_BYTES):  # type: ignore[arg-type]
+        context.state[BLS_VERIFIED_KEY] = ConfigRecord({"digests": bls.verified_digests()})
 
 
 # ---------------------------------------------------------------- replies
@@ -338,9 +351,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
     except (SecAggError, ValueError, KeyError, TypeError) as exc:  # corrupt saved state: start afresh
         logger.warning("discarding unreadable secure-aggregation state: %r", exc)
         client = SecAggClient(int(context.node_id), identity=ident, policy=policy)
-        client.history = dict(site.history)
-        client.roster_epochs = list(site.roster_epochs)
-        _load_federation(context, client)
+        _from_site(context, client, site)
     try:
         rec, stage, server_msg = _protocol_part(msg)
         if is_eval_round(server_msg.round_id):
@@ -377,8 +388,7 @@ def run_secagg(msg: Message, context: Context, call_next: CallNext, encoder: Enc
             ahead = f"{type(exc).__name__}: the site does not take part in the next round (details in its log)"
     _save_client(context, client)
     if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered (never twice), with the model's sketch
-        site.history = dict(client.history)
-        site.roster_epochs = list(client.roster_epochs)
+        _into_site(client, site)
         pending = context.state.config_records.get(PENDING_KEY)
         if pending is not None and str(pending["digest"]) in site.history:
             digest = bytes.fromhex(str(pending["digest"]))
@@ -858,9 +868,7 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext, arr
     except (SecAggError, ValueError, KeyError, TypeError) as exc:
         logger.warning("discarding unreadable secure-evaluation state: %r", exc)
         client = SecAggClient(int(context.node_id), identity=ident, policy=policy)
-    client.history = dict(site.history) | client.history
-    client.roster_epochs = list(site.roster_epochs)
-    _load_federation(context, client)
+    _from_site(context, client, site)
     try:
         rec, stage, server_msg = _protocol_part(msg)
         if not is_eval_round(server_msg.round_id):
@@ -885,8 +893,7 @@ def run_secure_evaluate(msg: Message, context: Context, call_next: CallNext, arr
         return _error_reply(msg, exc)
     _save_eval_client(context, client)
     if stage == Stage.CONSISTENCY:  # the signed survivor set is remembered, under the evaluation's own key
-        site.history = dict(client.history)
-        site.roster_epochs = list(client.roster_epochs)
+        _into_site(client, site)
         _save_site(context, state_path, site)
     return _protocol_reply(msg, stage, reply, names)
 
@@ -898,7 +905,7 @@ def _save_eval_client(context: Context, client: SecAggClient) -> None:
     state = client.state_dict()
     state["history_models"], state["history_sets"] = [], []
     context.state[EVAL_STATE_KEY] = ConfigRecord(state)
-    _save_federation(context, client)
+    _save_run_memory(context, client)
 
 
 def _evaluate_and_encode(
