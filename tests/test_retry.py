@@ -393,10 +393,11 @@ def task_identity(monkeypatch):
 
 class StrategySite:
     """One in-process SuperNode behind the real mod: ``x -> x + step(node, round)``;
-    ``crash_retry`` makes the node crash (an error reply) at the retry stage."""
+    ``crash_retry`` makes the node crash (an error reply) at the retry stage,
+    ``crash_masked`` at the masked input of those rounds (a dropout there)."""
 
-    def __init__(self, node: int, step, crash_retry: bool = False) -> None:
-        self.node, self.step, self.crash_retry = node, step, crash_retry
+    def __init__(self, node: int, step, crash_retry: bool = False, crash_masked: tuple[int, ...] = ()) -> None:
+        self.node, self.step, self.crash_retry, self.crash_masked = node, step, crash_retry, crash_masked
         self.context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
 
     def train(self, msg, context):
@@ -413,7 +414,9 @@ class StrategySite:
         from clients.secagg_mod import secagg_mod
 
         rec = msg.content.config_records.get(wire.RECORD_KEY)
-        if self.crash_retry and rec is not None and rec.get(wire.FIELD_STAGE) == int(Stage.RETRY):
+        stage = rec.get(wire.FIELD_STAGE) if rec is not None else None
+        if ((self.crash_retry and stage == int(Stage.RETRY))
+                or (stage == int(Stage.MASKED_INPUT) and int(msg.metadata.group_id) in self.crash_masked)):
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="simulated crash"), reply_to=msg)
         return secagg_mod(msg, self.context, self.train)
 
@@ -520,24 +523,6 @@ def test_kept_deltas_left_by_an_earlier_run_are_collected_after_an_hour():
     assert not stale.exists() and fresh.exists()
 
 
-class _CrashAtMasked(StrategySite):
-    """A site whose ClientApp crashes at round ``rnd``'s masked input (a dropout there)."""
-
-    def __init__(self, node: int, step, rnd: int) -> None:
-        super().__init__(node, step)
-        self.rnd = rnd
-
-    def handle(self, msg):
-        from flwr.app import Error
-        from flwr.common.constant import ErrorCode
-
-        rec = msg.content.config_records.get(wire.RECORD_KEY)
-        if (rec is not None and rec.get(wire.FIELD_STAGE) == int(Stage.MASKED_INPUT)
-                and int(msg.metadata.group_id) == self.rnd):
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="simulated crash"), reply_to=msg)
-        return super().handle(msg)
-
-
 def test_a_retry_in_a_round_with_a_group_left_out_goes_to_the_whole_groups_only(task_identity):
     """Whole-group participation at its default (three groups of 3 learnt at round 1 from
     the nine sites): site 1 crashes at round 2's masked input, so its two group-mates are
@@ -555,7 +540,7 @@ def test_a_retry_in_a_round_with_a_group_left_out_goes_to_the_whole_groups_only(
             d.flat[0] = 5.0
         return d
 
-    sites = {u: (_CrashAtMasked(u, step, 2) if u == 1 else StrategySite(u, step)) for u in range(1, 10)}
+    sites = {u: StrategySite(u, step, crash_masked=(2,) if u == 1 else ()) for u in range(1, 10)}
     strategy = SecAggStrategy(FedAvg(fraction_evaluate=0.0, min_train_nodes=9, min_available_nodes=9))
     models = {}
 
