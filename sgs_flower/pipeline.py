@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import struct
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ from sgs_flower.secagg.errors import (
     PolicyError,
     StaleMessageError,
 )
+from sgs_flower.secagg.input_validation import MODES, ValidationLayout, layout_for, params_for
 from sgs_flower.secagg.prg import dtype_for_bits
 from sgs_flower.secagg.quantize import (
     CHUNK,
@@ -208,6 +210,12 @@ class UpdateSpec:
     # "" = off. Then the vector carries the site's whole new model (not the delta) and
     # TAG_WORDS linear-MAC words after the metric slots, all under the key's masks.
     model_key: str = ""
+    # input validation (issue 31, docs/validation.md): "" = off, else the round's
+    # validation layout as canonical JSON (secagg.input_validation.ValidationLayout: the
+    # mode "l2" or "linf", the bound parameters, the body words), built by
+    # :func:`with_validation`. Every site re-derives the bound from the rest of the spec
+    # (:func:`validation_layout`), so a server cannot set one an honest update fails.
+    validation: str = ""
 
     def __post_init__(self) -> None:
         if not (self.metric_range > 0 and np.isfinite(self.metric_range)):
@@ -260,6 +268,14 @@ class UpdateSpec:
                 )
             if not re.fullmatch(r"[0-9a-f]{32}", self.model_key):
                 raise ConfigurationError(f"model_key must be 32 hex digits (a key id), got {self.model_key!r}")
+        if self.validation:
+            layout = ValidationLayout.from_json(self.validation)
+            if self.model_key:
+                raise ConfigurationError("input validation does not combine with the model-confidential mode yet: its "
+                                         "vector carries whole models, which the round's bound does not describe")
+            if layout.mode == "l2" and self.dp_mode == "none":
+                raise ConfigurationError("validate='l2' bounds the DP clip norm: it needs dp_mode central or distributed "
+                                         "(outside DP use 'linf', the range's bound)")
         self.quantization  # validates the field and cohort bounds  # noqa: B018
 
     @property
@@ -397,6 +413,7 @@ class UpdateSpec:
                 l2_clip=float(d["l2_clip"]), noise_mu_share=float(d["noise_mu_share"]),
                 rotation_seed=int(d["rotation_seed"]), min_survivors=int(d["min_survivors"]),
                 weight_scale=int(d["weight_scale"]), model_key=str(d["model_key"]),
+                validation=str(d["validation"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedMessageError(f"malformed update spec from the server: {exc!r}") from exc
@@ -584,8 +601,11 @@ def encode_update(
         values.append(float(np.clip(value, -r, r)))
     # The delta's parts are encoded as parts of one vector: no concatenated copy of the
     # model. Out-of-range values wrap (linear encoding, counted), never clip: see encode_parts.
+    # Under input validation they are clipped (still counted): the round is never retried
+    # (a retry input would be unproven) and a wrapped word would break the honest site's
+    # own bound, so the count only keeps the round from being released.
     enc = encode_parts([xf, xi], weight, spec.quantization, rng,
-                       tail_words=spec.metric_words + spec.tag_words + spec.counters, wrap=True)
+                       tail_words=spec.metric_words + spec.tag_words + spec.counters, wrap=not spec.validation)
     enc.vector[x.size : x.size + spec.metric_words] = metric_limb_words(values, weight, spec)
     counters = np.concatenate([
         magnitude_histogram(xf, c), magnitude_histogram(xi_raw, spec.int_clip_range),
@@ -627,6 +647,82 @@ def metric_sums(words: np.ndarray, spec: UpdateSpec) -> list[int]:
 def weight_histogram(weight: int, max_weight: int) -> np.ndarray:
     """``out[k]`` = 1 if ``weight > 2^k``, k = 0 .. :func:`weight_bins` - 1."""
     return np.array([weight > (1 << k) for k in range(weight_bins(max_weight))], dtype=np.int64)
+
+
+# ------------------------------------------------------------------ input validation (issue 31)
+MIN_SOUNDNESS_BITS = 40  # the weakest check a site accepts: 2^-40 per challenge (docs/validation.md)
+VALIDATION_COMPLETENESS_BITS = 64  # honest DP noise beyond the bound: probability below 2^-64 (Gaussian tail)
+
+
+def validation_bound(spec: UpdateSpec, mode: str, model_size: int) -> int:
+    """B, the bound on ``||x||_2`` in integer units for ``mode`` under ``spec``, where x is
+    the encoded body (:func:`validation_body`) an honest site of weight at most the
+    weight scale produces:
+
+    - outside DP, ``"linf"``: every body word is a clipped, weight-scaled level, at most
+      ``L`` in magnitude, so ``||x|| <= sqrt(m) L`` (m body words): the range per
+      coordinate proven through the L2 bound it implies (the proof is an L2 check);
+    - under DP, ``"l2"``: the clipped delta and the flag have L2 norm at most the clip
+      norm, so ``||q|| <= (L / c) min(l2_clip, c sqrt(d)) + sqrt(d)`` (scale, then
+      stochastic rounding, d body words); ``"linf"``: ``sqrt(d) L``;
+    - under distributed DP plus the site's Skellam share (variance ``2 mu`` per word),
+      bounded by the Laurent-Massart chi-square tail at 2^-64
+      (``sigma^2 (d + 2 sqrt(d t) + 2 t)``, ``t = 64 ln 2``), the Gaussian approximation of
+      the Skellam share; by the triangle inequality the sum of both."""
+    if mode not in MODES:
+        raise ConfigurationError(f"validate must be one of {MODES}, got {mode!r}")
+    q = spec.quantization
+    d = validation_body(spec, model_size)
+    if spec.dp_mode == "none":
+        if mode != "linf":
+            raise ConfigurationError("validate='l2' needs DP's clip norm; outside DP use 'linf'")
+        return math.ceil(math.sqrt(d) * q.levels)
+    signal = (q.levels / spec.clip_range * min(spec.l2_clip, spec.clip_range * math.sqrt(d)) + math.sqrt(d)
+              if mode == "l2" else math.sqrt(d) * q.levels)
+    noise = 0.0
+    if spec.dp_mode == "distributed":
+        t = VALIDATION_COMPLETENESS_BITS * math.log(2)
+        noise = math.sqrt(2 * spec.noise_mu_share * (d + 2 * math.sqrt(d * t) + 2 * t))
+    return math.ceil(signal + noise)
+
+
+def validation_body(spec: UpdateSpec, model_size: int) -> int:
+    """Words of x, at the start of the vector: the encoded delta (padded when rotated),
+    and under DP the flag word after it; the weight, metrics and counters are not in it."""
+    return spec.dp_dimension(model_size) if spec.dp_mode != "none" else spec.encoded_size(model_size)
+
+
+def with_validation(spec: UpdateSpec, mode: str, model_size: int, soundness_bits: int = 40) -> UpdateSpec:
+    """The server's spec for a validated round: ``spec`` with the layout of ``mode`` (the
+    bound :func:`validation_bound`, k and range bits from ``params_for``)."""
+    layout = layout_for(mode, validation_bound(spec, mode, model_size), validation_body(spec, model_size),
+                        soundness_bits)
+    return replace(spec, validation=layout.to_json())
+
+
+def validation_layout(spec: UpdateSpec, model_size: int) -> ValidationLayout | None:
+    """The round's validation layout as a site checks it (None when the spec has none):
+    the body and the bound must be those the rest of the spec implies for this model, so
+    a server cannot make an honest update fail (a bound below it) or pass anything (a
+    bound above it); ``InconsistentRequestError`` otherwise. Hand the result to
+    ``SecAggClient.handle(..., validation=)`` at the masked input, and to
+    ``RoundParams(validation=)`` on the server."""
+    if not spec.validation:
+        return None
+    layout = ValidationLayout.from_json(spec.validation)
+    body, bound = validation_body(spec, model_size), validation_bound(spec, layout.mode, model_size)
+    if layout.body != body or layout.params.bound != bound:
+        raise InconsistentRequestError(
+            f"the spec's validation layout (body {layout.body}, bound {layout.params.bound}) is not the one its own "
+            f"fields imply for a {model_size}-weight model (body {body}, bound {bound}); refused"
+        )
+    soundness = layout.params.soundness_bits
+    if soundness < MIN_SOUNDNESS_BITS or layout.params != params_for(bound, soundness):
+        raise InconsistentRequestError(
+            f"the spec's validation parameters are not params_for(bound, soundness_bits >= {MIN_SOUNDNESS_BITS}) "
+            f"(got soundness_bits {soundness}, k {layout.params.k}): a weaker check than the protocol's; refused"
+        )
+    return layout
 
 
 def _write_counters(vector: np.ndarray, counters: np.ndarray, spec: UpdateSpec, body: int) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from sgs_flower.secagg import bls, identity, keys, shamir
+from sgs_flower.secagg import input_validation as iv
 from sgs_flower.secagg.errors import (
     ConfigurationError,
     InconsistentRequestError,
@@ -289,7 +290,7 @@ class AwaitingShares:
 
     def on_shares(
         self, msg: ShareBundle, vector: np.ndarray, bound_digest: bytes, model_digest: bytes, min_survivors: int,
-        near_sets: frozenset[str] = frozenset(),
+        near_sets: frozenset[str] = frozenset(), validation: iv.ValidationLayout | None = None,
     ) -> tuple[AwaitingConsistency, MaskedInput]:
         """Mask the input. ``bound_digest`` is the digest of the global model and config
         this client trained on: it keys the masks (see :func:`keys.round_contexts`).
@@ -297,7 +298,13 @@ class AwaitingShares:
         survivor set per model; ``min_survivors`` is the fewest survivors its noise
         share was calibrated for (distributed DP; 0 otherwise). ``near_sets`` are the
         survivor sets the site signed for models near this one (see
-        :mod:`sgs_flower.secagg.model_memory`): it may sign only such a set now."""
+        :mod:`sgs_flower.secagg.model_memory`): it may sign only such a set now.
+
+        ``validation`` (issue 31): the round's validation layout. The site then reads x
+        (the layout's body words as signed integers), draws the k commitment blinds and
+        appends them as limbs (:func:`input_validation.blind_limb_words`) to the vector
+        it masks, and keeps x, the blinds and the digest of what it sent until the
+        consistency stage, where it proves x's bound for the round's challenge."""
         u, sec = self.node_id, self.secrets
         setup = sec.setup
         held: dict[int, tuple[bytes, bytes]] = {}
@@ -326,11 +333,18 @@ class AwaitingShares:
                 f"{getattr(vector, 'dtype', type(vector).__name__)} {getattr(vector, 'shape', '')}"
             )
         context, _ = keys.round_contexts(setup, sec.seed, bound_digest)
+        site: iv.SiteInput | None = None
+        if validation is not None:
+            site = iv.SiteInput.draw(validation, vector, setup.field_bits)
+            limbs = iv.blind_limb_words(site.blinds, setup.field_bits, len(setup.cohort))
+            vector = np.concatenate([vector, limbs.astype(dtype, copy=False)])
         masked = mask_input(vector, sec, {v: self.roster[v] for v in held}, u, context)
+        if site is not None:
+            site.digest = iv.input_digest(masked, setup.field_bits)
         reply = MaskedInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked,
                             field_bits=setup.field_bits)
         nxt = AwaitingConsistency(u, sec, self.roster, self.identities, held, model_digest, min_survivors,
-                                  tuple(sorted(near_sets)), context, self.bls_keys)
+                                  tuple(sorted(near_sets)), context, self.bls_keys, site)
         return nxt, reply
 
 
@@ -342,7 +356,7 @@ def mask_input(
     All 1 + k keystreams are added in one sweep over the vector (block by block, while
     each block is in cache), which keeps the stage at the AES keystream floor."""
     setup = sec.setup
-    exp = get_expander(setup.vector_length, vector.dtype)
+    exp = get_expander(vector.size, vector.dtype)  # the round's length, and the blind limbs of a validated round
     s_sk = keys.load_private_key(sec.s_sk)
     streams = [(keys.self_mask_key(sec.b_u, context, u), +1)]
     streams += [
@@ -366,6 +380,7 @@ class AwaitingConsistency:
     near_sets: tuple[str, ...] = ()
     mask_context: bytes = b""  # what the masks were keyed with (a retry derives its context from it)
     bls_keys: tuple[tuple[int, bytes], ...] = ()
+    validation: iv.SiteInput | None = None  # a validated round: x, blinds, digest of the masked input
 
     def on_consistency(
         self, msg: ConsistencyRequest, ident: bytes, history: dict[str, str], groups: GroupRule | None = None
@@ -378,6 +393,12 @@ class AwaitingConsistency:
         u3 = check_survivor_set(msg.survivors, u, sec, self.held, self.identities, self.min_survivors, left_out)
         if groups is not None:
             check_whole_groups(u3, self.identities, groups)
+        site = self.validation
+        if site is None and msg.digests:
+            raise MalformedMessageError("a consistency request carries masked-input digests in a round without "
+                                        "input validation")
+        if site is not None:
+            iv.check_digests(msg.digests, u3, u, site.digest)
         key = self.model_digest.hex()
         signed = survivor_set_digest(u3)
         if history.get(key, signed) != signed:
@@ -400,9 +421,17 @@ class AwaitingConsistency:
             signature = identity.sign(ident, statement)
         else:
             signature = bls.sign(sec.bls_sk, statement)
-        reply = ConsistencySignature(run_id=msg.run_id, round_id=msg.round_id, sender=u, signature=signature)
+        proof = proof_signature = seed = b""
+        if site is not None:
+            # the challenge is common to every site and fixed only now, after every x is
+            seed = iv.challenge_seed(self.mask_context, site.layout, u3, msg.digests)
+            if u in u3:  # a site left out with its group has no input in the sum to prove
+                proof, proof_signature = iv.prove(site, ident, msg.run_id, msg.round_id, u, seed)
+        reply = ConsistencySignature(run_id=msg.run_id, round_id=msg.round_id, sender=u, signature=signature,
+                                     proof=proof, proof_signature=proof_signature)
         return (AwaitingUnmask(u, sec, self.roster, self.identities, self.held, u3, self.mask_context,
-                               groups is not None, self.bls_keys), reply)
+                               groups is not None, self.bls_keys, site.layout if site is not None else None, seed,
+                               self.min_survivors), reply)
 
 
 def check_survivor_set(
@@ -456,6 +485,11 @@ class AwaitingUnmask:
     # the members of groups left out whole included (each honest site signs one set)
     cohort_signers: bool = False
     bls_keys: tuple[tuple[int, bytes], ...] = ()
+    # a validated round: its layout and challenge seed (to check evidence against cheaters)
+    # and the fewest survivors the site's noise share was calibrated for
+    layout: iv.ValidationLayout | None = None
+    seed: bytes = b""
+    min_survivors: int = 0
 
     def on_unmask(self, msg: UnmaskRequest) -> tuple[Unmasked, UnmaskResponse]:
         """Reveal shares for the set this client signed, once the quorum of the round's
@@ -480,14 +514,42 @@ class AwaitingUnmask:
             self._check_neighbourhood_quorum(msg, statement, members)
         else:
             self._check_global_quorum(msg, statement, members)
+        members = self._without_cheaters(msg, members)
         # Who dropped is derived from what this client saw, never taken from the server:
-        # neighbours that sent it shares but are not survivors.
+        # neighbours that sent it shares but are not survivors (or, in a validated round,
+        # survivors whose failing proof this client checked itself).
         reply = UnmaskResponse(
             run_id=msg.run_id, round_id=msg.round_id, sender=u,
             self_mask_shares=tuple((v, self.held[v][1]) for v in sorted(self.held) if v in members),
             key_shares=tuple((v, self.held[v][0]) for v in sorted(self.held) if v not in members),
         )
-        return Unmasked(u, sec, self.roster, self.survivors, self.mask_context), reply
+        return Unmasked(u, sec, self.roster, self.survivors, self.mask_context,
+                        validated=self.layout is not None), reply
+
+    def _without_cheaters(self, msg: UnmaskRequest, members: frozenset[int]) -> frozenset[int]:
+        """The survivors whose self-masks this client reveals: in a validated round, the
+        signed set without the survivors the request proves to have cheated
+        (:func:`input_validation.check_evidence`: each one's identity signed, under the
+        seed this client derived, a proof that fails). A cheater counts as a colluder: its
+        consistency signature still counts in the quorum (which tolerates colluders), and
+        the remaining survivors must still be at least the ones this site's noise share
+        was calibrated for. Outside validation, evidence is a malformed request."""
+        if self.layout is None:
+            if msg.evidence:
+                raise MalformedMessageError("an unmask request carries evidence in a round without input validation")
+            return members
+        sec = self.secrets
+        cheaters = iv.check_evidence(msg.evidence, members, self.node_id, self.identities, self.layout,
+                                     sec.setup.run_id, sec.setup.round_id, self.seed)
+        if not cheaters:
+            return members
+        rest = members - cheaters
+        if len(rest) < max(2, self.min_survivors):
+            raise InconsistentRequestError(
+                f"without the {len(cheaters)} proven cheaters only {len(rest)} survivors remain, fewer than the "
+                f"{max(2, self.min_survivors)} this site's input may be summed with; refused"
+            )
+        return rest
 
     def _check_global_quorum(self, msg: UnmaskRequest, statement: bytes, members: frozenset[int]) -> None:
         """The global quorum (the default): floor(2n/3) + 1 survivors of the cohort
@@ -586,9 +648,15 @@ class Unmasked:
     survivors: tuple[int, ...]
     mask_context: bytes
     attempts: int = 0
+    validated: bool = False  # the round validated its inputs: no retry (its input would be unproven)
 
     def check_retry(self, msg: RetryRequest) -> None:
         u = self.node_id
+        if self.validated:
+            raise PolicyError(
+                f"node {u}'s round validated its inputs: a retry input would enter the sum without a proof for a "
+                "challenge drawn after it, so retries are refused under input validation"
+            )
         if u not in self.survivors:  # left out with its group: its input never enters a sum
             raise PolicyError(f"node {u} is not among the survivors it signed for (its group was left out); a retry "
                               "of its input is refused")
@@ -618,7 +686,7 @@ class Unmasked:
         # the survivors among its neighbours all shared with it (checked before it signed)
         peers = {v: nk for v, nk in self.roster.items() if v in members and v in sec.neighbours and v != u}
         masked = mask_input(vector, sec, peers, u, context)
-        nxt = Unmasked(u, sec, self.roster, self.survivors, self.mask_context, msg.attempt)
+        nxt = Unmasked(u, sec, self.roster, self.survivors, self.mask_context, msg.attempt, self.validated)
         return nxt, RetryInput(run_id=msg.run_id, round_id=msg.round_id, sender=u, vector=masked,
                                field_bits=sec.setup.field_bits)
 
@@ -714,10 +782,16 @@ class SecAggClient:
         model_digest: bytes = b"",
         min_survivors: int = 0,
         near_sets: frozenset[str] = frozenset(),
+        validation: iv.ValidationLayout | None = None,
     ) -> Message:
-        """Answer a message's first part (a message of its own round)."""
+        """Answer a message's first part (a message of its own round).
+
+        At the masked-input stage ``validation`` is the round's validation layout (issue
+        31, from the round's update spec: :func:`sgs_flower.pipeline.validation_layout`),
+        None for a round without; a site with ``require_validation`` refuses the latter."""
         try:
-            reply = self._handle(msg, vector, bound_digest, model_digest or bound_digest, min_survivors, near_sets)
+            reply = self._handle(msg, vector, bound_digest, model_digest or bound_digest, min_survivors, near_sets,
+                                 validation)
         except (ProtocolError, ThresholdError):
             self.state = AwaitingSetup(self.node_id)
             self.answered = (-1, -1, 0)
@@ -870,7 +944,7 @@ class SecAggClient:
 
     def _handle(
         self, msg: Message, vector: np.ndarray | None, bound_digest: bytes, model_digest: bytes, min_survivors: int,
-        near_sets: frozenset[str] = frozenset(),
+        near_sets: frozenset[str] = frozenset(), validation: iv.ValidationLayout | None = None,
     ) -> Message:
         self.check_header(msg)
         if isinstance(msg, Setup):
@@ -889,7 +963,9 @@ class SecAggClient:
         if isinstance(st, AwaitingShares) and isinstance(msg, ShareBundle):
             if vector is None:
                 raise MalformedMessageError("the masked-input stage needs the client's input vector")
-            self.state, masked = st.on_shares(msg, vector, bound_digest, model_digest, min_survivors, near_sets)
+            self.policy.check_validation(validation is not None)
+            self.state, masked = st.on_shares(msg, vector, bound_digest, model_digest, min_survivors, near_sets,
+                                              validation)
             self.last_masked = (setup.run_id, setup.round_id)
             return masked
         if isinstance(st, AwaitingConsistency) and isinstance(msg, ConsistencyRequest):
@@ -968,6 +1044,14 @@ def _instance_dict(st: ClientState, node_id: int, prefix: str) -> dict[str, Any]
         out[prefix + "model_digest"] = st.model_digest
         out[prefix + "min_survivors"] = st.min_survivors
         out[prefix + "near_sets"] = list(st.near_sets)
+        if st.validation is not None:  # x travels with the state: see docs/validation.md, "Cost"
+            out.update({f"{prefix}validation.{k}": v for k, v in st.validation.to_state().items()})
+    if isinstance(st, AwaitingUnmask) and st.layout is not None:
+        out[prefix + "validation.layout"] = st.layout.to_json()
+        out[prefix + "validation.seed"] = st.seed
+        out[prefix + "min_survivors"] = st.min_survivors
+    if isinstance(st, Unmasked):
+        out[prefix + "validated"] = st.validated
     if isinstance(st, AwaitingConsistency | AwaitingUnmask | Unmasked):
         out[prefix + "mask_context"] = st.mask_context
     if isinstance(st, AwaitingUnmask | Unmasked):
@@ -1003,15 +1087,23 @@ def _instance_from(d: dict[str, Any], node_id: int, prefix: str) -> ClientState:
     mask_context = bytes(d.get(prefix + "mask_context", b""))
     if name == "Unmasked":
         return Unmasked(node_id, sec, roster, tuple(int(v) for v in d[prefix + "survivors"]), mask_context,
-                        int(d[prefix + "attempts"]))
+                        int(d[prefix + "attempts"]), bool(d.get(prefix + "validated", False)))
     n = shamir.SHARE_BYTES
     held = {int(v): (bytes(s[:n]), bytes(s[n:]))
             for v, s in zip(d[prefix + "held_nodes"], d[prefix + "held_shares"], strict=True)}
+    has_validation = prefix + "validation.layout" in d
     if name == "AwaitingConsistency":
+        site = None
+        if has_validation:
+            n_prefix = len(prefix + "validation.")
+            site = iv.SiteInput.from_state({k[n_prefix:]: v for k, v in d.items() if k.startswith(prefix + "validation.")})
         return AwaitingConsistency(node_id, sec, roster, table, held, bytes(d[prefix + "model_digest"]),
                                    int(d[prefix + "min_survivors"]),
-                                   tuple(str(v) for v in d.get(prefix + "near_sets", [])), mask_context, bls_entries)
+                                   tuple(str(v) for v in d.get(prefix + "near_sets", [])), mask_context, bls_entries,
+                                   site)
     if name != "AwaitingUnmask":
         raise MalformedMessageError("saved client state names an unknown stage")
+    layout = iv.ValidationLayout.from_json(str(d[prefix + "validation.layout"])) if has_validation else None
     return AwaitingUnmask(node_id, sec, roster, table, held, tuple(int(v) for v in d[prefix + "survivors"]),
-                          mask_context, bool(d.get(prefix + "cohort_signers", False)), bls_entries)
+                          mask_context, bool(d.get(prefix + "cohort_signers", False)), bls_entries, layout,
+                          bytes(d.get(prefix + "validation.seed", b"")), int(d.get(prefix + "min_survivors", 0)))

@@ -73,9 +73,21 @@ class SignatureError(ProtocolError):
     tampered advertisement or consistency signature."""
 
 
+class FailedProofError(ProtocolError):
+    """Input validation (issue 31): a site's bound proof, signed by its identity key for
+    the round's challenge, is malformed or does not verify; the site is left out like a
+    dropout and its signed proof is the evidence every honest site checks."""
+
+
 class ThresholdError(SecAggError):
     """Too few clients survive to reconstruct masks, or the cohort is too small; the
     round is aborted with no aggregate and the global model stays as it was."""
+
+
+class UnprovenInputError(ThresholdError):
+    """Input validation (issue 31): a survivor's masked input is in the sum but it sent
+    no proof (or none signed by its identity) for the round's challenge, so it can be
+    neither checked nor excluded with evidence; the round is aborted with no aggregate."""
 
 
 class ReconstructionError(SecAggError):

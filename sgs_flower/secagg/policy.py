@@ -50,6 +50,9 @@ NODE_CONFIG_KEYS = {
                             "norm to one it already signed for (default 0.01; 0: exact copies only)",
     "sgs-require-dp": "refuse rounds without distributed DP (default false)",
     "sgs-require-confidential": "refuse rounds outside the model-confidential mode (default false)",
+    "sgs-require-validation": "refuse rounds whose spec does not validate every site's input (a zero-knowledge "
+                              "proof of its bound, issue 31), so that no peer can move the sum anywhere (default "
+                              "false)",
     "sgs-dp-min-noise": "distributed DP: smallest noise multiplier this site accepts (default 0.5)",
     "sgs-dp-max-epsilon": "distributed DP: this site's budget against the server; 0 = account only",
     "sgs-dp-delta": "distributed DP: delta of this site's accounting (default 1e-5)",
@@ -80,6 +83,9 @@ class ClientPolicy:
     min_model_change: float = 0.01
     require_distributed_dp: bool = False
     require_confidential: bool = False
+    # refuse a round without input validation (issue 31): the site joins only sums in
+    # which every peer proved its update's bound (sgs-require-validation)
+    require_validation: bool = False
     dp_min_noise_multiplier: float = 0.5
     dp_max_epsilon: float = 0.0
     dp_delta: float = 1e-5
@@ -145,6 +151,16 @@ class ClientPolicy:
                 f"threshold {threshold} is below the active-server bound ({active_threshold(degree)}) for degree {degree}"
             )
 
+    def check_validation(self, validated: bool) -> None:
+        """``sgs-require-validation``: refuse a round whose peers do not prove their
+        inputs' bound (checked before training, and again by the protocol client at its
+        masked input)."""
+        if self.require_validation and not validated:
+            raise PolicyError(
+                "this round does not validate its sites' inputs, and this site requires it (sgs-require-validation): "
+                "one peer could move the secure sum anywhere; refused"
+            )
+
     def check_width(self, field_bits: int) -> None:
         """Refuse a word width below the site's floor, before anything is built for the
         round. Why a floor on top of the overflow check every site makes on the spec
@@ -191,6 +207,7 @@ class ClientPolicy:
             min_model_change=get("sgs-min-model-change", float, 0.01),
             require_distributed_dp=get("sgs-require-dp", bool, False),
             require_confidential=get("sgs-require-confidential", bool, False),
+            require_validation=get("sgs-require-validation", bool, False),
             dp_min_noise_multiplier=get("sgs-dp-min-noise", float, 0.5),
             dp_max_epsilon=get("sgs-dp-max-epsilon", float, 0.0),
             dp_delta=get("sgs-dp-delta", float, 1e-5),

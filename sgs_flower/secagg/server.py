@@ -20,9 +20,11 @@ import numpy as np
 from blspy import G1Element, G2Element
 
 from sgs_flower.secagg import bls, identity, keys, shamir
+from sgs_flower.secagg import input_validation as iv
 from sgs_flower.secagg.client import share_x
 from sgs_flower.secagg.errors import (
     ConfigurationError,
+    FailedProofError,
     InconsistentAggregateError,
     InconsistentRequestError,
     MalformedMessageError,
@@ -33,6 +35,7 @@ from sgs_flower.secagg.errors import (
     StaleMessageError,
     ThresholdError,
     UnknownSenderError,
+    UnprovenInputError,
 )
 from sgs_flower.secagg.graph import (
     CONSISTENCY_GLOBAL,
@@ -89,9 +92,17 @@ class RoundParams:
     # (sites must opt in, policy sgs-consistency); announced in the setup and bound into the
     # round context
     consistency: str = CONSISTENCY_GLOBAL
+    # input validation (issue 31): what every survivor proves about its input, None for
+    # a round without; the masked vectors then carry the commitment blinds in limbs after
+    # the vector_length words (RoundParams.masked_length)
+    validation: iv.ValidationLayout | None = None
 
     def __post_init__(self) -> None:
         check_consistency_mode(self.consistency, "RoundParams.consistency")
+        if self.validation is not None and self.validation.body > self.vector_length:
+            raise ConfigurationError(
+                f"the validated body of {self.validation.body} words exceeds the vector of {self.vector_length}"
+            )
         cohort = tuple(sorted(set(self.cohort)))
         if len(cohort) != len(self.cohort):
             raise ConfigurationError("cohort contains duplicate node ids")
@@ -126,6 +137,11 @@ class RoundParams:
         return graph_seed(self.run_id, self.round_id, self.cohort)
 
     @property
+    def masked_length(self) -> int:
+        """Words of a masked input: the vector, and in a validated round the blinds' limbs."""
+        return self.vector_length + iv.blind_words(self.validation, self.field_bits, len(self.cohort))
+
+    @property
     def quorum(self) -> int:
         """Survivors and signers below which the round aborts: in the global mode also the
         signatures on the survivor set every client needs before it unmasks."""
@@ -140,6 +156,10 @@ class RoundOutcome:
     survivors: tuple[int, ...]
     dropped: dict[int, Stage]
     rejected: dict[int, ProtocolError]
+    # input validation: the survivors left out because their proof failed (their input is
+    # not in ``total``), and the summed blinds the aggregate opening was checked with
+    cheaters: tuple[int, ...] = ()
+    summed_blinds: tuple[int, ...] = ()
 
 
 class SecAggServer:
@@ -193,6 +213,15 @@ class SecAggServer:
         self._acc: np.ndarray | None = None
         self._seeds: dict[int, bytes] | None = None  # survivors' self-mask seeds, once unmasked (for retries)
         self.retries = 0
+        # input validation (params.validation): each survivor's masked vector (kept until
+        # the proofs are checked, so a cheater's can be taken out of the sum) and digest,
+        # the round's challenge seed, the valid proofs and the evidence against cheaters
+        self._vectors: dict[int, np.ndarray] = {}
+        self.digests: dict[int, bytes] = {}
+        self.challenge: bytes = b""
+        self.proofs: dict[int, iv.BoundProof] = {}
+        self.evidence: dict[int, bytes] = {}
+        self.validation_seconds = 0.0  # time spent verifying proofs and the opening (benchmarks)
         if bound_digest is not None:
             self.bind_model(bound_digest)
 
@@ -385,9 +414,9 @@ class SecAggServer:
                 )
                 self.dropped[node] = Stage.MASKED_INPUT
                 continue
-            if not isinstance(vec, np.ndarray) or vec.dtype != self.dtype or vec.shape != (self.params.vector_length,):
+            if not isinstance(vec, np.ndarray) or vec.dtype != self.dtype or vec.shape != (self.params.masked_length,):
                 self.rejected[node] = MalformedMessageError(
-                    f"node {node}'s masked vector must be {self.dtype} of shape ({self.params.vector_length},), "
+                    f"node {node}'s masked vector must be {self.dtype} of shape ({self.params.masked_length},), "
                     f"got {getattr(vec, 'dtype', type(vec).__name__)} {getattr(vec, 'shape', '')}"
                 )
                 self.dropped[node] = Stage.MASKED_INPUT
@@ -406,10 +435,13 @@ class SecAggServer:
             for node in self.group_excluded:  # its masks are recovered as a dropout's; its self-mask hides its input
                 self.dropped[node] = Stage.MASKED_INPUT
             valid = {v: vec for v, vec in valid.items() if v in keep}
-        acc = np.zeros(self.params.vector_length, dtype=self.dtype)
+        acc = np.zeros(self.params.masked_length, dtype=self.dtype)
         for node, vec in valid.items():
             np.add(acc, vec, out=acc)
             self.u3.add(node)
+            if self.params.validation is not None:
+                self._vectors[node] = vec
+                self.digests[node] = iv.input_digest(vec, self.params.field_bits)
         self._require(len(self.u3), "sent masked inputs")
         self._require_quorum(len(self.u3 | self._group_signers()), "sent masked inputs")
         self._acc = acc
@@ -418,8 +450,13 @@ class SecAggServer:
         # one tuple object for every request of this round (consistency and unmask): sites
         # in one process then share its checked view (client._survivor_view)
         survivors = self._survivors = tuple(sorted(self.u3))
+        digests: tuple[tuple[int, bytes], ...] = ()
+        if p.validation is not None:  # the challenge: fixed now that every survivor's input is
+            digests = tuple((v, self.digests[v]) for v in survivors)
+            self.challenge = iv.challenge_seed(self.context, p.validation, survivors, digests)
         return {
-            v: ConsistencyRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors)
+            v: ConsistencyRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors,
+                                  digests=digests)
             for v in sorted(self.u3 | self._group_signers())
         }
 
@@ -461,15 +498,18 @@ class SecAggServer:
         survivors = self._survivors
         statement = keys.consistency_statement(self.share_context, survivors)
         p = self.params
+        evidence = self._check_proofs(ok)
         if p.consistency != CONSISTENCY_NEIGHBOURHOOD:
             signed, self.aggregate = self._aggregate(ok, statement)
-            self.u4 = set(signed)
-            self._require_quorum(len(self.u4), "signed the survivor set")
+            # a proven cheater's signature counts in the quorum (it tolerates colluders),
+            # but it is not asked to help unmask
+            self.u4 = set(signed) - set(self.evidence)
+            self._require_quorum(len(signed), "signed the survivor set")
             self.stage = Stage.UNMASK
             return {
                 v: UnmaskRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors,
-                                 aggregate=self.aggregate, signers=signed)
-                for v in signed
+                                 aggregate=self.aggregate, signers=signed, evidence=evidence)
+                for v in signed if v in self.u4
             }
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, ConsistencySignature)
@@ -485,8 +525,9 @@ class SecAggServer:
         forwarded: dict[int, tuple[tuple[int, bytes], ...]] = {}
         for v in sorted(self.u4):
             signers = sorted(self.graph[v] & self.u4)
-            if len(signers) >= need:
+            if len(signers) >= need and v not in self.evidence:
                 forwarded[v] = tuple((w, self.signatures[w]) for w in signers[:need])
+        self.u4 -= set(self.evidence)
         for v in sorted(self.u2):
             answering = len(self.graph[v].intersection(forwarded))
             if answering < p.threshold:
@@ -497,9 +538,58 @@ class SecAggServer:
                 )
         self.stage = Stage.UNMASK
         return {
-            v: UnmaskRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors, signatures=sigs)
+            v: UnmaskRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors, signatures=sigs,
+                             evidence=evidence)
             for v, sigs in forwarded.items()
         }
+
+    def _check_proofs(self, ok: Mapping[int, Message]) -> tuple[tuple[int, bytes], ...]:
+        """Input validation at the consistency stage: every survivor's bound proof for
+        the round's challenge, and the evidence against those whose proof fails.
+
+        - A survivor that sent no proof, or one not signed by its identity key for this
+          challenge, has an input in the sum that can be neither checked nor excluded
+          with evidence (honest sites would have no reason to believe the server): the
+          round aborts (:class:`UnprovenInputError`), nothing is released.
+        - A survivor whose signed proof is malformed or fails is left out like a
+          dropout: its masked vector is taken out of the sum, its self-mask is never
+          asked for, and the unmask request carries its signed proof so that every
+          honest site checks the failure itself before revealing its masking-key shares.
+        Returns the evidence (sorted by node), empty without validation."""
+        layout = self.params.validation
+        if layout is None:
+            return ()
+        start = time.perf_counter()
+        p = self.params
+        unproven = []
+        for v in sorted(self.u3):
+            msg = ok.get(v)
+            proof, signature = (msg.proof, msg.proof_signature) if isinstance(msg, ConsistencySignature) else (b"", b"")
+            statement = iv.proof_statement(p.run_id, p.round_id, v, self.challenge, proof)
+            if not proof or not identity.verify(self.advertised[v].identity_key, signature, statement):
+                unproven.append(v)
+                continue
+            ctx = iv.proof_context(p.run_id, p.round_id, v, self.advertised[v].identity_key, self.challenge, layout)
+            failure = iv.proof_fails(proof, layout, ctx)
+            if failure is not None:
+                self.evidence[v] = iv.evidence_blob(signature, proof)
+                self.rejected[v] = FailedProofError(f"node {v}'s bound proof fails: {failure}")
+                self.dropped[v] = Stage.CONSISTENCY
+            else:
+                self.proofs[v] = iv.parse_proof(proof, layout)
+        self.validation_seconds += time.perf_counter() - start
+        if unproven:
+            raise UnprovenInputError(
+                f"round {p.round_id} aborted: survivors {unproven} sent no proof of their input's bound signed for "
+                "this round's challenge; their inputs are in the sum and can be neither checked nor excluded; no "
+                "aggregate is released"
+            )
+        assert self._acc is not None
+        for v in self.evidence:  # out of the sum, as a dropout: its pairwise masks are recovered at unmask
+            np.subtract(self._acc, self._vectors.pop(v), out=self._acc)
+            self.u3.discard(v)
+        self._require(len(self.u3), "sent masked inputs with a valid proof")
+        return tuple(sorted(self.evidence.items()))
 
     def _aggregate(self, ok: Mapping[int, Message], statement: bytes) -> tuple[tuple[int, ...], bytes]:
         """(signers, aggregate) of a global round: each reply's BLS signature parsed (a
@@ -571,7 +661,7 @@ class SecAggServer:
         assert self._acc is not None and self.params.threshold is not None and self.context is not None
         t = self.params.threshold
         acc = self._acc
-        exp = get_expander(self.params.vector_length, self.dtype)
+        exp = get_expander(self.params.masked_length, self.dtype)
         streams: list[tuple[bytes, int]] = []
         p = self.params
         seeds: dict[int, bytes] = {}
@@ -604,9 +694,20 @@ class SecAggServer:
         exp.accumulate(acc, streams)
         reduce_mod(acc, p.field_bits)
         self._acc = None
+        self._vectors = {}
+        blinds: tuple[int, ...] = ()
+        if p.validation is not None:
+            # the aggregate opening, before anything is released: raises OpeningError (the
+            # round aborts) when what was summed is not what was proven
+            start = time.perf_counter()
+            blinds = tuple(iv.check_sum(p.validation, [self.proofs[v] for v in sorted(self.u3)], acc,
+                                        p.vector_length, p.field_bits, len(p.cohort), self.challenge))
+            self.validation_seconds += time.perf_counter() - start
+            acc = acc[: p.vector_length]
         self._seeds = seeds
         self.stage = Stage.ADVERTISE_KEYS
-        return RoundOutcome(acc, tuple(sorted(self.u3)), dict(self.dropped), dict(self.rejected))
+        return RoundOutcome(acc, tuple(sorted(self.u3)), dict(self.dropped), dict(self.rejected),
+                            tuple(sorted(self.evidence)), blinds)
 
     # ------------------------------------------------------------ retry (docs/protocol.md, "Retry")
     def retry_messages(self) -> dict[int, RetryRequest]:
@@ -616,6 +717,12 @@ class SecAggServer:
             raise StaleMessageError(f"round {self.params.round_id}: a retry comes only after the unmask stage")
         if self.retries >= MAX_RETRIES:
             raise ConfigurationError(f"round {self.params.round_id}: at most {MAX_RETRIES} retries (sites refuse more)")
+        if self.params.validation is not None:
+            raise ConfigurationError(
+                f"round {self.params.round_id} validates its inputs: a retry input would enter the sum without a "
+                "proof for a challenge drawn after it, so validated rounds are not retried (sites refuse); the round "
+                "is not released and the next one starts at the wider range"
+            )
         self.stage = Stage.RETRY
         p = self.params
         survivors = tuple(sorted(self.u3))

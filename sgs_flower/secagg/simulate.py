@@ -12,6 +12,7 @@ would time the sum of n sites' work, not a round.
 from __future__ import annotations
 
 import gc
+import math
 import multiprocessing
 import multiprocessing.connection
 import pickle
@@ -26,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from sgs_flower.secagg.client import SecAggClient
-from sgs_flower.secagg.errors import ProtocolError, SecAggError, ThresholdError
+from sgs_flower.secagg.errors import ConfigurationError, ProtocolError, SecAggError, ThresholdError
+from sgs_flower.secagg.input_validation import ValidationLayout, layout_for
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, encode
 from sgs_flower.secagg.server import RoundOutcome, RoundParams, SecAggServer, decode_checked
@@ -94,6 +96,7 @@ def run_protocol(
     seconds: dict[str, float] | None = None,
     upload_bytes: dict[int, int] | None = None,
     cpu_seconds: dict[str, float] | None = None,
+    validation: ValidationLayout | None = None,
 ) -> RoundOutcome:
     """Drive the five stages; a client in ``dropouts[stage]`` sends nothing from that
     stage on. With ``wire=True`` every message goes through its byte encoding.
@@ -102,7 +105,9 @@ def run_protocol(
     processes (:class:`SiteShards`, which then hold their state between the stages);
     the messages, refusals and results are the same either way. ``cpu_seconds`` gets
     the server's CPU by stage ("server_stageN") and, for sites in this process, theirs
-    ("sites_stageN"; sites in workers report it in :attr:`SiteShards.stats`)."""
+    ("sites_stageN"; sites in workers report it in :attr:`SiteShards.stats`). ``validation``
+    is the layout every site is handed at its masked input (issue 31; the server's is
+    ``server.params.validation``)."""
     cpu = cpu_seconds if cpu_seconds is not None else {}
     if isinstance(clients, SiteShards):
         answer_all: _AnswerAll = clients.answer
@@ -119,7 +124,7 @@ def run_protocol(
                 cpu[key] = cpu.get(key, 0.0) + time.process_time() - t
             return out
 
-    return _drive(server, answer_all, vectors, dropouts, wire, bound_digests, seconds, upload_bytes, cpu)
+    return _drive(server, answer_all, vectors, dropouts, wire, bound_digests, seconds, upload_bytes, cpu, validation)
 
 
 def _drive(
@@ -132,6 +137,7 @@ def _drive(
     seconds: dict[str, float] | None,
     upload_bytes: dict[int, int] | None,
     cpu: dict[str, float],
+    validation: ValidationLayout | None = None,
 ) -> RoundOutcome:
     drops = {s: set(v) for s, v in (dropouts or {}).items()}
     gone: set[int] = set()
@@ -149,6 +155,8 @@ def _drive(
             if stage == Stage.MASKED_INPUT:
                 kw["vector"] = vectors[node]
                 kw["bound_digest"] = (bound_digests or {}).get(node, b"")
+                if validation is not None:
+                    kw["validation"] = validation
             items.append((node, msg, kw))
         answers = answer_all(items, wire)
         replies: dict[int, Message | bytes] = {}
@@ -447,6 +455,9 @@ def simulate_round(
     consistency: str = "global",
     workers: int = 1,
     min_group: int = 0,
+    validate: str | None = None,
+    bound: float | None = None,
+    soundness_bits: int = 40,
 ) -> RoundResult:
     """Securely aggregate ``inputs`` (one float array per client, same shape).
 
@@ -471,6 +482,12 @@ def simulate_round(
     the Flower glue's default is 3) on both sides: the server (``SecAggServer(min_group=...)``)
     and the sites (``sgs-min-group``) learn the federation from this round's cohort, and a
     group with a member that sent no masked input stays out of the sum whole.
+
+    ``validate`` turns on input validation (issue 31, docs/validation.md): ``"linf"``
+    proves the L2 bound implied by the range, ``sqrt(m) * L * max_weight`` in integer
+    units (``L`` levels per coordinate); ``"l2"`` proves ``bound`` (an L2 norm in the
+    inputs' units, converted to ``(bound * L / clip_range + sqrt(m)) * max_weight``, the
+    rounding included). A site whose proof fails is left out (``outcome.cheaters``).
     """
     n = len(inputs)
     if weights is None:
@@ -491,9 +508,13 @@ def simulate_round(
         for i, (x, w) in enumerate(zip(inputs, weights, strict=True))
     ]
     m = encoded[0].vector.size
+    layout = None
+    if validate is not None:
+        layout = layout_for(validate, integer_bound(validate, bound, int(np.prod(shape)), config), int(np.prod(shape)),
+                            soundness_bits)
     params = RoundParams(
         run_id=run_id, round_id=round_id, cohort=tuple(ids), vector_length=m, field_bits=field_bits,
-        degree=degree, threshold=threshold, min_clients=min_clients, consistency=consistency,
+        degree=degree, threshold=threshold, min_clients=min_clients, consistency=consistency, validation=layout,
     )
     server = SecAggServer(params, min_group=min_group)
     # the simulated sites accept this cohort's size (the default policy stops at 1,000)
@@ -511,7 +532,7 @@ def simulate_round(
         used = shards.workers  # at most one per site
         try:
             outcome = run_protocol(server, shards, vectors, drops, wire, seconds=seconds, upload_bytes=upload,
-                                   cpu_seconds=cpu)
+                                   cpu_seconds=cpu, validation=layout)
         finally:
             stats = shards.close()
         for st in stats:
@@ -520,7 +541,7 @@ def simulate_round(
     else:
         clients = {u: SecAggClient(u, policy=policy) for u in ids}
         outcome = run_protocol(server, clients, vectors, drops, wire, seconds=seconds, upload_bytes=upload,
-                               cpu_seconds=cpu)
+                               cpu_seconds=cpu, validation=layout)
     decoded = decode_checked(outcome.total, config, len(outcome.survivors))
     survivors = [u - 1 for u in outcome.survivors]
     return RoundResult(
@@ -537,6 +558,18 @@ def simulate_round(
         cpu_seconds=cpu,
         server=server,
     )
+
+
+def integer_bound(validate: str, bound: float | None, size: int, config: QuantizationConfig) -> int:
+    """:func:`simulate_round`'s validation bound in integer units (see its docstring)."""
+    weight = config.max_weight
+    if validate == "linf":
+        return math.ceil(math.sqrt(size) * config.levels * weight)
+    if validate == "l2":
+        if bound is None or not bound > 0:
+            raise ConfigurationError("validate='l2' needs bound=, the inputs' L2 norm bound (> 0)")
+        return math.ceil((bound * config.scale + math.sqrt(size)) * weight)
+    raise ConfigurationError(f"validate must be 'l2', 'linf' or None, got {validate!r}")
 
 
 # ---------------------------------------------------------------- pipelined rounds

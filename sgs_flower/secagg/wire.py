@@ -47,10 +47,13 @@ from sgs_flower.secagg.errors import MalformedMessageError
 # round's advertisement carries a BLS key with its proof of possession and identity
 # binding, the key roster every member's, the unmask request one aggregate and its
 # signers, which a /5 site could not check: a /5 peer is refused at its first message.
-PROTOCOL_VERSION = "sgs-secagg+/6"
+# /7: input validation (issue 31): the consistency request may carry the survivors'
+# masked-input digests, the consistency reply a bound proof and its identity signature,
+# the unmask request evidence against cheaters (sgs_flower.secagg.input_validation).
+PROTOCOL_VERSION = "sgs-secagg+/7"
 CRYPTO_SUITE = (
     "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir-GF(2^31-1)+Ed25519(identities)"
-    "+BLS12-381-PoP(global consistency)"
+    "+BLS12-381-PoP(global consistency)+BLS12-381-Bulletproofs(input validation)"
 )
 MAGIC = b"SGS2"
 
@@ -181,10 +184,15 @@ class ShareBundle(Message):
 @dataclass(frozen=True)
 class ConsistencyRequest(Message):
     """Stage 3 -> 4: the survivor set U3 (every node whose masked input the server
-    summed), the same for every recipient; each survivor signs it once."""
+    summed), the same for every recipient; each survivor signs it once.
+
+    In a validated round (issue 31) ``digests`` holds each survivor's masked-input
+    digest, in the survivor set's order: the challenge seed every site derives hashes
+    them, so it is fixed only after every x is (empty otherwise)."""
 
     recipient: int
     survivors: tuple[int, ...]
+    digests: tuple[tuple[int, bytes], ...] = ()
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.CONSISTENCY
     to_server: ClassVar[bool] = False
@@ -205,6 +213,10 @@ class UnmaskRequest(Message):
     signatures: tuple[tuple[int, bytes], ...] = ()
     aggregate: bytes = b""
     signers: tuple[int, ...] = ()
+    # validated rounds: per survivor whose proof failed, its identity signature then the
+    # proof it signed (input_validation.evidence_blob); each recipient checks it itself
+    # and only then treats that survivor as a dropout
+    evidence: tuple[tuple[int, bytes], ...] = ()
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.UNMASK
     to_server: ClassVar[bool] = False
@@ -269,10 +281,16 @@ class MaskedInput(Message):
 class ConsistencySignature(Message):
     """The sender's signature over the round and the survivor set it was sent: BLS
     (96 bytes, under the key it advertised) in a global round, Ed25519 (64 bytes) in a
-    neighbourhood round."""
+    neighbourhood round.
+
+    In a validated round also ``proof`` (the site's bound proof for the round's
+    challenge) and ``proof_signature`` (Ed25519, its identity key, over
+    :func:`sgs_flower.secagg.input_validation.proof_statement`); empty otherwise."""
 
     sender: int
     signature: bytes
+    proof: bytes = b""
+    proof_signature: bytes = b""
     version: str = PROTOCOL_VERSION
     stage: ClassVar[Stage] = Stage.CONSISTENCY
     to_server: ClassVar[bool] = True
@@ -322,8 +340,9 @@ _INT_FIELDS = {
 }
 _NODE_LIST_FIELDS = ("cohort", "survivors", "signers")
 _BYTES_FIELDS = ("c_pk", "s_pk", "self_mask_commitment", "identity_key", "signature", "bls_key", "bls_pop",
-                 "bls_binding", "aggregate")
-_PAIR_FIELDS = ("ciphertexts", "self_mask_shares", "key_shares", "identities", "signatures", "bls_keys")
+                 "bls_binding", "aggregate", "proof", "proof_signature")
+_PAIR_FIELDS = ("ciphertexts", "self_mask_shares", "key_shares", "identities", "signatures", "bls_keys", "digests",
+                "evidence")
 
 
 def _b64(b: bytes) -> str:
