@@ -501,15 +501,13 @@ class SecAggServer:
         evidence = self._check_proofs(ok)
         if p.consistency != CONSISTENCY_NEIGHBOURHOOD:
             signed, self.aggregate = self._aggregate(ok, statement)
-            # a proven cheater's signature counts in the quorum (it tolerates colluders),
-            # but it is not asked to help unmask
-            self.u4 = set(signed) - set(self.evidence)
-            self._require_quorum(len(signed), "signed the survivor set")
+            self.u4 = set(signed)
+            self._require_quorum(len(self.u4), "signed the survivor set")
             self.stage = Stage.UNMASK
             return {
                 v: UnmaskRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors,
-                                 aggregate=self.aggregate, signers=signed, evidence=evidence)
-                for v in signed if v in self.u4
+                                 aggregate=self.aggregate, signers=signed, evidence=_evidence_for(v, evidence))
+                for v in signed
             }
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, ConsistencySignature)
@@ -525,9 +523,8 @@ class SecAggServer:
         forwarded: dict[int, tuple[tuple[int, bytes], ...]] = {}
         for v in sorted(self.u4):
             signers = sorted(self.graph[v] & self.u4)
-            if len(signers) >= need and v not in self.evidence:
+            if len(signers) >= need:
                 forwarded[v] = tuple((w, self.signatures[w]) for w in signers[:need])
-        self.u4 -= set(self.evidence)
         for v in sorted(self.u2):
             answering = len(self.graph[v].intersection(forwarded))
             if answering < p.threshold:
@@ -539,7 +536,7 @@ class SecAggServer:
         self.stage = Stage.UNMASK
         return {
             v: UnmaskRequest(run_id=p.run_id, round_id=p.round_id, recipient=v, survivors=survivors, signatures=sigs,
-                             evidence=evidence)
+                             evidence=_evidence_for(v, evidence))
             for v, sigs in forwarded.items()
         }
 
@@ -766,6 +763,14 @@ class SecAggServer:
         get_expander(p.vector_length, self.dtype).accumulate(acc, streams)
         reduce_mod(acc, p.field_bits)
         return RoundOutcome(acc, tuple(sorted(self.u3)), dict(self.dropped), dict(self.rejected))
+
+
+def _evidence_for(recipient: int, evidence: tuple[tuple[int, bytes], ...]) -> tuple[tuple[int, bytes], ...]:
+    """The evidence an unmask request carries: against every proven cheater but its
+    recipient. A cheater still helps unmask (its signature counted, like a colluder's,
+    and its shares of honest neighbours are needed as a dropout's would be); shown
+    evidence against itself it would refuse, as an honest site shown any must."""
+    return tuple(item for item in evidence if item[0] != recipient)
 
 
 def _combine(shares: list[tuple[int, np.ndarray]], t: int) -> bytes:
