@@ -526,3 +526,27 @@ def test_what_a_site_sends_is_independent_of_its_update():
     table = np.stack([commitment_hist(zero), commitment_hist(large)])
     p_control = stats.chi2_contingency(table[:, table.sum(axis=0) > 0])[1]
     assert p_control < 1e-6, p_control
+
+
+def test_batch_verification_names_exactly_the_failing_proofs():
+    from sgs_flower.validation.proof import verify_bounds
+
+    seed = secrets.token_bytes(32)
+    good = [prove_bound(_at_norm(800), random_blinds(SMALL.k), SMALL, seed, b"node=%d" % i) for i in range(4)]
+    items = [(p, b"node=%d" % i) for i, p in enumerate(good)]
+    assert verify_bounds(items, SMALL) == {}
+    far = prove_bound(_at_norm(2 * SMALL.gamma * SMALL.bound), random_blinds(SMALL.k), SMALL, seed, b"node=4")
+    tampered = bytearray(good[1].proof)
+    tampered[-5] ^= 1
+    bad_items = [
+        *items,
+        (far, b"node=4"),  # out of bound
+        (BoundProof(good[1].commitments, bytes(tampered)), b"node=1"),  # tampered
+        (good[2], b"node=9"),  # copied by another site
+        (BoundProof(good[0].commitments[:3], good[0].proof), b"node=0"),  # malformed
+        (BoundProof(good[0].commitments, good[0].proof[:-1]), b"node=0"),  # short
+    ]
+    failures = verify_bounds(bad_items, SMALL)
+    assert sorted(failures) == [4, 5, 6, 7, 8]
+    assert all(isinstance(e, ProofError) for e in failures.values())
+    assert verify_bounds(bad_items[:4] + bad_items[6:7], SMALL).keys() == {4}
