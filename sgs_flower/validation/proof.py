@@ -120,3 +120,9 @@ def verify_bounds(items: Sequence[tuple[BoundProof, bytes]], params: BoundParams
     for j, exc in rangeproof.verify_many(statements, params.bits).items():
         failures[index[j]] = exc
     return dict(sorted(failures.items()))
+
+
+def warm_up(params: BoundParams) -> None:
+    """Derive the round's generators now (2*k*bits hash-to-curve points, ~0.3 ms each,
+    cached per process), so the first proof or verification does not pay for them."""
+    rangeproof.warm_up(params.bits, params.k)

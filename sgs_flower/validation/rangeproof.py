@@ -455,3 +455,12 @@ def verify_many(
         except ProofError as exc:
             failures[idx] = exc
     return failures
+
+
+def warm_up(bits: int, count: int) -> None:
+    """Derive (and cache) every generator a proof for ``count`` values of ``bits`` needs."""
+    _check_shape(bits, count)
+    group.generators(LABEL_G, bits * count)
+    group.generators(LABEL_H, bits * count)
+    pedersen_h()
+    group.generators(LABEL_IPA, 1)
