@@ -364,6 +364,9 @@ def test_projection_rejects_bad_vectors():
     seed = secrets.token_bytes(32)
     with pytest.raises(EncodingError, match="2\\^40"):
         project(np.array([2**40], dtype=np.int64), seed, 8)
+    for wraps in [np.array([0, 2**64 - 1], dtype=np.uint64), np.array([np.iinfo(np.int64).min, 3])]:
+        with pytest.raises(EncodingError, match="2\\^40"):
+            project(wraps, seed, 8)  # would wrap to a small value in a careless cast
     with pytest.raises(EncodingError, match="integer"):
         project(np.array([1.0, 2.0]), seed, 8)
     with pytest.raises(EncodingError, match="1-D"):
@@ -440,6 +443,8 @@ def test_honest_survivors_open_against_the_true_sum():
     xs, blinds, proofs = _sites(3, seed)
     total = np.sum(xs, axis=0)
     check_opening(proofs, project(total, seed, SMALL.k), 3, _summed(blinds), SMALL)
+    # numpy integers for the projections are accepted (and not multiplied in int64)
+    check_opening(proofs, np.array(project(total, seed, SMALL.k), dtype=np.int64), 3, _summed(blinds), SMALL)
     # a subset of survivors opens against its own sum
     check_opening(proofs[:2], project(xs[0] + xs[1], seed, SMALL.k), 2, _summed(blinds[:2]), SMALL)
 
@@ -499,7 +504,7 @@ def test_what_a_site_sends_is_independent_of_its_update():
     fresh blinds, is told apart at once."""
     zero = np.zeros(300, dtype=np.int64)
     large = _at_norm(SMALL.bound)
-    trials = 10
+    trials = 8
 
     def histogram(x: np.ndarray, blinds_fn: Callable[[], list[int]]) -> np.ndarray:
         return np.bincount(np.concatenate([_sent_bytes(x, blinds_fn) for _ in range(trials)]), minlength=256)
@@ -526,3 +531,27 @@ def test_what_a_site_sends_is_independent_of_its_update():
     table = np.stack([commitment_hist(zero), commitment_hist(large)])
     p_control = stats.chi2_contingency(table[:, table.sum(axis=0) > 0])[1]
     assert p_control < 1e-6, p_control
+
+
+def test_batch_verification_names_exactly_the_failing_proofs():
+    from sgs_flower.validation.proof import verify_bounds
+
+    seed = secrets.token_bytes(32)
+    good = [prove_bound(_at_norm(800), random_blinds(SMALL.k), SMALL, seed, b"node=%d" % i) for i in range(4)]
+    items = [(p, b"node=%d" % i) for i, p in enumerate(good)]
+    assert verify_bounds(items, SMALL) == {}
+    far = prove_bound(_at_norm(2 * SMALL.gamma * SMALL.bound), random_blinds(SMALL.k), SMALL, seed, b"node=4")
+    tampered = bytearray(good[1].proof)
+    tampered[-5] ^= 1
+    bad_items = [
+        *items,
+        (far, b"node=4"),  # out of bound
+        (BoundProof(good[1].commitments, bytes(tampered)), b"node=1"),  # tampered
+        (good[2], b"node=9"),  # copied by another site
+        (BoundProof(good[0].commitments[:3], good[0].proof), b"node=0"),  # malformed
+        (BoundProof(good[0].commitments, good[0].proof[:-1]), b"node=0"),  # short
+    ]
+    failures = verify_bounds(bad_items, SMALL)
+    assert sorted(failures) == [4, 5, 6, 7, 8]
+    assert all(isinstance(e, ProofError) for e in failures.values())
+    assert verify_bounds(bad_items[:4] + bad_items[6:7], SMALL).keys() == {4}

@@ -58,8 +58,11 @@ def check_opening(
             raise OpeningError(f"survivor {i}: {exc}") from exc
         sums = [s + q for s, q in zip(sums, pts, strict=True)]
     rho = [secrets.randbelow(R - 1) + 1 for _ in range(k)]
-    g_coef = sum(r * (params.scale * pj + count * params.shift) for r, pj in zip(rho, projected_sum, strict=True))
-    h_coef = sum(r * sb for r, sb in zip(rho, summed_blinds, strict=True))
+    # int(): numpy integers would overflow silently in these products
+    g_coef = sum(
+        r * (params.scale * int(pj) + count * params.shift) for r, pj in zip(rho, projected_sum, strict=True)
+    )
+    h_coef = sum(r * int(sb) for r, sb in zip(rho, summed_blinds, strict=True))
     total = group.msm([*sums, pedersen_g(), pedersen_h()], [*rho, -g_coef % R, -h_coef % R])
     if total != G1Point.identity():
         raise OpeningError(

@@ -122,6 +122,9 @@ class BoundParams:
     completeness_error: float
     scale: int = 1
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     @property
     def accept(self) -> float:
         """A: the largest |v_j| the range proof admits (shift/scale; the positive side
@@ -163,9 +166,7 @@ class BoundParams:
                     raise ConfigurationError(f"bound params {f.name!r} must be a finite number, got {v!r}")
                 v = float(v)
             values[f.name] = v
-        params = cls(**values)
-        params.validate()
-        return params
+        return cls(**values)  # validated in __post_init__
 
     def validate(self) -> None:
         """ConfigurationError unless the fields are consistent (see :func:`params_for`)."""
@@ -252,8 +253,7 @@ def params_for(
         soundness_bits=soundness_bits,
         completeness_error=completeness_error(k, scale, shift, bound),
         scale=scale,
-    )
-    params.validate()
+    )  # validated in __post_init__
     return params
 
 
@@ -289,9 +289,11 @@ def project(x: np.ndarray, seed: bytes, k: int) -> list[int]:
         raise EncodingError(f"x must be a 1-D integer vector, got shape {arr.shape} dtype {arr.dtype}")
     if k < 1:
         raise ConfigurationError(f"k must be >= 1, got {k}")
-    arr = arr.astype(np.int64, copy=False)
-    if arr.size and int(np.max(np.abs(arr))) >= MAX_ABS_ENTRY:
+    # compare in the input's own dtype (as Python ints) before any cast: a uint64 2^64-1
+    # would cast to -1, and np.abs(int64 min) is negative
+    if arr.size and (int(arr.min()) <= -MAX_ABS_ENTRY or int(arr.max()) >= MAX_ABS_ENTRY):
         raise EncodingError("an entry of x has |x_i| >= 2^40: outside the encoding the proof covers")
+    arr = arr.astype(np.int64, copy=False)
     totals = [0] * k
     m = arr.size
     for start in range(0, m, CHUNK_COORDINATES):

@@ -297,12 +297,19 @@ def _parse(proof: bytes, rounds: int) -> tuple[list[G1Point], list[int], list[G1
     return firsts, scalars, l_pts, r_pts, a_fin, b_fin, [*raw_points, *raw_l, *raw_r]
 
 
-def verify(commitments: Sequence[bytes], proof: bytes, bits: int, transcript: Transcript) -> None:
-    """Check a proof that every committed value is in [0, 2^bits); ProofError if not.
+_FAIL = (
+    "range proof does not verify: a value is outside the range, the proof was "
+    "tampered with, or it was made for other commitments or another context"
+)
 
-    The transcript must be in the state the prover's was in when it called :func:`prove`
-    (same label, same context appended), or the challenges differ and the proof fails.
-    """
+
+def _terms(
+    commitments: Sequence[bytes], proof: bytes, bits: int, transcript: Transcript, weight: int
+) -> tuple[list[int], list[int], list[G1Point], list[int]]:
+    """The verification equation of one proof, times ``weight``, as MSM terms:
+    (scalars on g, scalars on h, the proof's own points, their scalars), where the
+    sum is the identity iff the proof verifies (but for probability 1/R over the
+    verifier's random c). G, H and U come first among the own points."""
     m = len(commitments)
     rounds = _check_shape(bits, m)
     n_total = bits * m
@@ -353,14 +360,13 @@ def verify(commitments: Sequence[bytes], proof: bytes, bits: int, transcript: Tr
     delta = ((z - z * z) * sum_y - sum(zb * z for zb in z_block) * sum_two) % R
     c = _rand()  # verifier's own randomness: weight of the polynomial check
 
-    g_scalars = [(a_fin * s[i] + z) % R for i in range(n_total)]
+    e = weight
+    g_scalars = [e * (a_fin * s[i] + z) % R for i in range(n_total)]
     h_scalars = [
-        (y_inv_pow[i] * (b_fin * s[n_total - 1 - i] - z_block[i // bits] * two_pow[i % bits]) - z) % R
+        e * (y_inv_pow[i] * (b_fin * s[n_total - 1 - i] - z_block[i // bits] * two_pow[i % bits]) - z) % R
         for i in range(n_total)
     ]
     points: list[G1Point] = [
-        *group.generators(LABEL_G, n_total),
-        *group.generators(LABEL_H, n_total),
         pedersen_g(),
         pedersen_h(),
         group.generators(LABEL_IPA, 1)[0],
@@ -373,21 +379,88 @@ def verify(commitments: Sequence[bytes], proof: bytes, bits: int, transcript: Tr
         *v_pts,
     ]
     scalars: list[int] = [
-        *g_scalars,
-        *h_scalars,
-        c * (t_hat - delta) % R,
-        (mu + c * tau_x) % R,
-        w * (a_fin * b_fin - t_hat) % R,
-        R - 1,
-        (-x) % R,
-        (-c * x) % R,
-        (-c * x * x) % R,
-        *((-u2) % R for u2 in u_sq),
-        *((-ui * ui) % R for ui in u_inv),
-        *((-c * zb) % R for zb in z_block),
+        c * (t_hat - delta),
+        mu + c * tau_x,
+        w * (a_fin * b_fin - t_hat),
+        -1,
+        -x,
+        -c * x,
+        -c * x * x,
+        *(-u2 for u2 in u_sq),
+        *(-ui * ui for ui in u_inv),
+        *(-c * zb for zb in z_block),
     ]
-    if group.msm(points, scalars) != G1Point.identity():
-        raise ProofError(
-            "range proof does not verify: a value is outside the range, the proof was "
-            "tampered with, or it was made for other commitments or another context"
-        )
+    return g_scalars, h_scalars, points, [e * v % R for v in scalars]
+
+
+def verify(commitments: Sequence[bytes], proof: bytes, bits: int, transcript: Transcript) -> None:
+    """Check a proof that every committed value is in [0, 2^bits); ProofError if not.
+
+    The transcript must be in the state the prover's was in when it called :func:`prove`
+    (same label, same context appended), or the challenges differ and the proof fails.
+    """
+    g_sc, h_sc, own, own_sc = _terms(commitments, proof, bits, transcript, 1)
+    n_total = len(g_sc)
+    points = [*group.generators(LABEL_G, n_total), *group.generators(LABEL_H, n_total), *own]
+    if group.msm(points, [*g_sc, *h_sc, *own_sc]) != G1Point.identity():
+        raise ProofError(_FAIL)
+
+
+def verify_many(
+    statements: Sequence[tuple[Sequence[bytes], bytes, Transcript]], bits: int
+) -> dict[int, ProofError]:
+    """Verify many proofs with one MSM; returns {index: error} for those that fail.
+
+    Each proof's equation is multiplied by a fresh random weight and all are summed:
+    the g and h generators are shared, so their scalars add up and the MSM has
+    2N + (own points per proof) terms instead of (2N + ...) per proof. If the sum is
+    not the identity (some proof fails; a false pass has probability 1/R), the proofs
+    are checked one by one to name the failing ones. Every statement must have the
+    same number of commitments.
+    """
+    failures: dict[int, ProofError] = {}
+    g_tot: list[int] | None = None
+    h_tot: list[int] = []
+    own_pts: list[G1Point] = []
+    own_sc: list[int] = []
+    kept: list[int] = []
+    clones = [t.clone() for _, _, t in statements]  # for the one-by-one pass
+    for idx, (commitments, proof, transcript) in enumerate(statements):
+        try:
+            g_sc, h_sc, pts, sc = _terms(commitments, proof, bits, transcript, _rand())
+        except ProofError as exc:
+            failures[idx] = exc
+            continue
+        if g_tot is None:
+            g_tot, h_tot = g_sc, h_sc
+        elif len(g_sc) != len(g_tot):
+            failures[idx] = ProofError(f"statement {idx} has another number of commitments")
+            continue
+        else:
+            g_tot = [(a + b) % R for a, b in zip(g_tot, g_sc, strict=True)]
+            h_tot = [(a + b) % R for a, b in zip(h_tot, h_sc, strict=True)]
+        own_pts += pts
+        own_sc += sc
+        kept.append(idx)
+    if g_tot is None:
+        return failures
+    n_total = len(g_tot)
+    points = [*group.generators(LABEL_G, n_total), *group.generators(LABEL_H, n_total), *own_pts]
+    if group.msm(points, [*g_tot, *h_tot, *own_sc]) == G1Point.identity():
+        return failures
+    for idx in kept:
+        commitments, proof, _ = statements[idx]
+        try:
+            verify(commitments, proof, bits, clones[idx])
+        except ProofError as exc:
+            failures[idx] = exc
+    return failures
+
+
+def warm_up(bits: int, count: int) -> None:
+    """Derive (and cache) every generator a proof for ``count`` values of ``bits`` needs."""
+    _check_shape(bits, count)
+    group.generators(LABEL_G, bits * count)
+    group.generators(LABEL_H, bits * count)
+    pedersen_h()
+    group.generators(LABEL_IPA, 1)
