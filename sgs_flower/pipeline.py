@@ -38,7 +38,13 @@ from sgs_flower.secagg.errors import (
     PolicyError,
     StaleMessageError,
 )
-from sgs_flower.secagg.input_validation import MODES, ValidationLayout, layout_for, params_for
+from sgs_flower.secagg.input_validation import (
+    MODES,
+    ValidationLayout,
+    check_field_bits,
+    layout_for,
+    params_for,
+)
 from sgs_flower.secagg.prg import dtype_for_bits
 from sgs_flower.secagg.quantize import (
     CHUNK,
@@ -273,6 +279,7 @@ class UpdateSpec:
             if self.model_key:
                 raise ConfigurationError("input validation does not combine with the model-confidential mode yet: its "
                                          "vector carries whole models, which the round's bound does not describe")
+            check_field_bits(self.field_bits)
             if layout.mode == "l2" and self.dp_mode == "none":
                 raise ConfigurationError("validate='l2' bounds the DP clip norm: it needs dp_mode central or distributed "
                                          "(outside DP use 'linf', the range's bound)")

@@ -447,3 +447,20 @@ def test_outside_dp_a_validated_spec_clips_so_honest_sites_stay_in_bound() -> No
     assert enc.clipped == 50
     x = iv.body_integers(enc.vector, layout.body, spec.field_bits).astype(float)
     assert np.linalg.norm(x) <= layout.params.bound
+
+
+def test_validated_rounds_use_words_the_projection_covers() -> None:
+    """Every signed word and sum must stay below 2^40 (the projection's domain): wider
+    words are refused by the server's parameters, the spec and the site."""
+    layout = iv.layout_for("linf", 1000, 8, SOUNDNESS)
+    with pytest.raises(ConfigurationError, match="40 bits"):
+        RoundParams(run_id=1, round_id=1, cohort=(1, 2, 3), vector_length=10, field_bits=48, validation=layout)
+    with pytest.raises(ConfigurationError, match="40 bits"):
+        pipeline.with_validation(pipeline.UpdateSpec(clip_range=1.0, max_cohort=4, max_weight=1, field_bits=48),
+                                 "linf", 8)
+    s = SecAggServer(RoundParams(run_id=1, round_id=1, cohort=(1, 2, 3), vector_length=10, field_bits=48))
+    clients = {u: SecAggClient(u) for u in (1, 2, 3)}
+    rosters = s.collect_keys({u: clients[u].handle(m) for u, m in s.setup_messages().items()})
+    bundles = s.collect_shares({u: clients[u].handle(m) for u, m in rosters.items()})
+    with pytest.raises(MalformedMessageError, match="40 bits"):
+        clients[1].handle(bundles[1], vector=np.zeros(10, dtype=np.uint64), validation=layout)

@@ -335,6 +335,11 @@ class AwaitingShares:
         context, _ = keys.round_contexts(setup, sec.seed, bound_digest)
         site: iv.SiteInput | None = None
         if validation is not None:
+            if setup.field_bits > iv.MAX_FIELD_BITS or validation.body > setup.vector_length:
+                raise MalformedMessageError(
+                    f"a validated round needs words of at most {iv.MAX_FIELD_BITS} bits and a body within the vector "
+                    f"(got {setup.field_bits} bits, body {validation.body} of {setup.vector_length} words)"
+                )
             site = iv.SiteInput.draw(validation, vector, setup.field_bits)
             limbs = iv.blind_limb_words(site.blinds, setup.field_bits, len(setup.cohort))
             vector = np.concatenate([vector, limbs.astype(dtype, copy=False)])

@@ -57,11 +57,21 @@ from sgs_flower.validation import group
 from sgs_flower.validation.errors import ProofError
 from sgs_flower.validation.opening import check_opening
 from sgs_flower.validation.projection import BoundParams, params_for, project
-from sgs_flower.validation.proof import BoundProof, prove_bound, random_blinds, verify_bound
+from sgs_flower.validation.proof import (
+    BoundProof,
+    prove_bound,
+    random_blinds,
+    verify_bound,
+    verify_bounds,
+)
 
 #: The bounds a round may ask for: "l2" (an L2 norm bound, e.g. a DP clip norm) and
 #: "linf" (a range per coordinate, proven through the L2 bound it implies, sqrt(m) * R).
 MODES = ("l2", "linf")
+#: The widest word a validated round may use: every signed word, and every signed sum of
+#: words, is then below 2^39 in magnitude, inside the |x_i| < 2^40 that the projection
+#: covers (``sgs_flower.validation.projection``), for honest sites and cheaters alike.
+MAX_FIELD_BITS = 40
 SIGNATURE_BYTES = 64  # Ed25519
 DIGEST_BYTES = 32
 _SEED_LABEL = b"sgs-flower/validation/seed/v1"
@@ -122,6 +132,15 @@ class ValidationLayout:
 
 
 # ------------------------------------------------------------------ blinds in limbs
+def check_field_bits(field_bits: int) -> None:
+    """A validated round's words must be at most :data:`MAX_FIELD_BITS` wide."""
+    if field_bits > MAX_FIELD_BITS:
+        raise ConfigurationError(
+            f"input validation needs words of at most {MAX_FIELD_BITS} bits (the projection covers |x_i| < 2^40), "
+            f"got {field_bits}: lower field_bits"
+        )
+
+
 def blind_limb_bits(field_bits: int, cohort_size: int) -> int:
     """Bits per blind limb: the most for which the cohort's sum of one limb (each below
     2^bits) cannot wrap mod 2^b, ``cohort_size * (2^bits - 1) < 2^(b-1)``, as the weight's
@@ -292,6 +311,26 @@ def parse_proof(proof: bytes, layout: ValidationLayout) -> BoundProof:
     return BoundProof.from_bytes(proof, layout.params)
 
 
+def verify_many(
+    proofs: Mapping[int, bytes], contexts: Mapping[int, bytes], layout: ValidationLayout
+) -> tuple[dict[int, BoundProof], dict[int, ProofError]]:
+    """The server's check of every site's proof at once (``verify_bounds``: one batched
+    multi-scalar multiplication): (the proofs that verify, parsed; the reason each
+    other one fails, malformed bytes included), by node."""
+    parsed: dict[int, BoundProof] = {}
+    failures: dict[int, ProofError] = {}
+    for v, proof in proofs.items():
+        try:
+            parsed[v] = BoundProof.from_bytes(proof, layout.params)
+        except ProofError as exc:
+            failures[v] = exc
+    order = sorted(parsed)
+    for i, failure in verify_bounds([(parsed[v], contexts[v]) for v in order], layout.params).items():
+        failures[order[i]] = failure
+        del parsed[order[i]]
+    return parsed, dict(sorted(failures.items()))
+
+
 def evidence_blob(signature: bytes, proof: bytes) -> bytes:
     """One item of an unmask request's evidence: the cheater's identity signature, then
     the proof it signed."""
@@ -355,6 +394,7 @@ __all__ = [
     "challenge_seed",
     "check_digests",
     "check_evidence",
+    "check_field_bits",
     "check_sum",
     "evidence_blob",
     "input_digest",
@@ -366,6 +406,7 @@ __all__ = [
     "proof_statement",
     "prove",
     "summed_blinds",
+    "verify_many",
 ]
 
 

@@ -99,10 +99,12 @@ class RoundParams:
 
     def __post_init__(self) -> None:
         check_consistency_mode(self.consistency, "RoundParams.consistency")
-        if self.validation is not None and self.validation.body > self.vector_length:
-            raise ConfigurationError(
-                f"the validated body of {self.validation.body} words exceeds the vector of {self.vector_length}"
-            )
+        if self.validation is not None:
+            iv.check_field_bits(self.field_bits)
+            if self.validation.body > self.vector_length:
+                raise ConfigurationError(
+                    f"the validated body of {self.validation.body} words exceeds the vector of {self.vector_length}"
+                )
         cohort = tuple(sorted(set(self.cohort)))
         if len(cohort) != len(self.cohort):
             raise ConfigurationError("cohort contains duplicate node ids")
@@ -559,21 +561,24 @@ class SecAggServer:
         start = time.perf_counter()
         p = self.params
         unproven = []
+        signed: dict[int, tuple[bytes, bytes]] = {}
         for v in sorted(self.u3):
             msg = ok.get(v)
             proof, signature = (msg.proof, msg.proof_signature) if isinstance(msg, ConsistencySignature) else (b"", b"")
             statement = iv.proof_statement(p.run_id, p.round_id, v, self.challenge, proof)
             if not proof or not identity.verify(self.advertised[v].identity_key, signature, statement):
                 unproven.append(v)
-                continue
-            ctx = iv.proof_context(p.run_id, p.round_id, v, self.advertised[v].identity_key, self.challenge, layout)
-            failure = iv.proof_fails(proof, layout, ctx)
-            if failure is not None:
-                self.evidence[v] = iv.evidence_blob(signature, proof)
-                self.rejected[v] = FailedProofError(f"node {v}'s bound proof fails: {failure}")
-                self.dropped[v] = Stage.CONSISTENCY
             else:
-                self.proofs[v] = iv.parse_proof(proof, layout)
+                signed[v] = (proof, signature)
+        contexts = {v: iv.proof_context(p.run_id, p.round_id, v, self.advertised[v].identity_key, self.challenge,
+                                        layout) for v in signed}
+        # one batched verification (one MSM) for every proof; each failure names its site
+        proofs, failures = iv.verify_many({v: proof for v, (proof, _) in signed.items()}, contexts, layout)
+        for v, failure in failures.items():
+            self.evidence[v] = iv.evidence_blob(signed[v][1], signed[v][0])
+            self.rejected[v] = FailedProofError(f"node {v}'s bound proof fails: {failure}")
+            self.dropped[v] = Stage.CONSISTENCY
+        self.proofs.update(proofs)
         self.validation_seconds += time.perf_counter() - start
         if unproven:
             raise UnprovenInputError(
