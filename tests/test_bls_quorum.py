@@ -455,3 +455,20 @@ def test_a_deployed_site_checks_each_peer_key_once_per_run_across_processes(monk
     total = finish_mod_round(sites, server, reqs)
     assert total is not None
     assert _CountingPop.calls == (0 if keep_state else 5)  # the in-process cache then serves the 4 other sites
+
+
+def test_the_signers_key_from_the_table_total_matches_fast_aggregate_verify():
+    """A site sums the signers' keys as the table's total minus the non-signers' keys
+    (:func:`bls.signers_key`): it must accept exactly what ``FastAggregateVerify`` over the
+    listed keys accepts, for a quorum, for a set that omits or adds one signer, and for a
+    minority (summed directly)."""
+    sks = [PopSchemeMPL.key_gen(bytes([i, 7]) * 16) for i in range(12)]
+    table = {i: sk.get_g1() for i, sk in enumerate(sks)}
+    statement = b"survivor set"
+    signed = frozenset(range(2, 12))
+    aggregate_sig = PopSchemeMPL.aggregate([PopSchemeMPL.sign(sks[i], statement) for i in sorted(signed)])
+    for claim in (signed, signed - {5}, signed | {1}, frozenset(range(4)), frozenset()):
+        expected = bool(claim) and bls.fast_aggregate_verify([table[v] for v in claim], statement, aggregate_sig)
+        assert bls.verify_signers(table, claim, statement, aggregate_sig) is expected
+        assert expected is (claim == signed)
+    assert bytes(bls.signers_key(table, signed)) == bytes(sum((table[v] for v in signed), G1Element()))

@@ -592,7 +592,7 @@ class AwaitingUnmask:
             )
         aggregate = bls.parse_signature(msg.aggregate, "the unmask request's aggregate consistency signature")
         table = bls.key_table(self.bls_keys, self.identities, sec.setup.run_id)
-        if not bls.fast_aggregate_verify([table[v] for v in signers], statement, aggregate):
+        if not bls.verify_signers(table, frozenset(signers), statement, aggregate):
             raise SignatureError(
                 f"the aggregate consistency signature of the {len(signers)} listed signers does not verify on the "
                 f"survivor set node {u} signed: forged, tampered, or naming a signer that did not sign this set"
