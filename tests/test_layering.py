@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE_PACKAGES = ("dp", "ledger", "secagg", "audit", "deploy")
+CORE_PACKAGES = ("dp", "ledger", "secagg", "audit", "deploy", "validation")
 # top-level modules that import core packages (so no core package may import them)
 ON_TOP_OF_PACKAGES = ("sgs_flower.pipeline", "sgs_flower.dp_utility")
 # (module file, imported module) pairs that break the "core does not import the app"

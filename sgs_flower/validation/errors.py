@@ -1,6 +1,6 @@
 """Typed errors of input validation.
 
-Both derive from :class:`~sgs_flower.secagg.errors.SecAggError`, so the protocol can catch
+Both derive from :class:`~sgs_flower.errors.SecAggError`, so the protocol can catch
 them where it catches its own errors, and they are told apart by what follows:
 
 * :class:`ProofError`: one site's bound proof is malformed or does not verify. Only that
@@ -12,7 +12,7 @@ them where it catches its own errors, and they are told apart by what follows:
 
 from __future__ import annotations
 
-from sgs_flower.secagg.errors import SecAggError
+from sgs_flower.errors import SecAggError
 
 
 class ProofError(SecAggError):

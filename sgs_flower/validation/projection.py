@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from sgs_flower.secagg.errors import ConfigurationError, EncodingError
+from sgs_flower.errors import ConfigurationError, EncodingError
 
 RADEMACHER_DOMAIN = b"sgs-flower/validation/rademacher/v1"
 MAX_ABS_ENTRY = 1 << 40  # |x_i| < 2^40: the encoded update's integer units
