@@ -68,3 +68,13 @@ def _site_state_dir(tmp_path_factory, monkeypatch):
     in a folder of their own, never in the user's FLWR_HOME: a site remembers the models it
     signed for across runs, and two tests must not see each other's memory."""
     monkeypatch.setenv("SGS_STATE_DIR", str(tmp_path_factory.mktemp("sgs-sites")))
+
+
+def pytest_configure(config):
+    """The validation generators' disk cache (sgs_flower.validation.group.cache_file) goes to
+    a folder of this test session, never the user's ~/.cache: shared by the session's tests
+    and the processes they start (Flower simulation, deployments) for speed."""
+    if "SGS_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        os.environ["SGS_CACHE_DIR"] = tempfile.mkdtemp(prefix="sgs-cache-")

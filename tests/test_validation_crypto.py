@@ -555,3 +555,48 @@ def test_batch_verification_names_exactly_the_failing_proofs():
     assert sorted(failures) == [4, 5, 6, 7, 8]
     assert all(isinstance(e, ProofError) for e in failures.values())
     assert verify_bounds(bad_items[:4] + bad_items[6:7], SMALL).keys() == {4}
+
+
+def test_the_pinned_generator_blocks_are_hash_to_curve():
+    """Every pinned block is the SHA-256 of exactly the generators hash-to-curve gives (so
+    a cached block that matches its pin is the derived one, for verifiers too)."""
+    import hashlib
+
+    from py_arkworks_bls12381 import G1Point
+
+    from sgs_flower.validation.group import DST_PREFIX
+    from sgs_flower.validation.pins import BLOCK, PINNED
+
+    assert set(PINNED) == {rangeproof.LABEL_G, rangeproof.LABEL_H}
+    for label, pins in PINNED.items():
+        for block, pin in enumerate(pins):
+            data = b"".join(
+                bytes(G1Point.hash_to_curve(i.to_bytes(8, "big"), DST_PREFIX + label).to_xy_bytes_be())
+                for i in range(block * BLOCK, (block + 1) * BLOCK)
+            )
+            assert hashlib.sha256(data).hexdigest() == pin, (label, block)
+
+
+def test_a_tampered_generator_cache_is_not_loaded(tmp_path, monkeypatch):
+    """The disk cache is read back only block by block against the pins: a block with one
+    point swapped (a prover who knows a discrete log between generators could forge) is
+    derived again, and the cache is rewritten with the true points."""
+    from sgs_flower.validation import group
+    from sgs_flower.validation.pins import BLOCK
+
+    monkeypatch.setenv("SGS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(group, "_generators", {})
+    label = rangeproof.LABEL_G
+    true = [group.point_bytes(p) for p in group.generators(label, 2 * BLOCK)]
+    path = group.cache_file(label)
+    data = bytearray(path.read_bytes())
+    assert len(data) == 2 * BLOCK * group.XY_BYTES
+    swapped = bytes(group.G1Point.hash_to_curve(b"evil", b"x").to_xy_bytes_be())
+    data[BLOCK * group.XY_BYTES + 5 * group.XY_BYTES:BLOCK * group.XY_BYTES + 6 * group.XY_BYTES] = swapped
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(group, "_generators", {})
+    loaded = [group.point_bytes(p) for p in group.generators(label, 2 * BLOCK)]
+    assert loaded == true
+    assert group.point_bytes(group.G1Point.from_xy_bytes_unchecked_be(swapped)) not in loaded
+    assert path.read_bytes()[: BLOCK * group.XY_BYTES] == bytes(data[: BLOCK * group.XY_BYTES])
+    assert bytes(data) != path.read_bytes()  # the damaged block was written again, true

@@ -18,13 +18,17 @@ are the library's. This module only fixes encodings and caches:
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
 from py_arkworks_bls12381 import G1Point, Scalar
 
 from sgs_flower.validation.errors import ProofError
+from sgs_flower.validation.pins import BLOCK, PINNED
 
 #: The order r of G1 (the BLS12-381 scalar field).
 R = 0x73EDA753299D7D483339D80809A1D80553BDA402FFFE5BFEFFFFFFFF00000001
@@ -58,12 +62,65 @@ def generators(label: bytes, count: int) -> list[G1Point]:
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
+    label = bytes(label)
     with _lock:
-        cached = _generators.setdefault(bytes(label), [])
-        dst = DST_PREFIX + bytes(label)
+        cached = _generators.setdefault(label, [])
+        if len(cached) < count:
+            _load_pinned(label, cached, count)
+        dst = DST_PREFIX + label
+        derived = len(cached) < count
         while len(cached) < count:
             cached.append(G1Point.hash_to_curve(len(cached).to_bytes(8, "big"), dst))
+        if derived:
+            _store_pinned(label, cached)
         return cached[:count]
+
+
+XY_BYTES = 96
+
+
+def cache_file(label: bytes) -> Path:
+    """Where the pinned blocks of ``label``'s generators are cached on disk."""
+    root = os.environ.get("SGS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "sgs-flower"
+    )
+    return Path(root) / f"generators-{hashlib.sha256(DST_PREFIX + label).hexdigest()[:16]}.bin"
+
+
+def _load_pinned(label: bytes, cached: list[G1Point], count: int) -> None:
+    """Extend ``cached`` with the disk cache's blocks whose SHA-256 matches its pin, in
+    order, stopping at the first block that is missing or differs (then derived)."""
+    pins = PINNED.get(label, ())
+    if len(cached) % BLOCK or len(cached) >= len(pins) * BLOCK:
+        return
+    try:
+        data = cache_file(label).read_bytes()
+    except OSError:
+        return
+    size = BLOCK * XY_BYTES
+    for block in range(len(cached) // BLOCK, min(len(pins), -(-count // BLOCK))):
+        chunk = data[block * size:(block + 1) * size]
+        if len(chunk) != size or hashlib.sha256(chunk).hexdigest() != pins[block]:
+            return
+        # unchecked parse: the pinned digest already proves these are the derived points
+        cached.extend(G1Point.from_xy_bytes_unchecked_be(chunk[i:i + XY_BYTES]) for i in range(0, size, XY_BYTES))
+
+
+def _store_pinned(label: bytes, cached: list[G1Point]) -> None:
+    """Write the whole pinned blocks of ``cached`` to the disk cache, after a derivation
+    (so a missing, short or damaged cache is replaced; atomically; a cache that cannot be
+    written is only a cost, never an error)."""
+    whole = min(len(cached) // BLOCK, len(PINNED.get(label, ())))
+    path = cache_file(label)
+    try:
+        if whole == 0:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(b"".join(bytes(p.to_xy_bytes_be()) for p in cached[:whole * BLOCK]))
+        os.replace(tmp, path)
+    except OSError:
+        return
 
 
 def point_bytes(p: G1Point) -> bytes:
