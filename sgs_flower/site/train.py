@@ -11,6 +11,7 @@ a vector of the same length at the same stage with the reason counted inside it
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,15 @@ from sgs_flower.secagg.errors import (
 from sgs_flower.secagg.model_memory import model_sketch, near_sets, sketch_bytes
 from sgs_flower.site import model_key, retry
 from sgs_flower.site.parts import record_names
-from sgs_flower.site.request import Encoder, ModelRecord, Names, Request, TrainStep, Unusable
+from sgs_flower.site.request import (
+    Encoder,
+    ModelRecord,
+    Names,
+    Request,
+    TrainReply,
+    TrainStep,
+    Unusable,
+)
 from sgs_flower.site.state import Site
 from sgs_flower.site.store import NAMES_KEY, PENDING_KEY, Store
 
@@ -141,8 +150,8 @@ def on_masked_input(
 
 
 def _train_and_encode(
-    store: Store, run_step: Any, model: ModelRecord, named: list[tuple[str, np.ndarray]], w_key: str,
-    spec: UpdateSpec, encoder: Encoder, names: Names,
+    store: Store, run_step: Callable[[], TrainReply], model: ModelRecord, named: list[tuple[str, np.ndarray]],
+    w_key: str, spec: UpdateSpec, encoder: Encoder, names: Names,
 ) -> tuple[EncodedUpdate, np.ndarray, dict[str, Any], int, str, float, Names]:
     """The user's training, the checks of its reply and the encoding: an unusable update
     becomes the protocol's unusable vector (``failed`` names the reason)."""
@@ -203,7 +212,8 @@ def whole_weight(raw: Any) -> bool:
 
 
 def _train_and_check(
-    store: Store, run_step: Any, model: ModelRecord, named: list[tuple[str, np.ndarray]], w_key: str, spec: UpdateSpec,
+    store: Store, run_step: Callable[[], TrainReply], model: ModelRecord, named: list[tuple[str, np.ndarray]],
+    w_key: str, spec: UpdateSpec,
 ) -> tuple[np.ndarray, dict[str, Any], int, Names]:
     """The user's training and the checks of its reply; raises :class:`Unusable`."""
     out = run_step()
