@@ -22,22 +22,12 @@ from sgs_flower.site.model_key import KEY_FILE_SUFFIX, KEY_RECORD, key_file
 from sgs_flower.site.request import KeyAnswer
 from sgs_flower.site.store import KEY_STATE
 
-__all__ = ["KEY_FILE_SUFFIX", "KEY_RECORD", "KEY_STATE", "has_key_state", "key_file", "key_reply", "load_key_state",
-           "save_key_state"]
+__all__ = ["KEY_FILE_SUFFIX", "KEY_RECORD", "KEY_STATE", "key_file", "key_reply", "load_key_state"]
 
 
 def load_key_state(context: Context, state_path: Path | None, policy: ClientPolicy) -> mk.KeyState:
     """The site's key state under its current roster (a changed roster drops the key)."""
     return site_key.load_key_state(ContextStore(context), state_path, policy)
-
-
-def has_key_state(context: Context, state_path: Path | None) -> bool:
-    """Whether this site keeps model-key state at all (it took part in the mode)."""
-    return site_key.has_key_state(ContextStore(context), state_path)
-
-
-def save_key_state(context: Context, state_path: Path | None, state: mk.KeyState) -> None:
-    site_key.save_key_state(ContextStore(context), state_path, state)
 
 
 def key_reply(msg: Message, answer: KeyAnswer) -> Message:
