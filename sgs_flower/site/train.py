@@ -27,6 +27,7 @@ from sgs_flower.pipeline import (
     metric_slot_names,
     model_delta,
     model_digest,
+    validation_layout,
 )
 from sgs_flower.secagg import wire
 from sgs_flower.secagg.client import SecAggClient
@@ -83,6 +84,7 @@ def _check_spec(site: Site, client: SecAggClient, spec: UpdateSpec) -> None:
     site.policy.check_width(spec.field_bits)
     if site.policy.require_distributed_dp and spec.dp_mode != "distributed":
         raise PolicyError("this site requires distributed DP (sgs-require-dp) and the round's spec has none")
+    site.policy.check_validation(bool(spec.validation))
     if site.policy.require_confidential and not spec.model_key:
         raise PolicyError("this site requires the model-confidential mode (sgs-require-confidential) and the "
                           "round's spec names no model key")
@@ -124,6 +126,9 @@ def on_masked_input(
         raise MalformedMessageError("the update spec's int_size does not match the global model's integer entries")
     if spec.vector_length(model_size) > site.policy.max_vector_length:
         raise PolicyError("the round's vector exceeds this site's limit (sgs-max-vector)")
+    # input validation (issue 31): the bound and body the rest of the spec implies, checked
+    # before training (a server cannot set a bound an honest update fails, or one that passes anything)
+    validation = validation_layout(spec, model_size)
     # The model is hashed once: its digest keys the masks (with config and spec) and is
     # what the site remembers so that one model is never aggregated twice.
     m_digest = model_digest(named if model is wire_model else wire_model.read())
@@ -143,7 +148,7 @@ def on_masked_input(
     near = near_sets(site.state.models, sketch, step, site.policy.min_model_change)
     masked = client.handle(server_msg, vector=encoded.vector, bound_digest=digest, model_digest=m_digest,
                            min_survivors=spec.min_survivors if spec.dp_mode == "distributed" else 0,
-                           near_sets=near)
+                           near_sets=near, validation=validation)
     site.store.put(PENDING_KEY, {"digest": m_digest.hex(), "sketch": sketch_bytes(sketch), "step": step})
     retry.keep(site, server_msg, spec, model_size, failed, delta if not failed else None, metrics, weight, layout)
     return masked, names
