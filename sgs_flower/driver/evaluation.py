@@ -33,6 +33,7 @@ from sgs_flower.pipeline import UpdateSpec, _canonical, decode_update, model_dig
 from sgs_flower.secagg import wire
 from sgs_flower.secagg.errors import ConfigurationError, InconsistentAggregateError, SecAggError
 from sgs_flower.secagg.server import RoundParams, SecAggServer
+from sgs_flower.secagg.stages import Replies, mask_and_unmask, share_keys
 from sgs_flower.secagg.wire import Stage
 
 if TYPE_CHECKING:  # only for annotations: the driver passes itself in, so no import cycle
@@ -63,19 +64,19 @@ def secure_evaluate(driver: RoundDriver, transport: Transport, server_round: int
         return _abort(driver, report, f"not run: {exc}", t0)
     server = SecAggServer(params, bound_digest=digest, groups=driver.cohorts.groups, min_group=driver.config.min_group)
     names: Names = {}
-    stage = StageExchange(transport, driver.config.stage_timeout, driver.logger)
+    exchange = StageExchange(transport, driver.config.stage_timeout, driver.logger)
+    extra = {**ins.records, wire.SPEC_KEY: spec.to_config()}
 
-    def exchange(st: Stage, outgoing: Mapping[int, wire.Message], extra: Mapping[str, Any] | None = None,
-                 fields: Mapping[str, str] | None = None, names: Names | None = None) -> dict[int, wire.Message | bytes]:
-        return stage(server_round, st, outgoing, report, extra, fields, names, kind=EVALUATE)[0]
+    def channel(stage: Stage, outgoing: Mapping[int, wire.Message], nxt: Any = None,
+                parts: Mapping[int, wire.Message] | None = None) -> tuple[Replies, Replies]:
+        if stage == Stage.ADVERTISE_KEYS:
+            return _advertise(driver, exchange, server_round, outgoing, report), {}
+        if stage == Stage.MASKED_INPUT:
+            return exchange(server_round, stage, outgoing, report, extra, ins.fields, names, kind=EVALUATE)
+        return exchange(server_round, stage, outgoing, report, kind=EVALUATE)
 
-    try:
-        rosters = server.collect_keys(_advertise(driver, stage, server_round, server, report))
-        bundles = server.collect_shares(exchange(Stage.SHARE_KEYS, rosters))
-        extra = {**ins.records, wire.SPEC_KEY: spec.to_config()}
-        requests = server.collect_masked(exchange(Stage.MASKED_INPUT, bundles, extra, ins.fields, names))
-        unmask = server.collect_consistency(exchange(Stage.CONSISTENCY, requests))
-        outcome = server.collect_unmask(exchange(Stage.UNMASK, unmask))
+    try:  # the protocol's stage sequence (sgs_flower.secagg.stages), never pipelined
+        outcome, _ = mask_and_unmask(server, channel, share_keys(server, channel))
         report.survivors = list(outcome.survivors)
         metric_names = _metric_names(driver, names, report) if spec.metric_slots else None
         decoded = decode_update(outcome.total, spec, len(outcome.survivors), 0, metric_names)
@@ -126,7 +127,8 @@ _FIX = ("secagg_mod must wrap evaluate as well as train: write the client as `ap
 
 
 def _advertise(
-    driver: RoundDriver, stage: StageExchange, server_round: int, server: SecAggServer, report: RoundReport,
+    driver: RoundDriver, stage: StageExchange, server_round: int, setup: Mapping[int, wire.Message],
+    report: RoundReport,
 ) -> dict[int, wire.Message | bytes]:
     """The evaluation round's first exchange (keys). A site whose application raised on
     it (``ReplyError.app_raised``: its evaluate function is not wrapped by the protocol
@@ -135,8 +137,7 @@ def _advertise(
     one warning per node and round) and counts as dropped; if no site answered for that
     reason, the run stops (:func:`_unwrapped`). Other error replies are logged as usual."""
     errors: dict[int, ReplyError] = {}
-    replies = stage(server_round, Stage.ADVERTISE_KEYS, server.setup_messages(), report, kind=EVALUATE,
-                    error_replies=errors)[0]
+    replies = stage(server_round, Stage.ADVERTISE_KEYS, setup, report, kind=EVALUATE, error_replies=errors)[0]
     unwrapped: dict[int, str] = {}
     for node, error in sorted(errors.items()):
         if error.app_raised:

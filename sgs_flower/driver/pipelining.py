@@ -9,10 +9,9 @@ setup only means that round sets up in full.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -72,14 +71,8 @@ def prepare_ahead(
                  RoundReport(server_round, "aborted", cohort=cohort))
 
 
-def ahead_step(driver: RoundDriver, ahead: Ahead | None, step: Callable[[Ahead], Any]) -> Any:
-    """One stage of the round set up ahead; a failure (too few keys or shares) only
-    means that round will set up in full (None)."""
-    if ahead is None:
-        return None
-    try:
-        return step(ahead)
-    except SecAggError as exc:
-        driver.logger.log(INFO, "round %s could not be set up ahead (it will be in full): %s", ahead.server_round, exc)
-        driver.fill(ahead.report, ahead.server)
-        return None
+def ahead_failed(driver: RoundDriver, ahead: Ahead, exc: SecAggError) -> None:
+    """A stage of the round set up ahead failed (too few keys or shares): that round will
+    set up in full; what its setup saw goes into its report."""
+    driver.logger.log(INFO, "round %s could not be set up ahead (it will be in full): %s", ahead.server_round, exc)
+    driver.fill(ahead.report, ahead.server)

@@ -48,7 +48,7 @@ from sgs_flower.driver.config import SecAggConfig
 from sgs_flower.driver.exchange import Names, StageExchange
 from sgs_flower.driver.learner import Instructions, Learner, Released
 from sgs_flower.driver.model_key import ensure_model_key
-from sgs_flower.driver.pipelining import Ahead, ahead_step, prepare_ahead
+from sgs_flower.driver.pipelining import Ahead, ahead_failed, prepare_ahead
 from sgs_flower.driver.report import RoundReport, SecureAggregationFailed, group_client_errors
 from sgs_flower.driver.sizing import Sizing
 from sgs_flower.driver.transport import Transport
@@ -70,6 +70,7 @@ from sgs_flower.secagg.errors import (
     ThresholdError,
 )
 from sgs_flower.secagg.server import RoundParams, SecAggServer
+from sgs_flower.secagg.stages import Replies, mask_and_unmask, share_keys
 from sgs_flower.secagg.wire import Stage
 
 LOGGER = logging.getLogger("sgs_flower.driver")
@@ -339,7 +340,7 @@ class RoundDriver:
         except SecAggError as exc:  # anything else a client could provoke ends the round, not the server
             self.fill(report, server)
             return self._abort(rnd, f"{type(exc).__name__}: {exc}")
-        if nxt is not None and nxt.bundles is not None:
+        if nxt is not None:
             self.ahead = nxt  # used by the next round only if this one succeeds
             report.next_round_set_up = True
         self.fill(report, server)
@@ -350,31 +351,28 @@ class RoundDriver:
         ahead: Ahead | None,
     ) -> tuple[UpdateSpec, DecodedUpdate, np.ndarray, Ahead | None]:
         """Keys and shares (unless set up ahead), masked input, consistency and unmask,
-        the next round's keys and shares riding on the last two; then the retries."""
+        the next round's keys and shares riding on the last two (the protocol's stage
+        sequence, :mod:`sgs_flower.secagg.stages`, over this transport); then the retries."""
         r, report, ins = rnd.server_round, rnd.report, rnd.instructions
         # The model travels once, with the masked-input request (where training happens);
         # its digest keys the masks, so a client given another model cannot unmask.
         train_extra = {**ins.records, wire.SPEC_KEY: spec.to_config()}
         names: Names = {}
-        if ahead is not None and ahead.bundles is not None:
-            bundles = ahead.bundles
-        else:
-            rosters = server.collect_keys(exchange(r, Stage.ADVERTISE_KEYS, server.setup_messages(), report)[0])
-            bundles = server.collect_shares(exchange(r, Stage.SHARE_KEYS, rosters, report)[0])
-        requests = server.collect_masked(
-            exchange(r, Stage.MASKED_INPUT, bundles, report, train_extra, ins.fields, names)[0])
-        # the next round is set up on this round's consistency and unmask exchanges
-        nxt = prepare_ahead(self, transport, r + 1, rnd.like, rnd.model_size)
-        replies, advertised = exchange(r, Stage.CONSISTENCY, requests, report, ahead=nxt,
-                                       ahead_parts=nxt.server.setup_messages() if nxt else None)
-        unmask = server.collect_consistency(replies)
-        next_rosters = ahead_step(self, nxt, lambda a: a.server.collect_keys(advertised))
-        if next_rosters is None:
-            nxt = None
-        replies, shared = exchange(r, Stage.UNMASK, unmask, report, ahead=nxt, ahead_parts=next_rosters)
-        outcome = server.collect_unmask(replies)
-        if nxt is not None:
-            nxt.bundles = ahead_step(self, nxt, lambda a: a.server.collect_shares(shared))
+
+        def channel(stage: Stage, outgoing: Mapping[int, wire.Message], nxt: Any = None,
+                    parts: Mapping[int, wire.Message] | None = None) -> tuple[Replies, Replies]:
+            if stage == Stage.MASKED_INPUT:
+                return exchange(r, stage, outgoing, report, train_extra, ins.fields, names)
+            return exchange(r, stage, outgoing, report, ahead=nxt, ahead_parts=parts)
+
+        def next_round() -> Ahead | None:  # set up on this round's consistency and unmask exchanges
+            return prepare_ahead(self, transport, r + 1, rnd.like, rnd.model_size)
+
+        def failed(nxt: Ahead, exc: SecAggError) -> None:
+            ahead_failed(self, nxt, exc)
+
+        bundles = ahead.bundles if ahead is not None and ahead.bundles is not None else share_keys(server, channel)
+        outcome, nxt = mask_and_unmask(server, channel, bundles, next_round, failed)
         report.survivors = list(outcome.survivors)
         metric_names = self._metric_names(names, report.survivors, report) if spec.metric_slots else None
         decoded = decode_update(outcome.total, spec, len(outcome.survivors), rnd.model_size, metric_names)
