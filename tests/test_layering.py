@@ -232,3 +232,15 @@ def test_the_glue_modules_import_each_other_without_a_cycle():
 
     cycles = sorted(m for m in edges if reaches(m, m, {m}))
     assert not cycles, cycles
+
+
+def test_the_round_driver_runs_without_flower():
+    """Issue 30: the round driver (and the protocol's stage sequence it shares with the
+    in-process simulation) loads with no Flower module at all."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sgs_flower.driver, sgs_flower.secagg.simulate; "
+            "print(sorted(m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
