@@ -380,7 +380,7 @@ def test_quickstart_numpy_with_one_example_per_client_five_rounds_as_fedavg():
     assert reports[0].field_bits >= reports[1].field_bits
     chooser = SecAggStrategy(FedAvg(), SecAggConfig(field_bits=0))
     first = chooser.field_bits_for(len(reports[0].cohort))
-    chooser._weights_needed.append(1)
+    chooser.driver.sizing.weights_needed.append(1)
     assert first > chooser.field_bits_for(len(reports[0].cohort))
     assert all(r.weight_scale == 1 and r.error_bound <= DEFAULT_WIDTH_ERROR * r.clip_range for r in reports[1:])
     assert [r.exchanges for r in reports] == [5, 3, 3, 3, 3]  # no retry

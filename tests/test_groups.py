@@ -459,8 +459,8 @@ def test_at_default_settings_the_groups_are_learnt_and_a_crash_takes_its_group_o
     reports, rule = strategy.reports, strategy.groups
     assert rule is not None and rule.min_group == 3 and len(rule.roster) == N
     assert [r.status for r in reports] == ["ok", "ok", "ok"]
-    node_of = {k: v for v, k in strategy._identities.items()}
-    mates = {node_of[k] for k in rule.groups[rule.group_of[strategy._identities[1]]]} - {1}
+    node_of = {k: v for v, k in strategy.driver.cohorts.identities.items()}
+    mates = {node_of[k] for k in rule.groups[rule.group_of[strategy.driver.cohorts.identities[1]]]} - {1}
     r2 = reports[1]
     assert len(mates) >= 2 and r2.group_excluded == len(mates)
     assert set(r2.survivors) == set(PUBLIC) - mates - {1}

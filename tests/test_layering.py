@@ -11,6 +11,8 @@
   which chains ``dp`` and ``secagg``, and the ``dp_utility`` study, which drives
   ``pipeline``): such an import would loop back into the package.
 * ``strategies`` and ``clients`` never import each other.
+* The glue is thin (issue 30): no function of the Flower glue is over 80 lines, and the
+  strategy module is at most 400 (the round itself is the driver's, ``sgs_flower/driver``).
 
 Every import counts, also those inside functions: a lazy import is still a dependency.
 """
@@ -22,9 +24,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE_PACKAGES = ("dp", "ledger", "secagg", "audit", "deploy", "validation")
+CORE_PACKAGES = ("dp", "ledger", "secagg", "audit", "deploy", "validation", "driver", "site")
 # top-level modules that import core packages (so no core package may import them)
 ON_TOP_OF_PACKAGES = ("sgs_flower.pipeline", "sgs_flower.dp_utility")
+# core packages built on those modules (the round driver runs the update pipeline): the
+# rule above is for the packages below them, which never import these either
+BUILT_ON_TOP = ("driver", "site")
+# the Flower glue held to the function-length limit (issue 30: "the glue is thin")
+GLUE_FOLDERS = ("strategies", "clients")
+MAX_FUNCTION_LINES = 80
+# glue modules with a line limit of their own
+MAX_MODULE_LINES = {"strategies/secagg_strategy.py": 400, "clients/secagg_mod.py": 350}
 # (module file, imported module) pairs that break the "core does not import the app"
 # rule today. Remove an entry when its import goes; never add one without a reason.
 ALLOWED_APP_IMPORTS: set[tuple[str, str]] = set()  # none left: the digits task lives in sgs_flower.digits
@@ -140,11 +150,42 @@ def test_core_packages_do_not_import_the_modules_on_top_of_them() -> None:
     offenders = {
         (_rel(p), n)
         for pkg in CORE_PACKAGES
+        if pkg not in BUILT_ON_TOP
         for p in _modules(f"sgs_flower/{pkg}")
-        for top in ON_TOP_OF_PACKAGES
+        for top in (*ON_TOP_OF_PACKAGES, *(f"sgs_flower.{b}" for b in BUILT_ON_TOP))
         for n in _imports_pkg(_imports(p), top)
     }
     assert offenders == set()
+
+
+def _long_functions(folder: str, limit: int) -> list[str]:
+    """Functions and methods (nested ones too) of ``folder`` longer than ``limit`` lines,
+    decorators and docstrings included."""
+    out = []
+    for path in _modules(folder):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                lines = (node.end_lineno or node.lineno) - first + 1
+                if lines > limit:
+                    out.append(f"{_rel(path)}:{node.lineno} {node.name} ({lines} lines)")
+    return out
+
+
+def test_no_function_of_the_glue_is_over_80_lines() -> None:
+    long = [f for folder in GLUE_FOLDERS for f in _long_functions(folder, MAX_FUNCTION_LINES)]
+    assert long == [], long
+
+
+def test_the_function_length_check_can_fail() -> None:
+    """The checker itself finds a long function (this test module has none that long)."""
+    assert _long_functions("tests", 10_000) == []
+    assert any("test_the_client_app_loads" in f for f in _long_functions("tests", 5))
+
+
+def test_the_strategy_module_is_thin() -> None:
+    sizes = {name: len((ROOT / name).read_text().splitlines()) for name in MAX_MODULE_LINES}
+    assert {n: k for n, k in sizes.items() if k > MAX_MODULE_LINES[n]} == {}, sizes
 
 
 def test_strategies_and_clients_do_not_import_each_other() -> None:
@@ -190,3 +231,15 @@ def test_the_glue_modules_import_each_other_without_a_cycle():
 
     cycles = sorted(m for m in edges if reaches(m, m, {m}))
     assert not cycles, cycles
+
+
+def test_the_round_driver_runs_without_flower():
+    """Issue 30: the round driver (and the protocol's stage sequence it shares with the
+    in-process simulation) loads with no Flower module at all."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sgs_flower.driver, sgs_flower.secagg.simulate; "
+            "print(sorted(m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

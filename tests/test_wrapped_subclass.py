@@ -206,7 +206,7 @@ def test_a_pick_is_rounded_up_to_whole_groups_under_the_default(task_identity, c
     with caplog.at_level(logging.INFO):
         strategy.start(grid=_local_grid(sites), initial_arrays=ArrayRecord({k: Array(v) for k, v in HOOK_MODEL.items()}),
                        num_rounds=3, train_config=ConfigRecord({"lr": 1.0}))
-    rule, ident = strategy.groups, strategy._identities
+    rule, ident = strategy.groups, strategy.driver.cohorts.identities
     assert rule is not None
     group = sorted(u for u in sites if rule.group_of[ident[u]] == rule.group_of[ident[1]])
     reports = strategy.reports

@@ -32,6 +32,7 @@ from sgs_flower.secagg.input_validation import ValidationLayout, layout_for
 from sgs_flower.secagg.policy import ClientPolicy
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, encode
 from sgs_flower.secagg.server import RoundOutcome, RoundParams, SecAggServer, decode_checked
+from sgs_flower.secagg.stages import Replies, mask_and_unmask, share_keys
 from sgs_flower.secagg.wire import Message, ShareBundle, Stage
 from sgs_flower.secagg.wire import decode as decode_message
 from sgs_flower.secagg.wire import encode as encode_message
@@ -144,7 +145,8 @@ def _drive(
     timing = seconds if seconds is not None else {}
     upload = upload_bytes if upload_bytes is not None else {}
 
-    def exchange(stage: Stage, outgoing: Mapping[int, Message]) -> dict[int, Message | bytes]:
+    def exchange(stage: Stage, outgoing: Mapping[int, Message], nxt: Any = None,
+                 parts: Mapping[int, Message] | None = None) -> tuple[Replies, Replies]:
         gone.update(drops.get(stage, ()))
         t0 = time.perf_counter()
         items: list[_Item] = []
@@ -169,32 +171,20 @@ def _drive(
                 upload[node] = upload.get(node, 0) + len(reply)
             replies[node] = reply
         timing[f"clients_stage{int(stage)}"] = time.perf_counter() - t0
-        return replies
+        return replies, {}  # never pipelined: nothing rides on these exchanges
 
     def server_call(stage: Stage, call: Callable[..., Any], *args: Any) -> Any:
-        t = time.process_time()
+        t, w = time.process_time(), time.perf_counter()
         try:
             return call(*args)
         finally:
             key = f"server_stage{int(stage)}"
             cpu[key] = cpu.get(key, 0.0) + time.process_time() - t
+            timing[key] = timing.get(key, 0.0) + time.perf_counter() - w
 
-    t = time.perf_counter()
-    setup = server_call(Stage.ADVERTISE_KEYS, server.setup_messages)
-    rosters = server_call(Stage.ADVERTISE_KEYS, server.collect_keys, exchange(Stage.ADVERTISE_KEYS, setup))
-    timing["server_stage1"] = time.perf_counter() - t - timing["clients_stage1"]
-    t = time.perf_counter()
-    bundles = server_call(Stage.SHARE_KEYS, server.collect_shares, exchange(Stage.SHARE_KEYS, rosters))
-    timing["server_stage2"] = time.perf_counter() - t - timing["clients_stage2"]
-    t = time.perf_counter()
-    requests = server_call(Stage.MASKED_INPUT, server.collect_masked, exchange(Stage.MASKED_INPUT, bundles))
-    timing["server_stage3"] = time.perf_counter() - t - timing["clients_stage3"]
-    t = time.perf_counter()
-    unmask = server_call(Stage.CONSISTENCY, server.collect_consistency, exchange(Stage.CONSISTENCY, requests))
-    timing["server_stage4"] = time.perf_counter() - t - timing["clients_stage4"]
-    t = time.perf_counter()
-    outcome: RoundOutcome = server_call(Stage.UNMASK, server.collect_unmask, exchange(Stage.UNMASK, unmask))
-    timing["server_stage5"] = time.perf_counter() - t - timing["clients_stage5"]
+    # the protocol's stage sequence, as every round runs it (sgs_flower.secagg.stages)
+    bundles = share_keys(server, exchange, server_call)
+    outcome, _ = mask_and_unmask(server, exchange, bundles, call=server_call)
     return outcome
 
 
@@ -592,7 +582,7 @@ class PipelinedRound:
 @dataclass
 class _Ahead:
     server: SecAggServer
-    bundles: dict[int, ShareBundle] = field(default_factory=dict)
+    bundles: dict[int, ShareBundle] | None = None
 
 
 class PipelinedRunner:
@@ -692,48 +682,32 @@ class PipelinedRunner:
         drops = {Stage(s): set(v) for s, v in (dropouts or {}).items()}
         offline: set[int] = set()
 
-        def exchange(stage: Stage, current: Mapping[int, Message], ahead: Mapping[int, Message] | None = None,
-                     kw: Callable[[int], dict[str, Any]] | None = None):
+        def exchange(stage: Stage, outgoing: Mapping[int, Message], nxt: Any = None,
+                     parts: Mapping[int, Message] | None = None) -> tuple[Replies, Replies]:
             offline.update(drops.get(stage, ()))
             rec.exchanges.append(stage.name)
-            return self._exchange(rec, current, ahead or {}, offline, kw)
+            kw = (lambda u: {"vector": vectors[u], "bound_digest": digest}) if stage == Stage.MASKED_INPUT else None
+            return self._exchange(rec, outgoing, parts or {}, offline, kw)
+
+        def next_round() -> _Ahead | None:
+            if next_cohort is None:
+                return None
+            try:
+                return _Ahead(SecAggServer(self.params(round_id + 1, next_cohort), bound_digest=None))
+            except SecAggError:
+                return None
 
         ahead, self.ahead = self.ahead, None
         if ahead is not None and (ahead.server.params.round_id, ahead.server.params.cohort) != (round_id, rec.cohort):
             ahead = None  # set up for another round or cohort: discarded, full setup
-        try:
+        try:  # the protocol's stage sequence, as every round runs it (sgs_flower.secagg.stages)
             if ahead is not None:
-                server, bundles, rec.pipelined = ahead.server, ahead.bundles, True
+                server, bundles, rec.pipelined = ahead.server, ahead.bundles or {}, True
             else:
                 server = SecAggServer(self.params(round_id, cohort), bound_digest=None)
-                rosters = server.collect_keys(exchange(Stage.ADVERTISE_KEYS, server.setup_messages())[0])
-                bundles = server.collect_shares(exchange(Stage.SHARE_KEYS, rosters)[0])
+                bundles = share_keys(server, exchange)
             server.bind_model(digest)  # the model travels with the masked-input request
-            requests = server.collect_masked(exchange(
-                Stage.MASKED_INPUT, bundles,
-                kw=lambda u: {"vector": vectors[u], "bound_digest": digest},
-            )[0])
-            nxt: _Ahead | None = None
-            if next_cohort is not None:
-                try:
-                    nxt = _Ahead(SecAggServer(self.params(round_id + 1, next_cohort), bound_digest=None))
-                except SecAggError:
-                    nxt = None
-            cur, adv = exchange(Stage.CONSISTENCY, requests, nxt.server.setup_messages() if nxt else None)
-            unmask = server.collect_consistency(cur)
-            next_rosters = None
-            if nxt is not None:
-                try:
-                    next_rosters = nxt.server.collect_keys(adv)
-                except SecAggError:
-                    nxt = None
-            cur, shares = exchange(Stage.UNMASK, unmask, next_rosters)
-            rec.outcome = server.collect_unmask(cur)
-            if nxt is not None:
-                try:
-                    nxt.bundles = nxt.server.collect_shares(shares)
-                except SecAggError:
-                    nxt = None
+            rec.outcome, nxt = mask_and_unmask(server, exchange, bundles, next_round)
         except SecAggError as exc:  # aborted: nothing released, the next round sets up in full
             rec.error = exc
             return rec
