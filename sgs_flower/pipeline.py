@@ -238,6 +238,8 @@ class UpdateSpec:
             raise ConfigurationError(f"int_clip_range must be a positive finite number, got {self.int_clip_range}")
         if self.dp_mode not in ("none", "central", "distributed"):
             raise ConfigurationError(f"dp_mode must be none, central or distributed, got {self.dp_mode!r}")
+        if not (self.l2_clip >= 0 and np.isfinite(self.l2_clip)):
+            raise ConfigurationError(f"l2_clip must be a finite number >= 0, got {self.l2_clip}")
         if self.dp_mode != "none":
             if not self.l2_clip > 0:
                 raise ConfigurationError(f"l2_clip must be > 0 under dp_mode={self.dp_mode}, got {self.l2_clip}")
@@ -280,9 +282,9 @@ class UpdateSpec:
                 raise ConfigurationError("input validation does not combine with the model-confidential mode yet: its "
                                          "vector carries whole models, which the round's bound does not describe")
             check_field_bits(self.field_bits)
-            if layout.mode == "l2" and self.dp_mode == "none":
-                raise ConfigurationError("validate='l2' bounds the DP clip norm: it needs dp_mode central or distributed "
-                                         "(outside DP use 'linf', the range's bound)")
+            if layout.mode == "l2" and self.dp_mode == "none" and not self.l2_clip > 0:
+                raise ConfigurationError("validate='l2' outside DP bounds the update's L2 norm by l2_clip "
+                                         "(SecAggConfig.validation_norm): set it")
         self.quantization  # validates the field and cohort bounds  # noqa: B018
 
     @property
@@ -565,7 +567,17 @@ def prepare_delta(delta: np.ndarray, spec: UpdateSpec) -> np.ndarray:
     if spec.rotation_seed >= 0:
         x = rotate(x, spec.rotation_seed)
     if spec.dp_mode == "none":
-        return x
+        if not spec.l2_clip > 0:
+            return x
+        # a validated round outside DP (issue 31, SecAggConfig.validation_norm): the float
+        # part's L2 norm is what every site proves, so an honest site clips to it, and says so
+        n_float = x.size - spec.int_size
+        clip = clip_l2(x[:n_float], spec.l2_clip)
+        if not clip.clipped:
+            return x
+        logger.warning("update L2 norm %.4g clipped to the round's validated norm bound %.4g (SecAggConfig."
+                       "validation_norm)", clip.original_norm, spec.l2_clip)
+        return np.concatenate([clip.vector, x[n_float:]])
     clip = clip_l2(x, spec.l2_clip)
     if clip.clipped:
         logger.info("update L2 norm %.4g clipped to %.4g", clip.original_norm, spec.l2_clip)
@@ -666,9 +678,13 @@ def validation_bound(spec: UpdateSpec, mode: str, model_size: int) -> int:
     the encoded body (:func:`validation_body`) an honest site of weight at most the
     weight scale produces:
 
-    - outside DP, ``"linf"``: every body word is a clipped, weight-scaled level, at most
-      ``L`` in magnitude, so ``||x|| <= sqrt(m) L`` (m body words): the range per
-      coordinate proven through the L2 bound it implies (the proof is an L2 check);
+    - outside DP, ``"l2"`` (a spec with ``l2_clip`` > 0, which honest sites clip their
+      float delta to, :func:`prepare_delta`): ``(L / c) min(l2_clip, c sqrt(m)) + sqrt(m)
+      + sqrt(int_size) L``; ``"linf"``: every body word is a clipped, weight-scaled level,
+      at most ``L`` in magnitude, so ``||x|| <= sqrt(m) L`` (m body words): the range per
+      coordinate proven through the L2 bound it implies (the proof is an L2 check; so
+      loose that random words of the round's width meet it: the product refuses it,
+      ``SecAggConfig.validate``);
     - under DP, ``"l2"``: the clipped delta and the flag have L2 norm at most the clip
       norm, so ``||q|| <= (L / c) min(l2_clip, c sqrt(d)) + sqrt(d)`` (scale, then
       stochastic rounding, d body words); ``"linf"``: ``sqrt(d) L``;
@@ -681,9 +697,15 @@ def validation_bound(spec: UpdateSpec, mode: str, model_size: int) -> int:
     q = spec.quantization
     d = validation_body(spec, model_size)
     if spec.dp_mode == "none":
-        if mode != "linf":
-            raise ConfigurationError("validate='l2' needs DP's clip norm; outside DP use 'linf'")
-        return math.ceil(math.sqrt(d) * q.levels)
+        if mode == "linf":
+            return math.ceil(math.sqrt(d) * q.levels)
+        if not spec.l2_clip > 0:
+            raise ConfigurationError("validate='l2' outside DP needs the update's norm bound (the spec's l2_clip, "
+                                     "SecAggConfig.validation_norm)")
+        # the float part clipped to l2_clip and weight-scaled by w / S <= 1, then rounded;
+        # the integer entries' words at most L each
+        return math.ceil(q.levels / spec.clip_range * min(spec.l2_clip, spec.clip_range * math.sqrt(d))
+                         + math.sqrt(d) + math.sqrt(spec.int_size) * q.levels)
     signal = (q.levels / spec.clip_range * min(spec.l2_clip, spec.clip_range * math.sqrt(d)) + math.sqrt(d)
               if mode == "l2" else math.sqrt(d) * q.levels)
     noise = 0.0
@@ -715,6 +737,10 @@ def validation_layout(spec: UpdateSpec, model_size: int) -> ValidationLayout | N
     ``SecAggClient.handle(..., validation=)`` at the masked input, and to
     ``RoundParams(validation=)`` on the server."""
     if not spec.validation:
+        if spec.dp_mode == "none" and spec.l2_clip:
+            raise InconsistentRequestError(
+                "the update spec asks this site to clip its update to an L2 norm (l2_clip) outside DP without "
+                "validating anyone's input: that norm is only the bound of a validated round; refused before training")
         return None
     layout = ValidationLayout.from_json(spec.validation)
     body, bound = validation_body(spec, model_size), validation_bound(spec, layout.mode, model_size)

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from clients import secagg_mod
+from clients.secagg_mod import default_encoder, run_secagg
 from sgs_flower.app import client_app as app_client
 from sgs_flower.digits import Net
 from sgs_flower.secagg import wire
@@ -51,6 +52,8 @@ def recording_client(
     dump: Path,
     fail: Callable[[int, int], bool] | None = None,
     crash: Callable[[int, int], bool] | None = None,
+    cheater: int | None = None,
+    factor: int = 10**6,
 ) -> ClientApp:
     """The app's own train function, plus: it writes each plaintext update to ``dump``
     (so a test can compute the plaintext aggregate the server never sees), with the
@@ -59,8 +62,15 @@ def recording_client(
     vector: no error reply, see ``secagg_mod``); where ``crash`` says so, the node
     itself crashes at the masked-input stage, after it has shared its keys (a mod
     outside ``secagg_mod`` raises: Flower answers with an error, and the server counts
-    the node as dropped)."""
+    the node as dropped). Partition ``cheater`` is a malicious site (issue 31): its mod
+    encodes with :func:`cheating_encoder` (``factor`` times its update, unclipped)."""
     app = ClientApp()
+    evil = cheating_encoder(factor)
+
+    def site_mod(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
+        if cheater is not None and int(context.node_config["partition-id"]) == cheater:
+            return run_secagg(msg, context, call_next, evil)
+        return secagg_mod(msg, context, call_next)
 
     def crash_mod(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
         rec = msg.content.config_records.get(wire.RECORD_KEY)
@@ -70,7 +80,7 @@ def recording_client(
                 raise RuntimeError("simulated crash of this node")
         return call_next(msg, context)
 
-    @app.train(mods=[crash_mod, secagg_mod])
+    @app.train(mods=[crash_mod, site_mod])
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
         rnd = int(msg.content["config"]["server-round"])
@@ -228,3 +238,23 @@ def load_eval_dump(dump: Path, rnd: int) -> list[dict[str, Any]]:
         with p.open("rb") as f:
             out.append(pickle.load(f))
     return out
+
+
+def cheating_encoder(factor: int) -> Callable[..., Any]:
+    """A malicious site's encoder (issue 31): the honest encoding, then the words that
+    carry the model delta multiplied by ``factor`` modulo the word width, unclipped (a
+    cheater need not use our encoder; this is what it can put in its masked vector)."""
+    from dataclasses import replace
+
+    from sgs_flower.pipeline import validation_body
+    from sgs_flower.secagg.quantize import from_field, to_field
+
+    def encode(delta: np.ndarray, metrics: dict[str, float], weight: int, spec: Any, context: Context) -> Any:
+        enc = default_encoder(delta, metrics, weight, spec, context)
+        body = validation_body(spec, int(delta.size))
+        words = np.array(enc.vector, copy=True)
+        words[:body] = to_field(from_field(words[:body], spec.field_bits) * factor, spec.field_bits)
+        return replace(enc, vector=words)
+
+    return encode
+

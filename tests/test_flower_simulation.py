@@ -7,6 +7,9 @@ secure aggregate can be compared with the plaintext weighted mean the server nev
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flower_harness import (
@@ -405,3 +408,59 @@ def test_confidential_run_server_never_holds_the_model(tmp_path):
     assert key is not None
     got = np.concatenate([a.ravel() for a in unmask_file(masked, key).values()])
     assert float(np.max(np.abs(got - truths[2]))) <= reports[2].error_bound * 4.0 + 1e-6
+
+
+def _node_of(dump: Path, partition: int) -> int:
+    with (dump / f"r1_p{partition}.pkl").open("rb") as f:
+        return int(pickle.load(f)["node"])
+
+
+def _clipped_mean(updates: list[dict], before: list[np.ndarray], norm: float) -> list[np.ndarray]:
+    """FedAvg's weighted mean of the sites' models after each site clips its update (its
+    change of the global model) to L2 ``norm``, as a validated round's honest sites do."""
+    deltas = []
+    for u in updates:
+        d = np.concatenate([(np.asarray(a, np.float64) - np.asarray(b, np.float64)).ravel()
+                            for a, b in zip(u["arrays"], before, strict=True)])
+        deltas.append(d * min(1.0, norm / float(np.linalg.norm(d))))
+    total = sum(u["weight"] for u in updates)
+    mean = sum(u["weight"] * d for u, d in zip(updates, deltas, strict=True)) / total
+    out, at = [], 0
+    for b in before:
+        out.append(np.asarray(b, np.float64) + mean[at:at + b.size].reshape(b.shape))
+        at += b.size
+    return out
+
+
+def test_input_validation_leaves_a_cheater_out_and_releases_the_honest_mean(tmp_path):
+    """Issue 31 through the real Flower path (simulation; the app's train behind the mod):
+    partition 0 is a compromised site that masks 10^6 x its update, unclipped. With
+    ``validate="l2"`` (outside DP: ``validation_norm``, which honest sites clip to) its
+    bound proof fails in every round, every site checks the evidence, and the released
+    model is the honest sites' weighted mean within the round's bound. Without
+    validation (the control, same cheater) the round releases a model far from it, or
+    nothing."""
+    norm = 2.0
+    cfg = SecAggConfig(validate="l2", validation_norm=norm, max_weight=4096)
+    dump = tmp_path / "validated"
+    dump.mkdir()
+    secure = _simulate(lambda: SecAggStrategy(_inner(), cfg), recording_client(dump, cheater=0), rounds=2)
+    cheat = _node_of(dump, 0)
+    f32 = 1e-6
+    reports = secure["strategy"].reports
+    assert [r.status for r in reports] == ["ok", "ok"]
+    for r in reports:
+        assert r.cheaters == [cheat] and cheat not in r.survivors
+        assert "bound proof fails" in r.rejected[cheat]
+        honest = [u for u in load_dump(dump, r.server_round) if u["node"] != cheat]
+        assert len(honest) == N - 1
+        expect = _clipped_mean(honest, secure["models"][r.server_round - 1], norm)
+        assert _maxdiff(secure["models"][r.server_round], expect) <= r.error_bound + f32
+
+    plain_dump = tmp_path / "control"
+    plain_dump.mkdir()
+    control = _simulate(lambda: SecAggStrategy(_inner(), SecAggConfig(max_weight=4096)),
+                        recording_client(plain_dump, cheater=0), rounds=1)
+    (r,) = control["strategy"].reports
+    honest = [u for u in load_dump(plain_dump, 1) if u["node"] != _node_of(plain_dump, 0)]
+    assert r.status != "ok" or _maxdiff(control["models"][1], weighted_mean(honest)) > 100 * (r.error_bound + f32)

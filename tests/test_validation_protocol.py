@@ -464,3 +464,27 @@ def test_validated_rounds_use_words_the_projection_covers() -> None:
     bundles = s.collect_shares({u: clients[u].handle(m) for u, m in rosters.items()})
     with pytest.raises(MalformedMessageError, match="40 bits"):
         clients[1].handle(bundles[1], vector=np.zeros(10, dtype=np.uint64), validation=layout)
+
+
+def test_the_linf_bound_lets_random_words_through() -> None:
+    """Why the product refuses ``validate="linf"`` (``SecAggConfig``): the proof checks L2
+    norms, and the L2 norm a per-coordinate range implies, sqrt(m) L, is met by a vector
+    of random words of the round's width, within the proof's own slack: the app's CNN
+    (38,282 coordinates) in the Flower simulation's round (4 sites, weights up to 4,096,
+    31-bit words), a cheater masking garbage has every projection accepted at the default
+    40-bit soundness, so it would be summed (seen through the Flower simulation before
+    this test: the released model was garbage). Against the "l2" bound of a norm of 1 the
+    same garbage has most of its projections rejected (one suffices to exclude it)."""
+    from sgs_flower.pipeline import UpdateSpec, validation_body, validation_bound
+    from sgs_flower.validation.projection import project
+
+    m, rng = 38_282, np.random.default_rng(5)
+    spec = UpdateSpec(clip_range=1.0, max_cohort=4, max_weight=4096, weight_scale=4096, field_bits=31)
+    body = validation_body(spec, m)
+    garbage = from_field(rng.integers(0, 1 << 31, body, dtype=np.uint64), 31)
+    seed = os.urandom(32)
+    linf = iv.layout_for("linf", validation_bound(spec, "linf", m), body).params
+    v = project(garbage, seed, linf.k)
+    assert max(abs(x) for x in v) <= linf.accept  # every projection passes: garbage is summed
+    l2 = iv.layout_for("l2", validation_bound(dataclasses.replace(spec, l2_clip=1.0), "l2", m), body).params
+    assert sum(abs(x) > l2.accept for x in project(garbage, seed, l2.k)) > l2.k // 2

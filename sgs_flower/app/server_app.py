@@ -79,6 +79,7 @@ def make_strategy(s: Settings, initial: ArrayRecord) -> Strategy:
         min_clients=int(s["min-clients"]) or None, stage_timeout=float(s["stage-timeout"]),
         confidential=bool(s["confidential"]), consistency=str(s["consistency"]),
         min_group=int(s["min-group"]), roster=str(Path(s["roster"]).expanduser()) if s["roster"] else None,
+        validate=str(s["validate"]) or None, validation_norm=float(s["validation-norm"]) or None,
     )
     ledger = str(Path(s["ledger"]).expanduser().resolve()) if s["ledger"] else None
     if ledger:

@@ -42,6 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "consistency": "global",
     "min-group": 3,
     "roster": "",
+    "validate": "",
+    "validation-norm": 0.0,
     "clip-range": 1.0,
     "field-bits": 0,
     "max-weight": 1_000_000,
@@ -141,6 +143,19 @@ def _validate(v: dict[str, Any]) -> None:
     if v["roster"] and not Path(str(v["roster"])).expanduser().is_file():
         raise bad("roster", f"names no file: {v['roster']!r} (the federation's roster of identity keys, the file "
                   "the sites pin with sgs-roster; empty: the groups are learnt at the first round)")
+    if v["validate"] not in ("", "l2"):
+        raise bad("validate", "must be '' (off) or 'l2' (every site proves its update's L2 norm: the DP clip norm, or "
+                  "validation-norm outside DP); 'linf' is not offered (docs/validation.md)")
+    if v["validate"] and not v["secure-aggregation"]:
+        raise bad("validate", "input validation proves bounds under secure aggregation: set secure-aggregation=true")
+    dp_bound = v["dp-mode"] in ("central", "distributed")
+    if v["validate"] and not dp_bound and not float(v["validation-norm"]) > 0:
+        raise bad("validate", "outside central or distributed DP the validated bound is validation-norm (the L2 norm "
+                  "honest sites clip their update to): set it > 0")
+    if float(v["validation-norm"]) and (dp_bound or not v["validate"]):
+        raise bad("validation-norm", "is the bound of validate='l2' outside DP (under DP the clip norm is the bound)")
+    if v["validate"] and v["confidential"]:
+        raise bad("validate", "input validation is not available in the model-confidential mode")
     if v["confidential"]:
         if not v["secure-aggregation"] or v["dp-mode"] != "none":
             raise bad("confidential", "the model-confidential mode runs on secure aggregation without DP: set "

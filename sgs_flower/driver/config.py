@@ -100,6 +100,23 @@ class SecAggConfig:
       round; later keys are never in a whole group (pin a roster to add sites). A
       wrapped ``configure_train`` that picks its own nodes has its pick rounded up to the
       whole groups of the picked nodes (said once).
+    - ``validate`` (issue 31, docs/validation.md): ``"l2"`` makes every site prove in
+      zero knowledge that its encoded update's L2 norm is bounded, and the server check
+      after unmask that what was summed is what was proven: a site whose proof fails is
+      left out like a dropout (``RoundReport.cheaters``, ``rejected``), and a site that
+      proves one vector and masks another makes the round abort before anything is
+      released. The bound is the DP clip norm under central or distributed DP, and
+      ``validation_norm`` (in the model's units; honest sites clip their update to it
+      and log it) outside DP. A site gets past the check with an update at most
+      ``gamma`` (~17) times the bound, except with probability
+      ``2^-validation_soundness_bits`` per challenge (default 40). ``"linf"`` is refused:
+      the proof checks L2 norms, and the L2 norm a per-coordinate range implies (sqrt(d)
+      times it) is met by random words of the round's width
+      (``tests/test_validation_protocol.py::test_the_linf_bound_lets_random_words_through``).
+      Costs: no extra exchange; per site and round one aggregated range proof (~2 s of CPU),
+      per survivor ~0.1 s of server CPU. A validated round is never retried (a value beyond
+      the range aborts it; the next round starts at the wider range), and outside DP its
+      weight scale is fixed at ``max_weight``, its words at most 40 bits.
     - ``max_consecutive_aborts``: this many aborted rounds in a row stop the run with
       :class:`~strategies.SecureAggregationFailed` (a run whose rounds all abort stops
       with it too).
@@ -130,6 +147,9 @@ class SecAggConfig:
     consistency: str = "global"
     min_group: int = DEFAULT_MIN_GROUP
     roster: str | None = None
+    validate: str | None = None
+    validation_norm: float | None = None
+    validation_soundness_bits: int = 40
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -182,5 +202,24 @@ class SecAggConfig:
                       f"{self.consistency!r}")
         if self.min_group == 1 or self.min_group < 0:
             raise bad("min_group", f"must be 0 (off) or at least 2, got {self.min_group}")
+        if self.validate == "linf":
+            raise bad("validate", "'linf' is not offered: the proof checks L2 norms, and the L2 norm a range per "
+                      "coordinate implies (sqrt(d) times it) is met by random words of the round's width; use 'l2' "
+                      "(under DP the clip norm is the bound, outside DP set validation_norm)")
+        if self.validate not in (None, "l2"):
+            raise bad("validate", f"must be None or 'l2', got {self.validate!r}")
+        if self.validation_norm is not None and not (self.validation_norm > 0 and math.isfinite(self.validation_norm)):
+            raise bad("validation_norm", f"must be a positive finite L2 norm (model units), got {self.validation_norm}")
+        if self.validation_norm is not None and not self.validate:
+            raise bad("validation_norm", "is the norm bound of validate='l2' outside DP: set validate='l2' too")
+        if not 40 <= self.validation_soundness_bits <= 128:
+            raise bad("validation_soundness_bits", f"must be in 40..128 (sites refuse less than 40), got "
+                      f"{self.validation_soundness_bits}")
+        if self.validate and self.field_bits > 40:
+            raise bad("field_bits", f"a validated round's words are at most 40 bits (the proof's domain), got "
+                      f"{self.field_bits}")
+        if self.validate and self.weight_scale not in (None, self.max_weight):
+            raise bad("weight_scale", "a validated round is never retried, so its weight scale is max_weight "
+                      f"(leave weight_scale unset), got {self.weight_scale}")
         if self.max_consecutive_aborts < 1:
             raise bad("max_consecutive_aborts", f"must be >= 1, got {self.max_consecutive_aborts}")

@@ -53,6 +53,8 @@ class RoundReport:
     field_bits: int = 0  # the masked vector's word width b (chosen per round unless fixed)
     group_excluded: int = 0  # updates left out with their group (SecAggConfig.min_group), issue 29
     groups: list[int] = field(default_factory=list)  # the groups (roster partition indices) whose sum it is
+    # survivors left out of the sum because their bound proof failed (issue 31, SecAggConfig.validate)
+    cheaters: list[int] = field(default_factory=list)
 
 
 class SecureAggregationFailed(RuntimeError):

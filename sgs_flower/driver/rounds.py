@@ -26,7 +26,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
 from typing import Any
 
@@ -60,6 +60,7 @@ from sgs_flower.pipeline import (
     decode_update,
     retry_spec,
     spec_digest,
+    validation_layout,
 )
 from sgs_flower.secagg import wire
 from sgs_flower.secagg.errors import (
@@ -74,6 +75,15 @@ from sgs_flower.secagg.stages import Replies, mask_and_unmask, share_keys
 from sgs_flower.secagg.wire import Stage
 
 LOGGER = logging.getLogger("sgs_flower.driver")
+
+
+def _same_setup(ahead: RoundParams, now: RoundParams) -> bool:
+    """Whether a round set up ahead fits the round's parameters. The validation layout
+    (issue 31) may differ: its bound follows the round's range, which adapts after the
+    setup, and it is first used at the masked input (sites derive it from the spec there);
+    only the masked vector's length, which the keys and shares do not fix either but the
+    setup's sizing does, must stay."""
+    return replace(ahead, validation=now.validation) == now and ahead.masked_length == now.masked_length
 
 
 class _StillOutOfRange(SecAggError):
@@ -132,6 +142,16 @@ class RoundDriver:
                            "%.4g (server)", ledger, self.privacy.round_offset, spent.consumer, spent.server)
         elif ledger is not None:
             raise ValueError("a privacy ledger needs dp= with mode central-dp or distributed-dp")
+        if config.validate and self.privacy is None and config.validation_norm is None:
+            raise ValueError("SecAggConfig.validate='l2' proves the update's L2 norm: without central or distributed DP "
+                             "(whose clip norm is the bound) set SecAggConfig.validation_norm, the norm honest sites "
+                             "clip their update to")
+        if config.validation_norm is not None and self.privacy is not None:
+            raise ValueError("SecAggConfig.validation_norm is for rounds outside DP: under DP the clip norm is the "
+                             "validated bound (leave validation_norm unset)")
+        if config.validate and config.confidential:
+            raise ValueError("SecAggConfig.validate is not available in the model-confidential mode (its sites sum "
+                             "whole models, not bounded updates); turn one of them off")
 
     # ------------------------------------------------------------ the run
     def begin(self, last_round: int, initial: Mapping[str, np.ndarray] | None = None) -> None:
@@ -242,7 +262,7 @@ class RoundDriver:
             run_id=transport.run_id, round_id=server_round, cohort=tuple(cohort),
             vector_length=spec.vector_length(model_size), field_bits=spec.field_bits,
             degree=self.config.degree, threshold=self.config.threshold, min_clients=min_clients,
-            consistency=self.config.consistency,
+            consistency=self.config.consistency, validation=validation_layout(spec, model_size),
         )
 
     # ------------------------------------------------------------ one training round
@@ -287,7 +307,7 @@ class RoundDriver:
             spec, params, digest = self._setup(transport, rnd, ahead)
         except ConfigurationError as exc:
             return self._abort(rnd, f"round {server_round} not run: {exc}")
-        if ahead is not None and (ahead.params != params or ahead.bundles is None):
+        if ahead is not None and (not _same_setup(ahead.params, params) or ahead.bundles is None):
             self.logger.log(WARNING, "secure round %s: the setup made during the previous round no longer fits its "
                             "parameters; setting it up in full", server_round)
             ahead = None
@@ -295,6 +315,7 @@ class RoundDriver:
             server = ahead.server
             server.groups = server.groups or self.cohorts.groups  # learnt during the round it was set up in
             server.bind_model(digest)  # masks are keyed with the model this request carries
+            server.params = params  # its validated bound may follow this round's range (see _same_setup)
             report.pipelined = True
         else:
             server = SecAggServer(params, bound_digest=digest, groups=self.cohorts.groups,
@@ -374,6 +395,10 @@ class RoundDriver:
         bundles = ahead.bundles if ahead is not None and ahead.bundles is not None else share_keys(server, channel)
         outcome, nxt = mask_and_unmask(server, channel, bundles, next_round, failed)
         report.survivors = list(outcome.survivors)
+        report.cheaters = list(outcome.cheaters)
+        if report.cheaters:
+            self.logger.log(WARNING, "secure round %s: left out of the sum, their bound proof failed (evidence shown to "
+                            "every site): %s", r, report.cheaters)
         metric_names = self._metric_names(names, report.survivors, report) if spec.metric_slots else None
         decoded = decode_update(outcome.total, spec, len(outcome.survivors), rnd.model_size, metric_names)
         total = outcome.total
@@ -509,6 +534,12 @@ class RoundDriver:
             if new is None:
                 return spec, decoded, total
             beyond = bool(decoded.clipped[0] or decoded.clipped[1] or decoded.weights_over_scale)
+            if spec.validation:  # a retry's input would enter the sum without a proof (docs/validation.md)
+                if beyond:
+                    raise _StillOutOfRange(
+                        f"the unmasked sum holds values beyond the range ({'; '.join(why)}) and a validated round is "
+                        "never retried: nothing is released; the next round starts at the wider range", spec, decoded)
+                return spec, decoded, total
             if server.retries >= wire.MAX_RETRIES:
                 if beyond:
                     raise _StillOutOfRange(

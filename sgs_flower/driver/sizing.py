@@ -27,6 +27,7 @@ from sgs_flower.pipeline import (
     int_size_of,
     narrowest_field_bits,
     width_error_for,
+    with_validation,
 )
 from sgs_flower.secagg.errors import OverflowRiskError
 
@@ -48,7 +49,8 @@ class Sizing:
         c = config
         self.ranges = (c.clip_range, c.int_clip_range)  # the next round's; adapted after each round
         # the next round's weight scale; from the weight histogram after each round
-        self.weight_scale = c.weight_scale or min(DEFAULT_WEIGHT_SCALE, c.max_weight)
+        # a validated round is never retried, so no weight may be above its scale
+        self.weight_scale = c.weight_scale or (c.max_weight if c.validate else min(DEFAULT_WEIGHT_SCALE, c.max_weight))
         self.needed: list[tuple[float, float]] = []  # the ranges each recent round needed (covering ranges)
         self.weights_needed: list[int] = []  # the covering weight scale of each recent round
 
@@ -123,17 +125,21 @@ class Sizing:
         narrowest that holds the sum and its noise, unless ``field_bits`` fixes it)."""
         c = self.config
         if plan is None:
-            return UpdateSpec(
+            spec = UpdateSpec(
                 clip_range=self.ranges[0], int_clip_range=self.ranges[1], max_cohort=cohort_size,
                 max_weight=c.max_weight, weight_scale=min(self.weight_scale, c.max_weight),
                 field_bits=field_bits or self.field_bits_for(cohort_size, ahead),
                 metric_slots=0 if c.confidential else c.metric_slots,
                 metric_range=c.metric_range, metric_ranges=tuple(sorted(c.metric_ranges.items())),
                 int_size=int_size_of(like) if like is not None else 0, model_key=model_key,
+                l2_clip=(c.validation_norm or 0.0) if c.validate else 0.0,
             )
-        # Under DP: unweighted, no released metrics or counters, the DP plan's clip and fixed point.
-        return UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=plan.field_bits, metric_slots=0,
-                          **plan.spec_fields)
+        else:  # under DP: unweighted, no released metrics or counters, the DP plan's clip and fixed point
+            spec = UpdateSpec(max_cohort=cohort_size, max_weight=1, field_bits=plan.field_bits, metric_slots=0,
+                              **plan.spec_fields)
+        if c.validate and like is not None:  # the bound the sites prove (issue 31), in the spec's units
+            spec = with_validation(spec, c.validate, int(sum(a.size for a in like)), c.validation_soundness_bits)
+        return spec
 
     def range_report(self, report: RoundReport, spec: UpdateSpec, decoded: DecodedUpdate,
                      like: list[np.ndarray]) -> None:
@@ -165,7 +171,7 @@ class Sizing:
                 "SecAggConfig(metric_ranges={%r: ...})", report.server_round, name, k, spec.range_of(name), name)
         report.weight_scale = spec.weight_unit
         report.field_bits = spec.field_bits
-        if decoded.total_weight > 0:  # the weight histogram counts only usable updates
+        if decoded.total_weight > 0 and not self.config.validate:  # the histogram counts only usable updates
             self.weights_needed.append(covering_weight_scale(spec.max_weight, decoded.weight_histogram))
             self.weight_scale = max(self.weights_needed[-self.config.range_memory:])
         if self.config.adaptive_range:
