@@ -10,7 +10,7 @@ presets' training keys); ``plain-10``, ``secagg-10``, ``sample-dp-10`` (10 Super
 the sample-dp preset's training keys); or a bare preset (``plain``, ``secagg``,
 ``central-dp``, ``distributed-dp``, ``sample-dp``) on ``--supernodes`` SuperNodes.
 
-Usage: python scripts/app_results.py [--runs LABELS] [--rounds N] [--quick] [--keep DIR] [--repeat K]
+Usage: python scripts/app_results.py [--runs LABELS] [--rounds N] [--quick] [--keep DIR] [--repeat K] [--set KEY=VALUE]
 ``--quick``: distributed-dp alone at 100 SuperNodes, 6 rounds (tail 3), under a minute.
 ``--repeat K``: the list K times, interleaved; each row's s/round is the mean over the K
 runs, and the sample-dp benchmark lines give the per-run ratios' range. The README's
@@ -42,12 +42,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     ap.add_argument("--keep", type=Path, default=None, help="keep logs, results, ledgers and PNGs here")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the list this many times, interleaved; s/round is the mean over them")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="a run-config key for every run (repeatable; VALUE as JSON, else a string), "
+                         "e.g. --set validate= to time a DP preset without its input validation")
     args = ap.parse_args(argv)
+    extra: dict[str, Any] = {}
+    for item in args.extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--set needs KEY=VALUE, got {item!r}")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
     runs, rounds = args.runs, args.rounds
     if args.quick:
         runs, rounds = "distributed-dp-100", rounds or 6
     labels = [r.strip() for r in runs.split(",") if r.strip()]
-    rows, failed = run_all(labels, args.supernodes, rounds, args.keep, args.repeat)
+    rows, failed = run_all(labels, args.supernodes, rounds, args.keep, args.repeat, extra)
     for line in table_lines(rows):
         print(line)
     print(json.dumps(rows))

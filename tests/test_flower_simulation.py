@@ -464,3 +464,30 @@ def test_input_validation_leaves_a_cheater_out_and_releases_the_honest_mean(tmp_
     (r,) = control["strategy"].reports
     honest = [u for u in load_dump(plain_dump, 1) if u["node"] != _node_of(plain_dump, 0)]
     assert r.status != "ok" or _maxdiff(control["models"][1], weighted_mean(honest)) > 100 * (r.error_bound + f32)
+
+
+def test_distributed_dp_with_validation_excludes_a_cheater_and_stays_pipelined(tmp_path):
+    """Issue 31 with the distributed-dp preset's setting (``validate="l2"``, the clip norm
+    as the bound) through the Flower simulation: the cheater (10^6 x its noisy update) is
+    left out of every round with evidence, the released rounds are accounted in the
+    ledger as usual, and the validated bound, fixed by the clip norm, keeps the second
+    round pipelined (three exchanges)."""
+    from sgs_flower.dp.config import DPConfig
+    from sgs_flower.dp.ledger_accounting import verify
+
+    dp = DPConfig(mode="distributed-dp", clip_norm=1.0, noise_multiplier=2.0, min_survivors=N - 1, max_epsilon=None)
+    ledger = tmp_path / "ledger.jsonl"
+    run = _simulate(lambda: SecAggStrategy(_inner(), SecAggConfig(validate="l2"), dp=dp, ledger=str(ledger)),
+                    recording_client(tmp_path, cheater=1), rounds=2)
+    cheat = _node_of(tmp_path, 1)
+    reports = run["strategy"].reports
+    assert [r.status for r in reports] == ["ok", "ok"]
+    assert all(r.cheaters == [cheat] and len(r.survivors) == N - 1 for r in reports)
+    assert [r.pipelined for r in reports] == [False, True] and reports[1].exchanges == 3
+    assert verify(ledger).ok
+    # the released mean moved by the honest sites' clipped updates (at most the clip norm)
+    # plus the noise of the mean (std noise_multiplier x clip / survivors per coordinate):
+    # never by the cheater's 10^6 x
+    sigma = 2.0 * 1.0 / (N - 1)
+    step = _maxdiff(run["models"][2], run["models"][1])
+    assert 0 < step < 1.0 + 6 * sigma

@@ -242,14 +242,15 @@ def run_once(work: Path, supernodes: int, cfg: dict[str, Any], timeout: float = 
         stop_all(home)
 
 
-def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: Path) -> dict[str, Any]:
+def run_one(app: Path, home: Path, spec: RunSpec, rounds: int | None, out_dir: Path,
+            extra: dict[str, Any] | None = None) -> dict[str, Any]:
     label = spec.label
     results = out_dir / f"{label}.json"
     ledger = out_dir / f"{label}-ledger.jsonl"
     for stale in (results, ledger):
         stale.unlink(missing_ok=True)
     user_dp = spec.preset in ("central-dp", "distributed-dp")
-    cfg: dict[str, Any] = {"preset": spec.preset, **spec.overrides, "results-file": str(results),
+    cfg: dict[str, Any] = {"preset": spec.preset, **spec.overrides, **(extra or {}), "results-file": str(results),
                            "ledger": str(ledger) if user_dp else "", "model-file": ""}
     if rounds is not None:
         cfg["num-server-rounds"] = rounds
@@ -329,7 +330,8 @@ def stop_all(home: Path) -> None:
 
 
 def run_all(labels: list[str], supernodes: int, rounds: int | None,
-            keep: Path | None, repeat: int = 1) -> tuple[dict[str, dict[str, Any]], list[str]]:
+            keep: Path | None, repeat: int = 1,
+            extra: dict[str, Any] | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Every run of ``labels`` in one app copy and one FLWR_HOME: (rows by label, failed labels).
 
     With ``repeat`` > 1 the whole list runs that many times, interleaved (a, b, c, a, b,
@@ -339,6 +341,7 @@ def run_all(labels: list[str], supernodes: int, rounds: int | None,
     falls against them moves a plain round's mean by 0.05 s (0.14-0.20 s measured), so
     one run's ratio of two such rounds is not a measurement.
 
+    ``extra``: run-config keys set in every run (after the preset and the run's own).
     A failed run is reported on stderr and the others still run; everything started is
     stopped at the end, also on failure. Without ``keep`` the outputs go with the
     temporary folder (with ``repeat``, the files are the last repeat's).
@@ -357,7 +360,7 @@ def run_all(labels: list[str], supernodes: int, rounds: int | None,
         for _ in range(repeat):
             for label in labels:
                 try:
-                    row = run_one(app, home, spec_for(label, supernodes), rounds, out_dir)
+                    row = run_one(app, home, spec_for(label, supernodes), rounds, out_dir, extra)
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:  # the other runs still run
                     failed.append(label)
                     print(f"{label}: FAILED: {exc}", file=sys.stderr, flush=True)
