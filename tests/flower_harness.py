@@ -258,3 +258,74 @@ def cheating_encoder(factor: int) -> Callable[..., Any]:
 
     return encode
 
+
+
+def tampering_client(cheater: int, attack: str) -> ClientApp:
+    """The app's train behind ``secagg_mod`` everywhere; partition ``cheater`` runs a mod
+    that lies in its validated round's proof (issue 31), signing what it sends with its
+    own identity key for the round's challenge (so the server holds evidence against it):
+
+    - ``"forged"``: its proof with bytes flipped inside the range proof;
+    - ``"replayed"``: in round 2, its round-1 proof (a proof for another round);
+    - ``"small-proof"``: it masks 10^6 x its update but proves a zero vector (it rewrites
+      the body its protocol client kept for the proof, in its own state)."""
+    from flwr.app import ConfigRecord
+
+    from sgs_flower.secagg import identity
+    from sgs_flower.secagg.input_validation import proof_statement
+    from sgs_flower.site.store import IDENTITY_KEY, STATE_KEY
+
+    app = ClientApp()
+    big = cheating_encoder(10**6)
+
+    def state_field(context: Context, suffix: str) -> tuple[str, Any]:
+        rec = context.state.config_records[STATE_KEY]
+        key = next(k for k in rec if k.endswith(suffix))
+        return key, rec[key]
+
+    def resign(reply: Message, context: Context, proof: bytes) -> Message:
+        rec = reply.content.config_records[wire.RECORD_KEY]
+        msg = wire.decode(bytes(rec[wire.FIELD_PAYLOAD]))
+        seed = bytes(state_field(context, "validation.seed")[1])
+        ident = bytes(context.state.config_records[IDENTITY_KEY]["key"])
+        sig = identity.sign(ident, proof_statement(msg.run_id, msg.round_id, msg.sender, seed, proof))
+        rec[wire.FIELD_PAYLOAD] = wire.encode(replace_fields(msg, proof=proof, proof_signature=sig))
+        return reply
+
+    def mod(msg: Message, context: Context, call_next):  # type: ignore[no-untyped-def]
+        if int(context.node_config["partition-id"]) != cheater:
+            return secagg_mod(msg, context, call_next)
+        rec = msg.content.config_records.get(wire.RECORD_KEY)
+        stage = int(rec[wire.FIELD_STAGE]) if rec is not None else 0
+        if attack == "small-proof" and stage == int(Stage.MASKED_INPUT):
+            return run_secagg(msg, context, call_next, big)
+        if attack == "small-proof" and stage == int(Stage.CONSISTENCY):
+            key, x = state_field(context, "validation.x")  # prove zeros instead: within any bound
+            context.state.config_records[STATE_KEY][key] = bytes(len(bytes(x)))
+        reply = secagg_mod(msg, context, call_next)
+        if stage != int(Stage.CONSISTENCY) or not reply.has_content():
+            return reply
+        sent = wire.decode(bytes(reply.content.config_records[wire.RECORD_KEY][wire.FIELD_PAYLOAD]))
+        if attack == "forged":
+            proof = bytearray(sent.proof)
+            proof[-40] ^= 0xFF
+            return resign(reply, context, bytes(proof))
+        if attack == "replayed":
+            kept = context.state.config_records.get("test.cheater")
+            if kept is None:
+                context.state.config_records["test.cheater"] = ConfigRecord({"proof": sent.proof})
+                return reply
+            return resign(reply, context, bytes(kept["proof"]))
+        return reply
+
+    @app.train(mods=[mod])
+    def train(msg: Message, context: Context) -> Message:
+        return app_client.train(msg, context)
+
+    return app
+
+
+def replace_fields(msg: Any, **kw: Any) -> Any:
+    from dataclasses import replace
+
+    return replace(msg, **kw)

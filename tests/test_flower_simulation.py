@@ -491,3 +491,40 @@ def test_distributed_dp_with_validation_excludes_a_cheater_and_stays_pipelined(t
     sigma = 2.0 * 1.0 / (N - 1)
     step = _maxdiff(run["models"][2], run["models"][1])
     assert 0 < step < 1.0 + 6 * sigma
+
+
+@pytest.mark.parametrize("attack", ["forged", "replayed", "small-proof"])
+def test_input_validation_refuses_a_lying_proof_through_the_mod(attack):
+    """Issue 31's malicious clients through the real mod in the Flower simulation
+    (``flower_harness.tampering_client``: partition 0 signs what it sends, so the server
+    holds evidence): a forged proof and a proof replayed from round 1 are excluded with
+    evidence and the round goes on over the honest sites; a site that proves zeros and
+    masks 10^6 x its update makes every round abort at the aggregate opening (nothing is
+    released) and the run stops loudly."""
+    from flower_harness import tampering_client
+
+    from strategies import SecureAggregationFailed
+
+    made: list[SecAggStrategy] = []
+
+    def factory() -> SecAggStrategy:
+        made.append(SecAggStrategy(_inner(), SecAggConfig(validate="l2", validation_norm=2.0, max_weight=4096)))
+        return made[-1]
+
+    if attack == "small-proof":
+        with pytest.raises(SecureAggregationFailed, match="OpeningError"):
+            _simulate(factory, tampering_client(0, attack), rounds=2)
+        reports = made[-1].reports
+        assert [r.status for r in reports] == ["aborted", "aborted"]
+        assert all("aggregate opening failed" in r.reason for r in reports)
+        return
+    run = _simulate(factory, tampering_client(0, attack), rounds=2)
+    reports = run["strategy"].reports
+    assert [r.status for r in reports] == ["ok", "ok"]
+    first, second = reports
+    if attack == "replayed":  # round 1 is honest: its proof is what it replays
+        assert first.cheaters == [] and len(first.survivors) == N
+    else:
+        assert len(first.cheaters) == 1 and len(first.survivors) == N - 1
+    assert len(second.cheaters) == 1 and len(second.survivors) == N - 1
+    assert "bound proof fails" in second.rejected[second.cheaters[0]]
