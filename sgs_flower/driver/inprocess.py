@@ -38,6 +38,7 @@ from sgs_flower.dp.config import DPConfig
 from sgs_flower.driver.config import SecAggConfig
 from sgs_flower.driver.learner import Instructions, Named, Released, Sampling
 from sgs_flower.driver.report import RoundReport
+from sgs_flower.driver.rounds import LOGGER as DRIVER_LOGGER
 from sgs_flower.driver.rounds import RoundDriver
 from sgs_flower.driver.transport import EVALUATE, TRAIN, Outgoing, Reply, ReplyError, Transport
 from sgs_flower.pipeline import EncodedUpdate, UpdateSpec, encode_update
@@ -58,7 +59,7 @@ from sgs_flower.site import (
     on_train,
 )
 from sgs_flower.site.model_key import KEY_RECORD
-from sgs_flower.site.request import model_of
+from sgs_flower.site.request import Pass, model_of
 
 LOGGER = logging.getLogger("sgs_flower.driver.inprocess")
 
@@ -238,6 +239,7 @@ class InProcessTransport:
         """One site's answer to one message, as the Flower mod would make it."""
         request = _request(self.run_id, message)
         arrived = time.monotonic()
+        out: Answer | KeyAnswer | Pass
         try:
             if message.kind == EVALUATE:
                 out = on_evaluate(node, site.node_config, site.store, request,
@@ -293,7 +295,7 @@ class MeanLearner:
     def _sample(transport: Transport, fraction: float, least: int) -> list[int]:
         nodes = transport.node_ids()
         size = max(int(len(nodes) * fraction), least)
-        return random.sample(nodes, size) if 0 < fraction and size <= len(nodes) else []
+        return random.sample(nodes, size) if fraction > 0 and size <= len(nodes) else []
 
     def configure_train(self, server_round: int, model: Any, config: Any, transport: Transport) -> Instructions:
         s = self._sampling
@@ -369,7 +371,7 @@ def run_rounds(
     config = config or SecAggConfig()
     learner = learner or MeanLearner()
     transport = sites if isinstance(sites, InProcessTransport) else InProcessTransport(sites, drops=drops)
-    driver = RoundDriver(config, learner, dp=dp, ledger=ledger, **({"logger": logger} if logger else {}))
+    driver = RoundDriver(config, learner, dp=dp, ledger=ledger, logger=logger or DRIVER_LOGGER)
     learner.sampler = driver.sample_cohort
     model: Named = list(initial.items()) if isinstance(initial, Mapping) else list(initial)
     last = first_round + num_rounds - 1
