@@ -28,6 +28,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,7 @@ from sgs_flower.driver.rounds import LOGGER as DRIVER_LOGGER
 from sgs_flower.driver.rounds import RoundDriver
 from sgs_flower.driver.transport import EVALUATE, TRAIN, Outgoing, Reply, ReplyError, Transport
 from sgs_flower.pipeline import EncodedUpdate, UpdateSpec, encode_update
-from sgs_flower.secagg import wire
+from sgs_flower.secagg import bls, wire
 from sgs_flower.secagg.errors import EncodingError, ProtocolError
 from sgs_flower.secagg.wire import Stage
 from sgs_flower.site import (
@@ -196,18 +197,21 @@ def _reply_of(node: int, answer: Answer | KeyAnswer) -> Reply:
 class InProcessTransport:
     """A :class:`~sgs_flower.driver.transport.Transport` over in-process sites (node id ->
     :class:`InProcessSite`). Each message is answered at once, in node order; ``timeout``
-    is not needed (a dropout is a :class:`Drop`, not a late reply).
+    is not needed (a dropout is a :class:`Drop`, not a late reply). With ``separate``
+    (the default) each answer runs as in a process of its own, as a deployed site's
+    does: the process's caches of checked BLS keys are the site's own (what its store
+    hands back), not the server's or another site's (:func:`sgs_flower.secagg.bls.separate_caches`).
 
     ``site_cpu``: each site's CPU seconds (``time.process_time``) spent in its calls,
     cumulated over the run; ``calls``: how many messages each site answered."""
 
     def __init__(self, sites: Mapping[int, InProcessSite], *, run_id: int = 1,
-                 drops: Mapping[int, Sequence[Drop]] | None = None) -> None:
+                 drops: Mapping[int, Sequence[Drop]] | None = None, separate: bool = True) -> None:
         if any(int(n) < 1 for n in sites):
             raise ValueError("node ids must be positive integers (as Flower's)")
         self.sites = dict(sites)
         self.drops = {int(n): list(d) for n, d in (drops or {}).items()}
-        self._run_id = run_id
+        self._run_id, self.separate = run_id, separate
         self.site_cpu: dict[int, float] = dict.fromkeys(self.sites, 0.0)
         self.calls: dict[int, int] = dict.fromkeys(self.sites, 0)
         self.dropped: list[tuple[int, str, int]] = []  # (node, group, stage) of each message not delivered
@@ -230,7 +234,8 @@ class InProcessTransport:
                 self.dropped.append((message.node, message.group, int(stage)))
                 continue
             t0 = time.process_time()
-            replies.append(self._answer(message.node, site, message))
+            with bls.separate_caches() if self.separate else nullcontext():
+                replies.append(self._answer(message.node, site, message))
             self.site_cpu[message.node] += time.process_time() - t0
             self.calls[message.node] += 1
         return replies
