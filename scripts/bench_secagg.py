@@ -9,12 +9,11 @@
    with signatures and the consistency check) for n = 100, 250, 1,000 and 10,000 at
    m = 10,000 with 5 % dropout, each in a fresh process (so its peak resident memory is
    its own), the growth exponent fitted over those sizes (least squares on log-log),
-   and the peak memory of the largest round. Issue 30, point 4 ("benchmarks of the
-   product path"), as far as it goes **without the round driver** (points 1-2 of issue
-   30 are not built): the rounds still go through ``simulate_round`` (the in-process
-   driver, ``sgs_flower.secagg.simulate``), not through one driver shared with the
-   Flower strategy, so retries, the model-key phase, evaluation rounds, pipelining and
-   the site's state file are not in them. What the simulation can switch on is on:
+   and the peak memory of the largest round. These rounds go through ``simulate_round``
+   (bare protocol clients, ``sgs_flower.secagg.simulate``, in worker processes), not
+   through the round driver shared with the Flower strategy, so retries, the model-key
+   phase, evaluation rounds, pipelining and the site's state are not in them: the
+   product path's rounds are [8] (``--driver``). What the simulation can switch on is on:
 
    - both consistency quorums at every size (``--modes``): the **default global**
      quorum (floor(2n/3) + 1 of the cohort, proven to each site by one BLS aggregate
@@ -102,9 +101,26 @@
    the widths in ``field_bits``); and the masked-input stage of [5] at the width chosen
    for its cohort of k + 1, against the floor of its narrower keystreams.
 
+8. ``--driver``: whole rounds of the **product path** (issue 30): R rounds (``--rounds``,
+   default 3) of ``sgs_flower.driver.RoundDriver`` over in-process sites that answer
+   through ``sgs_flower.site`` (``sgs_flower.driver.inprocess.run_rounds``), every
+   default of ``SecAggConfig`` on: participation in whole groups (``--min-group``), the
+   global BLS quorum (``--modes`` adds others; the sites opt in with
+   ``sgs-consistency``), adaptive range and width, retries, pipelining from the second
+   round, each site's policy and state in its own store. 5 % of the sites, drawn afresh
+   each round, drop at the masked input. The sites run in this process, one after
+   another, each answer as in a process of its own (its own checked BLS keys:
+   ``sgs_flower.secagg.bls.separate_caches``); per round it prints the wall time, the
+   sites' CPU over n (per-site CPU, measured around each site's calls) and the server's
+   CPU (the rest of this process's: driver, protocol server, decoding), and checks the
+   released model against the plaintext weighted mean of the survivors within the
+   round's error bound. ``--m`` sets the model size (default 10,000). No public-key
+   floor here yet (the driver does not hand its protocol servers out).
+
 Usage: python scripts/bench_secagg.py [--quick] [--rounds-only] [--sizes 100,250,1000,10000]
 [--modes global,neighbourhood] [--min-group 3] [--workers W]; one round alone: --one-round N
-[--consistency global|neighbourhood] [--min-group G] [--workers W]. The last line
+[--consistency global|neighbourhood] [--min-group G] [--workers W]; the product path:
+--driver [--sizes 20,100] [--m 1000] [--rounds 3] [--modes global]. The last line
 printed is one JSON object. Timings on a shared machine are noisy: every figure is one
 run (the round sizes) or the best of a few (the stages).
 """
@@ -121,7 +137,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from blspy import G1Element, G2Element, PopSchemeMPL
@@ -130,6 +147,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from sgs_flower.driver.config import SecAggConfig as DriverConfig
+from sgs_flower.driver.inprocess import Drop, InProcessSite, run_rounds
+from sgs_flower.driver.report import SecureAggregationFailed
 from sgs_flower.pipeline import (
     DEFAULT_MAX_WEIGHT,
     DEFAULT_MODEL_ERROR,
@@ -592,6 +612,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=default_workers(),
                     help="worker processes the whole rounds' sites run in (default: the CPU count, "
                     f"{default_workers()} here; 1: all in the bench process)")
+    ap.add_argument("--driver", action="store_true",
+                    help="run only [8]: whole rounds through the round driver and the site (the product path)")
+    ap.add_argument("--m", type=int, default=10_000, help="model size of --driver's rounds (default 10,000)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per size of --driver (default 3)")
     args = ap.parse_args(argv)
     if args.workers < 1:
         ap.error("--workers must be at least 1")
@@ -609,6 +633,9 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in modes:
         if mode not in CONSISTENCY_MODES:
             ap.error(f"--modes: unknown consistency quorum {mode!r} (one of {', '.join(CONSISTENCY_MODES)})")
+    if args.driver:
+        return driver_rounds(out, sizes if args.sizes else [20, 100], modes if args.modes != ap.get_default("modes")
+                             else [CONSISTENCY_GLOBAL], args.m, args.rounds, args.min_group)
     if args.rounds_only:
         return whole_rounds(out, sizes, modes, args.workers, args.min_group, quick)
 
@@ -820,6 +847,81 @@ def whole_rounds(out: dict, sizes: list[int], modes: list[str] | None = None, wo
         out["round_cpu_growth_exponent"] = growth_exponent(sizes, [primary[n]["cpu_seconds"] for n in sizes])
         print(f"[3] {modes[0]} quorum: time grows as n^{out['round_growth_exponent']:.2f} (CPU time as "
               f"n^{out['round_cpu_growth_exponent']:.2f}; fit over n = {sizes})", file=sys.stderr)
+    print(json.dumps(out))
+    return out
+
+
+# ------------------------------------------------------------ [8] the product path
+def _driver_site(node: int, m: int, seed: int, mode: str, min_group: int) -> InProcessSite:
+    """A site whose train step adds its own uniform update in [-0.5, 0.5) per round (drawn
+    from its node id and the round), weighted 100 + node; it opts in to ``mode``."""
+    def train(arrays: list[np.ndarray], config: Mapping[str, Any]) -> tuple[list[np.ndarray], int, dict[str, float]]:
+        return [arrays[0] + _driver_delta(node, int(config["server-round"]), m, seed)], 100 + node, {"loss": node / 10}
+    node_config = {"sgs-state-file": "memory", "sgs-min-group": str(min_group)}
+    if mode != CONSISTENCY_GLOBAL:
+        node_config["sgs-consistency"] = mode
+    return InProcessSite(train, node_config=node_config)
+
+
+def _driver_delta(node: int, server_round: int, m: int, seed: int) -> np.ndarray:
+    return np.random.default_rng([seed, node, server_round]).uniform(-0.5, 0.5, m).astype(np.float32)
+
+
+def driver_run(n: int, m: int, rounds: int, mode: str = CONSISTENCY_GLOBAL, min_group: int = DEFAULT_MIN_GROUP,
+               seed: int = 0) -> list[dict]:
+    """[8] at one size and mode: ``rounds`` rounds through the round driver, 5 % of the
+    sites silent at each round's masked input; per round its figures (see the module doc)."""
+    rng = np.random.default_rng(seed)
+    drops: dict[int, list[Drop]] = {}
+    for r in range(1, rounds + 1):
+        for u in rng.choice(np.arange(1, n + 1), n // 20, replace=False).tolist():
+            drops.setdefault(int(u), []).append(Drop(Stage.MASKED_INPUT, frozenset({r})))
+    sites = {u: _driver_site(u, m, seed, mode, min_group) for u in range(1, n + 1)}
+    config = DriverConfig(consistency=mode, min_group=min_group)
+    initial = [("w", np.zeros(m, dtype=np.float32))]
+    try:
+        res = run_rounds(sites, initial, rounds, config, drops=drops)
+    except SecureAggregationFailed as exc:
+        return [{"n": n, "mode": mode, "status": "failed", "reason": str(exc)}]
+    out = []
+    for i, (report, cost) in enumerate(zip(res.reports, res.costs, strict=True)):
+        row: dict[str, Any] = {"n": n, "mode": mode, "round": report.server_round, "status": report.status,
+               "exchanges": report.exchanges, "pipelined": report.pipelined, "survivors": len(report.survivors),
+               "left_out": report.group_excluded, "retries": report.retries, "field_bits": report.field_bits,
+               "wall_seconds": cost.wall_seconds, "site_cpu_ms": 1e3 * cost.sites_cpu_seconds / n,
+               "sites_cpu_seconds": cost.sites_cpu_seconds, "server_cpu_seconds": cost.server_cpu_seconds,
+               "error_bound": report.error_bound, "reason": report.reason}
+        if report.status == "ok":  # the released model is the plaintext weighted mean of the survivors
+            w = np.array([100 + u for u in report.survivors], dtype=np.float64)
+            ref = sum(wu * _driver_delta(u, report.server_round, m, seed).astype(np.float64)
+                      for u, wu in zip(report.survivors, w, strict=True)) / w.sum()
+            got = res.models[i + 1][0][1].astype(np.float64) - res.models[i][0][1].astype(np.float64)
+            row["max_error"] = float(np.max(np.abs(got - ref)))
+            assert row["max_error"] <= report.error_bound + 1e-6, (row["max_error"], report.error_bound)
+        out.append(row)
+    return out
+
+
+def driver_rounds(out: dict, sizes: list[int], modes: list[str], m: int, rounds: int, min_group: int) -> dict:
+    """[8]: the product path's rounds at every size and mode; prints one line per round and
+    the final JSON line."""
+    out["driver_m"], out["driver_rounds_per_size"], out["driver_min_group"] = m, rounds, min_group
+    table: dict[str, dict[str, list[dict]]] = {mode: {} for mode in modes}
+    print("[8] | n | mode | round | status | exchanges | pipelined | survivors | left out | wall s | per-site CPU ms "
+          "| server CPU s | max error / bound |", file=sys.stderr)
+    for n in sizes:
+        for mode in modes:
+            rows = table[mode][str(n)] = driver_run(n, m, rounds, mode, min_group)
+            for r in rows:
+                if r["status"] == "failed":
+                    print(f"[8] | {n:,} | {mode} | - | FAILED: {r['reason'][:200]} |", file=sys.stderr, flush=True)
+                    continue
+                err = f"{r['max_error']:.2g} / {r['error_bound']:.2g}" if "max_error" in r else r["reason"][:80]
+                print(f"[8] | {n:,} | {mode} | {r['round']} | {r['status']} | {r['exchanges']} | "
+                      f"{'yes' if r['pipelined'] else 'no'} | {r['survivors']} | {r['left_out']} | "
+                      f"{r['wall_seconds']:.2f} | {r['site_cpu_ms']:.1f} | {r['server_cpu_seconds']:.3f} | {err} |",
+                      file=sys.stderr, flush=True)
+    out["driver"] = table
     print(json.dumps(out))
     return out
 

@@ -5,8 +5,11 @@ model-key phase, participation in whole groups, the DP plan hooks and the round 
 (:class:`RoundDriver`). It reaches the sites through a :class:`Transport` (send these
 messages to these node ids, collect the replies by a deadline; which nodes are
 connected) and the learning side through a :class:`Learner` (the wrapped strategy's
-hooks). ``strategies`` implements both over Flower's ``Grid`` and Strategy API; the
-in-process simulation implements the transport over the sites' objects.
+hooks). ``strategies`` implements both over Flower's ``Grid`` and Strategy API;
+:mod:`sgs_flower.driver.inprocess` implements both without Flower, over in-process sites
+that answer through :mod:`sgs_flower.site` (``run_rounds``: R whole rounds, for tests
+and ``scripts/bench_secagg.py --driver``). It is not imported here, so importing the
+driver does not import the site.
 """
 
 from sgs_flower.driver.config import SecAggConfig

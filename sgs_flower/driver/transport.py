@@ -3,7 +3,7 @@ replies by a deadline, and say which nodes are connected.
 
 Why an interface of its own: the same round (stages, pipelining, retries, evaluation,
 model key) runs over Flower's ``Grid`` (``strategies``: Message and RecordDict around
-these plain values) and in process (:mod:`sgs_flower.secagg.simulate`), so every round,
+these plain values) and in process (:mod:`sgs_flower.driver.inprocess`), so every round,
 Flower or not, runs the same code. Nothing here names a framework type: a message is
 named records of plain values (ints, strings, bytes, lists of them), plus records the
 caller hands through untouched (its own model and config, opaque to the driver).
@@ -68,7 +68,7 @@ class Reply:
 
 class Transport(Protocol):
     """The driver's view of the sites: Flower's ``Grid`` in ``strategies``, the sites'
-    objects (or worker processes holding them) in :mod:`sgs_flower.secagg.simulate`."""
+    objects in :mod:`sgs_flower.driver.inprocess`."""
 
     @property
     def run_id(self) -> int:

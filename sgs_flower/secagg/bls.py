@@ -38,7 +38,8 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 from blspy import G1Element, G2Element, PopSchemeMPL, PrivateKey
 from cryptography.hazmat.primitives import hashes
@@ -301,3 +302,20 @@ def clear_cache() -> None:
     """Forget every verified key and digest (tests, and benchmarks timing a cold site)."""
     _verified.clear()
     _trusted.clear()
+
+
+@contextmanager
+def separate_caches() -> Iterator[None]:
+    """Run the body with this process's caches of verified keys and digests empty, and
+    give the caller's back after. Why: a deployed site answers each message in a process
+    of its own, which knows only the digests its own store hands back
+    (:func:`trust_verified`); sites driven in one process
+    (:mod:`sgs_flower.driver.inprocess`) would otherwise reuse each other's, and the
+    server's, checks, and a benchmark would time less than a site does."""
+    global _verified, _trusted
+    saved = _verified, _trusted
+    _verified, _trusted = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        _verified, _trusted = saved
