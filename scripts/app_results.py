@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                     help="run the list this many times, interleaved; s/round is the mean over them")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="a run-config key for every run (repeatable; VALUE as JSON, else a string), "
-                         "e.g. --set validate= to time a DP preset without its input validation")
+                         "e.g. --set validate=none to time a DP preset without its input validation")
     args = ap.parse_args(argv)
     extra: dict[str, Any] = {}
     for item in args.extra:

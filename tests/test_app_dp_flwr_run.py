@@ -3,7 +3,7 @@
 The ``--quick`` path of scripts/app_results.py, shortened to 4 rounds: the
 distributed-dp preset on 100 SuperNodes (user-level DP needs many clients), every
 round a real SecAgg+ round with Skellam shares, here without the preset's input
-validation (`--set validate=`: 400 simulated proofs would cost ~13 CPU minutes; validated
+validation (`--set validate=none`: 400 simulated proofs would cost ~13 CPU minutes; validated
 DP rounds through Flower are in test_flower_simulation.py). The released model must be far above
 chance (10 %), the spent epsilon within the preset's budget against both the model's
 consumers and the server, and the ledger must verify.
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_distributed_dp_at_100_supernodes_learns_within_budget(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "app_results.py"), "--quick", "--rounds", "4", "--keep", str(tmp_path),
-         "--set", "validate="],
+         "--set", "validate=none"],
         capture_output=True, text=True, timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]

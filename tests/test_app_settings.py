@@ -144,3 +144,27 @@ def test_the_benchmark_line_gives_the_mean_ratio_and_each_runs_range():
                     "means of 2 interleaved runs, per-run ratios 2.00-3.00x"]
     with pytest.raises(ValueError, match="repeat must be >= 1, got 0"):
         run_all(["plain-10"], 10, None, None, repeat=0)
+
+
+def test_the_validate_key_reaches_the_strategy_and_the_dp_presets_turn_it_on():
+    """run-config ``validate`` (issue 31): on in the central-dp and distributed-dp presets
+    (the clip norm is the bound), off elsewhere; ``"none"`` turns a preset's off (a value
+    equal to the default would not override a preset); outside DP it needs
+    ``validation-norm``; ``"linf"`` is refused with the reason."""
+    from flwr.app import ArrayRecord
+
+    from sgs_flower.app.server_app import make_strategy
+
+    assert [resolve({**DEFAULTS, "preset": p})["validate"] for p in ("central-dp", "distributed-dp")] == ["l2", "l2"]
+    assert [resolve({**DEFAULTS, "preset": p})["validate"] for p in ("secagg", "sample-dp", "plain")] == [""] * 3
+    assert resolve({**DEFAULTS, "preset": "distributed-dp", "validate": "none"})["validate"] == ""
+    st = make_strategy(resolve({**DEFAULTS, "preset": "distributed-dp"}), ArrayRecord())
+    assert st.config.validate == "l2" and st.config.validation_norm is None  # type: ignore[attr-defined]
+    st = make_strategy(resolve({**DEFAULTS, "validate": "l2", "validation-norm": 2.0}), ArrayRecord())
+    assert st.config.validate == "l2" and st.config.validation_norm == 2.0  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=r"'validate' = 'linf': .*'linf' is not offered"):
+        resolve({**DEFAULTS, "validate": "linf"})
+    with pytest.raises(ValueError, match="outside central or distributed DP the validated bound is validation-norm"):
+        resolve({**DEFAULTS, "validate": "l2"})
+    with pytest.raises(ValueError, match=r"'validation-norm' = 1.0: is the bound of validate='l2' outside DP"):
+        resolve({**DEFAULTS, "preset": "distributed-dp", "validation-norm": 1.0})

@@ -143,9 +143,12 @@ def _validate(v: dict[str, Any]) -> None:
     if v["roster"] and not Path(str(v["roster"])).expanduser().is_file():
         raise bad("roster", f"names no file: {v['roster']!r} (the federation's roster of identity keys, the file "
                   "the sites pin with sgs-roster; empty: the groups are learnt at the first round)")
-    if v["validate"] not in ("", "l2"):
-        raise bad("validate", "must be '' (off) or 'l2' (every site proves its update's L2 norm: the DP clip norm, or "
-                  "validation-norm outside DP); 'linf' is not offered (docs/validation.md)")
+    if v["validate"] not in ("", "none", "l2"):
+        raise bad("validate", "must be '' or 'none' (off; 'none' also turns off a preset's validation) or 'l2' (every "
+                  "site proves its update's L2 norm: the DP clip norm, or validation-norm outside DP); 'linf' is not "
+                  "offered (docs/validation.md)")
+    if v["validate"] == "none":
+        v["validate"] = ""
     if v["validate"] and not v["secure-aggregation"]:
         raise bad("validate", "input validation proves bounds under secure aggregation: set secure-aggregation=true")
     dp_bound = v["dp-mode"] in ("central", "distributed")
