@@ -19,12 +19,11 @@ here and its own protocol instance on each site.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Mapping
 from logging import ERROR, INFO, WARNING
 from typing import TYPE_CHECKING, Any
 
-from sgs_flower.driver.exchange import Names, StageExchange
+from sgs_flower.driver.exchange import Names, StageExchange, agreed_names
 from sgs_flower.driver.learner import Instructions, Released
 from sgs_flower.driver.report import RoundReport, SecureEvaluationUnavailable, group_client_errors
 from sgs_flower.driver.transport import EVALUATE, ReplyError, Transport
@@ -208,15 +207,13 @@ def _prepare(
 
 def _metric_names(driver: RoundDriver, names: Names, report: RoundReport) -> list[str] | None:
     """The slot names every survivor reported, or None (no metric released, a warning)."""
-    seen = Counter(names.get(u, ((), ()))[0] for u in report.survivors)
-    left_out = sorted({n for u in report.survivors for n in names.get(u, ((), ()))[1]})
+    agreed, left_out, differ = agreed_names(names, report.survivors)
     if left_out:
         driver.logger.log(WARNING, "secure evaluation %s: metrics %s not aggregated (more than metric_slots numeric "
                           "metrics, or not numbers); raise SecAggConfig.metric_slots", report.server_round, left_out)
-    if len(seen) == 1:
-        return list(next(iter(seen)))
-    report.metrics_dropped = "survivors reported different evaluation metric names: " + "; ".join(
-        f"{n} x {list(k)}" for k, n in seen.most_common())
+    if agreed is not None:
+        return agreed
+    report.metrics_dropped = "survivors reported different evaluation metric names: " + differ
     driver.logger.log(WARNING, "secure evaluation %s: no metrics released: %s", report.server_round,
                       report.metrics_dropped)
     return None

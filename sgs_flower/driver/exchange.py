@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from logging import WARNING
 from typing import Any
 
@@ -25,6 +26,19 @@ from sgs_flower.secagg.wire import Stage
 
 #: Each survivor's train (or evaluation) metric names: (slot order, left out).
 Names = dict[int, tuple[tuple[str, ...], tuple[str, ...]]]
+
+
+def agreed_names(names: Names, survivors: Iterable[int]) -> tuple[list[str] | None, list[str], str]:
+    """The metric slot names every survivor reported (None if they differ), the names any
+    survivor left out of its slots, and, when they differ, each set of names with how
+    many survivors reported it (for the report). Only names travel, never values: a
+    round's metrics are released only when every survivor summed the same slots."""
+    survivors = list(survivors)
+    seen = Counter(names.get(u, ((), ()))[0] for u in survivors)
+    left_out = sorted({n for u in survivors for n in names.get(u, ((), ()))[1]})
+    if len(seen) == 1:
+        return list(next(iter(seen))), left_out, ""
+    return None, left_out, "; ".join(f"{n} x {list(k)}" for k, n in seen.most_common())
 
 
 def parse_reply(reply: Reply) -> wire.Message:

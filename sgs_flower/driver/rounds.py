@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from logging import INFO, WARNING
@@ -45,7 +44,7 @@ from sgs_flower.dp.config import DPConfig
 from sgs_flower.driver import evaluation
 from sgs_flower.driver.cohorts import Cohorts
 from sgs_flower.driver.config import SecAggConfig
-from sgs_flower.driver.exchange import Names, StageExchange
+from sgs_flower.driver.exchange import Names, StageExchange, agreed_names
 from sgs_flower.driver.learner import Instructions, Learner, Released
 from sgs_flower.driver.model_key import ensure_model_key
 from sgs_flower.driver.pipelining import Ahead, ahead_failed, prepare_ahead
@@ -504,16 +503,14 @@ class RoundDriver:
 
     def _metric_names(self, names: Names, survivors: list[int], report: RoundReport) -> list[str] | None:
         """The slot names every survivor reported, or None (metrics dropped, with a warning)."""
-        seen = Counter(names.get(u, ((), ()))[0] for u in survivors)
-        left_out = sorted({n for u in survivors for n in names.get(u, ((), ()))[1]})
+        agreed, left_out, differ = agreed_names(names, survivors)
         if left_out:
             self.logger.log(WARNING, "secure round %s: train metrics %s not aggregated (more than metric_slots=%d "
                             "numeric metrics, or not numbers); raise SecAggConfig.metric_slots", report.server_round,
                             left_out, self.config.metric_slots)
-        if len(seen) == 1:
-            return list(next(iter(seen)))
-        report.metrics_dropped = "survivors reported different train metric names: " + "; ".join(
-            f"{n} x {list(k)}" for k, n in seen.most_common())
+        if agreed is not None:
+            return agreed
+        report.metrics_dropped = "survivors reported different train metric names: " + differ
         self.logger.log(WARNING, "secure round %s: no train metrics released: %s", report.server_round,
                         report.metrics_dropped)
         return None
