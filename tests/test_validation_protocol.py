@@ -472,7 +472,7 @@ def test_the_linf_bound_lets_random_words_through() -> None:
     of random words of the round's width, within the proof's own slack: the app's CNN
     (38,282 coordinates) in the Flower simulation's round (4 sites, weights up to 4,096,
     31-bit words), a cheater masking garbage has every projection accepted at the default
-    40-bit soundness, so it would be summed (seen through the Flower simulation before
+    40-bit soundness in most challenges, so it would be summed (seen through the Flower simulation before
     this test: the released model was garbage). Against the "l2" bound of a norm of 1 the
     same garbage has most of its projections rejected (one suffices to exclude it)."""
     from sgs_flower.pipeline import UpdateSpec, validation_body, validation_bound
@@ -482,9 +482,11 @@ def test_the_linf_bound_lets_random_words_through() -> None:
     spec = UpdateSpec(clip_range=1.0, max_cohort=4, max_weight=4096, weight_scale=4096, field_bits=31)
     body = validation_body(spec, m)
     garbage = from_field(rng.integers(0, 1 << 31, body, dtype=np.uint64), 31)
-    seed = os.urandom(32)
     linf = iv.layout_for("linf", validation_bound(spec, "linf", m), body).params
-    v = project(garbage, seed, linf.k)
-    assert max(abs(x) for x in v) <= linf.accept  # every projection passes: garbage is summed
+    # garbage's norm is ~2.3 x sqrt(m) L, so each projection lies beyond the accepted 8.2 x
+    # with probability ~5e-4: it passes ~94 % of challenges (16 fixed ones here)
+    passed = sum(max(abs(x) for x in project(garbage, bytes([i]) * 32, linf.k)) <= linf.accept for i in range(16))
+    assert passed >= 12  # summed far more often than not: "linf" does not stop it
+    seed = bytes(32)
     l2 = iv.layout_for("l2", validation_bound(dataclasses.replace(spec, l2_clip=1.0), "l2", m), body).params
     assert sum(abs(x) > l2.accept for x in project(garbage, seed, l2.k)) > l2.k // 2
