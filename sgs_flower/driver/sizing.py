@@ -87,7 +87,9 @@ class Sizing:
         if ahead and c.adaptive_range and not self.needed:
             grow = c.range_margin * UNMEASURED_RANGE_GROWTH
         scale = 1.0
-        if c.max_weight > 1 and not self.weights_needed and c.weight_scale is None and not ahead:
+        # (under validation the scale stays max_weight and the weights are never measured:
+        # every round, set up ahead or not, is sized for it, so the rounds stay pipelined)
+        if c.max_weight > 1 and not self.weights_needed and c.weight_scale is None and (not ahead or c.validate):
             scale = float(min(self.weight_scale, c.max_weight))
         try:
             return narrowest_field_bits(
