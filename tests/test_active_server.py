@@ -35,7 +35,13 @@ from hypothesis import strategies as st
 from lying_server import aggregate, aggregate_request
 
 from clients.secagg_mod import secagg_mod
-from sgs_flower.pipeline import UpdateSpec, binding_digest, decode_update
+from sgs_flower.pipeline import (
+    UpdateSpec,
+    binding_digest,
+    decode_update,
+    validation_layout,
+    with_validation,
+)
 from sgs_flower.secagg import bls, identity, keys, wire
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import (
@@ -308,7 +314,8 @@ def _reply(site_reply: Message) -> wire.Message:
 def mod_round_to_consistency(sites: dict[int, ModSite], spec: UpdateSpec, round_id: int = 3, model=MODEL):
     ids = tuple(sorted(sites))
     model_size = sum(v.size for v in model.values())
-    params = RoundParams(run_id=1, round_id=round_id, cohort=ids, vector_length=spec.vector_length(model_size))
+    params = RoundParams(run_id=1, round_id=round_id, cohort=ids, vector_length=spec.vector_length(model_size),
+                         validation=validation_layout(spec, model_size))  # None unless the spec validates
     server = SecAggServer(params, bound_digest=binding_digest(list(model.items()), {"lr": 0.1}, spec.to_config()))
     rosters = server.collect_keys({u: _reply(sites[u].send(Stage.ADVERTISE_KEYS, m)) for u, m in server.setup_messages().items()})
     bundles = server.collect_shares({u: _reply(sites[u].send(Stage.SHARE_KEYS, m)) for u, m in rosters.items()})
@@ -363,6 +370,45 @@ def test_honest_round_through_the_mod_is_exact():
     expect = float(np.sum(w * 0.01 * np.array(list(sites))) / w.sum())
     np.testing.assert_allclose(dec.mean_delta, expect, atol=spec.quantization.error_bound * 2)
     assert dec.total_weight == int(w.sum())
+
+
+def _validated_spec() -> UpdateSpec:
+    """A validated round outside DP (issue 31): every site proves its update's L2 norm
+    is at most 1 (the sites' updates here have norm ~0.04-0.06)."""
+    model_size = sum(v.size for v in MODEL.values())
+    return with_validation(_spec(weight_scale=1024, l2_clip=1.0), "l2", model_size)
+
+
+def test_a_validated_round_through_the_mod_is_exact():
+    sites = {u: ModSite(u) for u in range(1, N_MOD + 1)}
+    spec = _validated_spec()
+    server, reqs = mod_round_to_consistency(sites, spec)
+    out = server.collect_unmask({u: _reply(sites[u].send(Stage.UNMASK, r)) for u, r in server.collect_consistency(
+        {u: _reply(sites[u].send(Stage.CONSISTENCY, r)) for u, r in reqs.items()}).items()})
+    assert out.cheaters == () and len(out.survivors) == N_MOD
+    dec = decode_update(out.total[: spec.vector_length(15)], spec, len(out.survivors))
+    w = np.array([10 + u for u in sites], dtype=np.float64)
+    np.testing.assert_allclose(dec.mean_delta, float(np.sum(w * 0.01 * np.array(list(sites))) / w.sum()),
+                               atol=spec.quantization.error_bound * 2)
+
+
+def test_a_lying_server_cannot_frame_an_honest_site_through_the_mod():
+    """Issue 31 through ``secagg_mod``: in a validated round the server claims that site
+    2's (valid) proof failed, to get its masking-key shares beside its self-mask shares
+    and unmask it alone. Every other site's mod checks the evidence itself (the proof
+    verifies) and answers an error naming the check: no share leaves a site."""
+    from sgs_flower.secagg import input_validation as iv
+
+    sites = {u: ModSite(u) for u in range(1, N_MOD + 1)}
+    server, reqs = mod_round_to_consistency(sites, _validated_spec())
+    replies = {u: _reply(sites[u].send(Stage.CONSISTENCY, r)) for u, r in reqs.items()}
+    unmask = server.collect_consistency(replies)
+    assert all(not m.evidence for m in unmask.values())  # the honest server excludes no one
+    framed = iv.evidence_blob(replies[2].proof_signature, replies[2].proof)  # type: ignore[attr-defined]
+    for u in (1, 3, 4, 5):
+        out = sites[u].send(Stage.UNMASK, dataclasses.replace(unmask[u], evidence=((2, framed),)))
+        assert out.has_error() and out.error.reason.startswith("InconsistentRequestError"), out.error.reason
+        assert "proof" in out.error.reason
 
 
 def test_plain_train_message_is_refused_and_training_never_runs():
