@@ -108,3 +108,39 @@ def test_a_dropout_at_the_masked_input_takes_its_group_out() -> None:
     for i in range(3):
         _check_round(res, i)
     assert res.reports[2].survivors == sorted(sites)
+
+
+def test_the_cohort_sized_fields_travel_once_per_stage_as_one_shared_part() -> None:
+    """sgs-secagg+/8 through the product path: every recipient of a stage gets the same
+    shared part object (the cohort, the key tables, the survivor set: encoded once,
+    not n times), the rounds are still exact, and the sites' saved states hold one
+    object per shared part, not a copy each (saved and parsed once per process)."""
+    from sgs_flower.driver.inprocess import InProcessTransport
+    from sgs_flower.secagg import wire
+    from sgs_flower.site.store import STATE_KEY
+
+    seen: dict[tuple[str, int], list[bytes]] = {}
+
+    class Recording(InProcessTransport):
+        def exchange(self, messages, timeout):  # type: ignore[no-untyped-def]
+            for m in messages:
+                rec = m.records[wire.RECORD_KEY]
+                for key in (wire.FIELD_SHARED, wire.FIELD_NEXT_SHARED):
+                    if key in rec:
+                        seen.setdefault((m.group + key, rec[wire.FIELD_STAGE]), []).append(rec[key])
+            return super().exchange(messages, timeout)
+
+    sites = {u: _site(u) for u in range(1, 8)}
+    res = run_rounds(Recording(sites), _initial(), 2)
+    assert [r.status for r in res.reports] == ["ok", "ok"]
+    for i in range(2):
+        _check_round(res, i)
+    stages = {stage for (_, stage) in seen}
+    assert {int(Stage.ADVERTISE_KEYS), int(Stage.SHARE_KEYS), int(Stage.CONSISTENCY), int(Stage.UNMASK)} <= stages
+    for parts in seen.values():
+        assert len(parts) >= 6 and all(p is parts[0] for p in parts)  # one object for every recipient
+    saved = [v for s in sites.values() for k, v in s.store.records[STATE_KEY].items() if k.endswith(".shared")]
+    by_content: dict[bytes, set[int]] = {}
+    for v in saved:
+        by_content.setdefault(v, set()).add(id(v))
+    assert len(saved) >= len(sites) and all(len(ids) == 1 for ids in by_content.values())  # n states, one object

@@ -225,6 +225,73 @@ def test_wire_rejects_malformed_bytes():
             decode_message(bad)
 
 
+def _shared_messages(recipient: int, big: dict) -> list:
+    from sgs_flower.secagg import wire as w
+
+    return [
+        w.Setup(run_id=1, round_id=2, recipient=recipient, cohort=big["cohort"], degree=4, threshold=3,
+                field_bits=32, vector_length=10),
+        w.KeyRoster(run_id=1, round_id=2, recipient=recipient, keys=(), identities=big["identities"],
+                    bls_keys=big["bls"]),
+        w.ConsistencyRequest(run_id=1, round_id=2, recipient=recipient, survivors=big["cohort"]),
+        w.UnmaskRequest(run_id=1, round_id=2, recipient=recipient, survivors=big["cohort"], aggregate=b"a" * 96,
+                        signers=big["signers"]),
+        w.RetryRequest(run_id=1, round_id=2, recipient=recipient, survivors=big["cohort"], attempt=1),
+    ]
+
+
+def test_shared_parts_round_trip_once_per_stage_and_are_refused_when_misplaced():
+    """sgs-secagg+/8: the fields every recipient gets alike travel in one shared part,
+    encoded once per stage (one bytes object for all recipients) and decoded into the
+    same message; a process decoding equal shared bytes again reuses the tuples. A
+    shared part where none belongs, beside the same fields inline, of another message
+    type, or malformed, is a MalformedMessageError naming the problem."""
+    from sgs_flower.secagg import wire as w
+
+    big = {"cohort": tuple(range(1, 101)), "identities": tuple((v, bytes([v]) * 32) for v in range(1, 101)),
+           "bls": tuple((v, bytes([v]) * 208) for v in range(1, 101)), "signers": (1, 2, 3)}
+    first, second = _shared_messages(1, big), _shared_messages(2, big)
+    for a, b in zip(first, second, strict=True):
+        own_a, shared_a = w.encode_parts(a)
+        own_b, shared_b = w.encode_parts(b)
+        assert shared_a is shared_b and own_a != own_b  # encoded once, each recipient its own part
+        assert len(own_a) < 260 < len(shared_a)
+        got_a, got_b = w.decode(own_a, shared=shared_a), w.decode(own_b, shared=bytes(bytearray(shared_b)))
+        assert got_a == a and got_b == b and w.decode(w.encode(a)) == a  # whole messages still decode
+        for name in w.SHARED_FIELDS[type(a)]:
+            if isinstance(getattr(a, name), tuple) and getattr(a, name):
+                assert getattr(got_a, name) is getattr(got_b, name)  # equal shared bytes: the same tuples
+    setup_own, setup_shared = w.encode_parts(first[0])
+    roster_own, roster_shared = w.encode_parts(first[1])
+    share_keys = w.ShareKeys(run_id=1, round_id=2, sender=1, ciphertexts=())
+    assert w.encode_parts(share_keys) == (w.encode(share_keys), None)
+    for data, shared, why in [
+        (w.encode(share_keys), setup_shared, "ShareKeys has no shared part"),
+        (w.encode(first[0]), setup_shared, r"Setup fields differ \(missing \[\], unexpected \['cohort'\]\)"),
+        (setup_own, None, r"Setup fields differ \(missing \['cohort'\]"),
+        (setup_own, roster_shared, "the shared part is not Setup's"),
+        (roster_own, b"SGS2" + roster_shared[4:], "not an sgs-flower secagg shared part"),
+        (roster_own, roster_shared + b"x", "unexpected trailing bytes"),
+        (setup_own, setup_shared.replace(b'[1,2,', b'["a",'), "Setup.cohort must be an integer"),
+    ]:
+        with pytest.raises(MalformedMessageError, match=why):
+            w.decode(data, shared=shared)
+
+
+def test_a_client_state_saved_whole_by_an_earlier_version_still_loads(cohort_factory):
+    """States saved before /8 hold the setup and roster whole and survivor lists as
+    ints: a site upgraded mid-run reads them to the same instance."""
+    c = cohort_factory(4)
+    for u, msg in c.server.setup_messages().items():
+        c.clients[u].handle(msg)
+    u = 1
+    new = c.clients[u].state_dict()
+    old = {k: v for k, v in new.items() if not k.endswith(".shared")}
+    old["setup"] = encode_message(c.clients[u].state.secrets.setup)
+    restored = SecAggClient.from_state_dict(old, c.clients[u].identity, c.clients[u].policy)
+    assert restored.state_dict() == new
+
+
 def test_client_state_survives_a_restart_between_every_stage(cohort_factory):
     """A Flower client keeps protocol state in Context.state between messages; restoring
     from ``state_dict`` at every stage must give the same exact sum."""
@@ -283,3 +350,29 @@ def test_derive_binds_label_context_and_nodes_as_before():
         ref = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
         assert keys.derive(secret, keys.LABEL_SHARE, ctx, *parts) == ref
     assert keys.pairwise_mask_key(secret, ctx, 5, 2) == keys.pairwise_mask_key(secret, ctx, 2, 5)
+
+
+def test_identity_verify_by_libsodium_agrees_with_openssl_and_refuses_small_order_keys():
+    """identity.verify runs libsodium (half OpenSSL's CPU); it must accept exactly the
+    signatures OpenSSL accepts for honest keys, refuse every tampered one, and refuse a
+    small-order public key (the identity point encodes as 1 followed by zeros), with
+    which any message 'verifies' under a lax check."""
+    import os
+
+    from sgs_flower.secagg import identity
+
+    for i in range(40):
+        sk = identity.generate_identity()
+        pk = identity.identity_public(sk)
+        msg = os.urandom(i * 37)
+        sig = identity.sign(sk, msg)
+        assert identity.verify(pk, sig, msg) and identity.verify_openssl(pk, sig, msg)
+        bad_sig = bytes([sig[0] ^ (1 << (i % 8))]) + sig[1:]
+        bad_msg = msg + b"x"
+        other = identity.identity_public(identity.generate_identity())
+        for args in ((pk, bad_sig, msg), (pk, sig, bad_msg), (other, sig, msg), (pk, sig[:63], msg), (pk[:31], sig, msg)):
+            assert identity.verify(*args) is False
+            assert identity.verify_openssl(*args) is False
+    small_order = b"\x01" + bytes(31)  # the identity point
+    forged = small_order + bytes(32)  # R = identity, S = 0: [0]B == R + [h]A for A of order 1
+    assert identity.verify(small_order, forged, b"any message") is False

@@ -85,6 +85,15 @@ def metric_names_of(reply: Reply) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return out[0], out[1]
 
 
+def _payload(msg: wire.Message, second: bool) -> dict[str, bytes]:
+    """A part's record fields: the recipient's own bytes and, for a message with shared
+    fields, the stage's shared part (one bytes object for every recipient:
+    :func:`wire.encode_parts`)."""
+    own, shared = wire.encode_parts(msg)
+    keys = (wire.FIELD_NEXT_PAYLOAD, wire.FIELD_NEXT_SHARED) if second else (wire.FIELD_PAYLOAD, wire.FIELD_SHARED)
+    return {keys[0]: own} if shared is None else {keys[0]: own, keys[1]: shared}
+
+
 def stage_messages(
     server_round: int, stage: Stage, outgoing: Mapping[int, wire.Message], extra: Mapping[str, Any] | None,
     extra_fields: Mapping[str, str] | None, ahead: Ahead | None, parts: Mapping[int, wire.Message], kind: str,
@@ -94,18 +103,18 @@ def stage_messages(
     out: list[tuple[Outgoing, Stage | None]] = []
     for node in sorted(set(outgoing) | set(parts)):
         if node in outgoing:
-            rec: dict[str, Any] = {wire.FIELD_STAGE: int(stage), wire.FIELD_PAYLOAD: wire.encode(outgoing[node]),
+            rec: dict[str, Any] = {wire.FIELD_STAGE: int(stage), **_payload(outgoing[node], False),
                                    **(extra_fields or {})}
             nm = parts.get(node)
             if nm is not None:
                 rec[wire.FIELD_NEXT_STAGE] = int(nm.stage)
-                rec[wire.FIELD_NEXT_PAYLOAD] = wire.encode(nm)
+                rec.update(_payload(nm, True))
             out.append((Outgoing(node, {wire.RECORD_KEY: rec, **(extra or {})}, str(server_round), kind),
                         nm.stage if nm is not None else None))
         else:  # a setup-only message for the next round
             assert ahead is not None
             nm = parts[node]
-            rec = {wire.FIELD_STAGE: int(nm.stage), wire.FIELD_PAYLOAD: wire.encode(nm)}
+            rec = {wire.FIELD_STAGE: int(nm.stage), **_payload(nm, False)}
             out.append((Outgoing(node, {wire.RECORD_KEY: rec}, str(ahead.server_round), TRAIN), None))
     return out
 

