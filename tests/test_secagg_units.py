@@ -278,6 +278,47 @@ def test_shared_parts_round_trip_once_per_stage_and_are_refused_when_misplaced()
             w.decode(data, shared=shared)
 
 
+def test_packed_key_lists_round_trip_and_malformed_packings_are_typed_errors():
+    """/8 packs a list of honest advertisements (fixed field lengths) and (node, bytes)
+    pairs of one length into one base64 string each; odd lengths travel as a list, so a
+    lying server's 31-byte key still reaches the check that names it; a packing whose
+    sizes do not add up is a MalformedMessageError."""
+    import json as _json
+    import struct as _struct
+
+    from sgs_flower.secagg import wire as w
+
+    nks = tuple(w.NeighbourKeys(v, os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(64))
+                for v in (3, 9, 27))
+    pairs = tuple((v, os.urandom(48)) for v in (2, 4, 8))
+    roster = w.KeyRoster(run_id=1, round_id=2, recipient=5, keys=nks, identities=pairs, bls_keys=())
+    raw = encode_message(roster)
+    header = _json.loads(raw[8:])
+    assert set(header["keys"]) == {"nk"} and set(header["identities"]) == {"w", "n", "b"}
+    assert decode_message(raw) == roster
+    odd = w.KeyRoster(run_id=1, round_id=2, recipient=5, keys=(nks[0], w.NeighbourKeys(4, b"x" * 31, nks[1].s_pk, nks[1].identity_key,
+                                                           nks[1].self_mask_commitment, nks[1].signature)),
+                      identities=((2, b"a" * 32), (4, b"b" * 31)), bls_keys=())
+    odd_header = _json.loads(encode_message(odd)[8:])
+    assert isinstance(odd_header["keys"], list) and isinstance(odd_header["identities"], list)
+    assert decode_message(encode_message(odd)) == odd
+
+    def with_header(**changes):
+        h = dict(header, **changes)
+        body = _json.dumps(h).encode()
+        return w.MAGIC + _struct.pack(">I", len(body)) + body
+
+    for bad, why in [
+        (with_header(keys={"nk": header["keys"]["nk"][:-4]}), "whole 200-byte entries"),
+        (with_header(keys={"nk": header["keys"]["nk"], "x": 1}), "or their packed form"),
+        (with_header(identities=dict(header["identities"], w=47)), "not 3 entries of 47"),
+        (with_header(identities=dict(header["identities"], n=[2, 4])), "not 2 entries of 48"),
+        (with_header(identities={"w": 48, "n": [2, 4, 8]}), "or their packed form"),
+    ]:
+        with pytest.raises(MalformedMessageError, match=why):
+            decode_message(bad)
+
+
 def test_a_client_state_saved_whole_by_an_earlier_version_still_loads(cohort_factory):
     """States saved before /8 hold the setup and roster whole and survivor lists as
     ints: a site upgraded mid-run reads them to the same instance."""

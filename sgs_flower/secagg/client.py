@@ -394,10 +394,10 @@ class AwaitingConsistency:
         # the site's sgs-min-group: a union of whole groups, or no signature. A site whose
         # group is left out whole (a member of it sent no masked input) signs too, so the
         # consistency quorum counts it (its own input stays out, hidden by its self-mask)
-        left_out = left_out_members(msg.survivors, self.identities, groups) if groups is not None else set()
+        left_out = _left_out(msg.survivors, self.identities, groups) if groups is not None else frozenset()
         u3 = check_survivor_set(msg.survivors, u, sec, self.held, self.identities, self.min_survivors, left_out)
         if groups is not None:
-            check_whole_groups(u3, self.identities, groups)
+            _check_whole_groups(u3, self.identities, groups)
         site = self.validation
         if site is None and msg.digests:
             raise MalformedMessageError("a consistency request carries masked-input digests in a round without "
@@ -1082,6 +1082,20 @@ def _saved(d: dict[str, Any], key: str) -> Message:
     """A message saved by :func:`_parts` (or whole, by an earlier version)."""
     shared = d.get(key + ".shared")
     return decode(d[key], shared=None if shared is None else bytes(shared))
+
+
+@memo_by_identity(8)
+def _left_out(survivors: tuple[int, ...], identities: dict[int, bytes], rule: GroupRule) -> frozenset[int]:
+    """:func:`left_out_members`, once per (survivor set, table, rule) objects: O(n) set
+    work that every site of an in-process round would repeat on the same shared objects."""
+    return frozenset(left_out_members(survivors, identities, rule))
+
+
+@memo_by_identity(8)
+def _check_whole_groups(u3: tuple[int, ...], identities: dict[int, bytes], rule: GroupRule) -> bool:
+    """:func:`check_whole_groups` (raises on a split set), remembered only when it passes."""
+    check_whole_groups(u3, identities, rule)
+    return True
 
 
 @memo_by_identity(8)

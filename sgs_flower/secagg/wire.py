@@ -462,6 +462,38 @@ def unpack_words(data: bytes | bytearray | memoryview, count: int, field_bits: i
     return out
 
 
+#: The byte lengths of an honest advertisement's fields (X25519 keys, Ed25519 identity
+#: key, SHA-256 commitment, Ed25519 signature): a list of such NeighbourKeys is packed.
+_NK_WIDTHS = (32, 32, 32, 32, 64)
+_NK_ENTRY = 8 + sum(_NK_WIDTHS)
+
+
+def _packed_keys(value: tuple[NeighbourKeys, ...]) -> dict[str, str] | None:
+    """A list of advertisements as one base64 string of fixed-width entries (node id,
+    then each field), or None when a field has another length (sent as a list, and
+    refused where it is checked). Why: a site parses its neighbours' keys at every
+    message (they are in its saved state), and 5k base64 fields cost more than the
+    checks on them; one string is one C call."""
+    out = bytearray()
+    for nk in value:
+        fields_ = (nk.c_pk, nk.s_pk, nk.identity_key, nk.self_mask_commitment, nk.signature)
+        if not 0 <= nk.node < 1 << 64 or any(len(f) != w for f, w in zip(fields_, _NK_WIDTHS, strict=True)):
+            return None
+        out += nk.node.to_bytes(8, "big")
+        for f in fields_:
+            out += f
+    return {"nk": _b64(bytes(out))}
+
+
+def _packed_pairs(value: tuple[tuple[int, bytes], ...]) -> dict[str, Any] | None:
+    """(node, bytes) pairs of one byte length as the node ids and one base64 string of
+    the concatenated bytes (None when the lengths differ: sent as a list)."""
+    width = len(value[0][1])
+    if any(len(b) != width for _, b in value):
+        return None
+    return {"w": width, "n": [v for v, _ in value], "b": _b64(b"".join(b for _, b in value))}
+
+
 def _to_json(value: Any) -> Any:
     if isinstance(value, bytes):
         return {"b": _b64(value)}
@@ -470,6 +502,15 @@ def _to_json(value: Any) -> Any:
             name: (getattr(value, name) if name == "node" else _b64(getattr(value, name))) for name in _NK_FIELDS
         }
     if isinstance(value, tuple):
+        if len(value) > 1 and all(isinstance(v, NeighbourKeys) for v in value):
+            packed = _packed_keys(value)
+            if packed is not None:
+                return packed
+        elif len(value) > 1 and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], int)
+                                    and isinstance(v[1], bytes) for v in value):
+            packed = _packed_pairs(value)
+            if packed is not None:
+                return packed
         return [_to_json(v) for v in value]
     return value
 
@@ -542,6 +583,8 @@ def _list(v: Any, what: str) -> list[Any]:
 
 
 def _pairs(v: Any, what: str) -> tuple[tuple[int, bytes], ...]:
+    if isinstance(v, dict):
+        return _unpacked_pairs(v, what)
     out = []
     for item in _list(v, what):
         if not isinstance(item, list) or len(item) != 2:
@@ -554,7 +597,37 @@ def _ints(v: Any, what: str) -> tuple[int, ...]:
     return tuple(_int(x, what) for x in _list(v, what))
 
 
+def _unpacked_pairs(v: dict[str, Any], what: str) -> tuple[tuple[int, bytes], ...]:
+    """The packed form of :func:`_packed_pairs`: checked before anything is built."""
+    if set(v) != {"w", "n", "b"}:
+        raise MalformedMessageError(f"{what} must be a list of [node, bytes] pairs or their packed form")
+    width = _int(v["w"], f"{what} width", MAX_HEADER_BYTES)
+    nodes = _ints(v["n"], f"{what} node")
+    blob = _unb64(v["b"], what)
+    if len(blob) != width * len(nodes):
+        raise MalformedMessageError(f"{what} holds {len(blob)} bytes, not {len(nodes)} entries of {width}")
+    return tuple(zip(nodes, (blob[i : i + width] for i in range(0, len(blob), width)), strict=True))
+
+
+def _unpacked_keys(v: dict[str, Any], what: str) -> tuple[NeighbourKeys, ...]:
+    if set(v) != {"nk"}:
+        raise MalformedMessageError(f"{what} entries need exactly {', '.join(_NK_FIELDS)} (or their packed form)")
+    blob = _unb64(v["nk"], what)
+    if len(blob) % _NK_ENTRY or len(blob) // _NK_ENTRY > MAX_LIST_ITEMS:
+        raise MalformedMessageError(f"{what} must be whole {_NK_ENTRY}-byte entries")
+    keys = []
+    for at in range(0, len(blob), _NK_ENTRY):
+        parts, pos = [], at + 8
+        for w in _NK_WIDTHS:
+            parts.append(blob[pos : pos + w])
+            pos += w
+        keys.append(NeighbourKeys(int.from_bytes(blob[at : at + 8], "big"), *parts))
+    return tuple(keys)
+
+
 def _neighbour_keys(v: Any, what: str) -> tuple[NeighbourKeys, ...]:
+    if isinstance(v, dict):
+        return _unpacked_keys(v, what)
     keys = []
     for item in _list(v, what):
         if not isinstance(item, dict) or set(item) != set(_NK_FIELDS):
