@@ -472,3 +472,37 @@ def test_the_signers_key_from_the_table_total_matches_fast_aggregate_verify():
         assert bls.verify_signers(table, claim, statement, aggregate_sig) is expected
         assert expected is (claim == signed)
     assert bytes(bls.signers_key(table, signed)) == bytes(sum((table[v] for v in signed), G1Element()))
+
+
+def test_prefetch_checks_keys_in_parallel_caches_only_valid_ones_and_leaves_refusals_to_bound_key(monkeypatch):
+    """bls.prefetch checks a run's new keys on every core (blspy and libsodium release
+    the GIL). It must cache exactly the entries bound_key would accept: a rogue key
+    (no valid PoP) and a key bound to another identity among 80 honest ones stay out of
+    the cache, and bound_key then refuses them with the node named."""
+    import os as _os
+
+    monkeypatch.setattr(_os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    bls.clear_cache()
+    run_id = 77
+    idents = [identity.generate_identity() for _ in range(82)]
+    entries = []
+    for i, ident in enumerate(idents):
+        public, pop, binding = bls.advertisement(ident, run_id, bls.run_secret(ident, run_id))
+        entries.append([identity.identity_public(ident), public, pop, binding])
+    entries[5][2] = entries[6][2]  # node 5: another key's PoP (no proof for its own key)
+    entries[9][3] = entries[10][3]  # node 9: a binding by another identity
+    triples = [(ik, run_id, bls.entry(pk, pop, b)) for ik, pk, pop, b in entries]
+    assert bls.prefetch(triples) == 82
+    assert bls.verified_count() == 80
+    for i, (ik, run, blob) in enumerate(triples):
+        if i == 5:
+            with pytest.raises(SignatureError, match="node 5's BLS key carries no valid proof of possession"):
+                bls.bound_key(ik, run, blob, 5)
+        elif i == 9:
+            with pytest.raises(SignatureError, match="node 9's BLS key is not bound to its identity"):
+                bls.bound_key(ik, run, blob, 9)
+        else:
+            assert bls.bound_key(ik, run, blob, i) == G1Element.from_bytes(entries[i][1])
+    # the two refused ones are all that is left: too few for threads, so left to bound_key
+    assert bls.prefetch(triples) == 0 and bls.verified_count() == 80
+    bls.clear_cache()

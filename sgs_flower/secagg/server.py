@@ -314,6 +314,9 @@ class SecAggServer:
         seen: dict[bytes, int] = {}
         probe = keys.generate_private_key()
         global_mode = self.params.consistency != CONSISTENCY_NEIGHBOURHOOD
+        if global_mode:  # every new member's BLS key checked on all cores; refusals named below
+            bls.prefetch([(m.identity_key, self.params.run_id, bls.entry(m.bls_key, m.bls_pop, m.bls_binding))
+                          for m in ok.values() if isinstance(m, AdvertiseKeys)])
         for node, msg in sorted(ok.items()):
             assert isinstance(msg, AdvertiseKeys)
             try:
