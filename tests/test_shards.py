@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from sgs_flower.driver.inprocess import Drop, InProcessSite, RunResult, run_rounds
-from sgs_flower.driver.shards import ShardedTransport, WorkerFailed
+from sgs_flower.driver.shards import MESSAGE_BATCH_BYTES, ShardedTransport, WorkerFailed
 from sgs_flower.secagg.wire import Stage
 
 N = 12
@@ -69,9 +69,11 @@ def _check_mean(res: RunResult, i: int) -> None:
     np.testing.assert_allclose(got, expected, rtol=0, atol=report.error_bound + 1e-6)
 
 
-def test_sharded_rounds_release_what_in_process_rounds_release() -> None:
+@pytest.mark.parametrize("batch_bytes", [MESSAGE_BATCH_BYTES, 1])  # 1: every message a batch of its own
+def test_sharded_rounds_release_what_in_process_rounds_release(batch_bytes: int) -> None:
     local = run_rounds({u: _site(u) for u in range(1, N + 1)}, _initial(), 2, drops=_drops())
-    with ShardedTransport({u: _site(u) for u in range(1, N + 1)}, workers=2, drops=_drops()) as transport:
+    with ShardedTransport({u: _site(u) for u in range(1, N + 1)}, workers=2, drops=_drops(),
+                          batch_bytes=batch_bytes) as transport:
         procs = transport.processes
         assert transport.workers == 2 and all(p.is_alive() for p in procs)
         sharded = run_rounds(transport, _initial(), 2)

@@ -38,6 +38,12 @@ from sgs_flower.site.request import ModelRecord
 #: masked vectors counted), so neither side holds a whole shard's vectors in transit (a
 #: shard's half of a 10,000-site masked-input stage at m = 10,000 is ~200 MB).
 REPLY_PART_BYTES = 32 << 20
+#: A worker gets its messages of one exchange in batches of about this many bytes of
+#: their own (the payloads each message carries alone; what messages share, such as the
+#: model record, travels once per batch), one batch in flight per worker: a roster of a
+#: large cohort is sent to every site, and a shard's part of a stage in one pickle could
+#: be gigabytes.
+MESSAGE_BATCH_BYTES = 64 << 20
 
 
 class WorkerFailed(RuntimeError):
@@ -88,6 +94,22 @@ def _reply_bytes(reply: Reply) -> int:
     rec = reply.records.get(wire.RECORD_KEY) or {}
     payload = sum(len(v) for v in rec.values() if isinstance(v, bytes))
     return payload + (len(reply.vector) if reply.vector is not None else 0)
+
+
+def _batches(part: list[Outgoing], max_bytes: int) -> list[list[Outgoing]]:
+    """``part`` in consecutive batches of about ``max_bytes`` of the messages' own
+    payloads (the protocol record's bytes); at least one message per batch."""
+    out: list[list[Outgoing]] = [[]]
+    size = 0
+    for message in part:
+        rec = message.records.get(wire.RECORD_KEY) or {}
+        own = sum(len(v) for v in rec.values() if isinstance(v, bytes))
+        if out[-1] and size + own > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(message)
+        size += own
+    return out
 
 
 def _worker_main(conn: Connection, sites: Mapping[int, InProcessSite], run_id: int,
@@ -147,8 +169,10 @@ class ShardedTransport:
     answer that needs them, so a round costs more than a deployed site's).
 
     Each exchange sends a worker its messages as one pickled batch (a model or config
-    record shared by many messages travels once) and the workers answer in parallel;
-    replies come back in parts of about :data:`REPLY_PART_BYTES`. A worker that raises
+    record shared by many messages travels once), or in batches of about
+    ``batch_bytes`` of the messages' own payloads when they are larger (one batch in
+    flight per worker), and the workers answer in parallel; replies come back in parts
+    of about :data:`REPLY_PART_BYTES`. A worker that raises
     or dies gives :class:`WorkerFailed` naming it, with its traceback, within
     ``poll_seconds`` of its end (never a hang); with ``worker_timeout``, a worker silent
     that long is one too. Workers are forked (the sites' train functions need not pickle)
@@ -164,7 +188,8 @@ class ShardedTransport:
 
     def __init__(self, sites: Mapping[int, InProcessSite], *, workers: int = 2, run_id: int = 1,
                  drops: Mapping[int, Sequence[Drop]] | None = None, separate: bool = False,
-                 poll_seconds: float = 1.0, worker_timeout: float | None = None) -> None:
+                 poll_seconds: float = 1.0, worker_timeout: float | None = None,
+                 batch_bytes: int = MESSAGE_BATCH_BYTES) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         if any(int(n) < 1 for n in sites):
@@ -177,6 +202,7 @@ class ShardedTransport:
         workers = min(workers, max(1, len(order)))
         all_drops = {int(n): list(d) for n, d in (drops or {}).items()}
         self._run_id, self.poll_seconds, self.worker_timeout = run_id, poll_seconds, worker_timeout
+        self.batch_bytes = batch_bytes
         self.site_cpu: dict[int, float] = dict.fromkeys(order, 0.0)
         self.calls: dict[int, int] = dict.fromkeys(order, 0)
         self.dropped: list[tuple[int, str, int]] = []
@@ -245,19 +271,21 @@ class ShardedTransport:
             w = self._shard_of.get(message.node)
             if w is not None:  # no such node: no reply, as on a network
                 parts[w].append(message)
-        busy = [w for w, part in enumerate(parts) if part]
+        pending = {w: _batches(part, self.batch_bytes) for w, part in enumerate(parts) if part}
         try:
-            for w in busy:
-                self._send(w, ("exchange", parts[w], timeout))
-            return self._collect(busy)
+            for w, batches in pending.items():
+                self._send(w, ("exchange", batches.pop(0), timeout))
+            return self._collect(pending, timeout)
         except BaseException:
             self._healthy = False  # a worker may hold an unread answer: terminate them
             self.close()
             raise
 
-    def _collect(self, busy: list[int]) -> list[Reply]:
+    def _collect(self, pending: dict[int, list[list[Outgoing]]], timeout: float) -> list[Reply]:
+        """Read the workers' replies as they come, sending a worker its next batch when
+        it finished the last."""
         replies: list[Reply] = []
-        waiting = set(busy)
+        waiting = set(pending)
         last = time.monotonic()
         while waiting:
             handles: dict[Any, int] = {self._conns[w]: w for w in waiting}
@@ -275,7 +303,10 @@ class ShardedTransport:
                     self.site_cpu.update(cpu)
                     self.calls.update(calls)
                     self.dropped.extend(dropped)
-                    waiting.discard(w)
+                    if pending[w]:
+                        self._send(w, ("exchange", pending[w].pop(0), timeout))
+                    else:
+                        waiting.discard(w)
         return replies
 
     def _check_alive(self, waiting: set[int], last: float) -> None:
