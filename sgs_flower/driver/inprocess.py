@@ -339,6 +339,7 @@ class MeasuredTransport(Transport, Protocol):
 
     site_cpu: dict[int, float]
     calls: dict[int, int]
+    dropped: list[tuple[int, str, int]]  # (node, group, stage) of each message a Drop held back
     #: True when the sites answer in this process (their CPU is then part of its CPU,
     #: and taken out of the server's); False when they answer in worker processes
     in_process: bool
