@@ -5,15 +5,20 @@
    vector additions, done with the same preallocated buffers.
 2. Server unmasking (stage 4) for n clients with 10 % dropped after sharing keys,
    against its floor: the keystreams it must regenerate plus the additions.
-3. Whole in-process rounds (all clients + server, ``simulate_round``: the full protocol
-   with signatures and the consistency check) for n = 100, 250, 1,000 and 10,000 at
-   m = 10,000 with 5 % dropout, each in a fresh process (so its peak resident memory is
-   its own), the growth exponent fitted over those sizes (least squares on log-log),
-   and the peak memory of the largest round. These rounds go through ``simulate_round``
-   (bare protocol clients, ``sgs_flower.secagg.simulate``, in worker processes), not
-   through the round driver shared with the Flower strategy, so retries, the model-key
-   phase, evaluation rounds, pipelining and the site's state are not in them: the
-   product path's rounds are [8] (``--driver``). What the simulation can switch on is on:
+3. Whole rounds of the **product path** (issue 30): the round driver
+   (``sgs_flower.driver.RoundDriver``, through ``sgs_flower.driver.inprocess.run_rounds``)
+   over sites that answer through ``sgs_flower.site`` exactly as under Flower, with the
+   sites spread over ``--workers`` worker processes
+   (``sgs_flower.driver.shards.ShardedTransport``: each worker holds a shard of the sites
+   for the whole run, their stores and keys never leave it, and the driver, protocol
+   server and encoding stay in the bench process). Sizes n = 100, 250, 1,000 and 10,000
+   (``--sizes``) at m = 10,000 (``--m``); each size and mode runs R rounds (``--rounds``,
+   default 2: round 1 a run's first, set up in full, which also carries round 2's key
+   setup on its consistency and unmask exchanges; round 2 pipelined, three exchanges), in
+   a fresh process (so the run's peak resident memory is its own). 5 % of the sites,
+   drawn afresh each round, are silent at the round's masked input (``Drop``). Every
+   default of ``SecAggConfig`` is on: retries, pipelining, adaptive range and width,
+   each site's policy and state in its own store, and
 
    - both consistency quorums at every size (``--modes``): the **default global**
      quorum (floor(2n/3) + 1 of the cohort, proven to each site by one BLS aggregate
@@ -22,44 +27,53 @@
      per site; the sites opted in with ``sgs-consistency``) is timed beside it
      (``round_seconds_neighbourhood``);
    - participation in whole groups (``--min-group``, default 3, the Flower glue's
-     default; 0 turns it off): ``SecAggServer(min_group=3)`` and
-     ``ClientPolicy(min_group=3)``, the federation learnt from the round's cohort (no
-     pinned roster in a simulation). A group with a member that dropped before the
-     masked input stays out of the sum whole (at 5 % dropout and groups of 3, about
-     10 % of the cohort besides the 5 % that dropped), and in the global mode its
-     members still sign the survivor set.
-     The neighbourhood quorum counts those members' signatures too (it did not when
-     this benchmark was written, and such rounds aborted with a ThresholdError at the
-     consistency stage: docs/benchmarks.md); a round that still aborts is reported
+     default; 0 turns it off): ``SecAggConfig(min_group=3)`` and each site's
+     ``sgs-min-group``, the federation learnt from the first round's cohort (no pinned
+     roster in a simulation). A group with a member that dropped before the masked
+     input stays out of the sum whole (at 5 % dropout and groups of 3, about 10 % of the
+     cohort besides the 5 % that dropped), and in the global mode its members still sign
+     the survivor set. A run in which a round still aborts is reported
      (``round_aborted_with_groups``) and run again without groups, and the table says
-     which rounds ran with groups.
+     which ran with groups.
 
-   The simulated sites run in ``--workers`` worker processes (default: the CPU count;
-   ``round_workers``), as deployed sites run on their own machines: each site still
-   verifies every signature and makes every key agreement itself, so the wall time
-   with W workers is about the total site CPU over W plus the server's.
-   ``round_cpu_seconds`` is the CPU of all the round's processes (the bench process and
-   its workers: with the inputs' encoding and the pipes' pickling); ``round_peak_rss_bytes``
-   is the bench process's peak resident memory
-   plus, per worker, its peak beyond the pages it inherited at the fork (those are the
-   parent's, shared copy-on-write, and counted once there): an upper bound of the
-   round's simultaneous memory, since the processes' peaks need not coincide.
+   Each round's released model is checked against the plaintext weighted mean of its
+   survivors' updates within the round's error bound (the table's "max error").
+   The sites of a worker share its caches of checked BLS keys (a deployed site checks
+   each peer's key once per run; the simulation once per worker process), as the floor
+   below counts them. ``round_seconds`` is a run's first round's wall time,
+   ``round_seconds_pipelined`` the second's; ``round_cpu_seconds`` the CPU of all the
+   processes (the bench process and its workers, with the pipes' pickling) from the end
+   of the previous round to the end of this one; ``round_peak_rss_bytes`` the run's peak
+   resident memory: the bench process's peak plus, per worker, its peak beyond the pages
+   it inherited at the fork (those are the parent's, shared copy-on-write, and counted
+   once there), an upper bound of the simultaneous memory, since the peaks need not
+   coincide. ``--bare`` runs the old bare-protocol rounds instead (``simulate_round``:
+   bare protocol clients in worker processes, no retries, model-key phase, pipelining or
+   site state; one round per size), for comparison with earlier runs only.
 
-   Per round and mode it also reports (``round_floor``):
+   Per round and mode it also reports (``round_floor``: a run's first round;
+   ``round_floor_by_round``: each round):
 
-   - **per-site CPU**: the CPU the sites spent in ``SecAggClient.handle`` (measured
-     with ``time.process_time`` around each batch of handle calls inside the worker
-     processes, so without the pipes' pickling), summed over the sites and divided by n;
-   - **server CPU**: the server's own calls (``setup_messages``, ``collect_*``) in the
-     bench process;
+   - **per-site CPU**: the CPU the sites spent answering (measured with
+     ``time.process_time`` around each site's call, ``sgs_flower.site.on_train``, inside
+     the worker processes, so without the pipes' pickling), summed over the sites and
+     divided by n;
+   - **server CPU**: the bench process's CPU during the round (the driver, the protocol
+     server, encoding and decoding, and sending the workers their messages and reading
+     their replies); with ``--bare``, the server's own calls (``setup_messages``,
+     ``collect_*``);
    - the round's **public-key floor**: the public-key operations the protocol must make,
      counted from the round's own graph and sets (U1..U4), times each operation's unit
      CPU cost measured in the same run with the same libraries (``cryptography``'s
      X25519 and Ed25519, ``blspy``), at the message lengths the protocol signs (the
      consistency statement holds 8 bytes per survivor, so its signatures hash O(n)
-     bytes). Counted per site: 2 X25519 key generations; an X25519 agreement per
-     neighbour for the share keys (``on_roster``) and one per neighbour that shared for
-     the pairwise masks (``mask_input``); an Ed25519 signature of its advertisement and
+     bytes). The operations are counted from the round's protocol server
+     (``RoundDriver.last_server``) and charged to the round whose exchanges made them:
+     round 1 pays its own key setup and round 2's (which rides on its consistency and
+     unmask exchanges), round 2 none (``attribute_ops``). Counted per site: 2 X25519
+     key generations; an X25519 agreement per neighbour for the share keys
+     (``on_roster``) and one per neighbour that shared for the pairwise masks
+     (``mask_input``); an Ed25519 signature of its advertisement and
      a verification of each neighbour's; in the global mode a BLS key and proof of
      possession (PoP), an Ed25519 signature binding it to the identity, one BLS
      signature of the survivor set, one parse of the aggregate and one
@@ -70,13 +84,14 @@
      neighbour for each site that dropped after sharing (or was left out with its
      group); in the global mode a parse of each BLS signature, their aggregation and one
      ``FastAggregateVerify``; in the neighbourhood mode an Ed25519 verification per
-     signature. **Per run, not per round** (a steady-state round of a run does not pay
-     them; these benchmark rounds are a run's first): checking each member's BLS key (PoP
+     signature. **Per run, not per round** (charged to a run's first round only; the
+     pipelined round does not pay them): checking each member's BLS key (PoP
      and Ed25519 binding, ``bls.bound_key``), which a deployed site does once per run for
      each of the n - 1 other members and the simulation once per process (its verified
-     keys are cached per process: the server's and each worker's), so the floor counts
-     them as the simulation pays them (n per process) and ``per_run_deployed_site_seconds``
-     says what one deployed site pays at its first round. Not in the floor (checks a
+     keys are cached per process: the server's and each worker's, whose sites share
+     them), so the floor counts them as the simulation pays them (n per process) and
+     ``per_run_deployed_site_seconds`` says what one deployed site pays at its first
+     round. Not in the floor (checks a
      protocol could do without a scalar multiplication): the server's X25519 low-order
      probe of each advertised key (a key generation and 2 agreements per site). The
      symmetric work (AES-CTR keystreams of the masks: 1 + k per site, the self masks
@@ -101,25 +116,19 @@
    the widths in ``field_bits``); and the masked-input stage of [5] at the width chosen
    for its cohort of k + 1, against the floor of its narrower keystreams.
 
-8. ``--driver``: whole rounds of the **product path** (issue 30): R rounds (``--rounds``,
-   default 3) of ``sgs_flower.driver.RoundDriver`` over in-process sites that answer
-   through ``sgs_flower.site`` (``sgs_flower.driver.inprocess.run_rounds``), every
-   default of ``SecAggConfig`` on: participation in whole groups (``--min-group``), the
-   global BLS quorum (``--modes`` adds others; the sites opt in with
-   ``sgs-consistency``), adaptive range and width, retries, pipelining from the second
-   round, each site's policy and state in its own store. 5 % of the sites, drawn afresh
-   each round, drop at the masked input. The sites run in this process, one after
-   another, each answer as in a process of its own (its own checked BLS keys:
-   ``sgs_flower.secagg.bls.separate_caches``); per round it prints the wall time, the
-   sites' CPU over n (per-site CPU, measured around each site's calls) and the server's
-   CPU (the rest of this process's: driver, protocol server, decoding), and checks the
-   released model against the plaintext weighted mean of the survivors within the
-   round's error bound. ``--m`` sets the model size (default 10,000). No public-key
-   floor here yet (the driver does not hand its protocol servers out).
+8. ``--driver``: the product path's rounds of [3] with the sites in the bench process
+   (``InProcessTransport``), one after another, each answer as in a process of its own
+   (its own checked BLS keys: ``sgs_flower.secagg.bls.separate_caches``): R rounds
+   (``--rounds``, default 3), every default of ``SecAggConfig`` on, 5 % of the sites
+   silent at each round's masked input; per round it prints the wall time, the sites'
+   CPU over n (per-site CPU) and the server's CPU, and checks the released model
+   against the plaintext weighted mean of the survivors. ``--m`` sets the model size
+   (default 10,000). No floor: [3] has it, with the sites in worker processes.
 
 Usage: python scripts/bench_secagg.py [--quick] [--rounds-only] [--sizes 100,250,1000,10000]
-[--modes global,neighbourhood] [--min-group 3] [--workers W]; one round alone: --one-round N
-[--consistency global|neighbourhood] [--min-group G] [--workers W]; the product path:
+[--modes global,neighbourhood] [--min-group 3] [--workers W] [--rounds 2] [--m 10000] [--bare];
+one size alone (R rounds, or with --bare one bare round): --one-round N
+[--consistency global|neighbourhood] [--min-group G] [--workers W]; the sites in one process:
 --driver [--sizes 20,100] [--m 1000] [--rounds 3] [--modes global]. The last line
 printed is one JSON object. Timings on a shared machine are noisy: every figure is one
 run (the round sizes) or the best of a few (the stages).
@@ -148,8 +157,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sgs_flower.driver.config import SecAggConfig as DriverConfig
-from sgs_flower.driver.inprocess import Drop, InProcessSite, run_rounds
+from sgs_flower.driver.inprocess import Drop, InProcessSite, RunResult, run_rounds
 from sgs_flower.driver.report import SecureAggregationFailed
+from sgs_flower.driver.rounds import RoundDriver
+from sgs_flower.driver.shards import ShardedTransport
 from sgs_flower.pipeline import (
     DEFAULT_MAX_WEIGHT,
     DEFAULT_MODEL_ERROR,
@@ -326,11 +337,12 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def one_round(
+def bare_round(
     n: int, m: int = 10_000, seed: int = 1, consistency: str = CONSISTENCY_GLOBAL, workers: int = 1,
     min_group: int = DEFAULT_MIN_GROUP,
 ) -> dict:
-    """One whole in-process round of n clients, 5 % dropping before the masked input, in
+    """``--bare``: one whole round of the bare protocol (``simulate_round``, not the driver)
+    of n clients, 5 % dropping before the masked input, in
     the given consistency mode (the sites opted in to it), with participation in whole
     groups of ``min_group`` (0: off), the sites in ``workers`` processes; its seconds,
     the CPU seconds of all its processes (this one and the workers), the sites' and the
@@ -373,11 +385,15 @@ def one_round(
 
 
 def round_in_subprocess(n: int, consistency: str = CONSISTENCY_GLOBAL, workers: int = 1,
-                        min_group: int = DEFAULT_MIN_GROUP) -> dict:
-    """:func:`one_round` in a fresh interpreter, so that the peak memory is the round's."""
-    proc = subprocess.run([sys.executable, __file__, "--one-round", str(n), "--consistency", consistency,
-                           "--workers", str(workers), "--min-group", str(min_group)],
-                          capture_output=True, text=True, check=True)
+                        min_group: int = DEFAULT_MIN_GROUP, *, bare: bool = False, rounds: int = 2,
+                        m: int = 10_000) -> dict:
+    """:func:`driver_round_run` (or, ``bare``, :func:`bare_round`) in a fresh interpreter,
+    so that the peak memory is its own."""
+    cmd = [sys.executable, __file__, "--one-round", str(n), "--consistency", consistency, "--workers", str(workers),
+           "--min-group", str(min_group), "--rounds", str(rounds), "--m", str(m)]
+    proc = subprocess.run(cmd + (["--bare"] if bare else []), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"round n={n} {consistency} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -391,7 +407,10 @@ def round_ops(server: SecAggServer, worker_processes: int) -> dict[str, dict[str
     ``*_per_run`` are paid once per run (the BLS key, its PoP and binding, and the key
     checks: per process that holds sites, so ``worker_processes`` times for the sites;
     with the sites in this process, 0, the server's checks having filled the cache).
-    ``*_sym`` are AES-CTR keystreams of the vector's length (not public-key work)."""
+    ``*_sym`` are AES-CTR keystreams of the vector's length (not public-key work).
+    ``*_setup`` are the part of ``sites`` and ``server`` made by the key setup (advertise
+    and share keys), which a pipelined round made during the round before
+    (:func:`attribute_ops`)."""
     p = server.params
     g = server.graph
     n = len(p.cohort)
@@ -406,12 +425,15 @@ def round_ops(server: SecAggServer, worker_processes: int) -> dict[str, dict[str
     srv: Counter[str] = Counter()
     sites_run: Counter[str] = Counter()
     srv_run: Counter[str] = Counter()
-    sites["x25519_keygen"] += 2 * n  # c_sk and s_sk, fresh per round
-    sites[f"ed25519_sign:{adv}"] += len(u1)
+    # the key setup (advertise and share keys): in a pipelined run, made during the round before
     rosters = sum(len(g[u] & u1) for u in u1)  # each verifies and agrees with every advertised neighbour
-    sites[f"ed25519_verify:{adv}"] += rosters
-    sites["x25519_agree"] += rosters + sum(len(g[u] & u2) for u in maskers)  # share keys, then pairwise masks
-    srv[f"ed25519_verify:{adv}"] += len(u1)
+    sites_setup = Counter({"x25519_keygen": 2 * n,  # c_sk and s_sk, fresh per round
+                           f"ed25519_sign:{adv}": len(u1), f"ed25519_verify:{adv}": rosters,
+                           "x25519_agree": rosters})  # the share keys
+    srv_setup = Counter({f"ed25519_verify:{adv}": len(u1)})
+    sites.update(sites_setup)
+    srv.update(srv_setup)
+    sites["x25519_agree"] += sum(len(g[u] & u2) for u in maskers)  # the pairwise masks
     srv["x25519_keygen"] += len(gone)  # the rebuilt masking key checked against its public key
     srv["x25519_agree"] += sum(len(g[v] & u3) for v in gone)
     if p.consistency == CONSISTENCY_NEIGHBOURHOOD:
@@ -440,9 +462,35 @@ def round_ops(server: SecAggServer, worker_processes: int) -> dict[str, dict[str
     sym_srv = Counter({f"keystream:{m}": len(u3) + sum(len(g[v] & u3) for v in gone)})
     return {"sites": dict(sites), "server": dict(srv), "sites_per_run": dict(sites_run),
             "server_per_run": dict(srv_run), "sites_sym": dict(sym_sites), "server_sym": dict(sym_srv),
+            "sites_setup": dict(sites_setup), "server_setup": dict(srv_setup),
             "deployed_site_per_run": {"bls_keygen_pop": 1, f"ed25519_sign:{bind}": 1,
                                       "bls_key_check": n - 1, f"ed25519_verify:{bind}": n - 1}
             if p.consistency != CONSISTENCY_NEIGHBOURHOOD else {}}
+
+
+def attribute_ops(own: dict[str, dict[str, int]], nxt: dict[str, dict[str, int]] | None, *, pipelined: bool,
+                  carried_next: bool, first: bool) -> dict[str, dict[str, int]]:
+    """A driver round's public-key floor as its own CPU pays it, from :func:`round_ops` of
+    its server (``own``) and of the next round's (``nxt``): in a pipelined run round r's
+    key setup rides on round r - 1's consistency and unmask exchanges, so the round that
+    made an exchange is charged for it. Round r: its own operations, less its key setup
+    when it was set up ahead (``pipelined``), plus round r + 1's key setup when it carried
+    it (``carried_next``); the per-run operations (BLS keys and their checks) only in the
+    run's ``first`` round (the processes then hold the checked keys). Same shape as
+    ``round_ops``'s result."""
+    out = {k: dict(v) for k, v in own.items()}
+    for side in ("sites", "server"):
+        count: Counter[str] = Counter(own[side])
+        if pipelined:
+            count.subtract(own[f"{side}_setup"])
+        if carried_next and nxt is not None:
+            count.update(nxt[f"{side}_setup"])
+        out[side] = {k: v for k, v in count.items() if v > 0}
+        if not first:
+            out[f"{side}_per_run"] = {}
+    if not first:
+        out["deployed_site_per_run"] = {}
+    return out
 
 
 def _cpu_per_call(fn: Callable[[], object], batch: int, repeats: int = 3) -> float:
@@ -614,16 +662,27 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{default_workers()} here; 1: all in the bench process)")
     ap.add_argument("--driver", action="store_true",
                     help="run only [8]: whole rounds through the round driver and the site (the product path)")
-    ap.add_argument("--m", type=int, default=10_000, help="model size of --driver's rounds (default 10,000)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per size of --driver (default 3)")
+    ap.add_argument("--m", type=int, default=10_000, help="model size of [3]'s and --driver's rounds (default 10,000)")
+    ap.add_argument("--rounds", type=int, help="rounds per size and mode: of [3] (default 2: a run's first, then a "
+                    "pipelined one), of --driver (default 3)")
+    ap.add_argument("--bare", action="store_true",
+                    help="[3] through the bare protocol (simulate_round) instead of the round driver: for comparison "
+                    "with earlier runs only (one round per size, m = 10,000)")
     args = ap.parse_args(argv)
     if args.workers < 1:
         ap.error("--workers must be at least 1")
+    if args.rounds is not None and args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    rounds = args.rounds or (3 if args.driver else 2)
     if args.min_group == 1 or args.min_group < 0:
         ap.error("--min-group must be 0 (off) or at least 2")
     if args.one_round:
-        res = one_round(args.one_round, consistency=args.consistency, workers=args.workers,
-                        min_group=args.min_group)
+        if args.bare:
+            res = bare_round(args.one_round, consistency=args.consistency, workers=args.workers,
+                             min_group=args.min_group)
+        else:
+            res = driver_round_run(args.one_round, args.m, rounds, consistency=args.consistency, workers=args.workers,
+                                   min_group=args.min_group)
         print(json.dumps(res))
         return res
     quick = args.quick
@@ -635,9 +694,9 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"--modes: unknown consistency quorum {mode!r} (one of {', '.join(CONSISTENCY_MODES)})")
     if args.driver:
         return driver_rounds(out, sizes if args.sizes else [20, 100], modes if args.modes != ap.get_default("modes")
-                             else [CONSISTENCY_GLOBAL], args.m, args.rounds, args.min_group)
+                             else [CONSISTENCY_GLOBAL], args.m, rounds, args.min_group)
     if args.rounds_only:
-        return whole_rounds(out, sizes, modes, args.workers, args.min_group, quick)
+        return rounds_of_3(out, sizes, modes, args, rounds, quick)
 
     # 1. client masking, m coordinates, k = 10 neighbours (complete graph of 11)
     m = 1_000_000
@@ -715,7 +774,15 @@ def main(argv: list[str] | None = None) -> dict:
           f"{c['client_unmask_seconds'] * 1e3:.1f} ms with the global quorum (default, {consistency_quorum(n2)} "
           f"signatures), {cn['client_unmask_seconds'] * 1e3:.1f} ms with the neighbourhood quorum (opt-in, "
           f"{neighbourhood_quorum(default_degree(n2)) - 1} neighbours' signatures)", file=sys.stderr)
-    return whole_rounds(out, sizes, modes, args.workers, args.min_group, quick)
+    return rounds_of_3(out, sizes, modes, args, rounds, quick)
+
+
+def rounds_of_3(out: dict, sizes: list[int], modes: list[str], args: argparse.Namespace, rounds: int,
+                quick: bool) -> dict:
+    """[3] through the round driver, or with ``--bare`` through the bare protocol."""
+    if args.bare:
+        return bare_whole_rounds(out, sizes, modes, args.workers, args.min_group, quick)
+    return whole_rounds(out, sizes, modes, args.workers, args.min_group, quick, rounds, args.m)
 
 
 def floor_figures(r: dict, units: UnitCosts) -> dict[str, float]:
@@ -737,7 +804,7 @@ def floor_figures(r: dict, units: UnitCosts) -> dict[str, float]:
         "sym_floor_seconds": sym, "ratio_with_sym": round_cpu / (floor + sym),
         "all_process_cpu_seconds": r["cpu_seconds"], "wall_seconds": r["seconds"],
         "per_run_deployed_site_seconds": units.price(ops["deployed_site_per_run"]),
-        **{f"cpu_{k}": v for k, v in r["cpu_by_stage"].items()},
+        **{f"cpu_{k}": v for k, v in r.get("cpu_by_stage", {}).items()},
     }
 
 
@@ -768,15 +835,115 @@ def acceptance(table: dict[str, dict[int, dict[str, float]]], workers: int) -> l
     return out
 
 
+def _round_label(row: dict) -> str:
+    how = "set up ahead" if row["pipelined"] else "set up in full"
+    carried = f", carrying round {row['round'] + 1}'s setup" if row["next_round_set_up"] else ""
+    return f"round {row['round']} ({row['exchanges']} exchanges, {how}{carried})"
+
+
 def whole_rounds(out: dict, sizes: list[int], modes: list[str] | None = None, workers: int = 1,
-                 min_group: int = DEFAULT_MIN_GROUP, quick: bool = False) -> dict:
-    """[3]: whole rounds at m = 10,000 with 5 % dropout, each in its own process (its
+                 min_group: int = DEFAULT_MIN_GROUP, quick: bool = False, rounds: int = 2, m: int = 10_000) -> dict:
+    """[3]: ``rounds`` whole rounds of the round driver (the product path) at m = ``m``
+    with 5 % dropout per round, the sites in ``workers`` processes (:class:`ShardedTransport`),
+    each size and mode in its own process, in each consistency mode of ``modes`` (default:
+    the global quorum, then the neighbourhood one), with participation in whole groups of
+    ``min_group``; each round beside its public-key floor (units measured here,
+    :class:`UnitCosts`); prints the table, issue 30's acceptance figures (for the run's
+    first round and for the pipelined one) and the final JSON line."""
+    modes = modes or [CONSISTENCY_GLOBAL, CONSISTENCY_NEIGHBOURHOOD]
+    out.update(round_path="driver", round_consistency=modes[0], round_modes=modes, round_workers=workers,
+               round_min_group=min_group, round_rounds=rounds, round_m=m)
+    units = UnitCosts(batch_scale=0.25 if quick else 1.0)
+    runs: dict[str, dict[int, dict]] = {mode: {} for mode in modes}
+    table: dict[str, dict[int, list[dict[str, float]]]] = {mode: {} for mode in modes}
+    aborted: dict[str, dict[str, str]] = {}
+    for n in sizes:
+        for mode in modes:
+            run = round_in_subprocess(n, mode, workers, min_group, rounds=rounds, m=m)
+            if "aborted" in run and run["min_group"]:
+                aborted.setdefault(mode, {})[str(n)] = run["aborted"]
+                print(f"[3] n={n:,} {mode} quorum, groups of {min_group}: ABORTED ({run['aborted'][:160]}...); "
+                      "run again without groups", file=sys.stderr, flush=True)
+                run = round_in_subprocess(n, mode, workers, 0, rounds=rounds, m=m)
+            if "aborted" in run:
+                raise RuntimeError(f"n={n} {mode}: {run['aborted']}")
+            runs[mode][n] = run
+            table[mode][n] = [floor_figures({**row, "n": n}, units) for row in run["rounds"]]
+            for row, f in zip(run["rounds"], table[mode][n], strict=True):
+                print(f"[3] n={n:,} m={m:,} 5% dropout, {mode} quorum{' (default)' if mode == CONSISTENCY_GLOBAL else ''}, "
+                      f"groups of {run['min_group'] or 'none'}, {_round_label(row)}: {row['seconds']:.2f} s "
+                      f"({row['cpu_seconds']:.2f} s CPU in all processes, {run['workers']} workers); per site "
+                      f"{f['site_cpu_ms']:.2f} ms CPU (floor {f['site_floor_ms']:.2f}), server {f['server_cpu_seconds']:.2f} s "
+                      f"(floor {f['server_floor_seconds']:.2f}), round {f['round_cpu_seconds']:.2f} s CPU = "
+                      f"{f['ratio']:.2f}x its public-key floor {f['floor_seconds']:.2f} s; released mean within "
+                      f"{row['max_error']:.2g} (bound {row['error_bound']:.2g}); run's peak RSS "
+                      f"{run['peak_rss_bytes'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+    print("[3] public-key unit costs (CPU, this run): " + ", ".join(
+        f"{k} {v * 1e6:.0f} us" for k, v in sorted(units.seconds.items())), file=sys.stderr)
+    print("[3] | n | mode | round | exchanges | groups | wall s | per-site CPU ms | per-site floor ms | server CPU s | "
+          "server floor s | round CPU s | PK floor s (per run) | ratio | all-process CPU s | AES floor s | survivors | "
+          "left out | run's peak GiB |", file=sys.stderr)
+    for n in sizes:
+        for mode in modes:
+            run = runs[mode][n]
+            for row, f in zip(run["rounds"], table[mode][n], strict=True):
+                print(f"[3] | {n:,} | {mode} | {row['round']}{' (pipelined)' if row['pipelined'] else ''} | "
+                      f"{row['exchanges']} | {run['min_group'] or '-'} | {f['wall_seconds']:.2f} | {f['site_cpu_ms']:.2f} | "
+                      f"{f['site_floor_ms']:.2f} | {f['server_cpu_seconds']:.2f} | {f['server_floor_seconds']:.2f} | "
+                      f"{f['round_cpu_seconds']:.2f} | {f['floor_seconds']:.2f} ({f['per_run_floor_seconds']:.2f}) | "
+                      f"{f['ratio']:.2f} | {f['all_process_cpu_seconds']:.2f} | {f['sym_floor_seconds']:.2f} | "
+                      f"{row['survivors']} | {row['left_out']} | {run['peak_rss_bytes'] / 2**30:.2f} |", file=sys.stderr)
+    by_round = [{mode: {n: figs[i] for n, figs in table[mode].items() if i < len(figs)} for mode in modes}
+                for i in range(rounds)]
+    accept = [acceptance(t, workers) for t in by_round]
+    for i, rows in enumerate(accept):
+        which = "a run's first round" if i == 0 else f"round {i + 1} (pipelined)"
+        for a in rows:
+            verdict = "not run" if a["holds"] is None else ("holds" if a["holds"] else "FAILS")
+            got = "-" if a["measured"] is None else f"{a['measured']:.2f}"
+            print(f"[3] issue 30 acceptance, {which}: {a['figure']}: measured {got}: {verdict}", file=sys.stderr)
+    primary = runs[modes[0]]
+    first = {n: run["rounds"][0] for n, run in primary.items()}
+    out["round_seconds"] = {str(n): row["seconds"] for n, row in first.items()}  # a run's first round
+    out["round_cpu_seconds"] = {str(n): row["cpu_seconds"] for n, row in first.items()}  # all processes
+    out["round_peak_rss_bytes"] = {str(n): run["peak_rss_bytes"] for n, run in primary.items()}  # the whole run's
+    if rounds > 1:
+        out["round_seconds_pipelined"] = {str(n): run["rounds"][1]["seconds"] for n, run in primary.items()}
+    for mode in modes[1:]:
+        out[f"round_seconds_{mode}"] = {str(n): run["rounds"][0]["seconds"] for n, run in runs[mode].items()}
+        out[f"round_cpu_seconds_{mode}"] = {str(n): run["rounds"][0]["cpu_seconds"] for n, run in runs[mode].items()}
+    out["round_floor"] = {mode: {str(n): figs[0] for n, figs in table[mode].items()} for mode in modes}
+    out["round_floor_by_round"] = {mode: {str(n): figs for n, figs in table[mode].items()} for mode in modes}
+    out["round_driver_rows"] = {mode: {str(n): run["rounds"] for n, run in runs[mode].items()} for mode in modes}
+    out["round_min_group_by_mode"] = {mode: {str(n): run["min_group"] for n, run in runs[mode].items()} for mode in modes}
+    out["round_aborted_with_groups"] = aborted
+    out["round_unit_cpu_seconds"] = units.seconds
+    out["round_acceptance"] = accept[0]
+    if rounds > 1:
+        out["round_acceptance_pipelined"] = accept[1]
+    out["round_seconds_n1000"] = first[1000]["seconds"] if 1000 in first else None
+    out["round_seconds_n10000"] = first[10_000]["seconds"] if 10_000 in first else None
+    out["round_peak_rss_gib_n10000"] = primary[10_000]["peak_rss_bytes"] / 2**30 if 10_000 in primary else None
+    out["round_growth_sizes"] = sizes
+    if len(sizes) > 1:
+        out["round_growth_exponent"] = growth_exponent(sizes, [first[n]["seconds"] for n in sizes])
+        out["round_cpu_growth_exponent"] = growth_exponent(sizes, [first[n]["cpu_seconds"] for n in sizes])
+        print(f"[3] {modes[0]} quorum, a run's first round: time grows as n^{out['round_growth_exponent']:.2f} (CPU "
+              f"time as n^{out['round_cpu_growth_exponent']:.2f}; fit over n = {sizes})", file=sys.stderr)
+    print(json.dumps(out))
+    return out
+
+
+def bare_whole_rounds(out: dict, sizes: list[int], modes: list[str] | None = None, workers: int = 1,
+                      min_group: int = DEFAULT_MIN_GROUP, quick: bool = False) -> dict:
+    """[3 bare] ``--bare`` (for comparison only): whole rounds of the bare protocol at m = 10,000 with 5 % dropout, each in its own process (its
     sites in ``workers`` processes of their own), in each consistency mode of ``modes``
     (default: the global quorum, then the neighbourhood one) at every size, with
     participation in whole groups of ``min_group``; each beside its public-key floor
     (units measured here, :class:`UnitCosts`); prints the table, issue 30's acceptance
     figures and the final JSON line."""
     modes = modes or [CONSISTENCY_GLOBAL, CONSISTENCY_NEIGHBOURHOOD]
+    out["round_path"] = "bare"
     out["round_consistency"] = modes[0]  # the mode of round_seconds* (the default: global)
     out["round_modes"] = modes
     out["round_workers"] = workers
@@ -787,34 +954,34 @@ def whole_rounds(out: dict, sizes: list[int], modes: list[str] | None = None, wo
     aborted: dict[str, dict[str, str]] = {}
     for n in sizes:
         for mode in modes:
-            r = round_in_subprocess(n, mode, workers, min_group)
+            r = round_in_subprocess(n, mode, workers, min_group, bare=True)
             if "aborted" in r and r["min_group"]:
                 # the neighbourhood quorum does not count the signatures of groups left out
                 # whole: at 5 % dropout with groups of 3 (~14 % left out) neighbourhoods fall
                 # short and the round aborts; its figures are then those without groups
                 aborted.setdefault(mode, {})[str(n)] = r["aborted"]
-                print(f"[3] round n={n:,} {mode} quorum, groups of {min_group}: ABORTED after {r['seconds']:.1f} s "
+                print(f"[3 bare] round n={n:,} {mode} quorum, groups of {min_group}: ABORTED after {r['seconds']:.1f} s "
                       f"({r['aborted'][:160]}...); run again without groups", file=sys.stderr, flush=True)
-                r = round_in_subprocess(n, mode, workers, 0)
+                r = round_in_subprocess(n, mode, workers, 0, bare=True)
             if "aborted" in r:
                 raise RuntimeError(f"round n={n} {mode} aborted: {r['aborted']}")
             r = raw[mode][n] = {**r, "n": n}
             f = table[mode][n] = floor_figures(r, units)
-            print(f"[3] round n={n:,} m=10,000 5% dropout, {mode} quorum{' (default)' if mode == CONSISTENCY_GLOBAL else ''}"
+            print(f"[3 bare] round n={n:,} m=10,000 5% dropout, {mode} quorum{' (default)' if mode == CONSISTENCY_GLOBAL else ''}"
                   f", groups of {r['min_group'] or 'none'}: {r['seconds']:.2f} s ({r['cpu_seconds']:.2f} s CPU, "
                   f"{r['workers']:.0f} workers), peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB; per site "
                   f"{f['site_cpu_ms']:.2f} ms CPU (floor {f['site_floor_ms']:.2f}), server {f['server_cpu_seconds']:.2f} s "
                   f"(floor {f['server_floor_seconds']:.2f}), round {f['round_cpu_seconds']:.2f} s CPU = "
                   f"{f['ratio']:.2f}x its public-key floor {f['floor_seconds']:.2f} s", file=sys.stderr, flush=True)
-    print("[3] public-key unit costs (CPU, this run): " + ", ".join(
+    print("[3 bare] public-key unit costs (CPU, this run): " + ", ".join(
         f"{k} {v * 1e6:.0f} us" for k, v in sorted(units.seconds.items())), file=sys.stderr)
-    print("[3] | n | mode | groups | wall s | per-site CPU ms | per-site floor ms | server CPU s | server floor s | "
+    print("[3 bare] | n | mode | groups | wall s | per-site CPU ms | per-site floor ms | server CPU s | server floor s | "
           "round CPU s | PK floor s (per run) | ratio | all-process CPU s | AES floor s | left out | peak GiB |",
           file=sys.stderr)
     for n in sizes:
         for mode in modes:
             f, r = table[mode][n], raw[mode][n]
-            print(f"[3] | {n:,} | {mode} | {r['min_group'] or '-'} | {f['wall_seconds']:.1f} | {f['site_cpu_ms']:.2f} | {f['site_floor_ms']:.2f} | "
+            print(f"[3 bare] | {n:,} | {mode} | {r['min_group'] or '-'} | {f['wall_seconds']:.1f} | {f['site_cpu_ms']:.2f} | {f['site_floor_ms']:.2f} | "
                   f"{f['server_cpu_seconds']:.2f} | {f['server_floor_seconds']:.2f} | {f['round_cpu_seconds']:.1f} | "
                   f"{f['floor_seconds']:.1f} ({f['per_run_floor_seconds']:.1f}) | {f['ratio']:.2f} | "
                   f"{f['all_process_cpu_seconds']:.1f} | {f['sym_floor_seconds']:.2f} | {r['left_out']} | "
@@ -823,7 +990,7 @@ def whole_rounds(out: dict, sizes: list[int], modes: list[str] | None = None, wo
     for a in accept:
         verdict = "not run" if a["holds"] is None else ("holds" if a["holds"] else "FAILS")
         got = "-" if a["measured"] is None else f"{a['measured']:.2f}"
-        print(f"[3] issue 30 acceptance: {a['figure']}: measured {got}: {verdict}", file=sys.stderr)
+        print(f"[3 bare] issue 30 acceptance: {a['figure']}: measured {got}: {verdict}", file=sys.stderr)
     primary = raw[modes[0]]
     out["round_seconds"] = {str(k): v["seconds"] for k, v in primary.items()}
     # CPU seconds of the round's processes (bench process + workers): on a shared machine,
@@ -845,19 +1012,22 @@ def whole_rounds(out: dict, sizes: list[int], modes: list[str] | None = None, wo
     if len(sizes) > 1:
         out["round_growth_exponent"] = growth_exponent(sizes, [primary[n]["seconds"] for n in sizes])
         out["round_cpu_growth_exponent"] = growth_exponent(sizes, [primary[n]["cpu_seconds"] for n in sizes])
-        print(f"[3] {modes[0]} quorum: time grows as n^{out['round_growth_exponent']:.2f} (CPU time as "
+        print(f"[3 bare] {modes[0]} quorum: time grows as n^{out['round_growth_exponent']:.2f} (CPU time as "
               f"n^{out['round_cpu_growth_exponent']:.2f}; fit over n = {sizes})", file=sys.stderr)
     print(json.dumps(out))
     return out
 
 
 # ------------------------------------------------------------ [8] the product path
-def _driver_site(node: int, m: int, seed: int, mode: str, min_group: int) -> InProcessSite:
+def _driver_site(node: int, m: int, seed: int, mode: str, min_group: int, max_cohort: int = 1000) -> InProcessSite:
     """A site whose train step adds its own uniform update in [-0.5, 0.5) per round (drawn
-    from its node id and the round), weighted 100 + node; it opts in to ``mode``."""
+    from its node id and the round), weighted 100 + node; it opts in to ``mode`` and joins
+    cohorts of up to ``max_cohort`` (``sgs-max-cohort``: the site's default stops at 1,000)."""
     def train(arrays: list[np.ndarray], config: Mapping[str, Any]) -> tuple[list[np.ndarray], int, dict[str, float]]:
         return [arrays[0] + _driver_delta(node, int(config["server-round"]), m, seed)], 100 + node, {"loss": node / 10}
     node_config = {"sgs-state-file": "memory", "sgs-min-group": str(min_group)}
+    if max_cohort > 1000:
+        node_config["sgs-max-cohort"] = str(max_cohort)
     if mode != CONSISTENCY_GLOBAL:
         node_config["sgs-consistency"] = mode
     return InProcessSite(train, node_config=node_config)
@@ -867,39 +1037,109 @@ def _driver_delta(node: int, server_round: int, m: int, seed: int) -> np.ndarray
     return np.random.default_rng([seed, node, server_round]).uniform(-0.5, 0.5, m).astype(np.float32)
 
 
-def driver_run(n: int, m: int, rounds: int, mode: str = CONSISTENCY_GLOBAL, min_group: int = DEFAULT_MIN_GROUP,
-               seed: int = 0) -> list[dict]:
-    """[8] at one size and mode: ``rounds`` rounds through the round driver, 5 % of the
-    sites silent at each round's masked input; per round its figures (see the module doc)."""
+def _drop_plan(n: int, rounds: int, seed: int) -> dict[int, list[Drop]]:
+    """5 % of the sites, drawn afresh each round, silent at that round's masked input."""
     rng = np.random.default_rng(seed)
     drops: dict[int, list[Drop]] = {}
     for r in range(1, rounds + 1):
         for u in rng.choice(np.arange(1, n + 1), n // 20, replace=False).tolist():
             drops.setdefault(int(u), []).append(Drop(Stage.MASKED_INPUT, frozenset({r})))
-    sites = {u: _driver_site(u, m, seed, mode, min_group) for u in range(1, n + 1)}
+    return drops
+
+
+def _round_row(n: int, mode: str, i: int, res: RunResult, m: int, seed: int) -> dict[str, Any]:
+    """Round i of a driver run: what its report says and what it cost; for a round that
+    released, the largest error of the released model against the plaintext weighted mean
+    of its survivors, checked within the round's error bound."""
+    report, cost = res.reports[i], res.costs[i]
+    row: dict[str, Any] = {
+        "n": n, "mode": mode, "round": report.server_round, "status": report.status,
+        "exchanges": report.exchanges, "pipelined": report.pipelined, "next_round_set_up": report.next_round_set_up,
+        "survivors": len(report.survivors), "left_out": report.group_excluded, "retries": report.retries,
+        "field_bits": report.field_bits, "wall_seconds": cost.wall_seconds, "site_cpu_ms": 1e3 * cost.sites_cpu_seconds / n,
+        "sites_cpu_seconds": cost.sites_cpu_seconds, "server_cpu_seconds": cost.server_cpu_seconds,
+        "site_calls": cost.site_calls, "error_bound": report.error_bound, "reason": report.reason,
+        "stage_seconds": dict(report.stage_seconds)}
+    if report.status == "ok":  # the released model is the plaintext weighted mean of the survivors
+        w = np.array([100 + u for u in report.survivors], dtype=np.float64)
+        ref = np.zeros(m)
+        for u, wu in zip(report.survivors, w, strict=True):
+            ref += wu * _driver_delta(u, report.server_round, m, seed).astype(np.float64)
+        ref /= w.sum()
+        got = res.models[i + 1][0][1].astype(np.float64) - res.models[i][0][1].astype(np.float64)
+        row["max_error"] = float(np.max(np.abs(got - ref)))
+        assert row["max_error"] <= report.error_bound + 1e-6, (row["max_error"], report.error_bound)
+    return row
+
+
+def driver_run(n: int, m: int, rounds: int, mode: str = CONSISTENCY_GLOBAL, min_group: int = DEFAULT_MIN_GROUP,
+               seed: int = 0) -> list[dict]:
+    """[8] at one size and mode: ``rounds`` rounds through the round driver, the sites in
+    this process, 5 % of them silent at each round's masked input; per round its figures
+    (see the module doc)."""
+    sites = {u: _driver_site(u, m, seed, mode, min_group, max(1000, n)) for u in range(1, n + 1)}
     config = DriverConfig(consistency=mode, min_group=min_group)
     initial = [("w", np.zeros(m, dtype=np.float32))]
     try:
-        res = run_rounds(sites, initial, rounds, config, drops=drops)
+        res = run_rounds(sites, initial, rounds, config, drops=_drop_plan(n, rounds, seed))
     except SecureAggregationFailed as exc:
         return [{"n": n, "mode": mode, "status": "failed", "reason": str(exc)}]
-    out = []
-    for i, (report, cost) in enumerate(zip(res.reports, res.costs, strict=True)):
-        row: dict[str, Any] = {"n": n, "mode": mode, "round": report.server_round, "status": report.status,
-               "exchanges": report.exchanges, "pipelined": report.pipelined, "survivors": len(report.survivors),
-               "left_out": report.group_excluded, "retries": report.retries, "field_bits": report.field_bits,
-               "wall_seconds": cost.wall_seconds, "site_cpu_ms": 1e3 * cost.sites_cpu_seconds / n,
-               "sites_cpu_seconds": cost.sites_cpu_seconds, "server_cpu_seconds": cost.server_cpu_seconds,
-               "error_bound": report.error_bound, "reason": report.reason}
-        if report.status == "ok":  # the released model is the plaintext weighted mean of the survivors
-            w = np.array([100 + u for u in report.survivors], dtype=np.float64)
-            ref = sum(wu * _driver_delta(u, report.server_round, m, seed).astype(np.float64)
-                      for u, wu in zip(report.survivors, w, strict=True)) / w.sum()
-            got = res.models[i + 1][0][1].astype(np.float64) - res.models[i][0][1].astype(np.float64)
-            row["max_error"] = float(np.max(np.abs(got - ref)))
-            assert row["max_error"] <= report.error_bound + 1e-6, (row["max_error"], report.error_bound)
-        out.append(row)
-    return out
+    return [_round_row(n, mode, i, res, m, seed) for i in range(len(res.reports))]
+
+
+def driver_round_run(n: int, m: int = 10_000, rounds: int = 2, consistency: str = CONSISTENCY_GLOBAL,
+                     workers: int = 2, min_group: int = DEFAULT_MIN_GROUP, seed: int = 0) -> dict:
+    """[3] at one size and mode (the module doc says what and how): ``rounds`` rounds of
+    the round driver over :class:`ShardedTransport` (the sites in ``workers`` processes),
+    every default of ``SecAggConfig`` on, 5 % of the sites silent at each round's masked
+    input. Per round (``rounds``): :func:`_round_row`'s figures, the public-key operations
+    the round's own CPU paid (``ops``, :func:`attribute_ops` of :func:`round_ops` of
+    ``driver.last_server``) and the CPU of all the round's processes; for the run: its
+    peak resident memory (this process's peak plus each worker's beyond what it
+    inherited at the fork)."""
+    sites = {u: _driver_site(u, m, seed, consistency, min_group, max(1000, n)) for u in range(1, n + 1)}
+    config = DriverConfig(consistency=consistency, min_group=min_group)
+    initial = [("w", np.zeros(m, dtype=np.float32))]
+    counted: dict[int, dict[str, dict[str, int]]] = {}  # round -> round_ops of its server
+    all_cpu: dict[int, float] = {}  # round -> CPU of every process since the previous round ended
+    t0 = time.perf_counter()
+    with ShardedTransport(sites, workers=workers, drops=_drop_plan(n, rounds, seed)) as transport:
+        used = transport.workers
+        mark = [time.process_time() + sum(transport.worker_cpu)]
+
+        def on_round(server_round: int, driver: RoundDriver) -> None:
+            now = time.process_time() + sum(transport.worker_cpu)
+            all_cpu[server_round], mark[0] = now - mark[0], now
+            if driver.last_server is not None and driver.reports[-1].status == "ok":
+                counted[server_round] = round_ops(driver.last_server, used)
+
+        try:
+            res = run_rounds(transport, initial, rounds, config, on_round=on_round)
+        except SecureAggregationFailed as exc:
+            return {"aborted": str(exc), "seconds": time.perf_counter() - t0, "consistency": consistency,
+                    "min_group": min_group}
+    stats = transport.stats
+    rows = []
+    for i in range(len(res.reports)):
+        row = _round_row(n, consistency, i, res, m, seed)
+        r = row["round"]
+        row.update(seconds=row["wall_seconds"], cpu_seconds=all_cpu.get(r, math.nan))
+        if r in counted:
+            row["ops"] = attribute_ops(counted[r], counted.get(r + 1), pipelined=row["pipelined"],
+                                       carried_next=row["next_round_set_up"], first=i == 0)
+        rows.append(row)
+    own = peak_rss_bytes()
+    worker_own = sum(w.own_peak_bytes for w in stats)
+    aborted = [row for row in rows if row["status"] != "ok"]
+    return {
+        "n": n, "m": m, "consistency": consistency, "min_group": min_group, "workers": used,
+        "rounds": rows, "peak_rss_bytes": float(own + worker_own), "parent_peak_rss_bytes": float(own),
+        "worker_own_peak_rss_bytes": float(worker_own),
+        "worker_peak_rss_bytes": [float(w.peak_rss_bytes) for w in stats],
+        "worker_cpu_seconds": [w.cpu_seconds for w in stats],
+        **({"aborted": "; ".join(f"round {row['round']}: {row['status']}: {row['reason']}" for row in aborted)}
+           if aborted else {}),
+    }
 
 
 def driver_rounds(out: dict, sizes: list[int], modes: list[str], m: int, rounds: int, min_group: int) -> dict:

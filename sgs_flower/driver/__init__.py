@@ -8,8 +8,9 @@ connected) and the learning side through a :class:`Learner` (the wrapped strateg
 hooks). ``strategies`` implements both over Flower's ``Grid`` and Strategy API;
 :mod:`sgs_flower.driver.inprocess` implements both without Flower, over in-process sites
 that answer through :mod:`sgs_flower.site` (``run_rounds``: R whole rounds, for tests
-and ``scripts/bench_secagg.py --driver``). It is not imported here, so importing the
-driver does not import the site.
+and ``scripts/bench_secagg.py``), and :mod:`sgs_flower.driver.shards` the transport over
+such sites in worker processes. Neither is imported here, so importing the driver does
+not import the site.
 """
 
 from sgs_flower.driver.config import SecAggConfig

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -205,6 +205,9 @@ class InProcessTransport:
     ``site_cpu``: each site's CPU seconds (``time.process_time``) spent in its calls,
     cumulated over the run; ``calls``: how many messages each site answered."""
 
+    #: the sites answer in this process: their CPU is part of this process's
+    in_process = True
+
     def __init__(self, sites: Mapping[int, InProcessSite], *, run_id: int = 1,
                  drops: Mapping[int, Sequence[Drop]] | None = None, separate: bool = True) -> None:
         if any(int(n) < 1 for n in sites):
@@ -327,11 +330,27 @@ class MeanLearner:
         return {WEIGHT_KEY: released.total_weight, **released.metrics}
 
 
+class MeasuredTransport(Transport, Protocol):
+    """A transport to simulated sites that measures them (:class:`InProcessTransport`,
+    :class:`sgs_flower.driver.shards.ShardedTransport`): each site's CPU seconds in its
+    calls and how many messages it answered, cumulated over the run. :func:`run_rounds`
+    reads them around each round; a site's CPU is measured where it runs (in a worker
+    process for the sharded one), so the rest of this process's CPU is the server's."""
+
+    site_cpu: dict[int, float]
+    calls: dict[int, int]
+    dropped: list[tuple[int, str, int]]  # (node, group, stage) of each message a Drop held back
+    #: True when the sites answer in this process (their CPU is then part of its CPU,
+    #: and taken out of the server's); False when they answer in worker processes
+    in_process: bool
+
+
 @dataclass(frozen=True)
 class RoundCost:
-    """What one training round cost in this process: its wall time, the sites' CPU
-    (summed over the sites' calls) and the server's (the rest of the process's CPU:
-    the driver, the protocol server, decoding)."""
+    """What one training round cost: its wall time, the sites' CPU (summed over the
+    sites' calls, wherever they ran) and the server's (this process's CPU, less the
+    sites' where they ran in it: the driver, the protocol server, decoding, and with
+    the sites in worker processes, sending them their messages and reading replies)."""
 
     wall_seconds: float
     sites_cpu_seconds: float
@@ -353,16 +372,17 @@ class RunResult:
     evaluations: list[Any]
     costs: list[RoundCost]
     driver: RoundDriver
-    transport: InProcessTransport
+    transport: MeasuredTransport
     stopped: str = ""
 
 
 def run_rounds(
-    sites: Mapping[int, InProcessSite] | InProcessTransport, initial: Named | Mapping[str, np.ndarray],
+    sites: Mapping[int, InProcessSite] | MeasuredTransport, initial: Named | Mapping[str, np.ndarray],
     num_rounds: int, config: SecAggConfig | None = None, *, learner: MeanLearner | None = None,
     drops: Mapping[int, Sequence[Drop]] | None = None, train_config: Mapping[str, Any] | None = None,
     evaluate_config: Mapping[str, Any] | None = None, dp: DPConfig | None = None, ledger: str | None = None,
     first_round: int = 1, logger: logging.Logger | None = None,
+    on_round: Callable[[int, RoundDriver], None] | None = None,
 ) -> RunResult:
     """Run rounds ``first_round`` .. ``first_round + num_rounds - 1`` of the round driver
     over in-process sites, as ``SecAggStrategy.start`` runs them over Flower: each a
@@ -370,12 +390,19 @@ def run_rounds(
     when the learner's ``fraction_evaluate`` > 0. Every default of ``config`` applies
     (``SecAggConfig()``: whole groups, the global quorum, adaptive ranges and width).
 
+    ``sites``: the sites, driven in this process (``drops`` applies), or a transport
+    that measures them (:class:`MeasuredTransport`: an :class:`InProcessTransport`, or a
+    :class:`~sgs_flower.driver.shards.ShardedTransport` with the sites in worker
+    processes; its own drops apply). ``on_round(server_round, driver)`` is called after
+    each training round, before its evaluation round (benchmarks read
+    ``driver.last_server`` there, while it is that round's).
+
     Raises :class:`~sgs_flower.driver.SecureAggregationFailed` as the strategy does (too
     many rounds in a row aborted); a privacy budget that refuses a round ends the run
     there (``RunResult.stopped`` says why)."""
     config = config or SecAggConfig()
     learner = learner or MeanLearner()
-    transport = sites if isinstance(sites, InProcessTransport) else InProcessTransport(sites, drops=drops)
+    transport: MeasuredTransport = InProcessTransport(sites, drops=drops) if isinstance(sites, Mapping) else sites
     driver = RoundDriver(config, learner, dp=dp, ledger=ledger, logger=logger or DRIVER_LOGGER)
     learner.sampler = driver.sample_cohort
     model: Named = list(initial.items()) if isinstance(initial, Mapping) else list(initial)
@@ -393,7 +420,8 @@ def run_rounds(
             result.stopped = driver.stopped
             break
         sites_cpu = sum(transport.site_cpu.values()) - sites0
-        result.costs.append(RoundCost(time.monotonic() - wall0, sites_cpu, time.process_time() - cpu0 - sites_cpu,
+        server_cpu = time.process_time() - cpu0 - (sites_cpu if transport.in_process else 0.0)
+        result.costs.append(RoundCost(time.monotonic() - wall0, sites_cpu, server_cpu,
                                       sum(transport.calls.values()) - calls0))
         result.reports = driver.reports
         driver.count_round(num_rounds)  # raises SecureAggregationFailed after too many aborts
@@ -401,6 +429,8 @@ def run_rounds(
             model = list(new)
         result.models.append(list(model))
         result.metrics.append(metrics)
+        if on_round is not None:
+            on_round(server_round, driver)
         if learner.sampling().fraction_evaluate > 0:
             result.evaluations.append(driver.evaluate_round(
                 transport, server_round, model, {**(evaluate_config or {}), "server-round": server_round}))

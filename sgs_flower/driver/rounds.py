@@ -131,6 +131,12 @@ class RoundDriver:
         self.keyed: set[int] = set()  # nodes known to hold it
         self.layout: Layout = ()  # the plaintext model's entries (names, shapes, dtypes)
         self.unwrapped_eval: set[int] = set()  # nodes named in the ERROR on an unwrapped evaluate
+        # For benchmarks (scripts/bench_secagg.py counts a round's public-key work from its
+        # graph and sets U1..U4): the protocol server of the last training round that ran
+        # its exchanges, finished or aborted. Read it, never drive it: the driver is done
+        # with it. Its keys and shares may have been exchanged during the round before
+        # (RoundReport.pipelined).
+        self.last_server: SecAggServer | None = None
         self.privacy: DPAggregator | None = None
         if dp is not None and dp.mode in ("central-dp", "distributed-dp"):
             self.privacy = DPAggregator(dp, field_bits=config.field_bits, ledger_path=ledger,
@@ -344,6 +350,7 @@ class RoundDriver:
         """The round's exchanges (setting the next round up on them), then its release."""
         report = rnd.report
         report.clip_range, report.int_clip_range = spec.clip_range, spec.int_clip_range
+        self.last_server = server
         exchange = StageExchange(transport, self.config.stage_timeout, self.logger)
         try:
             spec, decoded, total, nxt = self._stages(transport, exchange, rnd, server, spec, ahead)

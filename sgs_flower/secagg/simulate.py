@@ -15,8 +15,6 @@ import gc
 import math
 import multiprocessing
 import multiprocessing.connection
-import pickle
-import resource
 import time
 import traceback
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -30,6 +28,7 @@ from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import ConfigurationError, ProtocolError, SecAggError, ThresholdError
 from sgs_flower.secagg.input_validation import ValidationLayout, layout_for
 from sgs_flower.secagg.policy import ClientPolicy
+from sgs_flower.secagg.process_stats import WorkerStats, portable, status_bytes, worker_stats
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, encode
 from sgs_flower.secagg.server import RoundOutcome, RoundParams, SecAggServer, decode_checked
 from sgs_flower.secagg.stages import Replies, mask_and_unmask, share_keys
@@ -189,64 +188,19 @@ def _drive(
 
 
 # ------------------------------------------------------------ sites in worker processes
-@dataclass(frozen=True)
-class WorkerStats:
-    """What one worker process of :class:`SiteShards` used: its CPU seconds (user +
-    system, since it started), its resident memory when it started (what it shares,
-    copy-on-write, with the process that forked it), its peak resident memory, and the
-    CPU seconds its sites spent answering, by stage ("sites_stageN": measured around
-    their handle calls, so without the pipe transfers)."""
-
-    cpu_seconds: float
-    start_rss_bytes: int
-    peak_rss_bytes: int
-    handle_cpu_seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def own_peak_bytes(self) -> int:
-        """The peak beyond what it inherited: its own allocations (the inherited pages
-        are the parent's, counted there)."""
-        return max(0, self.peak_rss_bytes - self.start_rss_bytes)
-
-
-def _status_bytes(field_name: str) -> int:
-    """A memory figure of this process from /proc/self/status (Linux), in bytes; 0 where
-    there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return 0
-
-
-def _portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives pickling (it travels back to the parent), else a
-    RuntimeError that names it."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
-    return exc
-
-
 def _shard_main(conn: Connection, ids: tuple[int, ...], policy: ClientPolicy) -> None:
     """A worker process: the sites ``ids`` live here for the whole round (their keys and
     state never leave it). It answers each batch of messages the parent sends, in order,
     with what :func:`_answer` gives, until told to stop, then reports its
     :class:`WorkerStats`."""
-    start_rss = _status_bytes("VmRSS")
+    start_rss = status_bytes("VmRSS")
     clients = {u: SecAggClient(u, policy=policy) for u in ids}
     handle_cpu: dict[str, float] = {}
     conn.send(("ready", None))
     while True:
         request = conn.recv()
         if request[0] == "stop":
-            usage = resource.getrusage(resource.RUSAGE_SELF)
-            peak = _status_bytes("VmHWM") or usage.ru_maxrss * 1024  # ru_maxrss: KiB on Linux
-            conn.send(("stats", WorkerStats(usage.ru_utime + usage.ru_stime, start_rss, peak, handle_cpu)))
+            conn.send(("stats", worker_stats(start_rss, handle_cpu)))
             conn.close()
             return
         _, wire, items, stage = request
@@ -255,7 +209,7 @@ def _shard_main(conn: Connection, ids: tuple[int, ...], policy: ClientPolicy) ->
             out = {node: _answer(clients[node], msg, kw, wire) for node, msg, kw in items}
             handle_cpu[stage] = handle_cpu.get(stage, 0.0) + time.process_time() - t
         except BaseException as exc:  # a bug, not a refusal: the parent raises it
-            conn.send(("error", _portable(exc), traceback.format_exc()))
+            conn.send(("error", portable(exc), traceback.format_exc()))
             continue
         conn.send(("ok", out))
 
