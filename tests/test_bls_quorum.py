@@ -486,7 +486,7 @@ def test_prefetch_checks_keys_in_parallel_caches_only_valid_ones_and_leaves_refu
     run_id = 77
     idents = [identity.generate_identity() for _ in range(82)]
     entries = []
-    for i, ident in enumerate(idents):
+    for ident in idents:
         public, pop, binding = bls.advertisement(ident, run_id, bls.run_secret(ident, run_id))
         entries.append([identity.identity_public(ident), public, pop, binding])
     entries[5][2] = entries[6][2]  # node 5: another key's PoP (no proof for its own key)
