@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sgs_flower.secagg import shamir
+from sgs_flower.secagg import shamir, wire
 from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import (
     ConfigurationError,
@@ -323,14 +323,24 @@ def test_a_client_state_saved_whole_by_an_earlier_version_still_loads(cohort_fac
     """States saved before /8 hold the setup and roster whole and survivor lists as
     ints: a site upgraded mid-run reads them to the same instance."""
     c = cohort_factory(4)
-    for u, msg in c.server.setup_messages().items():
+    replies = {u: c.clients[u].handle(msg) for u, msg in c.server.setup_messages().items()}
+    rosters = c.server.collect_keys(replies)
+    for u, msg in rosters.items():
         c.clients[u].handle(msg)
     u = 1
-    new = c.clients[u].state_dict()
+    orig = c.clients[u]
+    new = orig.state_dict()
     old = {k: v for k, v in new.items() if not k.endswith(".shared")}
-    old["setup"] = encode_message(c.clients[u].state.secrets.setup)
-    restored = SecAggClient.from_state_dict(old, c.clients[u].identity, c.clients[u].policy)
-    assert restored.state_dict() == new
+    old["setup"] = encode_message(orig.state.secrets.setup)
+    old["roster"] = encode_message(wire.KeyRoster(
+        run_id=orig.state.secrets.setup.run_id, round_id=orig.state.secrets.setup.round_id, recipient=u,
+        keys=tuple(orig.state.roster.values()), identities=tuple(sorted(orig.state.identities.items())),
+        bls_keys=orig.state.bls_keys))
+    restored = SecAggClient.from_state_dict(old, orig.identity, orig.policy)
+    assert type(restored.state) is type(orig.state)
+    assert restored.state.secrets.setup == orig.state.secrets.setup
+    assert restored.state.roster == orig.state.roster and restored.state.identities == orig.state.identities
+    assert restored.state.bls_keys == orig.state.bls_keys
 
 
 def test_client_state_survives_a_restart_between_every_stage(cohort_factory):
