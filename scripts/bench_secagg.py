@@ -587,6 +587,22 @@ class UnitCosts:
         return sum(count * self(key) for key, count in ops.items())
 
 
+def _size_figures(out: dict, sizes: list[int], timed: dict, peaks: dict, label: str) -> dict:
+    """The summary keys of [3] (both paths): the rounds' seconds at 1,000 and 10,000, the
+    peak memory at 10,000 and the growth exponents over the sizes; prints the JSON line."""
+    out["round_seconds_n1000"] = timed[1000]["seconds"] if 1000 in timed else None
+    out["round_seconds_n10000"] = timed[10_000]["seconds"] if 10_000 in timed else None
+    out["round_peak_rss_gib_n10000"] = peaks[10_000]["peak_rss_bytes"] / 2**30 if 10_000 in peaks else None
+    out["round_growth_sizes"] = sizes
+    if len(sizes) > 1:
+        out["round_growth_exponent"] = growth_exponent(sizes, [timed[n]["seconds"] for n in sizes])
+        out["round_cpu_growth_exponent"] = growth_exponent(sizes, [timed[n]["cpu_seconds"] for n in sizes])
+        print(f"{label} time grows as n^{out['round_growth_exponent']:.2f} (CPU time as "
+              f"n^{out['round_cpu_growth_exponent']:.2f}; fit over n = {sizes})", file=sys.stderr)
+    print(json.dumps(out))
+    return out
+
+
 def growth_exponent(sizes: list[int], seconds: list[float]) -> float:
     """Slope of log(seconds) against log(n), least squares over every size run."""
     slope, _ = np.polyfit(np.log(sizes), np.log(seconds), 1)
@@ -936,17 +952,7 @@ def whole_rounds(out: dict, sizes: list[int], modes: list[str] | None = None, wo
     out["round_acceptance"] = accept[0]
     if rounds > 1:
         out["round_acceptance_pipelined"] = accept[1]
-    out["round_seconds_n1000"] = first[1000]["seconds"] if 1000 in first else None
-    out["round_seconds_n10000"] = first[10_000]["seconds"] if 10_000 in first else None
-    out["round_peak_rss_gib_n10000"] = primary[10_000]["peak_rss_bytes"] / 2**30 if 10_000 in primary else None
-    out["round_growth_sizes"] = sizes
-    if len(sizes) > 1:
-        out["round_growth_exponent"] = growth_exponent(sizes, [first[n]["seconds"] for n in sizes])
-        out["round_cpu_growth_exponent"] = growth_exponent(sizes, [first[n]["cpu_seconds"] for n in sizes])
-        print(f"[3] {modes[0]} quorum, a run's first round: time grows as n^{out['round_growth_exponent']:.2f} (CPU "
-              f"time as n^{out['round_cpu_growth_exponent']:.2f}; fit over n = {sizes})", file=sys.stderr)
-    print(json.dumps(out))
-    return out
+    return _size_figures(out, sizes, first, primary, f"[3] {modes[0]} quorum, a run's first round:")
 
 
 def bare_whole_rounds(out: dict, sizes: list[int], modes: list[str] | None = None, workers: int = 1,
@@ -1020,17 +1026,7 @@ def bare_whole_rounds(out: dict, sizes: list[int], modes: list[str] | None = Non
     out["round_aborted_with_groups"] = aborted
     out["round_unit_cpu_seconds"] = units.seconds
     out["round_acceptance"] = accept
-    out["round_seconds_n1000"] = primary[1000]["seconds"] if 1000 in primary else None
-    out["round_seconds_n10000"] = primary[10_000]["seconds"] if 10_000 in primary else None
-    out["round_peak_rss_gib_n10000"] = primary[10_000]["peak_rss_bytes"] / 2**30 if 10_000 in primary else None
-    out["round_growth_sizes"] = sizes
-    if len(sizes) > 1:
-        out["round_growth_exponent"] = growth_exponent(sizes, [primary[n]["seconds"] for n in sizes])
-        out["round_cpu_growth_exponent"] = growth_exponent(sizes, [primary[n]["cpu_seconds"] for n in sizes])
-        print(f"[3 bare] {modes[0]} quorum: time grows as n^{out['round_growth_exponent']:.2f} (CPU time as "
-              f"n^{out['round_cpu_growth_exponent']:.2f}; fit over n = {sizes})", file=sys.stderr)
-    print(json.dumps(out))
-    return out
+    return _size_figures(out, sizes, primary, primary, f"[3 bare] {modes[0]} quorum:")
 
 
 # ------------------------------------------------------------ [8] the product path

@@ -31,7 +31,7 @@ from typing import Any
 from sgs_flower.driver.inprocess import Drop, InProcessSite, InProcessTransport
 from sgs_flower.driver.transport import Outgoing, Reply
 from sgs_flower.secagg import wire
-from sgs_flower.secagg.process_stats import WorkerStats, status_bytes, worker_stats
+from sgs_flower.secagg.process_stats import WorkerStats, end_workers, status_bytes, worker_stats
 from sgs_flower.site.request import ModelRecord
 
 #: A worker sends its replies to one exchange in parts of about this many bytes (the
@@ -351,13 +351,7 @@ class ShardedTransport:
                 self.stats = [self._receive(w, "stop")[1] for w in range(len(self._conns))]
             except (OSError, RuntimeError):
                 self._healthy = False
-        for proc in self._procs:
-            proc.join(timeout=5 if self._healthy else 0)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-        for conn in self._conns:
-            conn.close()
+        end_workers(self._procs, self._conns, self._healthy)
         self._procs, self._conns = [], []
         return self.stats
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pickle
 import resource
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -63,3 +64,15 @@ def portable(exc: BaseException) -> BaseException:
     except Exception:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
     return exc
+
+
+def end_workers(procs: list[Any], conns: list[Any], healthy: bool) -> None:
+    """Wait for stopped workers (5 s each; none after an error) and terminate any still
+    alive, then close their pipes: both pools end their workers this way."""
+    for proc in procs:
+        proc.join(timeout=5 if healthy else 0)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+    for conn in conns:
+        conn.close()

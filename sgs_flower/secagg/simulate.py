@@ -28,7 +28,13 @@ from sgs_flower.secagg.client import SecAggClient
 from sgs_flower.secagg.errors import ConfigurationError, ProtocolError, SecAggError, ThresholdError
 from sgs_flower.secagg.input_validation import ValidationLayout, layout_for
 from sgs_flower.secagg.policy import ClientPolicy
-from sgs_flower.secagg.process_stats import WorkerStats, portable, status_bytes, worker_stats
+from sgs_flower.secagg.process_stats import (
+    WorkerStats,
+    end_workers,
+    portable,
+    status_bytes,
+    worker_stats,
+)
 from sgs_flower.secagg.quantize import DecodedAggregate, QuantizationConfig, encode
 from sgs_flower.secagg.server import RoundOutcome, RoundParams, SecAggServer, decode_checked
 from sgs_flower.secagg.stages import Replies, mask_and_unmask, share_keys
@@ -363,13 +369,7 @@ class SiteShards:
                 self.stats = [self._receive(conn) for conn in self._conns]
             except (OSError, RuntimeError):
                 self._healthy = False
-        for proc in self._procs:
-            proc.join(timeout=5 if self._healthy else 0)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-        for conn in self._conns:
-            conn.close()
+        end_workers(self._procs, self._conns, self._healthy)
         self._procs, self._conns = [], []
         return self.stats
 
