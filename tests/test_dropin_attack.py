@@ -102,9 +102,10 @@ def _learnt_groups(sites: dict[int, _AppSite]) -> dict[int, int]:
     from clients.secagg_mod import FEDERATION_KEY, IDENTITY_KEY
     from sgs_flower.secagg.groups import GroupRule
     from sgs_flower.secagg.identity import identity_public
+    from sgs_flower.site.state import federation_of
 
     first = sites[1].context.state.config_records[FEDERATION_KEY]
-    rule = GroupRule(frozenset(bytes(k) for k in first["keys"]), 3)
+    rule = GroupRule(federation_of(first), 3)
     keys = {u: identity_public(bytes(s.context.state.config_records[IDENTITY_KEY]["key"])) for u, s in sites.items()}
     return {u: rule.group_of[k] for u, k in keys.items()}
 

@@ -153,7 +153,7 @@ class Site:
         client.roster_epochs = list(self.state.roster_epochs)
         rec = self.store.get(FEDERATION_KEY)
         if rec is not None:
-            client.federation = _federation_of(rec)
+            client.federation = federation_of(rec)
         verified = self.store.get(BLS_VERIFIED_KEY)
         if verified is not None:
             bls.trust_verified(bytes(verified["digests"]))
@@ -187,7 +187,7 @@ def _federation_from(blob: bytes) -> frozenset[bytes]:
     return frozenset(blob[i : i + n] for i in range(0, len(blob), n))
 
 
-def _federation_of(rec: Mapping[str, Any]) -> frozenset[bytes]:
+def federation_of(rec: Mapping[str, Any]) -> frozenset[bytes]:
     """The saved federation: one blob (equal blobs give the same set, which the sites of
     one process share), or the list of keys an earlier version saved."""
     if "blob" in rec:
