@@ -1150,9 +1150,7 @@ def _packed_nodes(nodes: tuple[int, ...]) -> bytes:
 
 @memo_by_identity(8)
 def _unpacked_nodes(blob: bytes) -> tuple[int, ...]:
-    if len(blob) % 8:
-        raise MalformedMessageError("saved node list is not a list of 8-byte ids")
-    return tuple(np.frombuffer(blob, dtype=">u8").tolist())
+    return keys.unpack_nodes(blob)
 
 
 def _nodes(value: Any) -> tuple[int, ...]:
@@ -1183,8 +1181,7 @@ def _instance_from(d: dict[str, Any], node_id: int, prefix: str) -> ClientState:
     table = _table_of(roster_msg.identities)
     bls_entries = tuple(roster_msg.bls_keys)
     # the objects a state of this stage saves its roster from (an Unmasked one has no table)
-    _remember_parts((roster, None if name == "Unmasked" else table, None if name == "Unmasked" else bls_entries),
-                    roster_parts)
+    _remember_parts((roster, None, None) if name == "Unmasked" else (roster, table, bls_entries), roster_parts)
     if name == "AwaitingShares":
         return AwaitingShares(node_id, sec, roster, table, bls_keys=bls_entries)
     mask_context = bytes(d.get(prefix + "mask_context", b""))

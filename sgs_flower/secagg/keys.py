@@ -58,6 +58,14 @@ def pack_nodes(nodes: Iterable[int]) -> bytes:
     return np.fromiter(nodes, dtype=np.uint64).astype(">u8").tobytes()
 
 
+def unpack_nodes(blob: bytes) -> tuple[int, ...]:
+    """The node ids of :func:`pack_nodes`, in one C call; a length that is not whole
+    8-byte ids is a :class:`MalformedMessageError`."""
+    if len(blob) % 8:
+        raise MalformedMessageError(f"a packed node list must be whole 8-byte ids, got {len(blob)} bytes")
+    return tuple(np.frombuffer(blob, dtype=">u8").tolist())
+
+
 def round_context(
     version: str,
     run_id: int,
