@@ -659,3 +659,37 @@ def test_unreadable_site_state_is_refused_not_reset(tmp_path):
     out = site.send(Stage.ADVERTISE_KEYS, setup)
     assert out.has_error() and "sgs-state-file) is unreadable" in out.error.reason
     assert state.read_text() == "{not json"  # left for the operator, not overwritten
+
+
+def test_a_lying_server_misplacing_shared_parts_through_the_mod_gets_error_replies():
+    """sgs-secagg+/8 through the real ClientApp mod: the honest split setup is answered;
+    a shared part of another message type, the shared fields both inline and shared,
+    an own part without its shared part, or junk bytes as the shared part each get an
+    error reply naming the problem, and the user's code never runs."""
+    from sgs_flower.secagg.wire import KeyRoster
+
+    setup = Setup(run_id=1, round_id=1, recipient=1, cohort=(1, 2, 3), degree=2, threshold=2, field_bits=32,
+                  vector_length=10)
+    own, shared = wire.encode_parts(setup)
+    _, roster_shared = wire.encode_parts(KeyRoster(run_id=1, round_id=1, recipient=1, keys=(),
+                                                   identities=((1, b"a" * 32),), bls_keys=()))
+
+    def send(payload: bytes, shared_part: bytes | None) -> tuple[ModSite, Message]:
+        site = ModSite(1)
+        fields = {} if shared_part is None else {wire.FIELD_SHARED: shared_part}
+        rec = ConfigRecord({wire.FIELD_STAGE: int(Stage.ADVERTISE_KEYS), wire.FIELD_PAYLOAD: payload, **fields})
+        msg = Message(RecordDict({wire.RECORD_KEY: rec}), dst_node_id=1, message_type=MessageType.TRAIN,
+                      group_id="1")
+        return site, secagg_mod(msg, site.context, site.train)
+
+    site, out = send(own, shared)
+    assert isinstance(_reply(out), wire.AdvertiseKeys)
+    for payload, shared_part, why in [
+        (own, roster_shared, "the shared part is not Setup's"),
+        (wire.encode(setup), shared, "Setup fields differ (missing [], unexpected ['cohort'])"),
+        (own, None, "Setup fields differ (missing ['cohort']"),
+        (own, b"junk", "not an sgs-flower secagg shared part"),
+    ]:
+        site, out = send(payload, shared_part)
+        assert out.has_error() and why in out.error.reason, (why, out.error.reason if out.has_error() else "")
+        assert site.trained == 0
